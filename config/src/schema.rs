@@ -1,0 +1,366 @@
+//! The config schema, its defaults, and the rules that span fields.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::{ConfigError, Diagnostic};
+
+/// Where `weir` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/weir/weir.toml";
+/// Where the control socket lives unless the config says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/weir/weir.sock";
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub datapath: DatapathConfig,
+    #[serde(default)]
+    pub l7: L7Config,
+    /// L4 virtual services, balanced in XDP.
+    #[serde(default, rename = "l4_vip")]
+    pub l4_vips: Vec<L4Vip>,
+    /// L7 virtual hosts, served by the userspace workers.
+    #[serde(default, rename = "vhost")]
+    pub vhosts: Vec<VirtualHost>,
+}
+
+/// The daemon's own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Unix socket `weirctl` talks to (created mode 0600).
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            control_socket: default_control_socket(),
+        }
+    }
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+
+/// The XDP datapath.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// Interfaces the XDP program is attached to (where client traffic arrives).
+    #[serde(default)]
+    pub interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (fastest; on veth, redirect targets need XDP or GRO on their peer).
+    #[default]
+    Native,
+    /// In the generic network stack path: works on every interface, slower.
+    Generic,
+}
+
+/// The L7 workers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L7Config {
+    /// Worker threads, each with its own io_uring; 0 means one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+/// An L4 virtual service: an address, port and protocol balanced over a pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L4Vip {
+    pub name: Spanned<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// Transport protocol of an L4 VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// How packets reach the servers of an L4 VIP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// Destination rewritten to the server; replies come back through weir.
+    #[default]
+    Nat,
+    /// Direct server return on the same L2: MAC rewrite only, servers reply to clients directly.
+    Dsr,
+}
+
+/// An L7 virtual host: names it answers for, the listener it is reached on, its pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHost {
+    pub name: Spanned<String>,
+    /// Address the L7 listener binds (several vhosts may share one).
+    pub listen: SocketAddr,
+    /// Host names: exact (`www.example.com`) or wildcard (`*.example.com`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// A server in a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    pub address: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Weight a server gets when none is given.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// Largest weight accepted: keeps weight sums far from overflow in table builders.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &source)
+    }
+
+    /// Validates `source` as the contents of `file` (named in the errors).
+    pub fn parse(file: &Path, source: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(source).map_err(|err| {
+            let offset = err.span().map_or(0, |span| span.start);
+            let message = err.message().trim().to_string();
+            ConfigError::Invalid(vec![Diagnostic::at(
+                file.to_path_buf(),
+                source,
+                offset,
+                message,
+            )])
+        })?;
+        let problems = config.check();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|(offset, message)| {
+                        Diagnostic::at(file.to_path_buf(), source, offset, message)
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    /// The distinct addresses L7 listeners bind, in config order.
+    pub fn l7_listen_addresses(&self) -> Vec<SocketAddr> {
+        let mut seen = HashSet::new();
+        self.vhosts
+            .iter()
+            .map(|vhost| vhost.listen)
+            .filter(|addr| seen.insert(*addr))
+            .collect()
+    }
+
+    /// Rules the schema cannot express, as (byte offset, message), in file order.
+    fn check(&self) -> Vec<(usize, String)> {
+        let mut problems = Vec::new();
+        let mut names = HashSet::new();
+        let mut vips = HashSet::new();
+        for vip in &self.l4_vips {
+            if !names.insert(vip.name.get_ref().as_str()) {
+                problems.push((
+                    vip.name.span().start,
+                    format!("duplicate name `{}`", vip.name.get_ref()),
+                ));
+            }
+            if !vips.insert((vip.address, vip.port, vip.protocol)) {
+                problems.push((
+                    vip.name.span().start,
+                    format!(
+                        "another l4_vip already serves {:?} {}",
+                        vip.protocol,
+                        SocketAddr::new(vip.address, vip.port)
+                    ),
+                ));
+            }
+            check_pool(&vip.servers, &mut problems);
+        }
+        for vhost in &self.vhosts {
+            if !names.insert(vhost.name.get_ref().as_str()) {
+                problems.push((
+                    vhost.name.span().start,
+                    format!("duplicate name `{}`", vhost.name.get_ref()),
+                ));
+            }
+            check_pool(&vhost.servers, &mut problems);
+        }
+        let mut interfaces = HashSet::new();
+        for interface in &self.datapath.interfaces {
+            let name = interface.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                problems.push((
+                    interface.span().start,
+                    format!("`{name}` is not a valid interface name (1 to 15 characters, no `/` or space)"),
+                ));
+            } else if !interfaces.insert(name.as_str()) {
+                problems.push((interface.span().start, format!("interface `{name}` listed twice")));
+            }
+        }
+        problems.sort_by_key(|(offset, _)| *offset);
+        problems
+    }
+}
+
+fn check_pool(servers: &Spanned<Vec<ServerSpec>>, problems: &mut Vec<(usize, String)>) {
+    let at = servers.span().start;
+    if servers.get_ref().is_empty() {
+        problems.push((at, "a pool needs at least one server".to_string()));
+    }
+    let mut seen = HashSet::new();
+    for server in servers.get_ref() {
+        if !seen.insert(server.address) {
+            problems.push((at, format!("server {} listed twice", server.address)));
+        }
+        if !(1..=MAX_WEIGHT).contains(&server.weight) {
+            problems.push((
+                at,
+                format!(
+                    "server {} has weight {}: expected 1 to {MAX_WEIGHT}",
+                    server.address, server.weight
+                ),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+control_socket = "/tmp/weir.sock"
+
+[datapath]
+interfaces = ["eth0"]
+xdp_mode = "generic"
+
+[[l4_vip]]
+name = "web"
+address = "198.18.100.10"
+port = 80
+protocol = "tcp"
+servers = [{ address = "198.18.1.11:8080" }, { address = "198.18.1.12:8080", weight = 50 }]
+
+[[vhost]]
+name = "demo"
+listen = "198.18.100.11:80"
+hosts = ["demo.test"]
+servers = [{ address = "198.18.1.11:8080" }]
+"#;
+
+    fn parse(source: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("weir.toml"), source)
+    }
+
+    fn errors(source: &str) -> Vec<String> {
+        match parse(source) {
+            Err(ConfigError::Invalid(diagnostics)) => {
+                diagnostics.iter().map(ToString::to_string).collect()
+            }
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.datapath.xdp_mode, XdpMode::Generic);
+        assert_eq!(config.l4_vips[0].mode, ForwardingMode::Nat);
+        assert_eq!(config.l4_vips[0].servers.get_ref()[0].weight, DEFAULT_WEIGHT);
+        assert_eq!(config.l4_vips[0].servers.get_ref()[1].weight, 50);
+        assert_eq!(
+            config.l7_listen_addresses(),
+            vec!["198.18.100.11:80".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_config_with_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(
+            config.daemon.control_socket,
+            Path::new(DEFAULT_CONTROL_SOCKET)
+        );
+        assert!(config.l4_vips.is_empty());
+    }
+
+    #[test]
+    fn syntax_error_names_file_line_and_column() {
+        let errs = errors("[daemon]\ncontrol_socket = \n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("weir.toml:2:"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_not_a_default() {
+        let errs = errors("[datapath]\ninterface = [\"eth0\"]\n");
+        assert!(errs[0].starts_with("weir.toml:2:1:"), "{}", errs[0]);
+        assert!(errs[0].contains("unknown field `interface`"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn bad_enum_value_says_what_was_expected() {
+        let errs = errors("[datapath]\nxdp_mode = \"fast\"\n");
+        assert!(errs[0].starts_with("weir.toml:2:12:"), "{}", errs[0]);
+        assert!(errs[0].contains("native") && errs[0].contains("generic"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_in_file_order() {
+        let source = GOOD.replace("weight = 50", "weight = 0").replace("\"demo\"", "\"web\"")
+            + "[[l4_vip]]\nname = \"empty\"\naddress = \"198.18.100.12\"\nport = 53\nprotocol = \"udp\"\nservers = []\n";
+        let errs = errors(&source);
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        assert!(errs[0].contains("weight 0: expected 1 to 10000"), "{}", errs[0]);
+        assert!(errs[1].contains("duplicate name `web`"), "{}", errs[1]);
+        assert!(errs[2].contains("at least one server"), "{}", errs[2]);
+        let line_of = |e: &str| e.split(':').nth(1).unwrap().parse::<usize>().unwrap();
+        assert_eq!(line_of(&errs[1]), 17);
+    }
+}

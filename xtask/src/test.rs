@@ -1,0 +1,3 @@
+#[derive(clap::Args)]
+pub struct TestArgs {}
+pub fn run(_a: TestArgs) -> anyhow::Result<()> { Ok(()) }
