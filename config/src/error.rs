@@ -46,12 +46,10 @@ impl fmt::Display for Diagnostic {
 /// Why a config could not be used. Nothing is applied when any of these is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read config: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The file could not be read (the I/O error is part of the message, not a separate source,
+    /// so one-line reports do not repeat it).
+    #[error("{}: cannot read config: {cause}", path.display())]
+    Read { path: PathBuf, cause: io::Error },
     /// One or more problems, each with its position; displayed one per line.
     #[error("{}", DisplayAll(.0))]
     Invalid(Vec<Diagnostic>),

@@ -1,1 +1,12 @@
+//! The weir daemon's parts and the `weirctl` client.
+//!
+//! - [`datapath`]: loads the XDP program built from the `ebpf` crate, attaches it, reads its maps.
+//! - [`l7`]: the io_uring workers (one thread per core) that own the L7 listeners.
+//! - [`control`]: the Unix-socket control server and its client, speaking
+//!   [`weir_config::control`].
+//! - [`daemon`]: wires them together; the `weir` binary is a thin shell around it.
 
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod l7;
