@@ -1,1 +1,36 @@
+//! weir's shared test utility: a test-bed of network namespaces that always cleans up, the lab
+//! topology used by both the e2e tests and `cargo xtask run`, mock origins, and helpers to find
+//! and run the project's binaries.
+//!
+//! Privileged tests are marked `#[ignore = "needs root: ..."]`; `cargo xtask test` includes them
+//! when it runs as root and reports them as skipped otherwise.
 
+pub mod lab;
+pub mod netns;
+pub mod origin;
+pub mod topology;
+
+use std::path::PathBuf;
+
+/// A binary built by this workspace (`weir`, `weirctl`, `weir-demo-backend`), next to the test
+/// executable's profile directory. `cargo xtask test` builds them before running tests.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe has a parent").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --bins` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// Whether this process may create namespaces and load eBPF programs.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

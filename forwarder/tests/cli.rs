@@ -1,0 +1,79 @@
+//! Bad input at the binaries' edges: each gets one clear line and a non-zero exit.
+
+use std::process::{Command, Output};
+
+fn weir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn one_line_stderr(out: &Output) -> String {
+    let stderr = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr:?}");
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn missing_config_is_one_line_naming_the_file() {
+    let out = weir(&["--config", "/nonexistent/weir.toml"]);
+    assert!(!out.status.success());
+    let line = one_line_stderr(&out);
+    assert_eq!(
+        line,
+        "weir: /nonexistent/weir.toml: cannot read config: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn invalid_toml_is_one_line_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(&path, "[daemon]\ncontrol_socket = \n").unwrap();
+    let out = weir(&["--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let line = one_line_stderr(&out);
+    let expected_prefix = format!("weir: {}:2:18: ", path.display());
+    assert!(line.starts_with(&expected_prefix), "{line}");
+}
+
+#[test]
+fn config_that_fails_validation_names_the_problem_and_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.toml");
+    std::fs::write(
+        &path,
+        "[[vhost]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nservers = []\n",
+    )
+    .unwrap();
+    let out = weir(&["--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let line = one_line_stderr(&out);
+    assert_eq!(
+        line,
+        format!(
+            "weir: {}:4:11: a pool needs at least one server",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn weirctl_without_a_daemon_names_the_socket_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("weir.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_weirctl"))
+        .args(["--socket", socket.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let line = one_line_stderr(&out);
+    assert_eq!(
+        line,
+        format!(
+            "weirctl: the weir daemon is not running (nothing listens on {})",
+            socket.display()
+        )
+    );
+}

@@ -1,0 +1,52 @@
+//! Mock origin: a small HTTP/1.1 server that says which backend answered.
+//!
+//! Each response carries the backend's name in the body and in `X-Served-By`, so a client can
+//! tell where the balancer sent it. It reads the request head only (no bodies) and closes the
+//! connection after answering: enough for routing and spread tests, nothing more.
+
+use std::{
+    io::{self, Read, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+};
+
+/// Serves `listener` until the process ends, answering every request with `name`. Returns the
+/// count of requests served, shared with the serving threads.
+pub fn serve(listener: TcpListener, name: String) -> Arc<AtomicU64> {
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&served);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let name = name.clone();
+            let counter = Arc::clone(&counter);
+            thread::spawn(move || {
+                if answer(stream, &name).is_ok() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    served
+}
+
+fn answer(mut stream: TcpStream, name: &str) -> io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let body = format!("{name}\n");
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nX-Served-By: {name}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
