@@ -129,17 +129,23 @@ impl ResponseEnvelope {
     }
 
     pub fn error(kind: ControlErrorKind, message: impl Into<String>) -> Self {
-        Self::new(Response::Error(ControlError {
-            kind,
-            message: message.into(),
-        }))
+        Self::new(Response::Error(ControlError::new(kind, message)))
     }
 }
 
-/// Parses one request line, answering with the error response to send if it is not acceptable.
-pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
+impl ControlError {
+    pub fn new(kind: ControlErrorKind, message: impl Into<String>) -> Self {
+        ControlError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses one request line, or says why it is not acceptable.
+pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(ResponseEnvelope::error(
+        return Err(ControlError::new(
             ControlErrorKind::BadRequest,
             format!("request longer than {MAX_REQUEST_BYTES} bytes"),
         ));
@@ -152,14 +158,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
     }
     let version = serde_json::from_slice::<VersionOnly>(line)
         .map_err(|err| {
-            ResponseEnvelope::error(
+            ControlError::new(
                 ControlErrorKind::BadRequest,
                 format!("malformed request: {err}"),
             )
         })?
         .version;
     if version != VERSION {
-        return Err(ResponseEnvelope::error(
+        return Err(ControlError::new(
             ControlErrorKind::UnsupportedVersion,
             format!("protocol version {version} is not supported (this daemon speaks {VERSION})"),
         ));
@@ -167,7 +173,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ResponseEnvelope> {
     serde_json::from_slice::<RequestEnvelope>(line)
         .map(|envelope| envelope.request)
         .map_err(|err| {
-            ResponseEnvelope::error(
+            ControlError::new(
                 ControlErrorKind::BadRequest,
                 format!("malformed request: {err}"),
             )
@@ -180,11 +186,8 @@ mod tests {
 
     fn refused(line: &str) -> ControlError {
         match parse_request(line.as_bytes()) {
-            Err(ResponseEnvelope {
-                result: Response::Error(err),
-                ..
-            }) => err,
-            other => panic!("expected a refusal, got {other:?}"),
+            Err(err) => err,
+            Ok(request) => panic!("expected a refusal, got {request:?}"),
         }
     }
 
@@ -208,17 +211,18 @@ mod tests {
         let err = refused(r#"{"version":9,"request":{"command":"status"}}"#);
         assert_eq!(err.kind, ControlErrorKind::UnsupportedVersion);
         assert!(err.message.contains("version 9"), "{}", err.message);
-        let long = format!(r#"{{"version":1,"pad":"{}"}}"#, "x".repeat(MAX_REQUEST_BYTES));
+        let long = format!(
+            r#"{{"version":1,"pad":"{}"}}"#,
+            "x".repeat(MAX_REQUEST_BYTES)
+        );
         assert_eq!(refused(&long).kind, ControlErrorKind::BadRequest);
     }
 
     #[test]
     fn error_response_serializes_flat() {
-        let json = serde_json::to_string(&ResponseEnvelope::error(
-            ControlErrorKind::Internal,
-            "boom",
-        ))
-        .unwrap();
+        let json =
+            serde_json::to_string(&ResponseEnvelope::error(ControlErrorKind::Internal, "boom"))
+                .unwrap();
         assert_eq!(
             json,
             r#"{"version":1,"error":{"kind":"internal","message":"boom"}}"#

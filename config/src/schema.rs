@@ -238,7 +238,10 @@ impl Config {
                     format!("`{name}` is not a valid interface name (1 to 15 characters, no `/` or space)"),
                 ));
             } else if !interfaces.insert(name.as_str()) {
-                problems.push((interface.span().start, format!("interface `{name}` listed twice")));
+                problems.push((
+                    interface.span().start,
+                    format!("interface `{name}` listed twice"),
+                ));
             }
         }
         problems.sort_by_key(|(offset, _)| *offset);
@@ -312,7 +315,10 @@ servers = [{ address = "198.18.1.11:8080" }]
         let config = parse(GOOD).unwrap();
         assert_eq!(config.datapath.xdp_mode, XdpMode::Generic);
         assert_eq!(config.l4_vips[0].mode, ForwardingMode::Nat);
-        assert_eq!(config.l4_vips[0].servers.get_ref()[0].weight, DEFAULT_WEIGHT);
+        assert_eq!(
+            config.l4_vips[0].servers.get_ref()[0].weight,
+            DEFAULT_WEIGHT
+        );
         assert_eq!(config.l4_vips[0].servers.get_ref()[1].weight, 50);
         assert_eq!(
             config.l7_listen_addresses(),
@@ -348,16 +354,26 @@ servers = [{ address = "198.18.1.11:8080" }]
     fn bad_enum_value_says_what_was_expected() {
         let errs = errors("[datapath]\nxdp_mode = \"fast\"\n");
         assert!(errs[0].starts_with("weir.toml:2:12:"), "{}", errs[0]);
-        assert!(errs[0].contains("native") && errs[0].contains("generic"), "{}", errs[0]);
+        assert!(
+            errs[0].contains("native") && errs[0].contains("generic"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
     fn every_semantic_problem_is_reported_in_file_order() {
-        let source = GOOD.replace("weight = 50", "weight = 0").replace("\"demo\"", "\"web\"")
+        let source = GOOD
+            .replace("weight = 50", "weight = 0")
+            .replace("\"demo\"", "\"web\"")
             + "[[l4_vip]]\nname = \"empty\"\naddress = \"198.18.100.12\"\nport = 53\nprotocol = \"udp\"\nservers = []\n";
         let errs = errors(&source);
         assert_eq!(errs.len(), 3, "{errs:#?}");
-        assert!(errs[0].contains("weight 0: expected 1 to 10000"), "{}", errs[0]);
+        assert!(
+            errs[0].contains("weight 0: expected 1 to 10000"),
+            "{}",
+            errs[0]
+        );
         assert!(errs[1].contains("duplicate name `web`"), "{}", errs[1]);
         assert!(errs[2].contains("at least one server"), "{}", errs[2]);
         let line_of = |e: &str| e.split(':').nth(1).unwrap().parse::<usize>().unwrap();

@@ -35,10 +35,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         if UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
-                format!(
-                    "{}: another weir daemon is listening there",
-                    path.display()
-                ),
+                format!("{}: another weir daemon is listening there", path.display()),
             ));
         }
         fs::remove_file(path)?;
@@ -95,7 +92,7 @@ where
         } else {
             match control::parse_request(line.trim_ascii_end()) {
                 Ok(request) => ResponseEnvelope::new(handle(request)),
-                Err(refusal) => refusal,
+                Err(refusal) => ResponseEnvelope::new(Response::Error(refusal)),
             }
         };
         let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;

@@ -11,7 +11,11 @@ fn weir(args: &[&str]) -> Output {
 
 fn one_line_stderr(out: &Output) -> String {
     let stderr = String::from_utf8(out.stderr.clone()).unwrap();
-    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr:?}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr:?}"
+    );
     stderr.trim_end().to_string()
 }
 

@@ -66,9 +66,11 @@ impl Lab {
             topology,
             dir: dir.to_path_buf(),
         };
-        let ready = wait_until("weir to answer on its socket", Duration::from_secs(15), || {
-            lab.weir.check_running().is_err() || lab.status().is_ok()
-        });
+        let ready = wait_until(
+            "weir to answer on its socket",
+            Duration::from_secs(15),
+            || lab.weir.check_running().is_err() || lab.status().is_ok(),
+        );
         if let Err(err) = lab.weir.check_running().and(ready) {
             bail!("{err}; weir.log:\n{}", lab.log());
         }

@@ -44,7 +44,9 @@ impl Netns {
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        run(self.command("sysctl").args(["-qw", &format!("{key}={value}")]))
+        run(self
+            .command("sysctl")
+            .args(["-qw", &format!("{key}={value}")]))
     }
 
     /// A command that will run inside the namespace.

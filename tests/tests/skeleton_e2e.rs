@@ -50,7 +50,10 @@ fn traffic_through_the_balancer_moves_xdp_counters_and_l7_answers() {
     assert_eq!(before.xdp[0].interface, topology::BALANCER_UPLINK);
     assert!(before.xdp[0].program_id > 0);
     assert_eq!(before.listeners.len(), 1);
-    assert_eq!(before.listeners[0].address, format!("{L7_VIP}:80").parse().unwrap());
+    assert_eq!(
+        before.listeners[0].address,
+        format!("{L7_VIP}:80").parse().unwrap()
+    );
     assert_eq!(before.listeners[0].requests, 0);
 
     // 20 ICMP echo requests routed through the balancer to a server: each crosses the uplink,
@@ -68,16 +71,30 @@ fn traffic_through_the_balancer_moves_xdp_counters_and_l7_answers() {
     assert!(status.success(), "ping through the balancer failed");
 
     // A demo backend answers through the balancer (routed, XDP passes).
-    let body = curl(&lab, &format!("http://{}/", topology::server_socket(1)), &[]);
+    let body = curl(
+        &lab,
+        &format!("http://{}/", topology::server_socket(1)),
+        &[],
+    );
     assert_eq!(body, "srv1\n");
 
     // The io_uring L7 listener answers on the L7 VIP.
-    let body = curl(&lab, &format!("http://{L7_VIP}/"), &["-H", "Host: demo.weir.test"]);
-    assert!(body.starts_with(&format!("weir L7 listener {L7_VIP}:80")), "{body}");
+    let body = curl(
+        &lab,
+        &format!("http://{L7_VIP}/"),
+        &["-H", "Host: demo.weir.test"],
+    );
+    assert!(
+        body.starts_with(&format!("weir L7 listener {L7_VIP}:80")),
+        "{body}"
+    );
 
     let after = lab.status().unwrap();
     let moved = counter(&after, "pass_not_vip") - counter(&before, "pass_not_vip");
-    assert!(moved >= pings, "pass_not_vip moved by {moved}, expected at least {pings}");
+    assert!(
+        moved >= pings,
+        "pass_not_vip moved by {moved}, expected at least {pings}"
+    );
     assert_eq!(after.listeners[0].requests, 1);
     assert_eq!(after.listeners[0].connections, 1);
     assert_eq!(after.xdp, before.xdp);

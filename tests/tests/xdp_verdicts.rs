@@ -116,7 +116,11 @@ fn verdicts_outputs_and_counters_match_the_table() {
         .try_into()
         .unwrap();
     program.load().expect("verifier accepts the program");
-    let program: &Xdp = ebpf.program(names::XDP_PROGRAM).unwrap().try_into().unwrap();
+    let program: &Xdp = ebpf
+        .program(names::XDP_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let stats: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(ebpf.map(names::STATS_MAP).unwrap()).unwrap();
 

@@ -36,6 +36,15 @@ pub struct Toolchain {
     pub path: OsString,
 }
 
+impl Toolchain {
+    /// `cargo` (the pinned userspace toolchain) with the PATH setup prepared.
+    pub fn cargo(&self) -> Command {
+        let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.env("PATH", &self.path);
+        cmd
+    }
+}
+
 pub fn run() -> Result<Toolchain> {
     println!("setup: checking the toolchain and packages");
     apt_packages()?;
@@ -43,10 +52,10 @@ pub fn run() -> Result<Toolchain> {
     rust_src()?;
     let cargo_home = cargo_home()?;
     bpf_linker(&cargo_home, &nightly)?;
-    let path = env::join_paths(
-        std::iter::once(cargo_home.join("bin"))
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let bin = cargo_home.join("bin");
+    let path = env::join_paths(std::iter::once(bin.clone()).chain(
+        env::split_paths(&env::var_os("PATH").unwrap_or_default()).filter(|dir| *dir != bin),
+    ))?;
     println!("setup: all present");
     Ok(Toolchain { path })
 }

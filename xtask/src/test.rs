@@ -1,3 +1,111 @@
+//! `cargo xtask test`: every check the project has, in the order that fails fastest.
+//!
+//! fmt → clippy (host crates, then the eBPF crate for its real target) → build the binaries the
+//! e2e tests run → `cargo test`. Privileged tests are `#[ignore = "needs root: …"]`: as root they
+//! are included, otherwise they are listed as SKIPPED with their reason and counted by libtest
+//! as ignored, never silently passed.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::setup::{self, Toolchain, run_cmd};
+
+/// Namespaces of e2e tests start with this (see `tests/tests/*.rs`).
+const TEST_NETNS_PREFIX: &str = "weirt-";
+
 #[derive(clap::Args)]
-pub struct TestArgs {}
-pub fn run(_a: TestArgs) -> anyhow::Result<()> { Ok(()) }
+pub struct TestArgs {
+    /// Only run tests whose name contains this (passed to libtest).
+    filter: Option<String>,
+}
+
+pub fn run(args: TestArgs) -> Result<()> {
+    let toolchain = setup::run()?;
+    let cargo = |args: &[&str]| {
+        let mut cmd = toolchain.cargo();
+        cmd.args(args);
+        cmd
+    };
+    step("cargo fmt --check");
+    run_cmd(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy (host crates)");
+    run_cmd(&mut cargo(&[
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo clippy (eBPF crate, bpfel-unknown-none)");
+    run_cmd(&mut ebpf_clippy(&toolchain))?;
+    step("cargo build --bins");
+    run_cmd(&mut cargo(&["build", "--bins"]))?;
+
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        let leftovers = weir_tests::netns::remove_all_with_prefix(TEST_NETNS_PREFIX);
+        if !leftovers.is_empty() {
+            println!("removed leftover test namespaces: {}", leftovers.join(" "));
+        }
+    }
+    step(if root {
+        "cargo test (as root: privileged tests included)"
+    } else {
+        "cargo test (not root: privileged tests skipped)"
+    });
+    let mut test = cargo(&["test", "--"]);
+    if let Some(filter) = &args.filter {
+        test.arg(filter);
+    }
+    if root {
+        test.arg("--include-ignored");
+    } else {
+        print_skipped(&toolchain)?;
+    }
+    run_cmd(&mut test)
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+/// Clippy for the eBPF crate must run for the BPF target, as aya-build builds it.
+fn ebpf_clippy(toolchain: &Toolchain) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env("PATH", &toolchain.path)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["+nightly", "clippy", "--package", "weir-ebpf"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--release", "--target-dir", "target/ebpf-clippy"])
+        .args(["--", "-D", "warnings"]);
+    cmd
+}
+
+/// Lists the privileged tests with their reasons, as `SKIPPED (needs root: …)`.
+fn print_skipped(toolchain: &Toolchain) -> Result<()> {
+    let out = toolchain
+        .cargo()
+        .args([
+            "test",
+            "--quiet",
+            "--",
+            "--list",
+            "--ignored",
+            "--format=terse",
+        ])
+        .output()?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let tests: Vec<&str> = listed
+        .lines()
+        .filter_map(|line| line.strip_suffix(": test"))
+        .collect();
+    for test in &tests {
+        println!("SKIPPED (needs root: {test})");
+    }
+    println!(
+        "{} privileged tests skipped: run as root to include them",
+        tests.len()
+    );
+    Ok(())
+}

@@ -80,7 +80,10 @@ fn print_status(report: &StatusReport) {
         d.version, d.pid, d.uptime_secs, d.config
     );
     println!("\nXDP");
-    println!("  {:<16} {:>7}  {:<8} {:>8}", "INTERFACE", "IFINDEX", "MODE", "PROGRAM");
+    println!(
+        "  {:<16} {:>7}  {:<8} {:>8}",
+        "INTERFACE", "IFINDEX", "MODE", "PROGRAM"
+    );
     for x in &report.xdp {
         println!(
             "  {:<16} {:>7}  {:<8} {:>8}",
