@@ -2,6 +2,7 @@
 //!
 //! - [`datapath`]: loads the XDP program built from the `ebpf` crate, attaches it, reads its maps.
 //! - [`l7`]: the io_uring workers (one thread per core) that own the L7 listeners.
+//! - [`maglev`]: Maglev lookup-table builder (weights, deterministic across nodes).
 //! - [`control`]: the Unix-socket control server and its client, speaking
 //!   [`weir_config::control`].
 //! - [`daemon`]: wires them together; the `weir` binary is a thin shell around it.
@@ -10,3 +11,4 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod l7;
+pub mod maglev;
