@@ -1,4 +1,7 @@
-//! weir's benchmarks: criterion micro-benchmarks (Maglev table builds, HTTP parsing) and the
-//! end-to-end comparison harness against HAProxy, nginx and nftables that `cargo xtask bench`
-//! drives. They arrive with the L4 datapath, the L7 proxy and the bench harness; this crate
-//! holds their place in the workspace layout.
+//! weir's benchmarks.
+//!
+//! - `cargo bench -p weir-benches --bench maglev`: building a Maglev table (65537 slots) for
+//!   10, 100 and 1000 servers — what a server change costs the control plane.
+//!
+//! The end-to-end comparison against HAProxy, nginx and nftables (`cargo xtask bench`) and the
+//! BPF_PROG_TEST_RUN ns/packet figures arrive with the bench harness and the L4 datapath.
