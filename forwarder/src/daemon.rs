@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use weir_config::{
     Config,
     control::{
-        ControlErrorKind, DaemonStatus, DatapathCounter, Request, Response, ResponseEnvelope,
+        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Request, Response,
         StatusReport,
     },
 };
@@ -36,9 +36,10 @@ impl State {
         match request {
             Request::Status => match self.status() {
                 Ok(report) => Response::Status(report),
-                Err(err) => {
-                    ResponseEnvelope::error(ControlErrorKind::Internal, format!("{err:#}")).result
-                }
+                Err(err) => Response::Error(ControlError::new(
+                    ControlErrorKind::Internal,
+                    format!("{err:#}"),
+                )),
             },
         }
     }
