@@ -38,8 +38,8 @@ pub enum DatapathError {
 ///
 /// Dropping it detaches the program and frees the maps (nothing is pinned yet).
 pub struct Datapath {
-    // Owns the program and its links; kept alive for as long as the datapath runs.
-    ebpf: Ebpf,
+    /// Owns the program and its links: held, never read, so they live as long as the datapath.
+    _ebpf: Ebpf,
     stats: PerCpuArray<MapData, Counter>,
     attachments: Vec<XdpAttachment>,
 }
@@ -80,7 +80,7 @@ impl Datapath {
             });
         }
         Ok(Datapath {
-            ebpf,
+            _ebpf: ebpf,
             stats,
             attachments,
         })
@@ -103,11 +103,6 @@ impl Datapath {
                 Ok((stat, sum(per_cpu.iter())))
             })
             .collect()
-    }
-
-    /// The loaded object (for tests that drive the program directly).
-    pub fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
     }
 }
 

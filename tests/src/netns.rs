@@ -138,10 +138,6 @@ impl Process {
         })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Fails if the process has already exited (it was supposed to keep running).
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
