@@ -7,16 +7,44 @@
 //! Rules for this crate: `no_std`, no allocation, no padding holes left implicit (every field
 //! is sized and ordered so the layout is the same on both sides), and every map name that
 //! userspace looks up is a constant here rather than a string repeated in two crates.
-#![no_std]
+//!
+//! - [`l4`]: VIPs, servers, settings — what the daemon writes.
+//! - [`flow`]: flow table and NAT return entries, and the flow hash.
+//! - [`stats`]: counters and the verdict reasons.
+//! - [`csum`]: checksum arithmetic the rewrite uses (and the tests check).
+#![cfg_attr(not(feature = "user"), no_std)]
 
+pub mod csum;
+pub mod flow;
+pub mod l4;
 pub mod stats;
+#[cfg(feature = "user")]
+pub mod user;
 
-pub use stats::{Counter, Stat};
+pub use stats::{Counter, Stat, TrafficCounter};
 
 /// Names of the eBPF programs and maps, as the loader looks them up in the object file.
 pub mod names {
-    /// The XDP entry point: parse, classify, count, (later) balance.
+    /// The XDP entry point: parse, look up, pick, rewrite, forward.
     pub const XDP_PROGRAM: &str = "weir_xdp";
     /// Per-CPU array of [`crate::Counter`], indexed by [`crate::Stat`].
     pub const STATS_MAP: &str = "WEIR_STATS";
+    /// Hash of [`crate::l4::VipKey`] → [`crate::l4::VipInfo`].
+    pub const VIPS_MAP: &str = "WEIR_VIPS";
+    /// Array of [`crate::l4::ServerInfo`] indexed by server id.
+    pub const SERVERS_MAP: &str = "WEIR_SERVERS";
+    /// Array of maps indexed by VIP id; each inner array is a Maglev table.
+    pub const MAGLEV_MAP: &str = "WEIR_MAGLEV";
+    /// LRU hash of client→VIP [`crate::flow::FlowKey`] → [`crate::flow::FlowState`].
+    pub const FLOWS_MAP: &str = "WEIR_FLOWS";
+    /// LRU hash of server→client [`crate::flow::FlowKey`] → [`crate::flow::NatReturn`].
+    pub const NAT_RETURN_MAP: &str = "WEIR_NAT_RETURN";
+    /// One-slot array of [`crate::l4::DatapathSettings`].
+    pub const SETTINGS_MAP: &str = "WEIR_SETTINGS";
+    /// Device map of the interfaces the program may redirect to, keyed by ifindex.
+    pub const TX_PORTS_MAP: &str = "WEIR_TX_PORTS";
+    /// Per-CPU [`crate::TrafficCounter`] per VIP id.
+    pub const VIP_STATS_MAP: &str = "WEIR_VIP_STATS";
+    /// Per-CPU [`crate::TrafficCounter`] per server id.
+    pub const SERVER_STATS_MAP: &str = "WEIR_SERVER_STATS";
 }

@@ -20,41 +20,98 @@ impl Counter {
     }
 }
 
-#[cfg(feature = "user")]
-// SAFETY: `Counter` is `#[repr(C)]`, made of two u64 fields, with no padding and no invalid
-// bit patterns.
-unsafe impl aya::Pod for Counter {}
+/// Packets, bytes and new flows of one VIP or one server, kept per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows that picked this server (or arrived at this VIP) from the Maglev table.
+    pub new_flows: u64,
+}
 
-/// The reason a packet got its verdict; the index into the stats map.
-///
-/// New reasons are appended (never renumbered) so that a daemon reading maps pinned by an
-/// older program still reads the right slots.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
+impl TrafficCounter {
+    /// Adds another counter (used to sum the per-CPU copies).
+    pub fn merge(&mut self, other: &TrafficCounter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+        self.new_flows = self.new_flows.wrapping_add(other.new_flows);
+    }
+}
+
+macro_rules! stats {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal => $name:literal,)+) => {
+        /// The reason a packet got its verdict; the index into the stats map.
+        ///
+        /// New reasons are appended (never renumbered) so that a daemon reading maps pinned by
+        /// an older program still reads the right slots.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat {
+            $($(#[$doc])* $variant = $index,)+
+        }
+
+        impl Stat {
+            /// Every reason, in index order (what userspace iterates to print the table).
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant,)+];
+
+            /// Stable, machine-friendly name (used in `weirctl status --json` and metrics).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Stat::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+stats! {
     /// Not IPv4 or IPv6 (ARP, LLDP, ...): handed to the kernel.
-    PassNotIp = 0,
-    /// IPv4 or IPv6, but not addressed to a VIP this balancer serves: handed to the kernel.
-    PassNotVip = 1,
-    /// Too short to hold the headers it claims: handed to the kernel, which drops or
-    /// accounts for it as it would without weir. Never forwarded by weir.
-    PassMalformed = 2,
+    PassNotIp = 0 => "pass_not_ip",
+    /// IP, but neither for an L4 VIP nor a NAT reply: host traffic, handed to the kernel.
+    PassNotVip = 1 => "pass_not_vip",
+    /// Too short to hold the IP header it claims, or not a valid IP header: handed to the
+    /// kernel, which drops it as it would without weir. Never forwarded by weir.
+    PassMalformed = 2 => "pass_malformed",
+    /// Client to server, NAT: destination rewritten, redirected to the server's next hop.
+    ForwardNat = 3 => "forward_nat",
+    /// Client to server, DSR: MACs rewritten, redirected to the server.
+    ForwardDsr = 4 => "forward_dsr",
+    /// Server to client, NAT: source restored to the VIP, redirected to the client's next hop.
+    ReturnNat = 5 => "return_nat",
+    /// NAT packet rewritten but its next hop is not resolved yet (or it needs fragmenting):
+    /// handed to the kernel, which forwards it and resolves the neighbour for the next ones.
+    PassSlowPath = 6 => "pass_slow_path",
+    /// DSR packet whose server has no resolved MAC: dropped (the kernel would deliver it to
+    /// the local VIP). The daemon keeps server neighbours resolved.
+    DropNoNeighbor = 7 => "drop_no_neighbor",
+    /// No route to the server or client (FIB lookup failed).
+    DropNoRoute = 8 => "drop_no_route",
+    /// New flow for a VIP whose table is empty (no server takes new flows).
+    DropNoServer = 9 => "drop_no_server",
+    /// IPv4 fragment or IPv6 fragment header addressed to a VIP: without reassembly the later
+    /// fragments carry no ports, so they could not be kept with their flow.
+    DropFragment = 10 => "drop_fragment",
+    /// IPv4 packet with options addressed to a VIP.
+    DropIpOptions = 11 => "drop_ip_options",
+    /// IPv6 packet with extension headers addressed to a VIP.
+    DropIpv6Extension = 12 => "drop_ipv6_extension",
+    /// VIP traffic with a truncated or invalid L4 header or ICMP payload.
+    DropMalformed = 13 => "drop_malformed",
+    /// NAT packet whose TTL / hop limit would reach zero at this hop.
+    DropTtlExceeded = 14 => "drop_ttl_exceeded",
+    /// ICMP/ICMPv6 error about a VIP flow, sent on to the flow's server.
+    IcmpToServer = 15 => "icmp_to_server",
+    /// ICMP that is not an error about a VIP flow (echo to a VIP, errors about host traffic):
+    /// handed to the kernel.
+    PassIcmp = 16 => "pass_icmp",
+    /// VIP whose forwarding mode this program does not know (a newer daemon's mode).
+    DropUnsupportedMode = 17 => "drop_unsupported_mode",
 }
 
 impl Stat {
-    /// Every reason, in index order (what userspace iterates to print the table).
-    pub const ALL: [Stat; 3] = [Stat::PassNotIp, Stat::PassNotVip, Stat::PassMalformed];
     /// Number of slots the stats map must have.
     pub const COUNT: u32 = Self::ALL.len() as u32;
-
-    /// Stable, machine-friendly name (used in `weirctl status --json` and metrics later).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::PassNotIp => "pass_not_ip",
-            Stat::PassNotVip => "pass_not_vip",
-            Stat::PassMalformed => "pass_malformed",
-        }
-    }
 }
 
 #[cfg(test)]

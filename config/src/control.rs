@@ -229,3 +229,16 @@ mod tests {
         );
     }
 }
+
+/// A server's administrative state, set by the operator (independent of its health).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes new flows and requests.
+    #[default]
+    Ready,
+    /// Takes no new flows or requests; established ones finish.
+    Draining,
+    /// In maintenance: no new traffic (and, later, no health checks).
+    Disabled,
+}

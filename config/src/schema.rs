@@ -56,7 +56,7 @@ fn default_control_socket() -> PathBuf {
 }
 
 /// The XDP datapath.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatapathConfig {
     /// Interfaces the XDP program is attached to (where client traffic arrives).
@@ -64,6 +64,54 @@ pub struct DatapathConfig {
     pub interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// Entries in the flow table (and in the NAT return table): how many concurrent L4 flows
+    /// stay pinned to their server. Least recently used flows are evicted beyond it.
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: Spanned<u32>,
+    /// Seed of the flow hash and of the Maglev tables. Nodes sharing VIPs must share it.
+    #[serde(default)]
+    pub hash_seed: u32,
+    /// Seconds a TCP flow may be idle before it is forgotten (as IPVS: 15 minutes).
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_timeout_secs: u64,
+    /// Seconds a UDP flow may be idle before it is forgotten.
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_timeout_secs: u64,
+    /// Seconds a TCP flow that saw FIN or RST lingers for stragglers.
+    #[serde(default = "default_closing_idle")]
+    pub closing_timeout_secs: u64,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::default(),
+            flow_table_size: Spanned::new(0..0, DEFAULT_FLOW_TABLE_SIZE),
+            hash_seed: 0,
+            tcp_idle_timeout_secs: default_tcp_idle(),
+            udp_idle_timeout_secs: default_udp_idle(),
+            closing_timeout_secs: default_closing_idle(),
+        }
+    }
+}
+
+/// Flow-table entries unless configured: about 100 MB of kernel memory for both tables.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1 << 20;
+/// Bounds on `flow_table_size`.
+pub const FLOW_TABLE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 26);
+
+fn default_flow_table_size() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_FLOW_TABLE_SIZE)
+}
+fn default_tcp_idle() -> u64 {
+    900
+}
+fn default_udp_idle() -> u64 {
+    30
+}
+fn default_closing_idle() -> u64 {
+    10
 }
 
 /// How the XDP program is attached.
@@ -96,7 +144,34 @@ pub struct L4Vip {
     pub protocol: Protocol,
     #[serde(default)]
     pub mode: ForwardingMode,
+    /// Which fields place a new flow in the Maglev table.
+    #[serde(default)]
+    pub hash: HashFieldsConfig,
+    /// Slots in the Maglev table: a prime, larger than the pool (100× the pool or more keeps
+    /// the weight error under 1%).
+    #[serde(default = "default_table_size")]
+    pub table_size: Spanned<u32>,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// Maglev table size unless configured (prime).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Largest accepted Maglev table.
+pub const MAX_TABLE_SIZE: u32 = 1 << 20;
+
+fn default_table_size() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_TABLE_SIZE)
+}
+
+/// Which fields of a new flow pick its server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashFieldsConfig {
+    /// Addresses, ports and protocol: connections spread evenly.
+    #[default]
+    FiveTuple,
+    /// Client address only: a client's flows all reach the same server.
+    SourceIp,
 }
 
 /// Transport protocol of an L4 VIP.
@@ -219,6 +294,19 @@ impl Config {
                 ));
             }
             check_pool(&vip.servers, &mut problems);
+            check_l4_pool(vip, &mut problems);
+        }
+        let size = &self.datapath.flow_table_size;
+        if !FLOW_TABLE_SIZE_RANGE.contains(size.get_ref()) {
+            problems.push((
+                size.span().start,
+                format!(
+                    "flow_table_size {} is out of range: expected {} to {}",
+                    size.get_ref(),
+                    FLOW_TABLE_SIZE_RANGE.start(),
+                    FLOW_TABLE_SIZE_RANGE.end()
+                ),
+            ));
         }
         for vhost in &self.vhosts {
             if !names.insert(vhost.name.get_ref().as_str()) {
@@ -269,6 +357,55 @@ fn check_pool(servers: &Spanned<Vec<ServerSpec>>, problems: &mut Vec<(usize, Str
             ));
         }
     }
+}
+
+fn check_l4_pool(vip: &L4Vip, problems: &mut Vec<(usize, String)>) {
+    let size = *vip.table_size.get_ref();
+    if !is_prime(size) || size > MAX_TABLE_SIZE {
+        problems.push((
+            vip.table_size.span().start,
+            format!("table_size {size} must be a prime no larger than {MAX_TABLE_SIZE} (65537 is the usual choice)"),
+        ));
+    } else if vip.servers.get_ref().len() > size as usize {
+        problems.push((
+            vip.table_size.span().start,
+            format!(
+                "table_size {size} is smaller than the pool ({} servers)",
+                vip.servers.get_ref().len()
+            ),
+        ));
+    }
+    for server in vip.servers.get_ref() {
+        if server.address.is_ipv4() != vip.address.is_ipv4() {
+            problems.push((
+                vip.servers.span().start,
+                format!(
+                    "server {} is not of the VIP's address family ({})",
+                    server.address, vip.address
+                ),
+            ));
+        }
+        if vip.mode == ForwardingMode::Dsr && server.address.port() != vip.port {
+            problems.push((
+                vip.servers.span().start,
+                format!(
+                    "server {}: in DSR mode packets keep the VIP's port, so servers must use port {}",
+                    server.address, vip.port
+                ),
+            ));
+        }
+    }
+}
+
+/// Trial division: table sizes are at most `MAX_TABLE_SIZE`, so this is instant.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    (2..)
+        .take_while(|d| d * d <= n)
+        .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]

@@ -1,47 +1,162 @@
-//! weir's XDP entry point.
+//! weir's XDP entry point: the L4 balancer.
 //!
-//! Reads top to bottom: parse the headers, classify the packet, count it under the reason for
-//! its verdict, return the verdict. The skeleton classifies only (every packet is passed to the
-//! kernel); VIP lookup, flow table, Maglev pick and rewrite slot in between parse and count.
+//! Reads top to bottom: parse → VIP lookup → flow lookup or Maglev pick (and record) →
+//! rewrite → forward. Packets that are not L4 VIP traffic — the host's own, L7 VIPs, ARP —
+//! are passed to the kernel untouched; replies from NAT servers are rewritten back to their
+//! VIP on the way out. Every packet is counted once under the reason for its verdict
+//! (`weir_common::Stat`). The edge policies (fragments, options, ICMP) are in
+//! `docs/datapath.md`.
 #![no_std]
 #![no_main]
 
+mod flow;
+mod forward;
+mod icmp;
 mod maps;
 mod parse;
+mod rewrite;
+mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use weir_common::Stat;
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use weir_common::{
+    Stat,
+    flow::{FlowKey, NatReturn},
+    l4::{ForwardMode, VipInfo},
+};
 
-use crate::parse::{L3, Packet};
+use crate::{
+    forward::Hop,
+    maps::{WEIR_NAT_RETURN, WEIR_VIPS},
+    parse::{Packet, Parsed},
+    rewrite::End,
+};
 
 #[xdp]
 pub fn weir_xdp(ctx: XdpContext) -> u32 {
     match try_weir_xdp(&ctx) {
-        Ok(action) => action,
-        // An error means the program could not decide safely: hand the packet to the kernel,
-        // which is what a host without weir would do with it.
-        Err(action) => action,
+        Ok(action) | Err(action) => action,
     }
 }
 
 fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let packet = match Packet::parse(ctx) {
-        Ok(packet) => packet,
-        Err(stat) => return Ok(pass(stat, len)),
+    let verdict = match parse::parse(ctx) {
+        Parsed::NotIp => verdict::pass(Stat::PassNotIp, len),
+        Parsed::Malformed => verdict::pass(Stat::PassMalformed, len),
+        Parsed::OtherProtocol => verdict::pass(Stat::PassNotVip, len),
+        Parsed::Unbalanced(packet, reason) => {
+            // SAFETY (all map reads here): values are copied out before the next helper call.
+            if unsafe { WEIR_VIPS.get(packet.vip_address_key()) }.is_some() {
+                verdict::drop(reason, len)
+            } else {
+                verdict::pass(Stat::PassNotVip, len)
+            }
+        }
+        Parsed::Icmp(packet) => icmp::handle(ctx, &packet, len),
+        Parsed::Transport(packet) => {
+            if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
+                balance(ctx, &packet, &vip, len)
+            } else if let Some(nat) = unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.copied() {
+                nat_return(ctx, &packet, &nat, len)
+            } else {
+                verdict::pass(Stat::PassNotVip, len)
+            }
+        }
     };
-    let stat = match packet.l3 {
-        L3::Other => Stat::PassNotIp,
-        // No VIPs are served yet: every IP packet belongs to the host.
-        L3::Ipv4 | L3::Ipv6 => Stat::PassNotVip,
-    };
-    Ok(pass(stat, len))
+    Ok(verdict)
 }
 
+/// Client → VIP: pin the flow to a server and send the packet there.
 #[inline(always)]
-fn pass(stat: Stat, len: u64) -> u32 {
-    maps::count(stat, len);
-    xdp_action::XDP_PASS
+fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
+    let nat = vip.mode == ForwardMode::Nat as u8;
+    if !nat && vip.mode != ForwardMode::Dsr as u8 {
+        return verdict::drop(Stat::DropUnsupportedMode, len);
+    }
+    let key = packet.flow_key();
+    let Some(pinned) = flow::pin(vip, packet, &key) else {
+        return verdict::drop(Stat::DropNoServer, len);
+    };
+    let Some(server) = maps::server(pinned.server) else {
+        return verdict::drop(Stat::DropNoServer, len);
+    };
+    maps::count_traffic(vip.id, pinned.server, len, pinned.new_flow);
+    if !nat {
+        return forward::to_next_hop(
+            ctx,
+            packet,
+            &packet.src,
+            &server.addr,
+            Hop::Bridged,
+            Stat::ForwardDsr,
+            len,
+        );
+    }
+    if pinned.refreshed {
+        // The reply direction, so the server's answers can be turned back into the VIP's.
+        let reply = FlowKey {
+            src: server.addr,
+            dst: packet.src,
+            src_port: server.port,
+            dst_port: packet.src_port,
+            protocol: packet.protocol,
+            family: packet.family,
+            _pad: [0; 2],
+        };
+        let nat = NatReturn {
+            vip: packet.dst,
+            vip_port: packet.dst_port,
+            _pad: 0,
+            server: pinned.server,
+        };
+        let _ = WEIR_NAT_RETURN.insert(&reply, &nat, 0);
+    }
+    if packet.ttl <= 1 {
+        return verdict::drop(Stat::DropTtlExceeded, len);
+    }
+    if rewrite::endpoint(ctx, packet, End::Destination, &server.addr, server.port).is_none() {
+        return verdict::drop(Stat::DropMalformed, len);
+    }
+    forward::to_next_hop(
+        ctx,
+        packet,
+        &packet.src,
+        &server.addr,
+        Hop::Routed,
+        Stat::ForwardNat,
+        len,
+    )
+}
+
+/// Server → client in NAT mode: restore the VIP as the source and send the reply on.
+#[inline(always)]
+fn nat_return(ctx: &XdpContext, packet: &Packet, nat: &NatReturn, len: u64) -> u32 {
+    if flow::ends_flow(packet) {
+        flow::mark_closing(&FlowKey {
+            src: packet.dst,
+            dst: nat.vip,
+            src_port: packet.dst_port,
+            dst_port: nat.vip_port,
+            protocol: packet.protocol,
+            family: packet.family,
+            _pad: [0; 2],
+        });
+    }
+    if packet.ttl <= 1 {
+        return verdict::drop(Stat::DropTtlExceeded, len);
+    }
+    if rewrite::endpoint(ctx, packet, End::Source, &nat.vip, nat.vip_port).is_none() {
+        return verdict::drop(Stat::DropMalformed, len);
+    }
+    forward::to_next_hop(
+        ctx,
+        packet,
+        &nat.vip,
+        &packet.dst,
+        Hop::Routed,
+        Stat::ReturnNat,
+        len,
+    )
 }
 
 #[cfg(not(test))]

@@ -1,12 +1,74 @@
-//! The maps the XDP program reads and writes. Userspace finds them by the names in
-//! `weir_common::names`.
+//! Every map the XDP program uses, with what it holds. The daemon writes all of them except
+//! the flow tables and counters, which the program writes. Userspace finds them by the names
+//! in `weir_common::names`.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use weir_common::{Counter, Stat};
+use aya_ebpf::{
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{Array as InnerArray, ArrayOfMaps},
+    macros::{btf_map, map},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use weir_common::{
+    Counter, Stat, TrafficCounter,
+    flow::{FlowKey, FlowState, NatReturn},
+    l4::{DatapathSettings, MAX_SERVERS, MAX_VIPS, ServerInfo, VipInfo, VipKey},
+};
+
+/// Flow-table size compiled in; the daemon sets the real size from its config at load time.
+const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 
 /// Per-CPU packet/byte counters, one slot per verdict reason (`weir_common::Stat`).
 #[map(name = "WEIR_STATS")]
 static WEIR_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+
+/// L4 services: (address, port, protocol) → VIP id and mode, plus address-level entries.
+/// Not preallocated, so a replaced value is freed only after an RCU grace period and a
+/// reader never sees a recycled element.
+#[map(name = "WEIR_VIPS")]
+pub static WEIR_VIPS: HashMap<VipKey, VipInfo> =
+    HashMap::with_max_entries(2 * MAX_VIPS, BPF_F_NO_PREALLOC);
+
+/// Servers by id: where NAT rewrites to and whether the server still exists.
+#[map(name = "WEIR_SERVERS")]
+pub static WEIR_SERVERS: Array<ServerInfo> = Array::with_max_entries(MAX_SERVERS, 0);
+
+/// Maglev tables by VIP id. Each inner array holds the table size in slot 0 and server ids in
+/// slots 1..=size; the daemon builds a new inner map and swaps it in with one update of this
+/// array, so a packet sees one whole table (see `docs/decisions/0004`). `BPF_F_INNER_MAP`
+/// lets the inner arrays differ in size from this template.
+#[btf_map(name = "WEIR_MAGLEV")]
+pub static WEIR_MAGLEV: ArrayOfMaps<
+    InnerArray<u32, 65538, { BPF_F_INNER_MAP as usize }>,
+    { MAX_VIPS as usize },
+> = ArrayOfMaps::new();
+
+/// Established flows, client→VIP tuple → pinned server. Shared by all CPUs (replies and
+/// retransmits may arrive on any CPU); LRU so a flood of new flows evicts the oldest.
+#[map(name = "WEIR_FLOWS")]
+pub static WEIR_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// NAT replies, server→client tuple → the VIP to restore as their source.
+#[map(name = "WEIR_NAT_RETURN")]
+pub static WEIR_NAT_RETURN: LruHashMap<FlowKey, NatReturn> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Hash seed and flow timeouts (one slot).
+#[map(name = "WEIR_SETTINGS")]
+pub static WEIR_SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0);
+
+/// Interfaces the program may redirect to, by ifindex (the interfaces it is attached to).
+#[map(name = "WEIR_TX_PORTS")]
+pub static WEIR_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Per-CPU traffic per VIP id.
+#[map(name = "WEIR_VIP_STATS")]
+static WEIR_VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Per-CPU traffic per server id (client→server direction).
+#[map(name = "WEIR_SERVER_STATS")]
+static WEIR_SERVER_STATS: PerCpuArray<TrafficCounter> =
+    PerCpuArray::with_max_entries(MAX_SERVERS, 0);
 
 /// Counts one packet of `len` bytes under `stat`.
 #[inline(always)]
@@ -19,4 +81,47 @@ pub fn count(stat: Stat, len: u64) {
             (*counter).bytes += len;
         }
     }
+}
+
+/// Counts one packet for a VIP and its server; `new_flow` when it opened a flow.
+#[inline(always)]
+pub fn count_traffic(vip: u32, server: u32, len: u64, new_flow: bool) {
+    for counter in [
+        WEIR_VIP_STATS.get_ptr_mut(vip),
+        WEIR_SERVER_STATS.get_ptr_mut(server),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += len;
+            (*counter).new_flows += new_flow as u64;
+        }
+    }
+}
+
+/// The settings slot, or all zeros (no timeouts, seed 0) before the daemon wrote it.
+#[inline(always)]
+pub fn settings() -> DatapathSettings {
+    WEIR_SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+/// The server with id `id` if it still exists.
+#[inline(always)]
+pub fn server(id: u32) -> Option<ServerInfo> {
+    WEIR_SERVERS.get(id).copied().filter(ServerInfo::is_present)
+}
+
+/// Server id in slot `hash % size` of VIP `vip_id`'s Maglev table; `None` when the table is
+/// empty or missing. Both reads go to the same inner map, so size and slot are consistent.
+#[inline(always)]
+pub fn maglev_pick(vip_id: u32, hash: u32) -> Option<u32> {
+    let table = WEIR_MAGLEV.get(vip_id)?;
+    let size = *table.get(0)?;
+    if size == 0 {
+        return None;
+    }
+    table.get(1 + hash % size).copied()
 }

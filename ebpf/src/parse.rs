@@ -1,61 +1,252 @@
 //! Header parsing with the bounds checks the verifier requires.
 //!
-//! Every read goes through [`ptr_at`], which proves to the verifier that `[offset, offset +
-//! size_of::<T>())` lies inside the packet before handing out a pointer.
+//! The parser reads Ethernet, the IP header and the first bytes of TCP/UDP/ICMP into a
+//! [`Packet`] of plain values (addresses, ports, flags). Later stages re-derive packet pointers
+//! through [`ptr_at`] when they write, because the verifier forgets a pointer's proven range
+//! once it is spilled or recomputed.
+//!
+//! Only the common shape is balanced: an IPv4 header without options or an IPv6 header whose
+//! next header is the transport. Everything else is classified so the caller can apply the
+//! edge policy (docs/datapath.md) when it is VIP traffic, and leave it alone when it is not.
 
 use aya_ebpf::programs::XdpContext;
-use weir_common::Stat;
+use weir_common::{
+    Stat,
+    flow::FlowKey,
+    l4::{FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, VipKey},
+};
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+/// Where the transport header starts in the packets weir balances.
+pub const L4_OFFSET_V4: usize = ETH_HLEN + IPV4_HLEN;
+pub const L4_OFFSET_V6: usize = ETH_HLEN + IPV6_HLEN;
 
-/// The network layer the packet carries.
-pub enum L3 {
-    Ipv4,
-    Ipv6,
-    Other,
-}
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
-/// What the parser learned about a packet.
+/// IPv4 "more fragments" flag and fragment-offset mask, in the host-order `frag_off` word.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+/// IPv6 extension headers that may precede the transport (RFC 8200 §4, AH, shim6...).
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_EXTENSIONS: [u8; 7] = [0, 43, 50, 51, 60, 135, 139];
+
+/// What the parser learned about an IP packet. Addresses and ports are raw (see
+/// `weir_common::l4`); the transport fields are zero unless the packet is [`Parsed::Transport`].
+#[derive(Clone, Copy)]
 pub struct Packet {
-    pub l3: L3,
+    pub family: u8,
+    pub protocol: u8,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
 impl Packet {
-    /// Parses Ethernet and the presence of a complete IP header.
-    ///
-    /// Returns `Err(Stat::PassMalformed)` when the packet is shorter than the headers it
-    /// announces, so the caller can count it and never act on a truncated header.
+    /// Offset of the transport header.
     #[inline(always)]
-    pub fn parse(ctx: &XdpContext) -> Result<Packet, Stat> {
-        let ethertype: *const [u8; 2] = ptr_at(ctx, 12).ok_or(Stat::PassMalformed)?;
-        // SAFETY: `ptr_at` checked that both bytes are inside the packet.
-        let ethertype = u16::from_be_bytes(unsafe { *ethertype });
-        let l3 = match ethertype {
-            ETH_P_IP => {
-                ptr_at::<[u8; IPV4_MIN_HLEN]>(ctx, ETH_HLEN).ok_or(Stat::PassMalformed)?;
-                L3::Ipv4
+    pub fn l4_offset(&self) -> usize {
+        if self.family == FAMILY_IPV4 {
+            L4_OFFSET_V4
+        } else {
+            L4_OFFSET_V6
+        }
+    }
+
+    /// The service this packet asks for.
+    #[inline(always)]
+    pub fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port: self.dst_port,
+            protocol: self.protocol,
+            family: self.family,
+        }
+    }
+
+    /// The address-level VIP entry for the destination (see `VipKey`).
+    #[inline(always)]
+    pub fn vip_address_key(&self) -> VipKey {
+        VipKey::address_only(self.dst, self.family)
+    }
+
+    /// The flow this packet belongs to, in its own direction.
+    #[inline(always)]
+    pub fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.protocol == PROTO_TCP
+    }
+}
+
+/// The classes of packet the entry point dispatches on.
+pub enum Parsed {
+    /// Not IPv4/IPv6.
+    NotIp,
+    /// Claims to be IP but its IP header is truncated or invalid.
+    Malformed,
+    /// TCP or UDP in the plain shape: can be balanced or NAT-returned.
+    Transport(Packet),
+    /// ICMP or ICMPv6 with at least its 8-byte header present.
+    Icmp(Packet),
+    /// An IP packet weir does not balance; the reason to drop it if it is VIP traffic.
+    Unbalanced(Packet, Stat),
+    /// Another transport protocol: never VIP traffic.
+    OtherProtocol,
+}
+
+/// Parses the packet in `ctx`.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(ethertype) = read::<[u8; 2]>(ctx, 12) else {
+        return Parsed::Malformed;
+    };
+    match u16::from_be_bytes(ethertype) {
+        ETH_P_IP => parse_ipv4(ctx),
+        ETH_P_IPV6 => parse_ipv6(ctx),
+        _ => Parsed::NotIp,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Parsed {
+    let Some(header) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    let ihl = (header[0] & 0x0f) as usize * 4;
+    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
+    if header[0] >> 4 != 4 || ihl < IPV4_HLEN || total_len < ihl {
+        return Parsed::Malformed;
+    }
+    let word = |at: usize| {
+        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let packet = Packet {
+        family: FAMILY_IPV4,
+        protocol: header[9],
+        ttl: header[8],
+        tcp_flags: 0,
+        src: [word(12), 0, 0, 0],
+        dst: [word(16), 0, 0, 0],
+        src_port: 0,
+        dst_port: 0,
+    };
+    let frag_off = u16::from_be_bytes([header[6], header[7]]);
+    if frag_off & (IP_MF | IP_OFFSET) != 0 {
+        return Parsed::Unbalanced(packet, Stat::DropFragment);
+    }
+    if ihl != IPV4_HLEN {
+        return Parsed::Unbalanced(packet, Stat::DropIpOptions);
+    }
+    parse_l4(ctx, packet, L4_OFFSET_V4)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext) -> Parsed {
+    let Some(header) = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    if header[0] >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    let word = |at: usize| {
+        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let packet = Packet {
+        family: FAMILY_IPV6,
+        protocol: header[6],
+        ttl: header[7],
+        tcp_flags: 0,
+        src: [word(8), word(12), word(16), word(20)],
+        dst: [word(24), word(28), word(32), word(36)],
+        src_port: 0,
+        dst_port: 0,
+    };
+    if packet.protocol == IPV6_FRAGMENT {
+        return Parsed::Unbalanced(packet, Stat::DropFragment);
+    }
+    if IPV6_EXTENSIONS.contains(&packet.protocol) {
+        return Parsed::Unbalanced(packet, Stat::DropIpv6Extension);
+    }
+    parse_l4(ctx, packet, L4_OFFSET_V6)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, mut packet: Packet, l4: usize) -> Parsed {
+    match packet.protocol {
+        PROTO_TCP => {
+            let Some(tcp) = read::<[u8; 20]>(ctx, l4) else {
+                return Parsed::Unbalanced(packet, Stat::DropMalformed);
+            };
+            if tcp[12] >> 4 < 5 {
+                return Parsed::Unbalanced(packet, Stat::DropMalformed);
             }
-            ETH_P_IPV6 => {
-                ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN).ok_or(Stat::PassMalformed)?;
-                L3::Ipv6
+            packet.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
+            packet.dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+            packet.tcp_flags = tcp[13];
+            Parsed::Transport(packet)
+        }
+        PROTO_UDP => {
+            let Some(udp) = read::<[u8; 8]>(ctx, l4) else {
+                return Parsed::Unbalanced(packet, Stat::DropMalformed);
+            };
+            packet.src_port = u16::from_ne_bytes([udp[0], udp[1]]);
+            packet.dst_port = u16::from_ne_bytes([udp[2], udp[3]]);
+            Parsed::Transport(packet)
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            if read::<[u8; 8]>(ctx, l4).is_none() {
+                return Parsed::Unbalanced(packet, Stat::DropMalformed);
             }
-            _ => L3::Other,
-        };
-        Ok(Packet { l3 })
+            Parsed::Icmp(packet)
+        }
+        _ => Parsed::OtherProtocol,
     }
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` if it would run past the end.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
-    Some((start + offset) as *const T)
+    Some((start + offset) as *mut T)
+}
+
+/// A copy of the `T` at `offset`, if the packet holds it. `T` is a byte array or an
+/// integer; the read is unaligned because IP fields sit 2 bytes off a word boundary behind
+/// the 14-byte Ethernet header.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the `T` lies inside the packet.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Writes `value` at `offset`; `None` (and nothing written) if it would run past the end.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    // SAFETY: `ptr_at` checked that the `T` lies inside the packet, which XDP may modify.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.write_unaligned(value) })
 }

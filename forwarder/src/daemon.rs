@@ -20,7 +20,12 @@ use weir_config::{
     },
 };
 
-use crate::{control, datapath::Datapath, l7::L7Workers};
+use crate::{
+    control,
+    datapath::{Datapath, DatapathOptions},
+    l4::{self, L4Services},
+    l7::L7Workers,
+};
 
 /// Everything the control server answers from.
 struct State {
@@ -28,6 +33,8 @@ struct State {
     started: Instant,
     // Behind a mutex because aya's map handles are not `Sync`; only the control task locks it.
     datapath: Mutex<Datapath>,
+    /// The L4 services mirrored in the datapath's maps (driven by the control plane next).
+    _l4: Mutex<L4Services>,
     l7: L7Workers,
 }
 
@@ -50,6 +57,7 @@ impl State {
             .lock()
             .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
         let counters = datapath
+            .maps()
             .counters()?
             .into_iter()
             .map(|(stat, counter)| DatapathCounter {
@@ -81,7 +89,15 @@ pub fn run(config_path: &Path) -> Result<()> {
         .iter()
         .map(|interface| interface.get_ref().clone())
         .collect();
-    let datapath = Datapath::start(&interfaces, config.datapath.xdp_mode)?;
+    let mut datapath = Datapath::load(DatapathOptions {
+        interfaces,
+        xdp_mode: config.datapath.xdp_mode,
+        flow_table_size: *config.datapath.flow_table_size.get_ref(),
+        settings: l4::settings(&config),
+    })?;
+    let l4 = L4Services::from_config(&config, datapath.maps_mut())
+        .context("cannot install the L4 services")?;
+    datapath.attach()?;
     for attachment in datapath.attachments() {
         tracing::info!(
             interface = attachment.interface,
@@ -100,6 +116,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         config_path: config_path.to_path_buf(),
         started: Instant::now(),
         datapath: Mutex::new(datapath),
+        _l4: Mutex::new(l4),
         l7,
     });
 

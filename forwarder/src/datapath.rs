@@ -1,20 +1,32 @@
-//! The XDP datapath as userspace sees it: load the object, attach the program, read the maps.
+//! The XDP datapath as userspace sees it: load the object, write its maps, attach it.
 //!
 //! The object is embedded at build time from aya-build's output (`forwarder/build.rs`), so the
-//! daemon binary always carries the eBPF code it was built and tested with.
+//! daemon binary always carries the eBPF code it was built and tested with. Start-up writes
+//! every map (settings, device map, VIPs, servers, tables) *before* the program is attached,
+//! so the first packet already sees a complete configuration.
+
+use std::collections::HashMap as StdHashMap;
 
 use aya::{
-    Ebpf,
-    maps::{MapData, PerCpuArray},
+    Ebpf, EbpfLoader,
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, Xdp, xdp::XdpMode as AyaXdpMode},
 };
-use weir_common::{Counter, Stat, names};
+use weir_common::{
+    Counter, Stat, TrafficCounter,
+    flow::{FLOW_CLOSING, FlowKey, FlowState},
+    l4::{DatapathSettings, ServerInfo, VipInfo, VipKey},
+    names,
+};
 use weir_config::{XdpMode, control::XdpAttachment};
 
 /// The eBPF object built from the `ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
 
-/// Why the datapath could not be set up.
+/// `BPF_F_INNER_MAP`: lets a Maglev table's size differ from the template in the object.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Why the datapath could not be set up or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("cannot load the eBPF object: {0}")]
@@ -30,60 +42,100 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("cannot read map `{0}`: {1}")]
-    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("no interface named `{0}`")]
+    NoInterface(String),
+    #[error("cannot add `{0}` to the device map: {1}")]
+    TxPort(String, #[source] aya::maps::xdp::XdpMapError),
+    #[error("map `{0}`: {1}")]
+    Map(&'static str, #[source] MapError),
 }
 
-/// The loaded object, the program's attachments and the maps userspace reads.
+/// What the datapath is started with.
+#[derive(Debug, Clone)]
+pub struct DatapathOptions {
+    /// Interfaces the program is attached to and may redirect to.
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// Entries in the flow table and in the NAT return table.
+    pub flow_table_size: u32,
+    pub settings: DatapathSettings,
+}
+
+/// The loaded object, its attachments and typed handles on its maps.
 ///
 /// Dropping it detaches the program and frees the maps (nothing is pinned yet).
 pub struct Datapath {
-    /// Owns the program and its links: held, never read, so they live as long as the datapath.
-    _ebpf: Ebpf,
-    stats: PerCpuArray<MapData, Counter>,
+    /// Owns the program and its links: held so they live as long as the datapath.
+    ebpf: Ebpf,
+    maps: DatapathMaps,
+    options: DatapathOptions,
     attachments: Vec<XdpAttachment>,
 }
 
 impl Datapath {
-    /// Loads the embedded object and attaches the XDP program to every interface.
-    pub fn start(interfaces: &[String], mode: XdpMode) -> Result<Datapath, DatapathError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
-        let stats = ebpf
-            .take_map(names::STATS_MAP)
-            .ok_or(DatapathError::Missing(names::STATS_MAP, "map"))?;
-        let stats =
-            PerCpuArray::try_from(stats).map_err(|e| DatapathError::Map(names::STATS_MAP, e))?;
+    /// Loads the embedded object, sizes and fills the global maps (settings, device map). The
+    /// program is loaded into the kernel but not attached: write the services into
+    /// [`Datapath::maps_mut`], then call [`Datapath::attach`].
+    pub fn load(options: DatapathOptions) -> Result<Datapath, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOWS_MAP, options.flow_table_size)
+            .map_max_entries(names::NAT_RETURN_MAP, options.flow_table_size)
+            .load(EBPF_OBJECT)?;
+        let mut maps = DatapathMaps::take(&mut ebpf)?;
+        maps.settings
+            .set(0, options.settings, 0)
+            .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))?;
+        for interface in &options.interfaces {
+            let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
+                .map_err(|_| DatapathError::NoInterface(interface.clone()))?;
+            maps.tx_ports
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| DatapathError::TxPort(interface.clone(), e))?;
+        }
         let program: &mut Xdp = ebpf
             .program_mut(names::XDP_PROGRAM)
             .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
             .try_into()
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
+        Ok(Datapath {
+            ebpf,
+            maps,
+            options,
+            attachments: Vec::new(),
+        })
+    }
+
+    /// Attaches the program to every interface in the options.
+    pub fn attach(&mut self) -> Result<(), DatapathError> {
+        let mode = self.options.xdp_mode;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(names::XDP_PROGRAM)
+            .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
-        let mut attachments = Vec::with_capacity(interfaces.len());
-        for interface in interfaces {
-            let attach_error = |source| DatapathError::Attach {
-                interface: interface.clone(),
-                mode,
-                source,
-            };
+        for interface in &self.options.interfaces {
             let aya_mode = match mode {
                 XdpMode::Native => AyaXdpMode::Driver,
                 XdpMode::Generic => AyaXdpMode::Skb,
             };
-            program.attach(interface, aya_mode).map_err(attach_error)?;
-            attachments.push(XdpAttachment {
+            program
+                .attach(interface, aya_mode)
+                .map_err(|source| DatapathError::Attach {
+                    interface: interface.clone(),
+                    mode,
+                    source,
+                })?;
+            self.attachments.push(XdpAttachment {
                 interface: interface.clone(),
                 ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
                 mode,
                 program_id,
             });
         }
-        Ok(Datapath {
-            _ebpf: ebpf,
-            stats,
-            attachments,
-        })
+        Ok(())
     }
 
     /// Where the program is attached.
@@ -91,7 +143,105 @@ impl Datapath {
         &self.attachments
     }
 
-    /// The counters, summed over CPUs, in [`Stat`] order.
+    pub fn maps(&self) -> &DatapathMaps {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut DatapathMaps {
+        &mut self.maps
+    }
+
+    /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn program(&self) -> Result<&Xdp, DatapathError> {
+        self.ebpf
+            .program(names::XDP_PROGRAM)
+            .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
+            .try_into()
+            .map_err(DatapathError::Program)
+    }
+}
+
+/// Typed handles on the maps the daemon writes and reads.
+pub struct DatapathMaps {
+    stats: PerCpuArray<MapData, Counter>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    servers: Array<MapData, ServerInfo>,
+    maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
+    settings: Array<MapData, DatapathSettings>,
+    tx_ports: DevMapHash<MapData>,
+    vip_stats: PerCpuArray<MapData, TrafficCounter>,
+    server_stats: PerCpuArray<MapData, TrafficCounter>,
+}
+
+/// Takes the map `name` out of `ebpf` as a typed handle.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Missing(name, "map"))?;
+    T::try_from(map).map_err(|e| DatapathError::Map(name, e))
+}
+
+impl DatapathMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<DatapathMaps, DatapathError> {
+        Ok(DatapathMaps {
+            stats: take(ebpf, names::STATS_MAP)?,
+            vips: take(ebpf, names::VIPS_MAP)?,
+            servers: take(ebpf, names::SERVERS_MAP)?,
+            maglev: take(ebpf, names::MAGLEV_MAP)?,
+            flows: take(ebpf, names::FLOWS_MAP)?,
+            settings: take(ebpf, names::SETTINGS_MAP)?,
+            tx_ports: take(ebpf, names::TX_PORTS_MAP)?,
+            vip_stats: take(ebpf, names::VIP_STATS_MAP)?,
+            server_stats: take(ebpf, names::SERVER_STATS_MAP)?,
+        })
+    }
+
+    /// Adds or replaces a VIP entry (a service, or an address-level entry).
+    pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+        self.vips
+            .insert(key, info, 0)
+            .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))
+    }
+
+    /// Removes a VIP entry; removing one that is not there is not an error.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
+        match self.vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DatapathError::Map(names::VIPS_MAP, e)),
+        }
+    }
+
+    /// Writes server `id` (a present server, or `ServerInfo::default()` to mark it removed).
+    pub fn set_server(&mut self, id: u32, info: ServerInfo) -> Result<(), DatapathError> {
+        self.servers
+            .set(id, info, 0)
+            .map_err(|e| DatapathError::Map(names::SERVERS_MAP, e))
+    }
+
+    /// Switches VIP `vip_id` to a new Maglev table holding server ids `slots` (empty: no
+    /// server takes new flows).
+    ///
+    /// The table is written into a fresh inner map, then installed with one update of the
+    /// outer array. The kernel waits for every running program to finish (an RCU grace
+    /// period) before that update returns, so when this returns no packet can still be
+    /// reading the old table, and each packet saw either the old table or the new one.
+    pub fn install_table(&mut self, vip_id: u32, slots: &[u32]) -> Result<(), DatapathError> {
+        let map_err = |e| DatapathError::Map(names::MAGLEV_MAP, e);
+        let size = slots.len() as u32;
+        let mut table =
+            Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP).map_err(map_err)?;
+        table.set(0, size, 0).map_err(map_err)?;
+        for (i, server) in slots.iter().enumerate() {
+            table.set(i as u32 + 1, server, 0).map_err(map_err)?;
+        }
+        self.maglev.set(vip_id, &table, 0).map_err(map_err)
+    }
+
+    /// The datapath counters, summed over CPUs, in [`Stat`] order.
     pub fn counters(&self) -> Result<Vec<(Stat, Counter)>, DatapathError> {
         Stat::ALL
             .iter()
@@ -100,15 +250,66 @@ impl Datapath {
                     .stats
                     .get(&(stat as u32), 0)
                     .map_err(|e| DatapathError::Map(names::STATS_MAP, e))?;
-                Ok((stat, sum(per_cpu.iter())))
+                let mut total = Counter::default();
+                per_cpu.iter().for_each(|c| total.merge(c));
+                Ok((stat, total))
             })
             .collect()
     }
+
+    /// Traffic of VIP `id`, summed over CPUs.
+    pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounter, DatapathError> {
+        sum_traffic(&self.vip_stats, id, names::VIP_STATS_MAP)
+    }
+
+    /// Traffic sent to server `id`, summed over CPUs.
+    pub fn server_traffic(&self, id: u32) -> Result<TrafficCounter, DatapathError> {
+        sum_traffic(&self.server_stats, id, names::SERVER_STATS_MAP)
+    }
+
+    /// Active flows per server id: entries that are not closing and were seen within
+    /// `idle_ns` (the flow timeout of their protocol, as the caller decides).
+    pub fn active_flows(
+        &self,
+        idle_ns: impl Fn(&FlowKey) -> u64,
+    ) -> Result<StdHashMap<u32, usize>, DatapathError> {
+        let now = coarse_now_ns();
+        let mut active = StdHashMap::new();
+        for entry in self.flows.iter() {
+            let (key, state) = match entry {
+                Ok(entry) => entry,
+                // An entry evicted between two iteration steps: skip it.
+                Err(MapError::KeyNotFound) => continue,
+                Err(e) => return Err(DatapathError::Map(names::FLOWS_MAP, e)),
+            };
+            let idle = now.saturating_sub(state.last_seen_ns);
+            if state.flags & FLOW_CLOSING == 0 && idle <= idle_ns(&key) {
+                *active.entry(state.server).or_default() += 1;
+            }
+        }
+        Ok(active)
+    }
+
+    /// The server a flow is pinned to, if the flow table has it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
+        self.flows.get(key, 0).ok()
+    }
 }
 
-fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
-    per_cpu.fold(Counter::default(), |mut total, counter| {
-        total.merge(counter);
-        total
-    })
+fn sum_traffic(
+    map: &PerCpuArray<MapData, TrafficCounter>,
+    id: u32,
+    name: &'static str,
+) -> Result<TrafficCounter, DatapathError> {
+    let per_cpu = map.get(&id, 0).map_err(|e| DatapathError::Map(name, e))?;
+    let mut total = TrafficCounter::default();
+    per_cpu.iter().for_each(|c| total.merge(c));
+    Ok(total)
+}
+
+/// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC, coarse).
+fn coarse_now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }

@@ -1,6 +1,7 @@
 //! The weir daemon's parts and the `weirctl` client.
 //!
 //! - [`datapath`]: loads the XDP program built from the `ebpf` crate, attaches it, reads its maps.
+//! - [`l4`]: the L4 services model (VIPs, pools, server states) and how changes reach the maps.
 //! - [`l7`]: the io_uring workers (one thread per core) that own the L7 listeners.
 //! - [`maglev`]: Maglev lookup-table builder (weights, deterministic across nodes).
 //! - [`control`]: the Unix-socket control server and its client, speaking
@@ -10,5 +11,6 @@
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod l4;
 pub mod l7;
 pub mod maglev;

@@ -19,6 +19,7 @@
 
 use std::net::SocketAddr;
 
+use weir_config::is_prime;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Slots in a table unless the config says otherwise (prime, as Maglev requires).
@@ -155,16 +156,6 @@ fn key(address: &SocketAddr) -> [u8; 18] {
     key[..16].copy_from_slice(&ip.octets());
     key[16..].copy_from_slice(&address.port().to_be_bytes());
     key
-}
-
-fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = n as u64;
-    (2..)
-        .take_while(|d| d * d <= n)
-        .all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]

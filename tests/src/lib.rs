@@ -8,6 +8,7 @@
 pub mod lab;
 pub mod netns;
 pub mod origin;
+pub mod packet_bed;
 pub mod topology;
 
 use std::path::PathBuf;

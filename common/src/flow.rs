@@ -1,0 +1,146 @@
+//! The flow table: which server each established flow is pinned to.
+//!
+//! A flow is keyed by its client→VIP 5-tuple. New flows pick a server from the VIP's Maglev
+//! table by [`flow_hash`]; the pick is recorded so that the flow stays on its server when the
+//! table changes (servers added, drained, reweighted). In NAT mode a second entry, keyed by the
+//! server→client tuple, lets replies be rewritten back to the VIP.
+
+use crate::l4::HashFields;
+
+/// A flow as seen on the wire, in one direction. Same conventions as [`crate::l4::VipKey`]:
+/// raw address words and network-order ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// [`FlowState::flags`]: a FIN or RST was seen; the flow is closing. Its entry still forwards
+/// stragglers (retransmitted FINs, the last ACK) but no longer counts as active, and a SYN on
+/// it starts a new connection that picks a server afresh.
+pub const FLOW_CLOSING: u32 = 1;
+
+/// Value of the flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// The server id the flow is pinned to.
+    pub server: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_coarse_ns` when the flow was last refreshed. Refreshed at most every
+    /// [`FLOW_TOUCH_INTERVAL_NS`], so established flows do not write a shared cache line on
+    /// every packet.
+    pub last_seen_ns: u64,
+}
+
+/// How stale `last_seen_ns` may get before a packet refreshes it (and the NAT return entry).
+pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Value of the NAT return table, keyed by the server→client [`FlowKey`] of a NAT flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReturn {
+    /// The VIP the client spoke to: the source replies must carry.
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub vip_port: u16,
+    pub _pad: u16,
+    pub server: u32,
+}
+
+/// The hash that places a new flow in its VIP's Maglev table.
+///
+/// Murmur3's 32-bit mixing over the key's words. It is part of the datapath's contract: the
+/// same key and seed give the same hash on every node, in the kernel and in userspace (tests
+/// predict the server a flow lands on with it).
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey, fields: HashFields, seed: u32) -> u32 {
+    let mut h = seed;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, key.src[i]);
+        i += 1;
+    }
+    if let HashFields::FiveTuple = fields {
+        let mut i = 0;
+        while i < 4 {
+            h = mix(h, key.dst[i]);
+            i += 1;
+        }
+        h = mix(h, (key.src_port as u32) << 16 | key.dst_port as u32);
+        h = mix(h, key.protocol as u32);
+    }
+    finish(h)
+}
+
+#[inline(always)]
+const fn mix(h: u32, word: u32) -> u32 {
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src_port: u16) -> FlowKey {
+        FlowKey {
+            src: [0x0100_12c6, 0, 0, 0],
+            dst: [0x0a64_12c6, 0, 0, 0],
+            src_port: src_port.to_be(),
+            dst_port: 80u16.to_be(),
+            protocol: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn hash_depends_on_seed_ports_and_fields() {
+        let a = flow_hash(&key(40000), HashFields::FiveTuple, 7);
+        assert_eq!(a, flow_hash(&key(40000), HashFields::FiveTuple, 7));
+        assert_ne!(a, flow_hash(&key(40001), HashFields::FiveTuple, 7));
+        assert_ne!(a, flow_hash(&key(40000), HashFields::FiveTuple, 8));
+        // Source-address hashing ignores ports.
+        assert_eq!(
+            flow_hash(&key(40000), HashFields::SourceIp, 7),
+            flow_hash(&key(40001), HashFields::SourceIp, 7)
+        );
+    }
+
+    #[test]
+    fn hash_spreads_ports_evenly_over_a_table() {
+        let size = 65537u32;
+        let buckets = 16usize;
+        let mut counts = [0u32; 16];
+        for port in 0..20000u16 {
+            let slot = flow_hash(&key(port), HashFields::FiveTuple, 1) % size;
+            counts[slot as usize * buckets / size as usize] += 1;
+        }
+        let expected = 20000 / buckets as u32;
+        for count in counts {
+            assert!(count.abs_diff(expected) < expected / 8, "{counts:?}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! L4 virtual services as the datapath sees them: VIPs, their servers, their Maglev tables.
+//!
+//! Addresses are four 32-bit words holding the address bytes exactly as they sit in the packet
+//! (loaded in native order); IPv4 uses word 0 and leaves the others zero, and a `family` byte
+//! keeps an IPv4 key from ever equalling an IPv6 one. Ports are likewise raw, i.e. in network
+//! byte order. Nothing on the hot path converts byte order; userspace builds keys with the
+//! helpers in [`crate::user`].
+
+/// Address family tag in keys and values.
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag in keys and values.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers weir balances or inspects.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Upper bound on L4 VIPs: the size of the per-VIP arrays (Maglev tables, counters).
+pub const MAX_VIPS: u32 = 256;
+/// Upper bound on servers across all VIPs: the size of the server array and its counters.
+pub const MAX_SERVERS: u32 = 4096;
+/// Largest Maglev table a VIP can have (slot 0 of a table holds its size; see [`VipInfo`]).
+pub const MAX_TABLE_SIZE: u32 = 1 << 20;
+
+/// Key of the VIP map: which service a packet is addressed to.
+///
+/// Besides one entry per (address, port, protocol), userspace inserts one *address-level*
+/// entry per VIP address with `port == 0` and `protocol == 0`. The program looks that up only
+/// for packets whose ports it cannot or will not read (fragments, IP options, IPv6 extension
+/// headers, ICMP), to know whether such a packet is VIP traffic it must police or host traffic
+/// it must leave alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+}
+
+impl VipKey {
+    /// The address-level entry for `addr` (see the type's docs).
+    pub const fn address_only(addr: [u32; 4], family: u8) -> VipKey {
+        VipKey {
+            addr,
+            port: 0,
+            protocol: 0,
+            family,
+        }
+    }
+}
+
+/// How a VIP's packets reach its servers.
+///
+/// Values are stable (they live in pinned maps). Tunnel modes (IPIP, GUE) would take the next
+/// numbers; a program that meets a mode it does not know drops the packet and counts
+/// `drop_unsupported_mode` rather than guessing.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardMode {
+    /// Destination address and port rewritten to the server; replies come back through weir,
+    /// which restores the VIP as their source.
+    Nat = 1,
+    /// L2 direct server return: only the MACs change; the server owns the VIP on loopback and
+    /// replies to the client directly.
+    Dsr = 2,
+}
+
+/// Which fields of a new flow pick its slot in the Maglev table.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashFields {
+    /// Source and destination address and port, and protocol: spreads connections evenly.
+    FiveTuple = 0,
+    /// Source address only: every flow from one client lands on the same server (session
+    /// affinity without cookies; uneven behind large NATs).
+    SourceIp = 1,
+}
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into the per-VIP arrays: Maglev tables and VIP counters.
+    pub id: u32,
+    /// A [`ForwardMode`] value.
+    pub mode: u8,
+    /// A [`HashFields`] value.
+    pub hash_fields: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Flag in [`ServerInfo::flags`]: the slot holds a live server. Removing a server clears it,
+/// which is what makes flows pinned to that server re-pick.
+pub const SERVER_PRESENT: u8 = 1;
+
+/// Value of the server array, indexed by server id (what Maglev slots and flows hold).
+///
+/// A server that is draining or disabled stays present (its established flows keep flowing);
+/// it is only left out of its VIP's Maglev table, so it gets no new flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub addr: [u32; 4],
+    /// Network byte order. Used in NAT mode; in DSR mode the server listens on the VIP's port.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+}
+
+impl ServerInfo {
+    pub const fn is_present(&self) -> bool {
+        self.flags & SERVER_PRESENT != 0
+    }
+}
+
+/// Settings the program reads on every packet (a one-slot array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathSettings {
+    /// Seed of the flow hash. Nodes with the same seed (and the same pools) send a given flow
+    /// to the same server, which is what lets several nodes share VIPs later.
+    pub hash_seed: u32,
+    pub _pad: u32,
+    /// A TCP flow idle this long is forgotten: its next packet picks a server afresh.
+    pub tcp_idle_ns: u64,
+    /// A UDP flow idle this long is forgotten (UDP has no end-of-flow signal).
+    pub udp_idle_ns: u64,
+    /// A TCP flow that saw FIN or RST and then this long without packets is forgotten.
+    pub closing_idle_ns: u64,
+}

@@ -1,0 +1,864 @@
+//! Packet tests of the XDP balancer through BPF_PROG_TEST_RUN, in the style of Katran's
+//! fixtures: a table of input packet → expected action → expected output packet, and the one
+//! counter each packet must be accounted under.
+//!
+//! The program runs with its real maps, written by the real userspace (`Datapath`,
+//! `L4Services`) from a config, in a namespace whose routes and neighbours its FIB lookups
+//! use (`weir_tests::packet_bed`). Expected packets are built with `etherparse`, which computes
+//! every checksum from scratch: an independent recomputation of every field the program
+//! rewrites. Which server a new flow must reach is predicted from the Maglev table and the
+//! flow hash, the datapath's contract.
+
+use std::net::{IpAddr, SocketAddr};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, PacketBuilderStep, TcpHeader,
+    icmpv4::DestUnreachableHeader,
+};
+use weir_common::{Counter, Stat, flow::flow_hash, l4::HashFields};
+use weir_config::{Config, control::AdminState};
+use weir_forwarder::{
+    datapath::{Datapath, DatapathOptions},
+    l4::{self, L4Service, L4Services},
+    maglev::{MaglevServer, MaglevTable},
+};
+use weir_tests::packet_bed::{
+    CLIENT_MAC, DOWNLINK, DOWNLINK_MAC, PacketBed, UPLINK, UPLINK_MAC, server_mac, xdp_context,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CONFIG: &str = r#"
+[datapath]
+hash_seed = 7
+udp_idle_timeout_secs = 1
+
+[[l4_vip]]
+name = "web4"
+address = "198.18.100.10"
+port = 80
+protocol = "tcp"
+servers = [{ address = "198.18.1.10:8080" }, { address = "198.18.1.11:8080", weight = 200 }]
+
+[[l4_vip]]
+name = "dns4"
+address = "198.18.100.10"
+port = 53
+protocol = "udp"
+servers = [{ address = "198.18.1.12:5353" }]
+
+[[l4_vip]]
+name = "web6"
+address = "fd00:100::10"
+port = 80
+protocol = "tcp"
+servers = [{ address = "[fd00:1::10]:8080" }, { address = "[fd00:1::11]:8080" }]
+
+[[l4_vip]]
+name = "dns6"
+address = "fd00:100::10"
+port = 53
+protocol = "udp"
+servers = [{ address = "[fd00:1::12]:5353" }]
+
+[[l4_vip]]
+name = "dsr4"
+address = "198.18.100.20"
+port = 80
+protocol = "tcp"
+mode = "dsr"
+servers = [{ address = "198.18.1.10:80" }, { address = "198.18.1.11:80" }]
+
+[[l4_vip]]
+name = "dsr6"
+address = "fd00:100::20"
+port = 53
+protocol = "udp"
+mode = "dsr"
+servers = [{ address = "[fd00:1::10]:53" }]
+
+[[l4_vip]]
+name = "unroutable"
+address = "198.18.100.30"
+port = 80
+protocol = "tcp"
+servers = [{ address = "198.18.77.1:80" }]
+
+[[l4_vip]]
+name = "unresolved"
+address = "198.18.100.31"
+port = 80
+protocol = "tcp"
+servers = [{ address = "198.18.1.99:80" }]
+
+[[l4_vip]]
+name = "unresolved_dsr"
+address = "198.18.100.32"
+port = 80
+protocol = "tcp"
+mode = "dsr"
+servers = [{ address = "198.18.1.99:80" }]
+
+[[l4_vip]]
+name = "emptied"
+address = "198.18.100.33"
+port = 80
+protocol = "tcp"
+servers = [{ address = "198.18.1.10:8080" }]
+"#;
+
+/// The bed, the datapath loaded in it (not attached: test runs do not need it), the services.
+struct Balancer {
+    datapath: Datapath,
+    services: L4Services,
+    up: u32,
+    down: u32,
+    seed: u32,
+}
+
+impl Balancer {
+    /// Must be called on a thread inside the bed's namespace.
+    fn new() -> Balancer {
+        let config = Config::parse("packets.toml".as_ref(), CONFIG).expect("test config is valid");
+        let mut datapath = Datapath::load(DatapathOptions {
+            interfaces: vec![UPLINK.into(), DOWNLINK.into()],
+            xdp_mode: config.datapath.xdp_mode,
+            flow_table_size: 4096,
+            settings: l4::settings(&config),
+        })
+        .expect("verifier accepts the program and maps load");
+        let services = L4Services::from_config(&config, datapath.maps_mut()).expect("services");
+        let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("bed interface");
+        Balancer {
+            datapath,
+            services,
+            up: index(UPLINK),
+            down: index(DOWNLINK),
+            seed: config.datapath.hash_seed,
+        }
+    }
+
+    fn program(&self) -> &Xdp {
+        self.datapath.program().expect("program")
+    }
+
+    /// Runs `packet` as received on `ifindex`; returns the action and the packet after it.
+    fn run(&self, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
+        let ctx = xdp_context(ifindex, packet.len());
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        let counters = self.datapath.maps().counters().expect("counters");
+        counters.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Runs a case and checks action, output and that exactly its counter moved.
+    fn check(&self, case: &Case) {
+        let before = self.counters();
+        let (action, out) = self.run(case.ifindex, &case.packet);
+        assert_eq!(action, case.action, "{}: action", case.name);
+        let expected = case.output.as_deref().unwrap_or(&case.packet);
+        assert_eq!(hex(&out), hex(expected), "{}: output packet", case.name);
+        let after = self.counters();
+        for stat in Stat::ALL {
+            let i = *stat as usize;
+            let moved = (
+                after[i].packets - before[i].packets,
+                after[i].bytes - before[i].bytes,
+            );
+            let want = if *stat == case.stat {
+                (1, case.packet.len() as u64)
+            } else {
+                (0, 0)
+            };
+            assert_eq!(moved, want, "{}: counter {}", case.name, stat.name());
+        }
+    }
+
+    fn service(&self, name: &str) -> &L4Service {
+        self.services.service(name).expect("service")
+    }
+
+    /// The server a new flow from `client` to `vip` must land on: the Maglev table over the
+    /// ready servers, at slot `flow_hash % size`.
+    fn predicted_server(&self, vip: &str, client: SocketAddr) -> SocketAddr {
+        let service = self.service(vip);
+        let ready: Vec<MaglevServer> = service
+            .servers
+            .iter()
+            .filter(|s| s.state == AdminState::Ready)
+            .map(|s| MaglevServer {
+                address: s.address,
+                weight: s.weight,
+            })
+            .collect();
+        let table = MaglevTable::build(&ready, service.table_size, self.seed as u64)
+            .unwrap()
+            .expect("pool has ready servers");
+        let hash = flow_hash(&service.flow_key(client), HashFields::FiveTuple, self.seed);
+        ready[table.slots()[(hash % service.table_size) as usize] as usize].address
+    }
+}
+
+struct Case {
+    name: String,
+    ifindex: u32,
+    packet: Vec<u8>,
+    action: u32,
+    /// `None`: the packet must come out unchanged.
+    output: Option<Vec<u8>>,
+    stat: Stat,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The neighbour MAC the bed declares for server address `ip` (198.18.1.(10+i), or
+/// fd00:1::(10+i) where the decimal `10+i` is read as hex in the literal).
+fn mac_of(ip: IpAddr) -> [u8; 6] {
+    match ip {
+        IpAddr::V4(v4) => server_mac(v4.octets()[3] - 10),
+        IpAddr::V6(v6) => server_mac(v6.octets()[15] - 0x10),
+    }
+}
+
+/// Ethernet + IP header builder for either family.
+fn ip(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+) -> PacketBuilderStep<IpHeaders> {
+    let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), ttl),
+        _ => panic!("mixed families"),
+    }
+}
+
+/// TCP flags of a test segment.
+#[derive(Clone, Copy)]
+enum Flags {
+    Syn,
+    SynAck,
+    Ack,
+    Fin,
+    Rst,
+}
+
+fn tcp_header(src: u16, dst: u16, flags: Flags) -> TcpHeader {
+    let mut tcp = TcpHeader::new(src, dst, 1000, 64240);
+    match flags {
+        Flags::Syn => tcp.syn = true,
+        Flags::SynAck => {
+            tcp.syn = true;
+            tcp.ack = true;
+            tcp.acknowledgment_number = 1001;
+        }
+        Flags::Ack => {
+            tcp.ack = true;
+            tcp.acknowledgment_number = 1;
+        }
+        Flags::Fin => {
+            tcp.fin = true;
+            tcp.ack = true;
+        }
+        Flags::Rst => tcp.rst = true,
+    }
+    tcp
+}
+
+/// A TCP segment `src` → `dst` with MACs and TTL, carrying a small payload.
+fn tcp(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddr,
+    dst: SocketAddr,
+    ttl: u8,
+    flags: Flags,
+) -> Vec<u8> {
+    let mut packet = Vec::new();
+    ip(macs.0, macs.1, src.ip(), dst.ip(), ttl)
+        .tcp_header(tcp_header(src.port(), dst.port(), flags))
+        .write(&mut packet, b"hello")
+        .unwrap();
+    packet
+}
+
+fn udp(macs: ([u8; 6], [u8; 6]), src: SocketAddr, dst: SocketAddr, ttl: u8) -> Vec<u8> {
+    let mut packet = Vec::new();
+    ip(macs.0, macs.1, src.ip(), dst.ip(), ttl)
+        .udp(src.port(), dst.port())
+        .write(&mut packet, b"query")
+        .unwrap();
+    packet
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Client-side frame (client → balancer MACs).
+const IN: ([u8; 6], [u8; 6]) = (CLIENT_MAC, UPLINK_MAC);
+
+/// The quote an ICMP error carries: the IP and TCP headers of a VIP → client segment.
+fn quote(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let builder = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed families"),
+    };
+    let mut packet = Vec::new();
+    builder
+        .tcp_header(tcp_header(src.port(), dst.port(), Flags::Ack))
+        .write(&mut packet, b"")
+        .unwrap();
+    packet
+}
+
+/// An ICMP "fragmentation needed" / ICMPv6 "packet too big" from `router` to `to`, quoting `quoted`.
+fn too_big(
+    macs: ([u8; 6], [u8; 6]),
+    router: IpAddr,
+    to: IpAddr,
+    ttl: u8,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let step = ip(macs.0, macs.1, router, to, ttl);
+    let mut packet = Vec::new();
+    if router.is_ipv4() {
+        step.icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut packet, quoted)
+        .unwrap();
+    } else {
+        step.icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut packet, quoted)
+            .unwrap();
+    }
+    packet
+}
+
+fn in_bed<T: Send>(tag: &str, f: impl FnOnce() -> T + Send) -> T {
+    let name = format!("weirt-{}-{tag}", std::process::id());
+    let bed = PacketBed::new(&name, 3).expect("packet bed");
+    bed.ns.run(f).expect("run in bed")
+}
+
+/// NAT, both directions, for one service: a SYN from `client` is rewritten to the predicted
+/// server, and the server's SYN-ACK is rewritten back to the VIP.
+fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool) -> Vec<Case> {
+    let service = lb.service(vip);
+    let server = lb.predicted_server(vip, client);
+    let out_macs = (DOWNLINK_MAC, mac_of(server.ip()));
+    let back_macs = (UPLINK_MAC, CLIENT_MAC);
+    let (forward_in, forward_out, reply_in, reply_out) = if udp_proto {
+        (
+            udp(IN, client, service.address, 64),
+            udp(out_macs, client, server, 63),
+            udp((mac_of(server.ip()), DOWNLINK_MAC), server, client, 64),
+            udp(back_macs, service.address, client, 63),
+        )
+    } else {
+        (
+            tcp(IN, client, service.address, 64, Flags::Syn),
+            tcp(out_macs, client, server, 63, Flags::Syn),
+            tcp(
+                (mac_of(server.ip()), DOWNLINK_MAC),
+                server,
+                client,
+                64,
+                Flags::SynAck,
+            ),
+            tcp(back_macs, service.address, client, 63, Flags::SynAck),
+        )
+    };
+    vec![
+        Case {
+            name: format!("{vip}: client → server {server}, NAT"),
+            ifindex: lb.up,
+            packet: forward_in,
+            action: XDP_REDIRECT,
+            output: Some(forward_out),
+            stat: Stat::ForwardNat,
+        },
+        Case {
+            name: format!("{vip}: server {server} → client, NAT return"),
+            ifindex: lb.down,
+            packet: reply_in,
+            action: XDP_REDIRECT,
+            output: Some(reply_out),
+            stat: Stat::ReturnNat,
+        },
+    ]
+}
+
+fn dsr(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool) -> Case {
+    let service = lb.service(vip);
+    let server = lb.predicted_server(vip, client);
+    let out_macs = (DOWNLINK_MAC, mac_of(server.ip()));
+    let (packet, output) = if udp_proto {
+        (
+            udp(IN, client, service.address, 64),
+            udp(out_macs, client, service.address, 64),
+        )
+    } else {
+        (
+            tcp(IN, client, service.address, 64, Flags::Syn),
+            tcp(out_macs, client, service.address, 64, Flags::Syn),
+        )
+    };
+    Case {
+        name: format!("{vip}: client → server {server}, DSR (MACs only)"),
+        ifindex: lb.up,
+        packet,
+        action: XDP_REDIRECT,
+        output: Some(output),
+        stat: Stat::ForwardDsr,
+    }
+}
+
+/// An ICMP error about the flow `client` ↔ `vip`, which must reach the flow's server with the
+/// outer destination and the quoted source rewritten (NAT).
+fn icmp_error(lb: &Balancer, vip: &str, client: SocketAddr, router: IpAddr) -> Case {
+    let service = lb.service(vip);
+    let server = lb.predicted_server(vip, client);
+    let original = quote(service.address, client);
+    let mut rewritten = quote(server, client);
+    // The program leaves the quoted TCP checksum alone (see ebpf/src/icmp.rs): copy it over.
+    let tcp_check_at = if server.is_ipv4() { 20 + 16 } else { 40 + 16 };
+    rewritten[tcp_check_at..tcp_check_at + 2]
+        .copy_from_slice(&original[tcp_check_at..tcp_check_at + 2]);
+    Case {
+        name: format!("{vip}: ICMP error about a flow → its server {server}"),
+        ifindex: lb.up,
+        packet: too_big(IN, router, service.address.ip(), 64, &original),
+        action: XDP_REDIRECT,
+        output: Some(too_big(
+            (DOWNLINK_MAC, mac_of(server.ip())),
+            router,
+            server.ip(),
+            63,
+            &rewritten,
+        )),
+        stat: Stat::IcmpToServer,
+    }
+}
+
+fn untouched(name: &str, ifindex: u32, packet: Vec<u8>, action: u32, stat: Stat) -> Case {
+    Case {
+        name: name.to_string(),
+        ifindex,
+        packet,
+        action,
+        output: None,
+        stat,
+    }
+}
+
+fn arp_request() -> Vec<u8> {
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&[0xff; 6]);
+    packet.extend_from_slice(&CLIENT_MAC);
+    packet.extend_from_slice(&0x0806u16.to_be_bytes());
+    // htype 1, ptype IPv4, hlen 6, plen 4, op request, sender, target.
+    packet.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    packet.extend_from_slice(&CLIENT_MAC);
+    packet.extend_from_slice(&[198, 18, 0, 1]);
+    packet.extend_from_slice(&[0; 6]);
+    packet.extend_from_slice(&[198, 18, 0, 2]);
+    packet
+}
+
+/// Sets the IPv4 header's flags/fragment word and fixes its checksum.
+fn ipv4_fragment(mut packet: Vec<u8>, frag_word: u16) -> Vec<u8> {
+    packet[14 + 6..14 + 8].copy_from_slice(&frag_word.to_be_bytes());
+    fix_ipv4_checksum(&mut packet);
+    packet
+}
+
+fn fix_ipv4_checksum(packet: &mut [u8]) {
+    let ihl = (packet[14] & 0x0f) as usize * 4;
+    packet[24..26].copy_from_slice(&[0, 0]);
+    let header = etherparse::Ipv4HeaderSlice::from_slice(&packet[14..14 + ihl]).unwrap();
+    let check = header.to_header().calc_header_checksum();
+    packet[24..26].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Inserts 4 bytes of IPv4 options (NOP ×3, EOL) and fixes lengths and checksum.
+fn ipv4_with_options(packet: Vec<u8>) -> Vec<u8> {
+    let mut out = packet[..34].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 0]);
+    out.extend_from_slice(&packet[34..]);
+    out[14] = 0x46;
+    let total = u16::from_be_bytes([out[16], out[17]]) + 4;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut out);
+    out
+}
+
+/// Inserts an 8-byte IPv6 extension header of type `kind` before the transport header.
+fn ipv6_with_extension(packet: Vec<u8>, kind: u8) -> Vec<u8> {
+    let transport = packet[14 + 6];
+    let mut out = packet[..54].to_vec();
+    out[14 + 6] = kind;
+    let extension = if kind == 44 {
+        // Fragment header: offset 0, more fragments.
+        [transport, 0, 0, 1, 0, 0, 0, 42]
+    } else {
+        // Hop-by-hop / destination options: PadN to 8 bytes.
+        [transport, 0, 1, 4, 0, 0, 0, 0]
+    };
+    out.extend_from_slice(&extension);
+    out.extend_from_slice(&packet[54..]);
+    let payload = u16::from_be_bytes([out[18], out[19]]) + 8;
+    out[18..20].copy_from_slice(&payload.to_be_bytes());
+    out
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn packet_table() {
+    in_bed("pkt", || {
+        let mut lb = Balancer::new();
+        let vip4 = addr("198.18.100.10:80");
+        let vip6 = addr("[fd00:100::10]:80");
+        let client4 = |port| SocketAddr::new("198.18.0.1".parse().unwrap(), port);
+        let client6 = |port| SocketAddr::new("fd00::1".parse().unwrap(), port);
+        // A VIP whose every server is disabled, and one with a mode from the future.
+        lb.services
+            .set_state(
+                lb.datapath.maps_mut(),
+                "emptied",
+                addr("198.18.1.10:8080"),
+                AdminState::Disabled,
+            )
+            .unwrap();
+        let future = weir_common::l4::VipKey::new(addr("198.18.100.34:80"), 6);
+        let info = weir_common::l4::VipInfo {
+            id: 200,
+            mode: 9,
+            hash_fields: 0,
+            _pad: [0; 2],
+        };
+        lb.datapath.maps_mut().set_vip(future, info).unwrap();
+
+        let mut cases = vec![
+            untouched(
+                "arp is not IP",
+                lb.up,
+                arp_request(),
+                XDP_PASS,
+                Stat::PassNotIp,
+            ),
+            untouched(
+                "IPv4 TCP to a host address",
+                lb.up,
+                tcp(IN, client4(40000), addr("198.18.0.2:22"), 64, Flags::Syn),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "IPv4 TCP to a VIP address on a port that is not an L4 VIP (an L7 listener)",
+                lb.up,
+                tcp(
+                    IN,
+                    client4(40000),
+                    addr("198.18.100.10:443"),
+                    64,
+                    Flags::Syn,
+                ),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "IPv6 UDP to a host address",
+                lb.up,
+                udp(IN, client6(40000), addr("[fd00::2]:53"), 64),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "IPv4 header cut short",
+                lb.up,
+                tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..14 + 19].to_vec(),
+                XDP_PASS,
+                Stat::PassMalformed,
+            ),
+            untouched(
+                "IPv6 header cut short",
+                lb.up,
+                tcp(IN, client6(40000), vip6, 64, Flags::Syn)[..14 + 39].to_vec(),
+                XDP_PASS,
+                Stat::PassMalformed,
+            ),
+            untouched(
+                "only an Ethernet header",
+                lb.up,
+                arp_request()[..14].to_vec(),
+                XDP_PASS,
+                Stat::PassNotIp,
+            ),
+            untouched(
+                "TCP header cut short, to a VIP",
+                lb.up,
+                tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..34 + 10].to_vec(),
+                XDP_DROP,
+                Stat::DropMalformed,
+            ),
+            untouched(
+                "IPv4 first fragment to a VIP",
+                lb.up,
+                ipv4_fragment(tcp(IN, client4(40001), vip4, 64, Flags::Syn), 0x2000),
+                XDP_DROP,
+                Stat::DropFragment,
+            ),
+            untouched(
+                "IPv4 later fragment to a VIP (no ports)",
+                lb.up,
+                ipv4_fragment(
+                    udp(IN, client4(40001), addr("198.18.100.10:53"), 64),
+                    0x0010,
+                ),
+                XDP_DROP,
+                Stat::DropFragment,
+            ),
+            untouched(
+                "IPv4 fragment to a host address",
+                lb.up,
+                ipv4_fragment(udp(IN, client4(40001), addr("198.18.0.2:53"), 64), 0x2000),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "IPv4 options to a VIP",
+                lb.up,
+                ipv4_with_options(tcp(IN, client4(40002), vip4, 64, Flags::Syn)),
+                XDP_DROP,
+                Stat::DropIpOptions,
+            ),
+            untouched(
+                "IPv4 options to a host address",
+                lb.up,
+                ipv4_with_options(tcp(
+                    IN,
+                    client4(40002),
+                    addr("198.18.0.2:22"),
+                    64,
+                    Flags::Syn,
+                )),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "IPv6 fragment header to a VIP",
+                lb.up,
+                ipv6_with_extension(udp(IN, client6(40003), addr("[fd00:100::10]:53"), 64), 44),
+                XDP_DROP,
+                Stat::DropFragment,
+            ),
+            untouched(
+                "IPv6 hop-by-hop options to a VIP",
+                lb.up,
+                ipv6_with_extension(tcp(IN, client6(40003), vip6, 64, Flags::Syn), 0),
+                XDP_DROP,
+                Stat::DropIpv6Extension,
+            ),
+            untouched(
+                "IPv6 destination options to a host address",
+                lb.up,
+                ipv6_with_extension(
+                    tcp(IN, client6(40003), addr("[fd00::2]:22"), 64, Flags::Syn),
+                    60,
+                ),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+            untouched(
+                "TTL 1 to a NAT VIP",
+                lb.up,
+                tcp(IN, client4(40004), vip4, 1, Flags::Syn),
+                XDP_DROP,
+                Stat::DropTtlExceeded,
+            ),
+            untouched(
+                "VIP whose servers are all disabled",
+                lb.up,
+                tcp(IN, client4(40005), addr("198.18.100.33:80"), 64, Flags::Syn),
+                XDP_DROP,
+                Stat::DropNoServer,
+            ),
+            untouched(
+                "VIP with a forwarding mode this program does not know",
+                lb.up,
+                tcp(IN, client4(40005), addr("198.18.100.34:80"), 64, Flags::Syn),
+                XDP_DROP,
+                Stat::DropUnsupportedMode,
+            ),
+            untouched(
+                "NAT to a server with no route",
+                lb.up,
+                // The destination is rewritten before the route lookup fails; the packet is
+                // dropped, so its bytes do not matter, only that it never leaves.
+                tcp(IN, client4(40006), addr("198.18.100.30:80"), 64, Flags::Syn),
+                XDP_DROP,
+                Stat::DropNoRoute,
+            ),
+            untouched(
+                "DSR to a server whose MAC is unresolved",
+                lb.up,
+                tcp(IN, client4(40007), addr("198.18.100.32:80"), 64, Flags::Syn),
+                XDP_DROP,
+                Stat::DropNoNeighbor,
+            ),
+            untouched(
+                "ICMP echo to a VIP goes to the host",
+                lb.up,
+                {
+                    let mut packet = Vec::new();
+                    ip(CLIENT_MAC, UPLINK_MAC, client4(0).ip(), vip4.ip(), 64)
+                        .icmpv4_echo_request(1, 1)
+                        .write(&mut packet, b"ping")
+                        .unwrap();
+                    packet
+                },
+                XDP_PASS,
+                Stat::PassIcmp,
+            ),
+            untouched(
+                "reply from a server for a flow weir never saw",
+                lb.down,
+                tcp(
+                    (server_mac(0), DOWNLINK_MAC),
+                    addr("198.18.1.10:8080"),
+                    client4(49999),
+                    64,
+                    Flags::Ack,
+                ),
+                XDP_PASS,
+                Stat::PassNotVip,
+            ),
+        ];
+        // Rewritten cases. The packet-dependent outputs need their own handling below.
+        for case in &mut cases {
+            if case.stat == Stat::DropNoRoute {
+                case.output = Some(nat_rewritten(&case.packet, addr("198.18.77.1:80")));
+            }
+        }
+        cases.push(Case {
+            name: "NAT to a server whose MAC is unresolved: rewritten, then the kernel forwards it"
+                .into(),
+            ifindex: lb.up,
+            packet: tcp(IN, client4(40008), addr("198.18.100.31:80"), 64, Flags::Syn),
+            action: XDP_PASS,
+            output: Some(tcp(
+                IN,
+                client4(40008),
+                addr("198.18.1.99:80"),
+                64,
+                Flags::Syn,
+            )),
+            stat: Stat::PassSlowPath,
+        });
+        for port in [41000, 41001, 41002, 41003] {
+            cases.extend(nat_round_trip(&lb, "web4", client4(port), false));
+            cases.extend(nat_round_trip(&lb, "web6", client6(port), false));
+        }
+        cases.extend(nat_round_trip(&lb, "dns4", client4(41000), true));
+        cases.extend(nat_round_trip(&lb, "dns6", client6(41000), true));
+        for port in [42000, 42001, 42002, 42003] {
+            cases.push(dsr(&lb, "dsr4", client4(port), false));
+        }
+        cases.push(dsr(&lb, "dsr6", client6(42000), true));
+        cases.push(icmp_error(
+            &lb,
+            "web4",
+            client4(41000),
+            "198.18.0.254".parse().unwrap(),
+        ));
+        cases.push(icmp_error(
+            &lb,
+            "web6",
+            client6(41000),
+            "fd00::fe".parse().unwrap(),
+        ));
+        cases.push(icmp_error(
+            &lb,
+            "web4",
+            client4(43000),
+            "198.18.0.254".parse().unwrap(),
+        ));
+
+        for case in &cases {
+            lb.check(case);
+        }
+        // Both servers of the weighted pools were reached, so the rewrites above covered both.
+        let reached: std::collections::HashSet<String> =
+            cases.iter().map(|c| c.name.clone()).collect();
+        for server in [
+            "198.18.1.10:8080",
+            "198.18.1.11:8080",
+            "[fd00:1::10]:8080",
+            "[fd00:1::11]:8080",
+        ] {
+            assert!(
+                reached
+                    .iter()
+                    .any(|n| n.contains(&format!("server {server}"))),
+                "no case reached {server}: pick other client ports"
+            );
+        }
+    });
+}
+
+/// `packet` with its IPv4 destination replaced by `to` and checksums recomputed (what NAT
+/// writes before it looks for a route).
+fn nat_rewritten(packet: &[u8], to: SocketAddr) -> Vec<u8> {
+    let sliced = etherparse::SlicedPacket::from_ethernet(packet).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ipv4)) = sliced.net else {
+        panic!("IPv4")
+    };
+    let Some(etherparse::TransportSlice::Tcp(tcp_slice)) = sliced.transport else {
+        panic!("TCP")
+    };
+    let eth = etherparse::Ethernet2HeaderSlice::from_slice(packet)
+        .unwrap()
+        .to_header();
+    let IpAddr::V4(to_ip) = to.ip() else {
+        panic!("IPv4")
+    };
+    let header = ipv4.header().to_header();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(eth.source, eth.destination)
+        .ipv4(header.source, to_ip.octets(), header.time_to_live)
+        .tcp_header({
+            let mut tcp = tcp_slice.to_header();
+            tcp.destination_port = to.port();
+            tcp
+        })
+        .write(&mut out, tcp_slice.payload())
+        .unwrap();
+    out
+}
