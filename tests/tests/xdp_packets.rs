@@ -265,7 +265,6 @@ enum Flags {
     SynAck,
     Ack,
     Fin,
-    Rst,
 }
 
 fn tcp_header(src: u16, dst: u16, flags: Flags) -> TcpHeader {
@@ -285,7 +284,6 @@ fn tcp_header(src: u16, dst: u16, flags: Flags) -> TcpHeader {
             tcp.fin = true;
             tcp.ack = true;
         }
-        Flags::Rst => tcp.rst = true,
     }
     tcp
 }
@@ -861,4 +859,168 @@ fn nat_rewritten(packet: &[u8], to: SocketAddr) -> Vec<u8> {
         .write(&mut out, tcp_slice.payload())
         .unwrap();
     out
+}
+
+/// Where a rewritten packet is addressed (destination address and port).
+fn destination(packet: &[u8]) -> SocketAddr {
+    let sliced = etherparse::SlicedPacket::from_ethernet(packet).unwrap();
+    let ip: IpAddr = match sliced.net {
+        Some(etherparse::NetSlice::Ipv4(v4)) => v4.header().destination_addr().into(),
+        Some(etherparse::NetSlice::Ipv6(v6)) => v6.header().destination_addr().into(),
+        _ => panic!("not IP"),
+    };
+    let port = match sliced.transport {
+        Some(etherparse::TransportSlice::Tcp(tcp)) => tcp.destination_port(),
+        Some(etherparse::TransportSlice::Udp(udp)) => udp.destination_port(),
+        _ => panic!("not TCP/UDP"),
+    };
+    SocketAddr::new(ip, port)
+}
+
+impl Balancer {
+    /// Sends a client → VIP packet and returns the server it was sent to.
+    fn send(&self, packet: Vec<u8>) -> SocketAddr {
+        let (action, out) = self.run(self.up, &packet);
+        assert_eq!(action, XDP_REDIRECT, "packet was not forwarded");
+        destination(&out)
+    }
+
+    fn tcp_to(&self, vip: &str, client: SocketAddr, flags: Flags) -> SocketAddr {
+        self.send(tcp(IN, client, self.service(vip).address, 64, flags))
+    }
+
+    /// A client port whose new flow the table currently sends to `server`.
+    fn port_for(&self, vip: &str, server: SocketAddr, from: u16) -> u16 {
+        (from..)
+            .find(|&port| self.predicted_server(vip, client(port)) == server)
+            .expect("some port maps to every server")
+    }
+}
+
+fn client(port: u16) -> SocketAddr {
+    SocketAddr::new("198.18.0.1".parse().unwrap(), port)
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn flows_stay_pinned_through_pool_changes() {
+    in_bed("flow", || {
+        let mut lb = Balancer::new();
+        let a = addr("198.18.1.10:8080");
+        let b = addr("198.18.1.11:8080");
+        let c = addr("198.18.1.12:8080");
+        let pinned = client(lb.port_for("web4", a, 40000));
+        assert_eq!(lb.tcp_to("web4", pinned, Flags::Syn), a);
+
+        // 200 other established flows, remembered with their server.
+        let established: Vec<(SocketAddr, SocketAddr)> = (50000..50200)
+            .map(|port| (client(port), lb.tcp_to("web4", client(port), Flags::Syn)))
+            .collect();
+        assert!(
+            established.iter().any(|(_, s)| *s == a) && established.iter().any(|(_, s)| *s == b)
+        );
+
+        // Draining A: its flows stay, new flows avoid it (even those whose slot was A's).
+        let maps = lb.datapath.maps_mut();
+        lb.services
+            .set_state(maps, "web4", a, AdminState::Draining)
+            .unwrap();
+        assert_eq!(
+            lb.tcp_to("web4", pinned, Flags::Ack),
+            a,
+            "drained server lost its flow"
+        );
+        assert_eq!(
+            lb.tcp_to("web4", pinned, Flags::Syn),
+            a,
+            "SYN retransmit moved"
+        );
+        for (client, server) in &established {
+            assert_eq!(lb.tcp_to("web4", *client, Flags::Ack), *server);
+        }
+        for port in 60000..60100 {
+            assert_eq!(
+                lb.tcp_to("web4", client(port), Flags::Syn),
+                b,
+                "new flow sent to a draining server"
+            );
+        }
+
+        // Adding C moves only new flows: every established flow keeps its server.
+        let maps = lb.datapath.maps_mut();
+        lb.services.add_server(maps, "web4", c, 100).unwrap();
+        for (client, server) in &established {
+            assert_eq!(
+                lb.tcp_to("web4", *client, Flags::Ack),
+                *server,
+                "established flow moved on add"
+            );
+        }
+        let to_c = (61000..61100)
+            .filter(|&port| lb.tcp_to("web4", client(port), Flags::Syn) == c)
+            .count();
+        assert!(to_c > 10, "the new server takes new flows ({to_c} of 100)");
+
+        // A FIN marks the flow closing; the client reusing the port with a SYN picks afresh,
+        // and can no longer reach the draining server.
+        assert_eq!(lb.tcp_to("web4", pinned, Flags::Fin), a);
+        assert_ne!(
+            lb.tcp_to("web4", pinned, Flags::Syn),
+            a,
+            "reconnect stuck to a draining server"
+        );
+
+        // Removing a server re-picks its flows on their next packet.
+        let on_b: Vec<SocketAddr> = established
+            .iter()
+            .filter(|(_, s)| *s == b)
+            .map(|(c, _)| *c)
+            .collect();
+        let maps = lb.datapath.maps_mut();
+        lb.services.remove_server(maps, "web4", b).unwrap();
+        for client in on_b {
+            assert_eq!(
+                lb.tcp_to("web4", client, Flags::Ack),
+                c,
+                "flow of a removed server"
+            );
+        }
+
+        // Counters: every new flow was counted once at the VIP.
+        let vip = lb.service("web4").id;
+        let traffic = lb.datapath.maps().vip_traffic(vip).unwrap();
+        assert!(traffic.new_flows >= 1 + 200 + 100 + 100 + 1, "{traffic:?}");
+    });
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn idle_udp_flows_expire_and_re_pick() {
+    in_bed("udp", || {
+        let mut lb = Balancer::new();
+        let first = addr("198.18.1.12:5353");
+        let second = addr("198.18.1.11:5353");
+        let maps = lb.datapath.maps_mut();
+        lb.services.add_server(maps, "dns4", second, 100).unwrap();
+        let vip = lb.service("dns4").address;
+        let port = lb.port_for("dns4", first, 40000);
+        let query = || udp(IN, client(port), vip, 64);
+        assert_eq!(lb.send(query()), first);
+        let maps = lb.datapath.maps_mut();
+        lb.services
+            .set_state(maps, "dns4", first, AdminState::Draining)
+            .unwrap();
+        assert_eq!(
+            lb.send(query()),
+            first,
+            "within the idle timeout the flow stays"
+        );
+        // The bed's UDP idle timeout is 1 s; the flow clock is coarse (a few ms).
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        assert_eq!(
+            lb.send(query()),
+            second,
+            "an idle UDP flow must be forgotten"
+        );
+    });
 }
