@@ -289,6 +289,9 @@ impl L4Services {
         for server in &service.servers {
             maps.set_server(server.id, ServerInfo::new(server.address))?;
         }
+        if service.mode == ForwardingMode::Dsr {
+            warm_neighbours(service.servers.iter().map(|s| s.address));
+        }
         maps.install_table(id, &table)?;
         maps.set_vip(service.key(), service.info())?;
         let (words, family) = addr_words(service.address.ip());
@@ -324,6 +327,9 @@ impl L4Services {
         });
         let table = service.table(self.seed)?;
         maps.set_server(id, ServerInfo::new(address))?;
+        if service.mode == ForwardingMode::Dsr {
+            warm_neighbours([address]);
+        }
         maps.install_table(service.id, &table)?;
         self.server_ids.take(id);
         self.services.insert(vip.to_string(), service);
@@ -399,6 +405,24 @@ impl L4Services {
         }
     }
 }
+
+/// Gets the kernel to resolve the MAC of each server before DSR traffic needs it.
+///
+/// DSR packets cannot fall back to the kernel's forwarding (their destination is a VIP), so the
+/// program drops them while a server's neighbour entry is missing. A TCP connection attempt to
+/// the server (closed at once, or refused: either way the MAC is resolved) is the probe a
+/// health check makes anyway. Bounded: at most [`WARM_TIMEOUT`] for all servers together.
+fn warm_neighbours(servers: impl IntoIterator<Item = SocketAddr>) {
+    std::thread::scope(|scope| {
+        for server in servers {
+            scope.spawn(move || {
+                let _ = std::net::TcpStream::connect_timeout(&server, WARM_TIMEOUT);
+            });
+        }
+    });
+}
+
+const WARM_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn check_server(service: &L4Service, address: SocketAddr, weight: u32) -> Result<(), L4Error> {
     if address.is_ipv4() != service.address.is_ipv4() {

@@ -40,15 +40,14 @@ impl Lab {
             backends.push(Process::spawn(
                 &name,
                 ns.command(workspace_bin("weir-demo-backend"))
-                    .args(["--name", &name, "--listen"])
-                    .arg(topology::server_socket(i).to_string())
+                    .args(topology::backend_args(&name))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null()),
             )?);
         }
         let socket = dir.join("weir.sock");
         let config = dir.join("weir.toml");
-        fs::write(&config, topology::weir_config(servers, &socket, xdp_mode))?;
+        fs::write(&config, topology::weir_config(&topology, &socket, xdp_mode))?;
         let log = fs::File::create(dir.join("weir.log"))?;
         let weir = Process::spawn(
             "weir",

@@ -1,12 +1,15 @@
-//! Mock origin: a small HTTP/1.1 server that says which backend answered.
+//! Mock origins that say which backend answered.
 //!
-//! Each response carries the backend's name in the body and in `X-Served-By`, so a client can
-//! tell where the balancer sent it. It reads the request head only (no bodies) and closes the
-//! connection after answering: enough for routing and spread tests, nothing more.
+//! - HTTP: each response carries the backend's name in the body and in `X-Served-By`, so a
+//!   client can tell where the balancer sent it. It reads the request head only (no bodies)
+//!   and closes the connection after answering: enough for routing and spread tests.
+//! - TCP echo: sends `<name>\n`, then echoes every byte back — long-lived connections whose
+//!   data a test can verify.
+//! - UDP: answers each datagram with `<name> <datagram>`.
 
 use std::{
     io::{self, Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -49,4 +52,36 @@ fn answer(mut stream: TcpStream, name: &str) -> io::Result<()> {
         "HTTP/1.1 200 OK\r\nX-Served-By: {name}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// Serves TCP echo on `listener` until the process ends (see the module docs).
+pub fn serve_echo(listener: TcpListener, name: String) {
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let greeting = format!("{name}\n");
+            thread::spawn(move || -> io::Result<()> {
+                stream.write_all(greeting.as_bytes())?;
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let n = stream.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    stream.write_all(&buf[..n])?;
+                }
+            });
+        }
+    });
+}
+
+/// Answers datagrams on `socket` until the process ends (see the module docs).
+pub fn serve_udp(socket: UdpSocket, name: String) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let mut reply = format!("{name} ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from);
+        }
+    });
 }

@@ -46,7 +46,7 @@ fn traffic_through_the_balancer_moves_xdp_counters_and_l7_answers() {
     let lab = Lab::start(&prefix("skel"), 3, &dir, "native").expect("lab starts");
 
     let before = lab.status().unwrap();
-    assert_eq!(before.xdp.len(), 1);
+    assert_eq!(before.xdp.len(), 4, "uplink and three server links");
     assert_eq!(before.xdp[0].interface, topology::BALANCER_UPLINK);
     assert!(before.xdp[0].program_id > 0);
     assert_eq!(before.listeners.len(), 1);

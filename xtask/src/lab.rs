@@ -93,12 +93,14 @@ fn print_guide(lab: &Lab) {
         r#"
 weir lab is up: client, balancer ({lb}) and {SERVERS} servers in network namespaces.
 
-  client 198.18.0.1 ── eth0 198.18.0.2 [XDP] balancer br0 198.18.1.1 ── srv1..3 198.18.1.11-13:{port}
-  L4 VIP {l4}:80 (balanced by XDP once the L4 datapath lands)   L7 VIP {L7_VIP}:80
+  client 198.18.0.1 ── eth0 198.18.0.2 [XDP] balancer s1..s3 [XDP] ── srv1..3 198.18.11-13.2:{port}
+  L4 VIP {l4}:80 (NAT, balanced in XDP)   L7 VIP {L7_VIP}:80
 
 Try:
   # a demo backend, reached through the balancer (XDP counts the packets, the kernel routes them)
   ip netns exec {client} curl -s http://{srv1}/
+  # the L4 VIP: XDP picks a server by Maglev and NATs both ways (run it a few times)
+  ip netns exec {client} curl -s http://{l4}/
   # the io_uring L7 listener on the L7 VIP
   ip netns exec {client} curl -s -H 'Host: demo.weir.test' http://{L7_VIP}/
   # where XDP is attached, its counters, the L7 listener

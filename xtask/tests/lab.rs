@@ -98,7 +98,12 @@ fn lab_answers_its_printed_lines_and_ctrl_c_removes_everything() {
             .to_string()
     };
 
-    assert_eq!(sh(&command("curl -s http://")), "srv1\n");
+    assert_eq!(sh(&command("curl -s http://198.18.11.2")), "srv1\n");
+    let via_vip = sh(&command("curl -s http://198.18.100.10/"));
+    assert!(
+        ["srv1\n", "srv2\n", "srv3\n"].contains(&via_vip.as_str()),
+        "{via_vip:?}"
+    );
     assert!(sh(&command("curl -s -H")).starts_with("weir L7 listener"));
     let status = sh(&command("status --json"));
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();

@@ -1,0 +1,486 @@
+//! End-to-end tests of the L4 datapath on the real kernel: the XDP program attached in native
+//! mode in the balancer namespace of the standard topology, real TCP and UDP clients in the
+//! client namespace, the demo backends in the server namespaces. Pool changes go through the
+//! same `L4Services` API the daemon uses.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use weir_config::{Config, control::AdminState};
+use weir_forwarder::{
+    datapath::{Datapath, DatapathOptions},
+    l4::{self, L4Services},
+};
+use weir_tests::{
+    netns::{Process, wait_until},
+    topology::{
+        self, DSR_VIP, DSR_VIP6, ECHO_PORT, L4_VIP, L4_VIP6, SERVER_PORT, Topology, UDP_PORT,
+        server_addr, server_addr6,
+    },
+    workspace_bin,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The topology with backends running and weir's datapath attached in the balancer.
+struct L4Lab {
+    // Field order is drop order: detach, stop backends, remove namespaces.
+    datapath: Datapath,
+    services: L4Services,
+    _backends: Vec<Process>,
+    topology: Topology,
+}
+
+/// `[[l4_vip]]` of `name` on `vip` over the servers' `port`, with weights 100, 200, 300.
+fn vip_toml(
+    name: &str,
+    vip: SocketAddr,
+    protocol: &str,
+    mode: &str,
+    servers: &[SocketAddr],
+) -> String {
+    let pool: Vec<String> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{{ address = \"{s}\", weight = {} }}", 100 * (i + 1)))
+        .collect();
+    format!(
+        "[[l4_vip]]\nname = \"{name}\"\naddress = \"{}\"\nport = {}\nprotocol = \"{protocol}\"\nmode = \"{mode}\"\nservers = [{}]\n\n",
+        vip.ip(),
+        vip.port(),
+        pool.join(", ")
+    )
+}
+
+fn pool(v6: bool, port: u16) -> Vec<SocketAddr> {
+    (1..=3)
+        .map(|i| {
+            if v6 {
+                SocketAddr::new(server_addr6(i).into(), port)
+            } else {
+                SocketAddr::new(server_addr(i).into(), port)
+            }
+        })
+        .collect()
+}
+
+fn sock(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+impl L4Lab {
+    fn start(tag: &str) -> L4Lab {
+        let prefix = format!("weirt-{}-{tag}-", std::process::id());
+        let topology = Topology::new(&prefix, 3).expect("topology");
+        let backends: Vec<Process> = topology
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let name = format!("srv{}", i + 1);
+                Process::spawn(
+                    &name,
+                    ns.command(workspace_bin("weir-demo-backend"))
+                        .args(topology::backend_args(&name))
+                        .stdout(std::process::Stdio::null()),
+                )
+                .expect("backend")
+            })
+            .collect();
+        for (i, ns) in topology.servers.iter().enumerate() {
+            let addr = topology::server_socket(i + 1);
+            wait_until(&format!("backend {addr}"), Duration::from_secs(5), || {
+                ns.run(|| TcpStream::connect(addr).is_ok()).unwrap_or(false)
+            })
+            .unwrap();
+        }
+        let mut toml = format!(
+            "[datapath]\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n",
+            topology
+                .balancer_interfaces()
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (name, vip, protocol, mode, servers) in [
+            (
+                "nat4-http",
+                sock(L4_VIP, 80),
+                "tcp",
+                "nat",
+                pool(false, SERVER_PORT),
+            ),
+            (
+                "nat4-echo",
+                sock(L4_VIP, ECHO_PORT),
+                "tcp",
+                "nat",
+                pool(false, ECHO_PORT)[..2].to_vec(),
+            ),
+            (
+                "nat4-udp",
+                sock(L4_VIP, 53),
+                "udp",
+                "nat",
+                pool(false, UDP_PORT),
+            ),
+            (
+                "nat6-http",
+                sock(L4_VIP6, 80),
+                "tcp",
+                "nat",
+                pool(true, SERVER_PORT),
+            ),
+            (
+                "nat6-udp",
+                sock(L4_VIP6, 53),
+                "udp",
+                "nat",
+                pool(true, UDP_PORT),
+            ),
+            (
+                "dsr4-http",
+                sock(DSR_VIP, 80),
+                "tcp",
+                "dsr",
+                pool(false, 80),
+            ),
+            (
+                "dsr4-echo",
+                sock(DSR_VIP, 7),
+                "tcp",
+                "dsr",
+                pool(false, 7)[..2].to_vec(),
+            ),
+            ("dsr4-udp", sock(DSR_VIP, 53), "udp", "dsr", pool(false, 53)),
+            (
+                "dsr6-http",
+                sock(DSR_VIP6, 80),
+                "tcp",
+                "dsr",
+                pool(true, 80),
+            ),
+            ("dsr6-udp", sock(DSR_VIP6, 53), "udp", "dsr", pool(true, 53)),
+        ] {
+            toml += &vip_toml(name, vip, protocol, mode, &servers);
+        }
+        let config = Config::parse("l4-e2e.toml".as_ref(), &toml).expect("test config");
+        let (datapath, services) = topology
+            .balancer
+            .run(|| {
+                let mut datapath = Datapath::load(DatapathOptions {
+                    interfaces: topology.balancer_interfaces(),
+                    xdp_mode: config.datapath.xdp_mode,
+                    flow_table_size: 65536,
+                    settings: l4::settings(&config),
+                })
+                .expect("datapath loads");
+                let services =
+                    L4Services::from_config(&config, datapath.maps_mut()).expect("services");
+                datapath.attach().expect("XDP attaches in native mode");
+                (datapath, services)
+            })
+            .expect("balancer namespace");
+        L4Lab {
+            datapath,
+            services,
+            _backends: backends,
+            topology,
+        }
+    }
+
+    fn change(
+        &mut self,
+        f: impl FnOnce(&mut L4Services, &mut weir_forwarder::datapath::DatapathMaps),
+    ) {
+        f(&mut self.services, self.datapath.maps_mut());
+    }
+
+    /// Runs `f` on a thread in the client namespace.
+    fn client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.topology.client.run(f).expect("client namespace")
+    }
+}
+
+/// One HTTP request on a new connection; the name of the server that answered.
+fn http_get(vip: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: l4.test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    response
+        .lines()
+        .last()
+        .filter(|_| response.starts_with("HTTP/1.1 200"))
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other(format!("bad response {response:?}")))
+}
+
+/// One datagram from a fresh socket (a new flow); the name of the server that answered.
+fn udp_query(vip: SocketAddr) -> std::io::Result<String> {
+    let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
+    let socket = UdpSocket::bind(bind)?;
+    socket.connect(vip)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send(b"q")?;
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf)?;
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    reply
+        .strip_suffix(" q")
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other(format!("bad reply {reply:?}")))
+}
+
+/// A long-lived echo connection that checks every byte it gets back.
+struct EchoConnection {
+    stream: TcpStream,
+    server: String,
+    round: u64,
+}
+
+impl EchoConnection {
+    fn open(vip: SocketAddr) -> std::io::Result<EchoConnection> {
+        let stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let mut greeting = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            (&stream).read_exact(&mut byte)?;
+            greeting.push(byte[0]);
+        }
+        let server = String::from_utf8_lossy(&greeting).trim().to_string();
+        Ok(EchoConnection {
+            stream,
+            server,
+            round: 0,
+        })
+    }
+
+    /// Sends 4 KiB of round-specific data and checks it comes back intact.
+    fn exchange(&mut self) -> std::io::Result<()> {
+        self.round += 1;
+        let data: Vec<u8> = (0..4096u64).map(|i| (i * 31 + self.round) as u8).collect();
+        self.stream.write_all(&data)?;
+        let mut back = vec![0u8; data.len()];
+        self.stream.read_exact(&mut back)?;
+        if back != data {
+            return Err(std::io::Error::other("echoed data differs"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks `counts` against weights 1:2:3 of srv1..3 within `tolerance` of the total.
+fn assert_spread(what: &str, counts: &HashMap<String, usize>, total: usize, tolerance: f64) {
+    for (i, weight) in [(1, 1.0), (2, 2.0), (3, 3.0)] {
+        let share = *counts.get(&format!("srv{i}")).unwrap_or(&0) as f64 / total as f64;
+        let expected = weight / 6.0;
+        assert!(
+            (share - expected).abs() <= tolerance,
+            "{what}: srv{i} took {share:.3} of {total}, expected {expected:.3} ± {tolerance} ({counts:?})"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces and attaches XDP"]
+fn tcp_and_udp_spread_by_weight_in_nat_and_dsr_over_ipv4_and_ipv6() {
+    let lab = L4Lab::start("spread");
+    const N: usize = 600;
+    let cases: [(&str, SocketAddr, bool); 8] = [
+        ("NAT IPv4 TCP", sock(L4_VIP, 80), false),
+        ("NAT IPv6 TCP", sock(L4_VIP6, 80), false),
+        ("DSR IPv4 TCP", sock(DSR_VIP, 80), false),
+        ("DSR IPv6 TCP", sock(DSR_VIP6, 80), false),
+        ("NAT IPv4 UDP", sock(L4_VIP, 53), true),
+        ("NAT IPv6 UDP", sock(L4_VIP6, 53), true),
+        ("DSR IPv4 UDP", sock(DSR_VIP, 53), true),
+        ("DSR IPv6 UDP", sock(DSR_VIP6, 53), true),
+    ];
+    for (what, vip, udp) in cases {
+        let counts = lab.client(|| {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for i in 0..N {
+                let server = if udp { udp_query(vip) } else { http_get(vip) }
+                    .unwrap_or_else(|e| panic!("{what}: request {i} to {vip} failed: {e}"));
+                *counts.entry(server).or_default() += 1;
+            }
+            counts
+        });
+        // 600 flows: a share's standard deviation is at most 0.02; 0.08 is 4σ.
+        assert_spread(what, &counts, N, 0.08);
+    }
+    let report = lab.datapath.maps().counters().unwrap();
+    let count = |name: &str| {
+        report
+            .iter()
+            .find(|(s, _)| s.name() == name)
+            .unwrap()
+            .1
+            .packets
+    };
+    assert!(count("forward_nat") > 0 && count("return_nat") > 0 && count("forward_dsr") > 0);
+    assert_eq!(
+        count("drop_no_route") + count("drop_no_neighbor") + count("drop_malformed"),
+        0
+    );
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces and attaches XDP"]
+fn established_connections_survive_adds_removes_and_their_own_drain() {
+    let mut lab = L4Lab::start("pinned");
+    for (vip_name, vip, port) in [
+        ("nat4-echo", sock(L4_VIP, ECHO_PORT), ECHO_PORT),
+        ("dsr4-echo", sock(DSR_VIP, 7), 7),
+    ] {
+        // Pool: srv1, srv2. One connection per server, so both an owner and a bystander exist.
+        let mut connections: Vec<EchoConnection> = lab.client(|| {
+            let mut by_server: HashMap<String, EchoConnection> = HashMap::new();
+            for _ in 0..50 {
+                let c = EchoConnection::open(vip).expect("connect");
+                by_server.entry(c.server.clone()).or_insert(c);
+            }
+            by_server.into_values().collect()
+        });
+        assert_eq!(
+            connections.len(),
+            2,
+            "{vip_name}: both servers take connections"
+        );
+        let check = |connections: &mut Vec<EchoConnection>, step: &str| {
+            for c in connections.iter_mut() {
+                c.exchange().unwrap_or_else(|e| {
+                    panic!(
+                        "{vip_name}: connection to {} broke after {step}: {e}",
+                        c.server
+                    )
+                });
+            }
+        };
+        check(&mut connections, "opening");
+        let srv = |i: usize| sock(server_addr(i), port);
+        lab.change(|s, m| s.add_server(m, vip_name, srv(3), 100).unwrap());
+        check(&mut connections, "adding srv3");
+        lab.change(|s, m| s.set_weight(m, vip_name, srv(1), 5000).unwrap());
+        check(&mut connections, "reweighting srv1");
+        lab.change(|s, m| s.remove_server(m, vip_name, srv(3)).unwrap());
+        check(&mut connections, "removing srv3");
+        // Drain the first connection's own server: it keeps working, new flows avoid it.
+        let owner = connections[0].server.clone();
+        let owner_index: usize = owner.trim_start_matches("srv").parse().unwrap();
+        lab.change(|s, m| {
+            s.set_state(m, vip_name, srv(owner_index), AdminState::Draining)
+                .unwrap()
+        });
+        check(&mut connections, "draining the connection's own server");
+        let new_servers: Vec<String> = lab.client(|| {
+            (0..30)
+                .map(|_| EchoConnection::open(vip).expect("connect").server)
+                .collect()
+        });
+        assert!(
+            !new_servers.contains(&owner),
+            "{vip_name}: a new connection reached draining {owner}"
+        );
+        check(&mut connections, "new connections elsewhere");
+        lab.change(|s, m| {
+            s.set_state(m, vip_name, srv(owner_index), AdminState::Ready)
+                .unwrap()
+        });
+    }
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces and attaches XDP"]
+fn table_switches_under_continuous_traffic_break_no_connection() {
+    let mut lab = L4Lab::start("churn");
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+    let exchanges = Arc::new(AtomicU64::new(0));
+    let client = lab.topology.client.name().to_string();
+    let path = format!("/run/netns/{client}");
+    let mut workers = Vec::new();
+    // Short connections through NAT and DSR, and long-lived echo connections.
+    for (vip, long) in [
+        (sock(L4_VIP, 80), false),
+        (sock(DSR_VIP, 80), false),
+        (sock(L4_VIP, ECHO_PORT), true),
+        (sock(L4_VIP, ECHO_PORT), true),
+        (sock(DSR_VIP, 7), true),
+    ] {
+        let (stop, requests, exchanges, path) = (
+            stop.clone(),
+            requests.clone(),
+            exchanges.clone(),
+            path.clone(),
+        );
+        workers.push(thread::spawn(move || -> Result<(), String> {
+            let ns = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())?;
+            if long {
+                let mut c = EchoConnection::open(vip).map_err(|e| format!("{vip}: {e}"))?;
+                while !stop.load(Ordering::Relaxed) {
+                    c.exchange()
+                        .map_err(|e| format!("long-lived {vip} to {}: {e}", c.server))?;
+                    exchanges.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                while !stop.load(Ordering::Relaxed) {
+                    http_get(vip).map_err(|e| format!("short {vip}: {e}"))?;
+                    requests.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }));
+    }
+    // 60 table switches on the two NAT/DSR HTTP pools: weights, drains and re-enables.
+    let started = Instant::now();
+    for round in 0..60u32 {
+        let i = (round % 3) as usize + 1;
+        for (vip, port) in [("nat4-http", SERVER_PORT), ("dsr4-http", 80)] {
+            let server = sock(server_addr(i), port);
+            lab.change(|s, m| match round % 4 {
+                0 => s.set_weight(m, vip, server, 50 + round).unwrap(),
+                1 => s.set_state(m, vip, server, AdminState::Draining).unwrap(),
+                2 => s.set_state(m, vip, server, AdminState::Ready).unwrap(),
+                _ => s.set_weight(m, vip, server, 100).unwrap(),
+            });
+        }
+        thread::sleep(Duration::from_millis(40));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker
+            .join()
+            .expect("worker thread")
+            .expect("no connection failed");
+    }
+    let (requests, exchanges) = (
+        requests.load(Ordering::Relaxed),
+        exchanges.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "{requests} requests and {exchanges} echo rounds in {:?} of churn",
+        started.elapsed()
+    );
+    assert!(
+        requests > 100 && exchanges > 100,
+        "too little traffic flowed: {requests} / {exchanges}"
+    );
+}
