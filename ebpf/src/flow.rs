@@ -47,7 +47,7 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey) -> Option<Pinned> {
     };
     // An insert into an LRU map only fails if the key is malformed; the packet still goes
     // out, and the next one of the flow tries again.
-    let _ = WEIR_FLOWS.insert(key, &state, 0);
+    let _ = WEIR_FLOWS.insert(key, state, 0);
     Some(Pinned {
         server,
         new_flow: true,
@@ -60,10 +60,10 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey) -> Option<Pinned> {
 pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     let settings = maps::settings();
     // SAFETY: read-only use of the value for this program run.
-    if let Some(state) = unsafe { WEIR_FLOWS.get(key) } {
-        if maps::server(state.server).is_some() {
-            return Some(state.server);
-        }
+    if let Some(state) = unsafe { WEIR_FLOWS.get(key) }
+        && maps::server(state.server).is_some()
+    {
+        return Some(state.server);
     }
     pick(vip, key, &settings)
 }

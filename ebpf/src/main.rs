@@ -109,7 +109,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
             _pad: 0,
             server: pinned.server,
         };
-        let _ = WEIR_NAT_RETURN.insert(&reply, &nat, 0);
+        let _ = WEIR_NAT_RETURN.insert(reply, nat, 0);
     }
     if packet.ttl <= 1 {
         return verdict::drop(Stat::DropTtlExceeded, len);

@@ -289,9 +289,7 @@ impl L4Services {
         for server in &service.servers {
             maps.set_server(server.id, ServerInfo::new(server.address))?;
         }
-        if service.mode == ForwardingMode::Dsr {
-            warm_neighbours(service.servers.iter().map(|s| s.address));
-        }
+        warm_neighbours(service.servers.iter().map(|s| s.address));
         maps.install_table(id, &table)?;
         maps.set_vip(service.key(), service.info())?;
         let (words, family) = addr_words(service.address.ip());
@@ -327,9 +325,7 @@ impl L4Services {
         });
         let table = service.table(self.seed)?;
         maps.set_server(id, ServerInfo::new(address))?;
-        if service.mode == ForwardingMode::Dsr {
-            warm_neighbours([address]);
-        }
+        warm_neighbours([address]);
         maps.install_table(service.id, &table)?;
         self.server_ids.take(id);
         self.services.insert(vip.to_string(), service);
@@ -406,10 +402,11 @@ impl L4Services {
     }
 }
 
-/// Gets the kernel to resolve the MAC of each server before DSR traffic needs it.
+/// Gets the kernel to resolve the MAC of each server before traffic needs it.
 ///
 /// DSR packets cannot fall back to the kernel's forwarding (their destination is a VIP), so the
-/// program drops them while a server's neighbour entry is missing. A TCP connection attempt to
+/// program drops them while a server's neighbour entry is missing; NAT packets fall back to the
+/// kernel's slow path until it is resolved. A TCP connection attempt to
 /// the server (closed at once, or refused: either way the MAC is resolved) is the probe a
 /// health check makes anyway. Bounded: at most [`WARM_TIMEOUT`] for all servers together.
 fn warm_neighbours(servers: impl IntoIterator<Item = SocketAddr>) {

@@ -95,6 +95,13 @@ protocol = "tcp"
 servers = [{ address = "198.18.1.99:80" }]
 
 [[l4_vip]]
+name = "unresolved6"
+address = "fd00:100::31"
+port = 80
+protocol = "tcp"
+servers = [{ address = "[fd00:1::99]:80" }]
+
+[[l4_vip]]
 name = "unresolved_dsr"
 address = "198.18.100.32"
 port = 80
@@ -780,6 +787,14 @@ fn packet_table() {
             )),
             stat: Stat::PassSlowPath,
         });
+        cases.push(Case {
+            name: "IPv6 NAT to a server whose MAC is unresolved: rewritten, then the kernel forwards it".into(),
+            ifindex: lb.up,
+            packet: tcp(IN, client6(40008), addr("[fd00:100::31]:80"), 64, Flags::Syn),
+            action: XDP_PASS,
+            output: Some(tcp(IN, client6(40008), addr("[fd00:1::99]:80"), 64, Flags::Syn)),
+            stat: Stat::PassSlowPath,
+        });
         for port in [41000, 41001, 41002, 41003] {
             cases.extend(nat_round_trip(&lb, "web4", client4(port), false));
             cases.extend(nat_round_trip(&lb, "web6", client6(port), false));
@@ -989,7 +1004,7 @@ fn flows_stay_pinned_through_pool_changes() {
         // Counters: every new flow was counted once at the VIP.
         let vip = lb.service("web4").id;
         let traffic = lb.datapath.maps().vip_traffic(vip).unwrap();
-        assert!(traffic.new_flows >= 1 + 200 + 100 + 100 + 1, "{traffic:?}");
+        assert!(traffic.new_flows > 200 + 100 + 100 + 1, "{traffic:?}");
     });
 }
 
