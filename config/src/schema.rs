@@ -516,4 +516,31 @@ servers = [{ address = "198.18.1.11:8080" }]
         let line_of = |e: &str| e.split(':').nth(1).unwrap().parse::<usize>().unwrap();
         assert_eq!(line_of(&errs[1]), 17);
     }
+
+    #[test]
+    fn l4_pool_rules_name_table_size_family_and_dsr_port() {
+        let source = "[datapath]\nflow_table_size = 10\n\n[[l4_vip]]\nname = \"d\"\naddress = \"198.18.100.20\"\nport = 80\nprotocol = \"tcp\"\nmode = \"dsr\"\ntable_size = 65536\nservers = [{ address = \"198.18.1.10:8080\" }, { address = \"[fd00::10]:80\" }]\n";
+        let errs = errors(source);
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("weir.toml:2:") && errs[0].contains("flow_table_size 10"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].contains("table_size 65536 must be a prime"),
+            "{}",
+            errs[1]
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("DSR mode") && e.contains("198.18.1.10:8080")),
+            "{errs:#?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("[fd00::10]:80 is not of the VIP's address family")),
+            "{errs:#?}"
+        );
+    }
 }
