@@ -21,6 +21,22 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// The same flow seen in the other direction.
+    #[inline(always)]
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol: self.protocol,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// [`FlowState::flags`]: a FIN or RST was seen; the flow is closing. Its entry still forwards
 /// stragglers (retransmitted FINs, the last ACK) but no longer counts as active, and a SYN on
 /// it starts a new connection that picks a server afresh.

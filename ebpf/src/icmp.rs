@@ -13,7 +13,6 @@
 use aya_ebpf::programs::XdpContext;
 use weir_common::{
     Stat, csum,
-    flow::FlowKey,
     l4::{FAMILY_IPV4, ForwardMode, PROTO_TCP, PROTO_UDP, ServerInfo, VipKey},
 };
 
@@ -78,16 +77,8 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
         Some(vip) if quoted.src == packet.dst => *vip,
         _ => return verdict::pass(Stat::PassIcmp, len),
     };
-    // The flow table holds the client → VIP direction.
-    let key = FlowKey {
-        src: quoted.dst,
-        dst: quoted.src,
-        src_port: quoted.dst_port,
-        dst_port: quoted.src_port,
-        protocol: quoted.protocol,
-        family: quoted.family,
-        _pad: [0; 2],
-    };
+    // The quote went VIP → client; the flow table holds the client → VIP direction.
+    let key = quoted.flow_key().reversed();
     let Some(server) = flow::peek(&vip, &key).and_then(maps::server) else {
         return verdict::drop(Stat::DropNoServer, len);
     };
