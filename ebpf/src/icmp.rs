@@ -20,7 +20,7 @@ use crate::{
     flow,
     forward::{self, Hop},
     maps::{self, WEIR_VIPS},
-    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, read, write},
+    parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, ipv4_addr, ipv6_addr, read, write},
     verdict,
 };
 
@@ -130,22 +130,18 @@ fn quoted_packet(ctx: &XdpContext, packet: &Packet) -> Option<Packet> {
         if header[0] != 0x45 {
             return None;
         }
-        let word =
-            |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         quoted.protocol = header[9];
-        quoted.src = [word(12), 0, 0, 0];
-        quoted.dst = [word(16), 0, 0, 0];
+        quoted.src = ipv4_addr(&header, 12);
+        quoted.dst = ipv4_addr(&header, 16);
         at + IPV4_HLEN
     } else {
         let header = read::<[u8; IPV6_HLEN]>(ctx, at)?;
         if header[0] >> 4 != 6 {
             return None;
         }
-        let word =
-            |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         quoted.protocol = header[6];
-        quoted.src = [word(8), word(12), word(16), word(20)];
-        quoted.dst = [word(24), word(28), word(32), word(36)];
+        quoted.src = ipv6_addr(&header, 8);
+        quoted.dst = ipv6_addr(&header, 24);
         at + IPV6_HLEN
     };
     if quoted.protocol != PROTO_TCP && quoted.protocol != PROTO_UDP {

@@ -96,12 +96,8 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         // The reply direction, so the server's answers can be turned back into the VIP's.
         let reply = FlowKey {
             src: server.addr,
-            dst: packet.src,
             src_port: server.port,
-            dst_port: packet.src_port,
-            protocol: packet.protocol,
-            family: packet.family,
-            _pad: [0; 2],
+            ..key.reversed()
         };
         let nat = NatReturn {
             vip: packet.dst,
@@ -111,18 +107,12 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         };
         let _ = WEIR_NAT_RETURN.insert(reply, nat, 0);
     }
-    if packet.ttl <= 1 {
-        return verdict::drop(Stat::DropTtlExceeded, len);
-    }
-    if rewrite::endpoint(ctx, packet, End::Destination, &server.addr, server.port).is_none() {
-        return verdict::drop(Stat::DropMalformed, len);
-    }
-    forward::to_next_hop(
+    nat_send(
         ctx,
         packet,
-        &packet.src,
+        End::Destination,
         &server.addr,
-        Hop::Routed,
+        server.port,
         Stat::ForwardNat,
         len,
     )
@@ -132,31 +122,47 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
 #[inline(always)]
 fn nat_return(ctx: &XdpContext, packet: &Packet, nat: &NatReturn, len: u64) -> u32 {
     if flow::ends_flow(packet) {
+        // The client → VIP direction of this reply's flow.
         flow::mark_closing(&FlowKey {
-            src: packet.dst,
             dst: nat.vip,
-            src_port: packet.dst_port,
             dst_port: nat.vip_port,
-            protocol: packet.protocol,
-            family: packet.family,
-            _pad: [0; 2],
+            ..packet.flow_key().reversed()
         });
     }
-    if packet.ttl <= 1 {
-        return verdict::drop(Stat::DropTtlExceeded, len);
-    }
-    if rewrite::endpoint(ctx, packet, End::Source, &nat.vip, nat.vip_port).is_none() {
-        return verdict::drop(Stat::DropMalformed, len);
-    }
-    forward::to_next_hop(
+    nat_send(
         ctx,
         packet,
+        End::Source,
         &nat.vip,
-        &packet.dst,
-        Hop::Routed,
+        nat.vip_port,
         Stat::ReturnNat,
         len,
     )
+}
+
+/// NAT's last steps in both directions: refuse an expiring TTL, rewrite `end` of the packet to
+/// `addr`:`port`, route it as a router would, counted under `stat` when it leaves.
+#[inline(always)]
+fn nat_send(
+    ctx: &XdpContext,
+    packet: &Packet,
+    end: End,
+    addr: &[u32; 4],
+    port: u16,
+    stat: Stat,
+    len: u64,
+) -> u32 {
+    if packet.ttl <= 1 {
+        return verdict::drop(Stat::DropTtlExceeded, len);
+    }
+    if rewrite::endpoint(ctx, packet, end, addr, port).is_none() {
+        return verdict::drop(Stat::DropMalformed, len);
+    }
+    let (src, dst) = match end {
+        End::Destination => (&packet.src, addr),
+        End::Source => (addr, &packet.dst),
+    };
+    forward::to_next_hop(ctx, packet, src, dst, Hop::Routed, stat, len)
 }
 
 #[cfg(not(test))]

@@ -138,16 +138,13 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     if header[0] >> 4 != 4 || ihl < IPV4_HLEN || total_len < ihl {
         return Parsed::Malformed;
     }
-    let word = |at: usize| {
-        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-    };
     let packet = Packet {
         family: FAMILY_IPV4,
         protocol: header[9],
         ttl: header[8],
         tcp_flags: 0,
-        src: [word(12), 0, 0, 0],
-        dst: [word(16), 0, 0, 0],
+        src: ipv4_addr(&header, 12),
+        dst: ipv4_addr(&header, 16),
         src_port: 0,
         dst_port: 0,
     };
@@ -169,16 +166,13 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     if header[0] >> 4 != 6 {
         return Parsed::Malformed;
     }
-    let word = |at: usize| {
-        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-    };
     let packet = Packet {
         family: FAMILY_IPV6,
         protocol: header[6],
         ttl: header[7],
         tcp_flags: 0,
-        src: [word(8), word(12), word(16), word(20)],
-        dst: [word(24), word(28), word(32), word(36)],
+        src: ipv6_addr(&header, 8),
+        dst: ipv6_addr(&header, 24),
         src_port: 0,
         dst_port: 0,
     };
@@ -222,6 +216,29 @@ fn parse_l4(ctx: &XdpContext, mut packet: Packet, l4: usize) -> Parsed {
         }
         _ => Parsed::OtherProtocol,
     }
+}
+
+/// The IPv4 address at `at` in `header`, in the datapath's four-word form.
+#[inline(always)]
+pub fn ipv4_addr(header: &[u8], at: usize) -> [u32; 4] {
+    [word(header, at), 0, 0, 0]
+}
+
+/// The IPv6 address at `at` in `header`, in the datapath's four-word form.
+#[inline(always)]
+pub fn ipv6_addr(header: &[u8], at: usize) -> [u32; 4] {
+    [
+        word(header, at),
+        word(header, at + 4),
+        word(header, at + 8),
+        word(header, at + 12),
+    ]
+}
+
+/// The raw (network-order bytes, native load) 32-bit word at `at`.
+#[inline(always)]
+fn word(bytes: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` if it would run past the end.

@@ -176,7 +176,7 @@ pub fn settings(config: &Config) -> DatapathSettings {
 }
 
 /// Lowest-first ids for new entries, FIFO reuse of freed ones.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Ids {
     next: u32,
     limit: u32,
@@ -273,7 +273,7 @@ impl L4Services {
             id,
             servers: Vec::new(),
         };
-        let mut server_ids = self.server_ids_snapshot();
+        let mut server_ids = self.server_ids.clone();
         for server in spec.servers.get_ref() {
             check_server(&service, server.address, server.weight)?;
             let id = server_ids.peek("server")?;
@@ -352,9 +352,7 @@ impl L4Services {
         address: SocketAddr,
         weight: u32,
     ) -> Result<(), L4Error> {
-        if !(1..=MAX_WEIGHT).contains(&weight) {
-            return Err(L4Error::Weight(weight));
-        }
+        check_weight(weight)?;
         self.change(maps, vip, address, |server| server.weight = weight)
     }
 
@@ -392,14 +390,6 @@ impl L4Services {
         self.services.insert(vip.to_string(), service);
         Ok(())
     }
-
-    fn server_ids_snapshot(&self) -> Ids {
-        Ids {
-            next: self.server_ids.next,
-            limit: self.server_ids.limit,
-            freed: self.server_ids.freed.clone(),
-        }
-    }
 }
 
 /// Gets the kernel to resolve the MAC of each server before traffic needs it.
@@ -435,8 +425,13 @@ fn check_server(service: &L4Service, address: SocketAddr, weight: u32) -> Result
             port: service.address.port(),
         });
     }
-    if !(1..=MAX_WEIGHT).contains(&weight) {
-        return Err(L4Error::Weight(weight));
+    check_weight(weight)
+}
+
+fn check_weight(weight: u32) -> Result<(), L4Error> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(L4Error::Weight(weight))
     }
-    Ok(())
 }
