@@ -47,4 +47,19 @@ pub mod names {
     pub const VIP_STATS_MAP: &str = "WEIR_VIP_STATS";
     /// Per-CPU [`crate::TrafficCounter`] per server id.
     pub const SERVER_STATS_MAP: &str = "WEIR_SERVER_STATS";
+
+    /// Every map of the object: the daemon pins them all, so a restarted daemon (or a newer
+    /// program) takes over the very maps the running program uses.
+    pub const ALL_MAPS: &[&str] = &[
+        STATS_MAP,
+        VIPS_MAP,
+        SERVERS_MAP,
+        MAGLEV_MAP,
+        FLOWS_MAP,
+        NAT_RETURN_MAP,
+        SETTINGS_MAP,
+        TX_PORTS_MAP,
+        VIP_STATS_MAP,
+        SERVER_STATS_MAP,
+    ];
 }

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::XdpMode;
+use crate::{ForwardingMode, HashFieldsConfig, Protocol, XdpMode};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -24,12 +24,48 @@ pub struct RequestEnvelope {
     pub request: Request,
 }
 
-/// What `weirctl` can ask.
+/// What `weirctl` can ask. Changes are applied one at a time, completely or not at all; the
+/// answer comes once the change is in the datapath and in the state file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// The daemon, its XDP attachments, datapath counters and L7 listeners.
     Status,
+    /// Every L4 VIP with its pool's size and traffic.
+    VipList,
+    /// Servers of one VIP, or of all.
+    ServerList { vip: Option<String> },
+    /// Datapath counters by reason, and traffic per VIP.
+    Stats,
+    /// Adds a server, ready for new flows.
+    ServerAdd {
+        vip: String,
+        address: SocketAddr,
+        /// Defaults to [`crate::DEFAULT_WEIGHT`].
+        weight: Option<u32>,
+    },
+    /// Removes a server. Refused while it still has active flows, or when it is the VIP's
+    /// last server, unless `force`.
+    ServerRemove {
+        vip: String,
+        address: SocketAddr,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Sets a server's admin state (ready, draining, disabled).
+    ServerSetState {
+        vip: String,
+        address: SocketAddr,
+        state: AdminState,
+    },
+    /// Sets a server's weight.
+    ServerWeight {
+        vip: String,
+        address: SocketAddr,
+        weight: u32,
+    },
+    /// Re-reads the config file and applies all of it or none of it.
+    Reload,
 }
 
 /// A response with its protocol version.
@@ -45,6 +81,11 @@ pub struct ResponseEnvelope {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(StatusReport),
+    Vips(Vec<VipReport>),
+    Servers(Vec<ServerReport>),
+    Stats(StatsReport),
+    /// A change (or reload) took effect; what changed, one line each (empty: nothing to do).
+    Changed(Vec<String>),
     Error(ControlError),
 }
 
@@ -65,6 +106,69 @@ pub enum ControlErrorKind {
     UnsupportedVersion,
     /// Something failed inside the daemon.
     Internal,
+    /// No such VIP or server.
+    NotFound,
+    /// The request names something impossible: a weight out of range, a server of the wrong
+    /// address family, a duplicate.
+    Invalid,
+    /// Allowed in general, refused now: a server that still has flows, a VIP's last server.
+    Refused,
+    /// The config file (on reload) has errors.
+    Config,
+}
+
+/// An L4 VIP as `weirctl vip list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipReport {
+    pub name: String,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    pub mode: ForwardingMode,
+    pub hash: HashFieldsConfig,
+    pub table_size: u32,
+    pub servers: usize,
+    /// Servers taking new flows (admin-ready).
+    pub ready: usize,
+    pub active_flows: usize,
+    pub traffic: Traffic,
+}
+
+/// A server of an L4 pool as `weirctl server list` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerReport {
+    pub vip: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub admin: AdminState,
+    pub health: HealthState,
+    /// Flows pinned to it that are neither closing nor idle past their timeout.
+    pub active_flows: usize,
+    /// Packets the datapath sent it (client to server direction).
+    pub traffic: Traffic,
+}
+
+/// A server's health as checks see it; independent of its admin state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// No health check is configured: the server counts as healthy.
+    Unchecked,
+}
+
+/// Packets, bytes and new flows, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Answer to [`Request::Stats`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// Datapath counters summed over CPUs, one per verdict reason.
+    pub counters: Vec<DatapathCounter>,
+    pub vips: Vec<VipReport>,
 }
 
 /// Answer to [`Request::Status`].
@@ -83,6 +187,12 @@ pub struct DaemonStatus {
     pub version: String,
     pub config: String,
     pub uptime_secs: u64,
+    /// The state file the pools are kept in.
+    pub state_file: String,
+    /// Where maps and links are pinned.
+    pub bpf_dir: String,
+    /// Whether this daemon took over a datapath a previous one left pinned (flows kept).
+    pub adopted_datapath: bool,
 }
 
 /// Where the XDP program is attached.

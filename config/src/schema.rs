@@ -15,6 +15,10 @@ use crate::{ConfigError, Diagnostic};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weir/weir.toml";
 /// Where the control socket lives unless the config says otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/weir/weir.sock";
+/// Where the daemon pins its maps and XDP links unless the config says otherwise.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/weir";
+/// Where the daemon keeps its runtime state unless the config says otherwise.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/weir/state.json";
 
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,18 +45,35 @@ pub struct DaemonConfig {
     /// Unix socket `weirctl` talks to (created mode 0600).
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Directory on a bpf filesystem where maps and XDP links are pinned, so the datapath keeps
+    /// forwarding while the daemon restarts. Under `/sys/fs/bpf` the daemon mounts bpffs
+    /// there if it is missing; elsewhere it must already be a bpffs mount.
+    #[serde(default = "default_bpf_dir")]
+    pub bpf_dir: PathBuf,
+    /// File holding the runtime state (pools as changed by `weirctl`), rewritten atomically
+    /// after every change so a restarted daemon comes back with the pools it had.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             control_socket: default_control_socket(),
+            bpf_dir: default_bpf_dir(),
+            state_file: default_state_file(),
         }
     }
 }
 
 fn default_control_socket() -> PathBuf {
     PathBuf::from(DEFAULT_CONTROL_SOCKET)
+}
+fn default_bpf_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_BPF_DIR)
+}
+fn default_state_file() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_FILE)
 }
 
 /// The XDP datapath.

@@ -1,10 +1,17 @@
-//! The daemon: loads the config, starts the datapath and the L7 workers, then serves the
-//! control socket until SIGINT/SIGTERM.
+//! The daemon: loads the config and the runtime state, adopts or starts the datapath, starts
+//! the L7 workers, then serves the control socket until SIGINT/SIGTERM (SIGHUP reloads).
 //!
 //! Start-up order matters to operators: everything that can fail on bad config or a busy port
-//! fails before the control socket appears, so "socket exists" means "daemon is serving".
+//! fails before the control socket appears, so "socket exists" means "daemon is serving"
+//! (and systemd hears `READY=1` at that moment).
+//!
+//! The daemon is the single writer: control requests are handled one at a time under one
+//! lock, each as "change a copy of the model → write the maps → write the state file →
+//! commit", undone in the maps if a later step fails. Stopping the daemon leaves the datapath
+//! pinned and forwarding; `weir detach` takes it down.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
@@ -12,90 +19,420 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
+use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::{
-    Config,
+    Config, DEFAULT_WEIGHT,
     control::{
-        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Request, Response,
-        StatusReport,
+        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, HealthState, Request,
+        Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
     },
 };
 
 use crate::{
     control,
     datapath::{Datapath, DatapathOptions},
-    l4::{self, L4Services},
+    l4::{self, L4Error, L4Services},
     l7::L7Workers,
+    pins::PinDir,
+    state::RuntimeState,
 };
 
 /// Everything the control server answers from.
 struct State {
     config_path: PathBuf,
     started: Instant,
-    // Behind a mutex because aya's map handles are not `Sync`; only the control task locks it.
-    datapath: Mutex<Datapath>,
-    /// The L4 services mirrored in the datapath's maps (driven by the control plane next).
-    _l4: Mutex<L4Services>,
+    /// The one lock every request takes: what makes the daemon the single writer.
+    inner: Mutex<Inner>,
     l7: L7Workers,
+}
+
+/// The running configuration, the datapath and the model mirrored in it.
+struct Inner {
+    config: Config,
+    datapath: Datapath,
+    l4: L4Services,
 }
 
 impl State {
     fn handle(&self, request: Request) -> Response {
-        match request {
-            Request::Status => match self.status() {
-                Ok(report) => Response::Status(report),
-                Err(err) => Response::Error(ControlError::new(
-                    ControlErrorKind::Internal,
-                    format!("{err:#}"),
-                )),
-            },
-        }
+        let Ok(mut inner) = self.inner.lock() else {
+            return Response::Error(internal("daemon state lock poisoned"));
+        };
+        let result = match request {
+            Request::Status => self.status(&inner).map(Response::Status),
+            Request::VipList => inner.vip_reports().map(Response::Vips),
+            Request::ServerList { vip } => {
+                inner.server_reports(vip.as_deref()).map(Response::Servers)
+            }
+            Request::Stats => inner.stats().map(Response::Stats),
+            Request::ServerAdd {
+                vip,
+                address,
+                weight,
+            } => inner.change(|l4| l4.add_server(&vip, address, weight.unwrap_or(DEFAULT_WEIGHT))),
+            Request::ServerRemove {
+                vip,
+                address,
+                force,
+            } => inner.remove_server(&vip, address, force),
+            Request::ServerSetState {
+                vip,
+                address,
+                state,
+            } => inner.change(|l4| l4.set_state(&vip, address, state)),
+            Request::ServerWeight {
+                vip,
+                address,
+                weight,
+            } => inner.change(|l4| l4.set_weight(&vip, address, weight)),
+            Request::Reload => inner.reload(&self.config_path),
+        };
+        result.unwrap_or_else(Response::Error)
     }
 
-    fn status(&self) -> Result<StatusReport> {
-        let datapath = self
-            .datapath
-            .lock()
-            .map_err(|_| anyhow::anyhow!("datapath lock poisoned"))?;
-        let counters = datapath
-            .maps()
-            .counters()?
-            .into_iter()
-            .map(|(stat, counter)| DatapathCounter {
-                reason: stat.name().to_string(),
-                packets: counter.packets,
-                bytes: counter.bytes,
-            })
-            .collect();
+    fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
         Ok(StatusReport {
             daemon: DaemonStatus {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 config: self.config_path.display().to_string(),
                 uptime_secs: self.started.elapsed().as_secs(),
+                state_file: inner.config.daemon.state_file.display().to_string(),
+                bpf_dir: inner.config.daemon.bpf_dir.display().to_string(),
+                adopted_datapath: inner.datapath.adopted(),
             },
-            xdp: datapath.attachments().to_vec(),
-            counters,
+            xdp: inner.datapath.attachments().to_vec(),
+            counters: inner.counters()?,
             listeners: self.l7.status(),
         })
     }
 }
 
+impl Inner {
+    /// Applies one change to the model and, through it, to the maps and the state file.
+    fn change(
+        &mut self,
+        change: impl FnOnce(&mut L4Services) -> Result<(), L4Error>,
+    ) -> Result<Response, ControlError> {
+        let mut next = self.l4.clone();
+        change(&mut next).map_err(refusal)?;
+        self.commit(next, None).map(Response::Changed)
+    }
+
+    /// Writes `next` (and new datapath settings, on reload) into the maps, then the state
+    /// file, then makes it the running model. If a step fails the maps are put back as they
+    /// were and nothing is committed.
+    fn commit(
+        &mut self,
+        next: L4Services,
+        config: Option<Config>,
+    ) -> Result<Vec<String>, ControlError> {
+        let mut changes = self.l4.diff(&next);
+        let settings = config.as_ref().map(l4::settings);
+        let old_settings = l4::settings(&self.config);
+        if let Some(settings) = settings.filter(|s| *s != old_settings) {
+            changes.push(format!(
+                "datapath timeouts (ns): tcp {} udp {} closing {}",
+                settings.tcp_idle_ns, settings.udp_idle_ns, settings.closing_idle_ns
+            ));
+        }
+        if !changes.is_empty() || next.runtime_state() != self.l4.runtime_state() {
+            let maps = self.datapath.maps_mut();
+            let written = settings
+                .map_or(Ok(()), |s| maps.set_settings(s))
+                .map_err(L4Error::from)
+                .and_then(|()| next.sync(maps, Some(&self.l4)))
+                .map_err(|err| internal(format!("{err}")))
+                .and_then(|()| {
+                    next.runtime_state()
+                        .save(&self.config.daemon.state_file)
+                        .map_err(|err| internal(format!("{err}")))
+                });
+            if let Err(err) = written {
+                let undone = maps
+                    .set_settings(old_settings)
+                    .map_err(L4Error::from)
+                    .and_then(|()| self.l4.sync(maps, Some(&next)));
+                tracing::error!(%err.message, undone = undone.is_ok(), "change failed");
+                return Err(match undone {
+                    Ok(()) => {
+                        ControlError::new(err.kind, format!("{}; nothing was changed", err.message))
+                    }
+                    Err(undo) => internal(format!(
+                        "{}; undoing the partial change also failed: {undo}",
+                        err.message
+                    )),
+                });
+            }
+        }
+        for line in &changes {
+            tracing::info!(change = %line, "applied");
+        }
+        self.l4 = next;
+        if let Some(config) = config {
+            self.config = config;
+        }
+        Ok(changes)
+    }
+
+    /// Removes a server, unless that would cut flows or empty the pool (without `force`).
+    fn remove_server(
+        &mut self,
+        vip: &str,
+        address: std::net::SocketAddr,
+        force: bool,
+    ) -> Result<Response, ControlError> {
+        let service = self.l4.service(vip).map_err(refusal)?;
+        let server = service.find_server(address).ok_or_else(|| {
+            refusal(L4Error::UnknownServer {
+                vip: vip.to_string(),
+                server: address,
+            })
+        })?;
+        if !force {
+            if service.servers.len() == 1 {
+                return Err(ControlError::new(
+                    ControlErrorKind::Refused,
+                    format!(
+                        "{address} is the last server of VIP `{vip}`: without it every new \
+                         connection is dropped. Add another server first, or use --force"
+                    ),
+                ));
+            }
+            let flows = self.active_flows()?.get(&server.id).copied().unwrap_or(0);
+            if flows > 0 {
+                return Err(ControlError::new(
+                    ControlErrorKind::Refused,
+                    format!(
+                        "{address} still has {flows} active flows: drain it and remove it once \
+                         they end (--wait does that), or use --force to cut them"
+                    ),
+                ));
+            }
+        }
+        self.change(|l4| l4.remove_server(vip, address))
+    }
+
+    /// Re-reads the config and applies all of it, or none of it.
+    fn reload(&mut self, path: &Path) -> Result<Response, ControlError> {
+        let config = Config::load(path)
+            .map_err(|err| ControlError::new(ControlErrorKind::Config, err.to_string()))?;
+        let restart_only = restart_only_changes(&self.config, &config);
+        if !restart_only.is_empty() {
+            return Err(ControlError::new(
+                ControlErrorKind::Refused,
+                format!(
+                    "nothing was reloaded: changing {} needs a restart of weir",
+                    restart_only.join(", ")
+                ),
+            ));
+        }
+        let next = L4Services::plan(&config, Some(&self.l4.runtime_state())).map_err(refusal)?;
+        self.commit(next, Some(config)).map(Response::Changed)
+    }
+
+    fn counters(&self) -> Result<Vec<DatapathCounter>, ControlError> {
+        Ok(self
+            .datapath
+            .maps()
+            .counters()
+            .map_err(|err| internal(err.to_string()))?
+            .into_iter()
+            .map(|(stat, counter)| DatapathCounter {
+                reason: stat.name().to_string(),
+                packets: counter.packets,
+                bytes: counter.bytes,
+            })
+            .collect())
+    }
+
+    /// Active flows per server id.
+    fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
+        let settings = l4::settings(&self.config);
+        let never = |ns: u64| if ns == 0 { u64::MAX } else { ns };
+        let idle = |key: &FlowKey| {
+            never(if key.protocol == PROTO_TCP {
+                settings.tcp_idle_ns
+            } else {
+                settings.udp_idle_ns
+            })
+        };
+        self.datapath
+            .maps()
+            .active_flows(idle)
+            .map_err(|err| internal(err.to_string()))
+    }
+
+    fn vip_reports(&self) -> Result<Vec<VipReport>, ControlError> {
+        let flows = self.active_flows()?;
+        let maps = self.datapath.maps();
+        self.l4
+            .services()
+            .map(|service| {
+                let traffic = maps
+                    .vip_traffic(service.id)
+                    .map_err(|err| internal(err.to_string()))?;
+                Ok(VipReport {
+                    name: service.name.clone(),
+                    address: service.address,
+                    protocol: service.protocol,
+                    mode: service.mode,
+                    hash: service.hash,
+                    table_size: service.table_size,
+                    servers: service.servers.len(),
+                    ready: service
+                        .servers
+                        .iter()
+                        .filter(|s| s.state == weir_config::control::AdminState::Ready)
+                        .count(),
+                    active_flows: service
+                        .servers
+                        .iter()
+                        .map(|s| flows.get(&s.id).copied().unwrap_or(0))
+                        .sum(),
+                    traffic: traffic_report(traffic),
+                })
+            })
+            .collect()
+    }
+
+    fn server_reports(&self, vip: Option<&str>) -> Result<Vec<ServerReport>, ControlError> {
+        if let Some(vip) = vip {
+            self.l4.service(vip).map_err(refusal)?;
+        }
+        let flows = self.active_flows()?;
+        let maps = self.datapath.maps();
+        let mut reports = Vec::new();
+        for service in self
+            .l4
+            .services()
+            .filter(|s| vip.is_none_or(|v| v == s.name))
+        {
+            for server in &service.servers {
+                let traffic = maps
+                    .server_traffic(server.id)
+                    .map_err(|err| internal(err.to_string()))?;
+                reports.push(ServerReport {
+                    vip: service.name.clone(),
+                    address: server.address,
+                    weight: server.weight,
+                    admin: server.state,
+                    health: HealthState::Unchecked,
+                    active_flows: flows.get(&server.id).copied().unwrap_or(0),
+                    traffic: traffic_report(traffic),
+                });
+            }
+        }
+        Ok(reports)
+    }
+
+    fn stats(&self) -> Result<StatsReport, ControlError> {
+        Ok(StatsReport {
+            counters: self.counters()?,
+            vips: self.vip_reports()?,
+        })
+    }
+}
+
+/// Config keys a reload cannot apply, named as in the file.
+fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
+    let interfaces = |c: &Config| -> Vec<String> {
+        c.datapath
+            .interfaces
+            .iter()
+            .map(|i| i.get_ref().clone())
+            .collect()
+    };
+    let mut changed = Vec::new();
+    let mut check = |differs: bool, key| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check(
+        interfaces(running) != interfaces(next),
+        "datapath.interfaces",
+    );
+    check(
+        running.datapath.xdp_mode != next.datapath.xdp_mode,
+        "datapath.xdp_mode",
+    );
+    check(
+        running.datapath.flow_table_size.get_ref() != next.datapath.flow_table_size.get_ref(),
+        "datapath.flow_table_size",
+    );
+    check(
+        running.daemon.control_socket != next.daemon.control_socket,
+        "daemon.control_socket",
+    );
+    check(
+        running.daemon.bpf_dir != next.daemon.bpf_dir,
+        "daemon.bpf_dir",
+    );
+    check(
+        running.daemon.state_file != next.daemon.state_file,
+        "daemon.state_file",
+    );
+    check(
+        running.l7.workers != next.l7.workers
+            || running.l7_listen_addresses() != next.l7_listen_addresses(),
+        "l7 workers or vhost listen addresses",
+    );
+    changed
+}
+
+fn traffic_report(traffic: weir_common::TrafficCounter) -> Traffic {
+    Traffic {
+        packets: traffic.packets,
+        bytes: traffic.bytes,
+        new_flows: traffic.new_flows,
+    }
+}
+
+fn internal(message: impl Into<String>) -> ControlError {
+    ControlError::new(ControlErrorKind::Internal, message)
+}
+
+/// The control error for a refused model change.
+fn refusal(err: L4Error) -> ControlError {
+    let kind = match err {
+        L4Error::UnknownVip(_) | L4Error::UnknownServer { .. } => ControlErrorKind::NotFound,
+        L4Error::Datapath(_) => ControlErrorKind::Internal,
+        L4Error::DuplicateVip(_)
+        | L4Error::DuplicateServer { .. }
+        | L4Error::FamilyMismatch { .. }
+        | L4Error::DsrPort { .. }
+        | L4Error::Weight(_)
+        | L4Error::Full(..)
+        | L4Error::Maglev(_) => ControlErrorKind::Invalid,
+    };
+    ControlError::new(kind, err.to_string())
+}
+
 /// Runs the daemon with the config at `config_path` until it is told to stop.
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
-    let interfaces: Vec<String> = config
-        .datapath
-        .interfaces
-        .iter()
-        .map(|interface| interface.get_ref().clone())
-        .collect();
+    let state_file = config.daemon.state_file.clone();
+    let previous = RuntimeState::load(&state_file)?;
+    let l4 = L4Services::plan(&config, previous.as_ref())
+        .context("the config and the runtime state do not combine into valid pools")?;
+    let pins = PinDir::prepare(&config.daemon.bpf_dir)?;
     let mut datapath = Datapath::load(DatapathOptions {
-        interfaces,
+        interfaces: config
+            .datapath
+            .interfaces
+            .iter()
+            .map(|interface| interface.get_ref().clone())
+            .collect(),
         xdp_mode: config.datapath.xdp_mode,
         flow_table_size: *config.datapath.flow_table_size.get_ref(),
         settings: l4::settings(&config),
+        pins: Some(pins.clone()),
     })?;
-    let l4 = L4Services::from_config(&config, datapath.maps_mut())
+    if datapath.adopted() {
+        tracing::info!(dir = %pins.root().display(), "adopting the pinned datapath: established flows are kept");
+    }
+    l4.sync(datapath.maps_mut(), None)
         .context("cannot install the L4 services")?;
     datapath.attach()?;
     for attachment in datapath.attachments() {
@@ -106,38 +443,76 @@ pub fn run(config_path: &Path) -> Result<()> {
             "XDP program attached"
         );
     }
+    l4.runtime_state().save(&state_file)?;
     let listen = config.l7_listen_addresses();
     let l7 = L7Workers::start(&listen, config.l7.workers)
         .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
     }
+    let socket_path = config.daemon.control_socket.clone();
     let state = Arc::new(State {
         config_path: config_path.to_path_buf(),
         started: Instant::now(),
-        datapath: Mutex::new(datapath),
-        _l4: Mutex::new(l4),
+        inner: Mutex::new(Inner {
+            config,
+            datapath,
+            l4,
+        }),
         l7,
     });
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let socket_path = config.daemon.control_socket.clone();
     runtime.block_on(async {
         let listener = control::bind(&socket_path).with_context(|| {
             format!("cannot create the control socket {}", socket_path.display())
         })?;
         tracing::info!(socket = %socket_path.display(), "weir is ready");
-        let handler = Arc::new(move |request| state.handle(request));
+        if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(%err, "cannot notify systemd");
+        }
+        let handler = {
+            let state = Arc::clone(&state);
+            Arc::new(move |request| state.handle(request))
+        };
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            () = control::serve(listener, handler) => {}
-            _ = sigterm.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = sigint.recv() => tracing::info!("SIGINT: stopping"),
+        let mut sighup = signal(SignalKind::hangup())?;
+        let serve = control::serve(listener, handler);
+        tokio::pin!(serve);
+        loop {
+            tokio::select! {
+                () = &mut serve => break,
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, the datapath stays pinned"); break }
+                _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
+                _ = sighup.recv() => match state.handle(Request::Reload) {
+                    Response::Changed(changes) => {
+                        tracing::info!(changes = changes.len(), "SIGHUP: config reloaded");
+                    }
+                    Response::Error(err) => tracing::error!(%err.message, "SIGHUP: reload refused"),
+                    _ => {}
+                },
+            }
         }
         let _ = std::fs::remove_file(&socket_path);
         Ok(())
     })
+}
+
+/// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every
+/// interface and frees the maps. Established L4 flows end with it.
+pub fn detach(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let socket = &config.daemon.control_socket;
+    if control::Client::connect(socket).is_ok() {
+        anyhow::bail!(
+            "a weir daemon is running on {}: stop it first",
+            socket.display()
+        );
+    }
+    PinDir::remove(&config.daemon.bpf_dir)?;
+    tracing::info!(dir = %config.daemon.bpf_dir.display(), "datapath detached and unpinned");
+    Ok(())
 }

@@ -4,13 +4,21 @@
 //! daemon binary always carries the eBPF code it was built and tested with. Start-up writes
 //! every map (settings, device map, VIPs, servers, tables) *before* the program is attached,
 //! so the first packet already sees a complete configuration.
+//!
+//! With a [`PinDir`] the maps and links are pinned ([`crate::pins`]): a daemon that finds a
+//! pinned datapath adopts it — its program is loaded against the pinned maps (flows, counters
+//! and tables carry over) and swapped into the pinned links atomically.
 
 use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, xdp::XdpMode as AyaXdpMode},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::{XdpLink, XdpMode as AyaXdpMode},
+    },
 };
 use weir_common::{
     Counter, Stat, TrafficCounter,
@@ -19,6 +27,8 @@ use weir_common::{
     names,
 };
 use weir_config::{XdpMode, control::XdpAttachment};
+
+use crate::pins::{PinDir, PinError};
 
 /// The eBPF object built from the `ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
@@ -48,6 +58,12 @@ pub enum DatapathError {
     TxPort(String, #[source] aya::maps::xdp::XdpMapError),
     #[error("map `{0}`: {1}")]
     Map(&'static str, #[source] MapError),
+    #[error("pinning the datapath: {0}")]
+    Pin(#[from] PinError),
+    #[error("cannot pin the XDP link of `{0}`: {1}")]
+    PinLink(String, #[source] aya::pin::PinError),
+    #[error("the pinned XDP link of `{0}`: {1}")]
+    Link(String, #[source] LinkError),
 }
 
 /// What the datapath is started with.
@@ -59,16 +75,21 @@ pub struct DatapathOptions {
     /// Entries in the flow table and in the NAT return table.
     pub flow_table_size: u32,
     pub settings: DatapathSettings,
+    /// Where maps and links are pinned. `None`: nothing is pinned and the datapath lives
+    /// exactly as long as the [`Datapath`] value (tests, benchmarks).
+    pub pins: Option<PinDir>,
 }
 
 /// The loaded object, its attachments and typed handles on its maps.
 ///
-/// Dropping it detaches the program and frees the maps (nothing is pinned yet).
+/// Dropping it closes the daemon's handles. Unpinned, that detaches the program and frees
+/// the maps; pinned, the datapath keeps running from the pins.
 pub struct Datapath {
-    /// Owns the program and its links: held so they live as long as the datapath.
+    /// Owns the program and its unpinned links: held so they live as long as the datapath.
     ebpf: Ebpf,
     maps: DatapathMaps,
     options: DatapathOptions,
+    adopted: bool,
     attachments: Vec<XdpAttachment>,
 }
 
@@ -76,21 +97,38 @@ impl Datapath {
     /// Loads the embedded object, sizes and fills the global maps (settings, device map). The
     /// program is loaded into the kernel but not attached: write the services into
     /// [`Datapath::maps_mut`], then call [`Datapath::attach`].
+    ///
+    /// With pins, maps already pinned are adopted as they are (a pinned flow table keeps the
+    /// size it was created with) and missing ones are created and pinned.
     pub fn load(options: DatapathOptions) -> Result<Datapath, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::FLOWS_MAP, options.flow_table_size)
-            .map_max_entries(names::NAT_RETURN_MAP, options.flow_table_size)
-            .load(EBPF_OBJECT)?;
+            .map_max_entries(names::NAT_RETURN_MAP, options.flow_table_size);
+        let adopted = options.pins.as_ref().is_some_and(PinDir::has_maps);
+        if let Some(pins) = &options.pins {
+            for &name in names::ALL_MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let mut maps = DatapathMaps::take(&mut ebpf)?;
         maps.settings
             .set(0, options.settings, 0)
             .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))?;
+        let mut wanted = Vec::new();
         for interface in &options.interfaces {
             let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
                 .map_err(|_| DatapathError::NoInterface(interface.clone()))?;
             maps.tx_ports
                 .insert(ifindex, ifindex, None, 0)
                 .map_err(|e| DatapathError::TxPort(interface.clone(), e))?;
+            wanted.push(ifindex);
+        }
+        // An adopted device map may still list interfaces the config no longer has.
+        let stale: Vec<u32> = maps.tx_ports.keys().filter_map(Result::ok).collect();
+        for ifindex in stale.into_iter().filter(|i| !wanted.contains(i)) {
+            let _ = maps.tx_ports.remove(ifindex);
         }
         let program: &mut Xdp = ebpf
             .program_mut(names::XDP_PROGRAM)
@@ -102,11 +140,22 @@ impl Datapath {
             ebpf,
             maps,
             options,
+            adopted,
             attachments: Vec::new(),
         })
     }
 
+    /// Whether the maps were adopted from a previous daemon's pins rather than created.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
     /// Attaches the program to every interface in the options.
+    ///
+    /// Pinned: an interface with a pinned link gets the new program swapped into that link
+    /// (atomic: each packet runs the old or the new program); one without gets a new link,
+    /// pinned; pinned links of interfaces no longer configured are unpinned, which detaches
+    /// them.
     pub fn attach(&mut self) -> Result<(), DatapathError> {
         let mode = self.options.xdp_mode;
         let program: &mut Xdp = self
@@ -116,24 +165,48 @@ impl Datapath {
             .try_into()
             .map_err(DatapathError::Program)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
+        let pins = self.options.pins.as_ref();
         for interface in &self.options.interfaces {
             let aya_mode = match mode {
                 XdpMode::Native => AyaXdpMode::Driver,
                 XdpMode::Generic => AyaXdpMode::Skb,
             };
-            program
-                .attach(interface, aya_mode)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.clone(),
-                    mode,
-                    source,
-                })?;
+            let attach_error = |source| DatapathError::Attach {
+                interface: interface.clone(),
+                mode,
+                source,
+            };
+            let replaced = match pins {
+                Some(pins) => replace_pinned(program, interface, &pins.link(interface))?,
+                None => false,
+            };
+            if !replaced {
+                let id = program.attach(interface, aya_mode).map_err(attach_error)?;
+                if let Some(pins) = pins {
+                    let link: FdLink = program
+                        .take_link(id)
+                        .map_err(attach_error)?
+                        .try_into()
+                        .map_err(|e| DatapathError::Link(interface.clone(), e))?;
+                    // The pin keeps the link; our handle on it closes when dropped here.
+                    link.pin(pins.link(interface))
+                        .map_err(|e| DatapathError::PinLink(interface.clone(), e))?;
+                }
+            }
             self.attachments.push(XdpAttachment {
                 interface: interface.clone(),
                 ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
                 mode,
                 program_id,
             });
+        }
+        if let Some(pins) = pins {
+            for interface in pins.linked_interfaces()? {
+                if !self.options.interfaces.contains(&interface) {
+                    tracing::info!(interface, "detaching XDP: interface no longer configured");
+                    let _ = std::fs::remove_file(pins.link(&interface));
+                }
+            }
         }
         Ok(())
     }
@@ -158,6 +231,32 @@ impl Datapath {
             .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
             .try_into()
             .map_err(DatapathError::Program)
+    }
+}
+
+/// Swaps `program` into the link pinned at `path`, if there is one that still works. A link
+/// whose interface went away (the kernel detached it) is unpinned and reported as absent, so
+/// the caller attaches afresh.
+fn replace_pinned(
+    program: &mut Xdp,
+    interface: &str,
+    path: &std::path::Path,
+) -> Result<bool, DatapathError> {
+    if !path.exists() {
+        return Ok(false);
+    }
+    let link_error = |e| DatapathError::Link(interface.to_string(), e);
+    let link = XdpLink::try_from(FdLink::from(
+        PinnedLink::from_pin(path).map_err(link_error)?,
+    ))
+    .map_err(link_error)?;
+    match program.attach_to_link(link) {
+        Ok(_) => Ok(true),
+        Err(err) => {
+            tracing::warn!(interface, %err, "pinned XDP link is defunct: attaching afresh");
+            let _ = std::fs::remove_file(path);
+            Ok(false)
+        }
     }
 }
 
@@ -204,6 +303,21 @@ impl DatapathMaps {
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
         self.vips
             .insert(key, info, 0)
+            .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))
+    }
+
+    /// Replaces the datapath settings (timeouts, hash seed).
+    pub fn set_settings(&mut self, settings: DatapathSettings) -> Result<(), DatapathError> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))
+    }
+
+    /// Every key of the VIP map.
+    pub fn vip_keys(&self) -> Result<Vec<VipKey>, DatapathError> {
+        self.vips
+            .keys()
+            .collect::<Result<_, _>>()
             .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))
     }
 

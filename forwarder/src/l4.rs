@@ -2,12 +2,12 @@
 //! reaches the datapath maps.
 //!
 //! This is the model the control plane drives. Every change follows one discipline:
-//! 1. apply it to a copy of the VIP and build the new Maglev table (everything that can be
-//!    refused is refused here, before any map is touched);
-//! 2. write the maps in the order that keeps every packet safe —
-//!    a new server's entry before the table that points at it; the new table (one atomic
-//!    switch, see [`DatapathMaps::install_table`]); a removed server's entry cleared last, so
-//!    its pinned flows re-pick;
+//! 1. apply it to a copy of the model; the copy rebuilds the Maglev tables it changes, so
+//!    everything that can be refused is refused here, before any map is touched;
+//! 2. write the difference into the maps ([`L4Services::sync`]), in the order that keeps every
+//!    packet safe — a new server's entry before the table that points at it; the new table
+//!    (one atomic switch, see [`DatapathMaps::install_table`]); a removed server's entry
+//!    cleared last, so its pinned flows re-pick;
 //! 3. commit the copy.
 //!
 //! Only new flows whose Maglev slot changed move; established flows stay pinned by the flow
@@ -16,10 +16,12 @@
 //!
 //! Server ids index the server array that flows point into. A freed id is reused only after
 //! every other free id (FIFO), so a flow pinned to a removed server almost surely finds the id
-//! empty (and re-picks) rather than taken by a newcomer.
+//! empty (and re-picks) rather than taken by a newcomer. Ids are part of the runtime state
+//! ([`crate::state`]), so a restarted daemon keeps them.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    fmt,
     net::SocketAddr,
 };
 
@@ -32,12 +34,14 @@ use weir_common::{
     user::addr_words,
 };
 use weir_config::{
-    Config, ForwardingMode, HashFieldsConfig, L4Vip, MAX_WEIGHT, Protocol, control::AdminState,
+    Config, ForwardingMode, HashFieldsConfig, L4Vip, MAX_WEIGHT, Protocol, ServerSpec,
+    control::AdminState,
 };
 
 use crate::{
     datapath::{DatapathError, DatapathMaps},
     maglev::{MaglevError, MaglevServer, MaglevTable},
+    state::{RuntimeState, STATE_VERSION, ServerState, VipState},
 };
 
 /// Why a change to the L4 services was refused. Nothing was changed.
@@ -80,7 +84,7 @@ pub struct L4Server {
 }
 
 /// An L4 VIP and its pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct L4Service {
     pub name: String,
     pub address: SocketAddr,
@@ -91,11 +95,50 @@ pub struct L4Service {
     /// Index in the per-VIP arrays.
     pub id: u32,
     pub servers: Vec<L4Server>,
+    /// The config file's pool as last applied (see [`L4Services::plan`]).
+    pub config_servers: Vec<ServerSpec>,
+    /// The Maglev table of the ready servers, as server ids: what the datapath holds.
+    table: Vec<u32>,
+}
+
+impl fmt::Debug for L4Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L4Service")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("protocol", &self.protocol)
+            .field("mode", &self.mode)
+            .field("id", &self.id)
+            .field("servers", &self.servers)
+            .field("table_slots", &self.table.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl L4Service {
-    fn key(&self) -> VipKey {
-        VipKey::new(self.address, protocol_number(self.protocol))
+    /// The VIP `spec` describes, with id `id` and no servers yet.
+    fn from_spec(spec: &L4Vip, id: u32) -> L4Service {
+        L4Service {
+            name: spec.name.get_ref().clone(),
+            address: SocketAddr::new(spec.address, spec.port),
+            protocol: spec.protocol,
+            mode: spec.mode,
+            hash: spec.hash,
+            table_size: *spec.table_size.get_ref(),
+            id,
+            servers: Vec::new(),
+            config_servers: Vec::new(),
+            table: Vec::new(),
+        }
+    }
+
+    /// Its entries in the VIP map: the service, and the address-level entry.
+    fn vip_keys(&self) -> [VipKey; 2] {
+        let (words, family) = addr_words(self.address.ip());
+        [
+            VipKey::new(self.address, protocol_number(self.protocol)),
+            VipKey::address_only(words, family),
+        ]
     }
 
     fn info(&self) -> VipInfo {
@@ -123,8 +166,13 @@ impl L4Service {
             })
     }
 
+    /// The server `address`, if it is in the pool.
+    pub fn find_server(&self, address: SocketAddr) -> Option<&L4Server> {
+        self.servers.iter().find(|s| s.address == address)
+    }
+
     /// The Maglev table over the servers that take new flows, as server ids.
-    fn table(&self, seed: u32) -> Result<Vec<u32>, L4Error> {
+    fn build_table(&self, seed: u32) -> Result<Vec<u32>, L4Error> {
         let ready: Vec<&L4Server> = self
             .servers
             .iter()
@@ -176,7 +224,7 @@ pub fn settings(config: &Config) -> DatapathSettings {
 }
 
 /// Lowest-first ids for new entries, FIFO reuse of freed ones.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Ids {
     next: u32,
     limit: u32,
@@ -189,6 +237,17 @@ impl Ids {
             next: 0,
             limit,
             freed: VecDeque::new(),
+        }
+    }
+
+    /// Ids of which `used` are taken: the others below the highest used are free, lowest
+    /// first.
+    fn with_used(limit: u32, used: &[u32]) -> Ids {
+        let next = used.iter().max().map_or(0, |&max| max + 1);
+        Ids {
+            next,
+            limit,
+            freed: (0..next).filter(|id| !used.contains(id)).collect(),
         }
     }
 
@@ -217,8 +276,11 @@ impl Ids {
     }
 }
 
-/// All L4 services, and the datapath maps they are mirrored into.
-#[derive(Debug)]
+/// All L4 services: the model the datapath's maps mirror.
+///
+/// Changes are made on a copy and reach the maps through [`L4Services::sync`];
+/// [`L4Services::apply`] does both for one change.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L4Services {
     seed: u32,
     services: BTreeMap<String, L4Service>,
@@ -237,13 +299,97 @@ impl L4Services {
         }
     }
 
-    /// The services of `config`, written into `maps`.
+    /// The services of `config`, written into `maps` (which may hold anything).
     pub fn from_config(config: &Config, maps: &mut DatapathMaps) -> Result<L4Services, L4Error> {
+        let services = L4Services::plan(config, None)?;
+        services.sync(maps, None)?;
+        Ok(services)
+    }
+
+    /// The services `config` asks for, given the runtime state a daemon left (`previous`).
+    ///
+    /// VIP definitions (address, protocol, mode, hash, table size) come from the config. Pools
+    /// are merged three ways: a VIP new to the state gets its config pool; for the others,
+    /// what the config changed since it was last applied (servers added, removed,
+    /// reweighted in the file) is applied to the running pool, and everything operators did
+    /// at run time (added servers, drains, weights) is kept. Ids are kept, so pinned flows
+    /// keep pointing at their servers. Nothing is written: the result is checked whole,
+    /// tables built, before [`L4Services::sync`] touches a map.
+    pub fn plan(config: &Config, previous: Option<&RuntimeState>) -> Result<L4Services, L4Error> {
         let mut services = L4Services::new(config.datapath.hash_seed);
-        for vip in &config.l4_vips {
-            services.add_vip(maps, vip)?;
+        let previous_vips = previous.map(|p| &p.l4_vips);
+        let kept = |name: &str| previous_vips.and_then(|vips| vips.get(name));
+        // Reserve the ids of everything carried over before handing out new ones.
+        let mut vip_used = Vec::new();
+        let mut server_used = Vec::new();
+        for spec in &config.l4_vips {
+            if let Some(state) = kept(spec.name.get_ref()) {
+                vip_used.push(state.id);
+                server_used.extend(state.servers.iter().map(|s| s.id));
+            }
+        }
+        services.vip_ids = Ids::with_used(MAX_VIPS, &vip_used);
+        services.server_ids = Ids::with_used(MAX_SERVERS, &server_used);
+        for spec in &config.l4_vips {
+            let name = spec.name.get_ref();
+            match kept(name) {
+                None => services.add_vip(spec)?,
+                Some(state) => {
+                    let mut service = L4Service::from_spec(spec, state.id);
+                    service.servers = state
+                        .servers
+                        .iter()
+                        .map(|s| L4Server {
+                            address: s.address,
+                            weight: s.weight,
+                            state: s.state,
+                            id: s.id,
+                        })
+                        .collect();
+                    services.services.insert(name.clone(), service);
+                    services.merge_config_pool(
+                        name,
+                        &state.config_servers,
+                        spec.servers.get_ref(),
+                    )?;
+                }
+            }
         }
         Ok(services)
+    }
+
+    /// Applies to the running pool of `vip` what the config's pool changed from `base` to
+    /// `new`, and records `new` as the base for next time.
+    fn merge_config_pool(
+        &mut self,
+        vip: &str,
+        base: &[ServerSpec],
+        new: &[ServerSpec],
+    ) -> Result<(), L4Error> {
+        let in_base = |a: SocketAddr| base.iter().find(|s| s.address == a);
+        for spec in new {
+            let running = self.service(vip)?.server(spec.address).is_ok();
+            match (in_base(spec.address), running) {
+                (None, false) => self.add_server(vip, spec.address, spec.weight)?,
+                (None, true) => self.set_weight(vip, spec.address, spec.weight)?,
+                (Some(old), true) if old.weight != spec.weight => {
+                    self.set_weight(vip, spec.address, spec.weight)?
+                }
+                // Unchanged in the file, or removed at run time since: leave it.
+                _ => {}
+            }
+        }
+        for spec in base {
+            let still_wanted = new.iter().any(|s| s.address == spec.address);
+            if !still_wanted && self.service(vip)?.server(spec.address).is_ok() {
+                self.remove_server(vip, spec.address)?;
+            }
+        }
+        let seed = self.seed;
+        let service = self.service_mut(vip)?;
+        service.config_servers = new.to_vec();
+        service.table = service.build_table(seed)?;
+        Ok(())
     }
 
     pub fn services(&self) -> impl Iterator<Item = &L4Service> {
@@ -256,79 +402,100 @@ impl L4Services {
             .ok_or_else(|| L4Error::UnknownVip(name.to_string()))
     }
 
+    fn service_mut(&mut self, name: &str) -> Result<&mut L4Service, L4Error> {
+        self.services
+            .get_mut(name)
+            .ok_or_else(|| L4Error::UnknownVip(name.to_string()))
+    }
+
+    /// The durable form of these services.
+    pub fn runtime_state(&self) -> RuntimeState {
+        RuntimeState {
+            version: STATE_VERSION,
+            l4_vips: self
+                .services
+                .values()
+                .map(|service| {
+                    let state = VipState {
+                        id: service.id,
+                        config_servers: service.config_servers.clone(),
+                        servers: service
+                            .servers
+                            .iter()
+                            .map(|s| ServerState {
+                                address: s.address,
+                                weight: s.weight,
+                                state: s.state,
+                                id: s.id,
+                            })
+                            .collect(),
+                    };
+                    (service.name.clone(), state)
+                })
+                .collect(),
+        }
+    }
+
+    /// Makes one change on a copy, writes the maps, then commits the copy: the model and
+    /// the maps never disagree, and a refused change touches neither.
+    pub fn apply(
+        &mut self,
+        maps: &mut DatapathMaps,
+        change: impl FnOnce(&mut L4Services) -> Result<(), L4Error>,
+    ) -> Result<(), L4Error> {
+        let mut next = self.clone();
+        change(&mut next)?;
+        next.sync(maps, Some(self))?;
+        *self = next;
+        Ok(())
+    }
+
     /// Adds a VIP with the pool of its config (all servers ready).
-    pub fn add_vip(&mut self, maps: &mut DatapathMaps, spec: &L4Vip) -> Result<(), L4Error> {
+    pub fn add_vip(&mut self, spec: &L4Vip) -> Result<(), L4Error> {
         let name = spec.name.get_ref().clone();
         if self.services.contains_key(&name) {
             return Err(L4Error::DuplicateVip(name));
         }
         let id = self.vip_ids.peek("VIP")?;
-        let mut service = L4Service {
-            name: name.clone(),
-            address: SocketAddr::new(spec.address, spec.port),
-            protocol: spec.protocol,
-            mode: spec.mode,
-            hash: spec.hash,
-            table_size: *spec.table_size.get_ref(),
-            id,
-            servers: Vec::new(),
-        };
-        let mut server_ids = self.server_ids.clone();
-        for server in spec.servers.get_ref() {
-            check_server(&service, server.address, server.weight)?;
-            let id = server_ids.peek("server")?;
-            server_ids.take(id);
-            service.servers.push(L4Server {
-                address: server.address,
-                weight: server.weight,
-                state: AdminState::Ready,
-                id,
-            });
-        }
-        let table = service.table(self.seed)?;
-        for server in &service.servers {
-            maps.set_server(server.id, ServerInfo::new(server.address))?;
-        }
-        warm_neighbours(service.servers.iter().map(|s| s.address));
-        maps.install_table(id, &table)?;
-        maps.set_vip(service.key(), service.info())?;
-        let (words, family) = addr_words(service.address.ip());
-        maps.set_vip(VipKey::address_only(words, family), service.info())?;
         self.vip_ids.take(id);
-        self.server_ids = server_ids;
-        self.services.insert(name, service);
+        self.services
+            .insert(name.clone(), L4Service::from_spec(spec, id));
+        for server in spec.servers.get_ref() {
+            self.add_server(&name, server.address, server.weight)?;
+        }
+        let seed = self.seed;
+        let service = self.service_mut(&name)?;
+        service.config_servers = spec.servers.get_ref().clone();
+        service.table = service.build_table(seed)?;
         Ok(())
     }
 
     /// Adds `address` to VIP `vip` with `weight`, ready for new flows.
     pub fn add_server(
         &mut self,
-        maps: &mut DatapathMaps,
         vip: &str,
         address: SocketAddr,
         weight: u32,
     ) -> Result<(), L4Error> {
-        let mut service = self.service(vip)?.clone();
+        let service = self.service(vip)?;
         if service.server(address).is_ok() {
             return Err(L4Error::DuplicateServer {
                 vip: vip.to_string(),
                 server: address,
             });
         }
-        check_server(&service, address, weight)?;
+        check_server(service, address, weight)?;
         let id = self.server_ids.peek("server")?;
+        self.server_ids.take(id);
+        let seed = self.seed;
+        let service = self.service_mut(vip)?;
         service.servers.push(L4Server {
             address,
             weight,
             state: AdminState::Ready,
             id,
         });
-        let table = service.table(self.seed)?;
-        maps.set_server(id, ServerInfo::new(address))?;
-        warm_neighbours([address]);
-        maps.install_table(service.id, &table)?;
-        self.server_ids.take(id);
-        self.services.insert(vip.to_string(), service);
+        service.table = service.build_table(seed)?;
         Ok(())
     }
 
@@ -336,59 +503,207 @@ impl L4Services {
     /// (their established flows continue).
     pub fn set_state(
         &mut self,
-        maps: &mut DatapathMaps,
         vip: &str,
         address: SocketAddr,
         state: AdminState,
     ) -> Result<(), L4Error> {
-        self.change(maps, vip, address, |server| server.state = state)
+        self.change_server(vip, address, |server| server.state = state)
     }
 
     /// Sets a server's weight.
     pub fn set_weight(
         &mut self,
-        maps: &mut DatapathMaps,
         vip: &str,
         address: SocketAddr,
         weight: u32,
     ) -> Result<(), L4Error> {
         check_weight(weight)?;
-        self.change(maps, vip, address, |server| server.weight = weight)
+        self.change_server(vip, address, |server| server.weight = weight)
     }
 
     /// Removes a server: it leaves the table, then the server array, so flows pinned to it
     /// pick another server on their next packet. (Whether to wait for its flows to drain
     /// first is the caller's policy.)
-    pub fn remove_server(
-        &mut self,
-        maps: &mut DatapathMaps,
-        vip: &str,
-        address: SocketAddr,
-    ) -> Result<(), L4Error> {
-        let mut service = self.service(vip)?.clone();
+    pub fn remove_server(&mut self, vip: &str, address: SocketAddr) -> Result<(), L4Error> {
+        let seed = self.seed;
+        let service = self.service_mut(vip)?;
         let removed = service.servers.remove(service.server(address)?);
-        let table = service.table(self.seed)?;
-        maps.install_table(service.id, &table)?;
-        maps.set_server(removed.id, ServerInfo::default())?;
+        service.table = service.build_table(seed)?;
         self.server_ids.free(removed.id);
-        self.services.insert(vip.to_string(), service);
         Ok(())
     }
 
-    fn change(
+    fn change_server(
         &mut self,
-        maps: &mut DatapathMaps,
         vip: &str,
         address: SocketAddr,
         apply: impl FnOnce(&mut L4Server),
     ) -> Result<(), L4Error> {
-        let mut service = self.service(vip)?.clone();
+        let seed = self.seed;
+        let service = self.service_mut(vip)?;
         let index = service.server(address)?;
         apply(&mut service.servers[index]);
-        let table = service.table(self.seed)?;
-        maps.install_table(service.id, &table)?;
-        self.services.insert(vip.to_string(), service);
+        service.table = service.build_table(seed)?;
         Ok(())
+    }
+
+    /// Writes these services into `maps`, which mirror `old` (`None`: unknown contents, e.g.
+    /// maps adopted from a previous daemon; every entry is then rewritten and every stale
+    /// one cleared).
+    ///
+    /// Order keeps every packet safe: new servers' entries first, so no table points at an
+    /// empty slot; then tables (each an atomic switch) and VIP entries; then VIP entries no
+    /// longer served; and last, entries of servers that are gone, so their pinned flows
+    /// re-pick only once no table sends new flows there.
+    pub fn sync(&self, maps: &mut DatapathMaps, old: Option<&L4Services>) -> Result<(), L4Error> {
+        let old_servers: HashMap<u32, SocketAddr> =
+            old.map(L4Services::server_addresses).unwrap_or_default();
+        let servers = self.server_addresses();
+        let mut fresh = Vec::new();
+        for (&id, &address) in &servers {
+            if old_servers.get(&id) != Some(&address) {
+                maps.set_server(id, ServerInfo::new(address))?;
+                fresh.push(address);
+            }
+        }
+        warm_neighbours(fresh);
+
+        for service in self.services.values() {
+            let before = old.and_then(|o| o.services.get(&service.name));
+            if before.is_none_or(|b| b.id != service.id || b.table != service.table) {
+                maps.install_table(service.id, &service.table)?;
+            }
+            if before
+                .is_none_or(|b| b.vip_keys() != service.vip_keys() || b.info() != service.info())
+            {
+                for key in service.vip_keys() {
+                    maps.set_vip(key, service.info())?;
+                }
+            }
+        }
+
+        let wanted: HashSet<VipKey> = self
+            .services
+            .values()
+            .flat_map(L4Service::vip_keys)
+            .collect();
+        let present: Vec<VipKey> = match old {
+            Some(old) => old
+                .services
+                .values()
+                .flat_map(L4Service::vip_keys)
+                .collect(),
+            None => maps.vip_keys()?,
+        };
+        for key in present.iter().filter(|k| !wanted.contains(k)) {
+            maps.remove_vip(key)?;
+        }
+
+        let gone: Vec<u32> = match old {
+            Some(_) => old_servers
+                .keys()
+                .copied()
+                .filter(|id| !servers.contains_key(id))
+                .collect(),
+            None => (0..MAX_SERVERS)
+                .filter(|id| !servers.contains_key(id))
+                .collect(),
+        };
+        for id in gone {
+            maps.set_server(id, ServerInfo::default())?;
+        }
+        Ok(())
+    }
+
+    fn server_addresses(&self) -> HashMap<u32, SocketAddr> {
+        self.services
+            .values()
+            .flat_map(|s| s.servers.iter().map(|server| (server.id, server.address)))
+            .collect()
+    }
+
+    /// What changes from `self` to `next`, one line per change, for operators.
+    pub fn diff(&self, next: &L4Services) -> Vec<String> {
+        let mut lines = Vec::new();
+        for name in self.services.keys() {
+            if !next.services.contains_key(name) {
+                lines.push(format!("vip {name}: removed"));
+            }
+        }
+        for (name, new) in &next.services {
+            let Some(old) = self.services.get(name) else {
+                lines.push(format!(
+                    "vip {name}: added ({} {:?} {:?}, {} servers)",
+                    new.address,
+                    new.protocol,
+                    new.mode,
+                    new.servers.len()
+                ));
+                continue;
+            };
+            if (
+                old.address,
+                old.protocol,
+                old.mode,
+                old.hash,
+                old.table_size,
+            ) != (
+                new.address,
+                new.protocol,
+                new.mode,
+                new.hash,
+                new.table_size,
+            ) {
+                lines.push(format!(
+                    "vip {name}: now {} {:?} {:?} hash {:?} table {}",
+                    new.address, new.protocol, new.mode, new.hash, new.table_size
+                ));
+            }
+            for server in &old.servers {
+                if new.server(server.address).is_err() {
+                    lines.push(format!("vip {name}: server {} removed", server.address));
+                }
+            }
+            for server in &new.servers {
+                match old.servers.iter().find(|s| s.address == server.address) {
+                    None => lines.push(format!(
+                        "vip {name}: server {} added (weight {}, {})",
+                        server.address,
+                        server.weight,
+                        state_name(server.state)
+                    )),
+                    Some(before) => {
+                        if before.weight != server.weight {
+                            lines.push(format!(
+                                "vip {name}: server {} weight {} -> {}",
+                                server.address, before.weight, server.weight
+                            ));
+                        }
+                        if before.state != server.state {
+                            lines.push(format!(
+                                "vip {name}: server {} {} -> {}",
+                                server.address,
+                                state_name(before.state),
+                                state_name(server.state)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if self.seed != next.seed {
+            lines.push(format!("hash seed {} -> {}", self.seed, next.seed));
+        }
+        lines
+    }
+}
+
+/// The lower-case name operators see for an admin state.
+pub fn state_name(state: AdminState) -> &'static str {
+    match state {
+        AdminState::Ready => "ready",
+        AdminState::Draining => "draining",
+        AdminState::Disabled => "disabled",
     }
 }
 

@@ -4,6 +4,8 @@
 //! - [`l4`]: the L4 services model (VIPs, pools, server states) and how changes reach the maps.
 //! - [`l7`]: the io_uring workers (one thread per core) that own the L7 listeners.
 //! - [`maglev`]: Maglev lookup-table builder (weights, deterministic across nodes).
+//! - [`pins`]: the bpffs directory that keeps the datapath running between daemons.
+//! - [`state`]: the durable runtime state file, and how it combines with the config.
 //! - [`control`]: the Unix-socket control server and its client, speaking
 //!   [`weir_config::control`].
 //! - [`daemon`]: wires them together; the `weir` binary is a thin shell around it.
@@ -14,3 +16,5 @@ pub mod datapath;
 pub mod l4;
 pub mod l7;
 pub mod maglev;
+pub mod pins;
+pub mod state;

@@ -39,11 +39,15 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                                 version: "test".into(),
                                 config: "test.toml".into(),
                                 uptime_secs: 0,
+                                state_file: "state.json".into(),
+                                bpf_dir: "/sys/fs/bpf/test".into(),
+                                adopted_datapath: false,
                             },
                             xdp: vec![],
                             counters: vec![],
                             listeners: vec![],
                         }),
+                        _ => Response::Changed(vec![]),
                     }
                 }),
             )

@@ -1,6 +1,11 @@
 //! A running lab: the [`Topology`], a demo backend in every server namespace and the `weir`
 //! daemon in the balancer namespace. Used by the e2e tests and by `cargo xtask run`; dropping
-//! it stops the processes and removes the namespaces.
+//! it stops the processes, unpins the datapath and removes the namespaces.
+//!
+//! The daemon pins its datapath in a bpffs the lab mounts in its own directory rather than in
+//! `/sys/fs/bpf`: `ip netns exec` gives the daemon a fresh `/sys`, where a bpffs would die
+//! with the daemon's mount namespace — and restarts are exactly what the pins are for.
+//! Unmounting it at the end frees every pinned map and link at once.
 
 use std::{
     fs,
@@ -33,6 +38,7 @@ impl Lab {
     pub fn start(prefix: &str, servers: usize, dir: &Path, xdp_mode: &str) -> Result<Lab> {
         let topology = Topology::new(prefix, servers)?;
         fs::create_dir_all(dir)?;
+        mount_bpffs(&dir.join("bpf"))?;
         let mut backends = Vec::with_capacity(servers);
         for (i, ns) in topology.servers.iter().enumerate() {
             let i = i + 1;
@@ -45,34 +51,18 @@ impl Lab {
                     .stderr(Stdio::null()),
             )?);
         }
-        let socket = dir.join("weir.sock");
-        let config = dir.join("weir.toml");
-        fs::write(&config, topology::weir_config(&topology, &socket, xdp_mode))?;
-        let log = fs::File::create(dir.join("weir.log"))?;
-        let weir = Process::spawn(
-            "weir",
-            topology
-                .balancer
-                .command(workspace_bin("weir"))
-                .arg("--config")
-                .arg(&config)
-                .stdout(log.try_clone()?)
-                .stderr(log),
+        fs::write(
+            dir.join("weir.toml"),
+            topology::weir_config(&topology, dir, xdp_mode),
         )?;
+        let weir = spawn_weir(&topology, dir)?;
         let mut lab = Lab {
             weir,
             backends,
             topology,
             dir: dir.to_path_buf(),
         };
-        let ready = wait_until(
-            "weir to answer on its socket",
-            Duration::from_secs(15),
-            || lab.weir.check_running().is_err() || lab.status().is_ok(),
-        );
-        if let Err(err) = lab.weir.check_running().and(ready) {
-            bail!("{err}; weir.log:\n{}", lab.log());
-        }
+        lab.wait_for_weir()?;
         for (i, server) in lab.topology.servers.iter().enumerate() {
             let addr = topology::server_socket(i + 1);
             wait_until(&format!("backend {addr}"), Duration::from_secs(5), || {
@@ -82,6 +72,37 @@ impl Lab {
             })?;
         }
         Ok(lab)
+    }
+
+    /// Kills `weir` with SIGKILL (no clean-up of any kind) and waits until it is gone.
+    pub fn kill_weir(&mut self) {
+        self.weir.kill();
+    }
+
+    /// Starts `weir` again with the same config; returns once it answers.
+    pub fn restart_weir(&mut self) -> Result<()> {
+        self.weir = spawn_weir(&self.topology, &self.dir)?;
+        self.wait_for_weir()
+    }
+
+    fn wait_for_weir(&mut self) -> Result<()> {
+        let ready = wait_until(
+            "weir to answer on its socket",
+            Duration::from_secs(15),
+            || self.weir.check_running().is_err() || self.status().is_ok(),
+        );
+        if let Err(err) = self.weir.check_running().and(ready) {
+            bail!("{err}; weir.log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("weir.toml")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.json")
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -119,6 +140,45 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.weir.kill();
+        unmount_bpffs(&self.dir.join("bpf"));
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Starts `weir` in the balancer namespace with the lab's config, appending to its log.
+fn spawn_weir(topology: &Topology, dir: &Path) -> Result<Process> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weir.log"))?;
+    Process::spawn(
+        "weir",
+        topology
+            .balancer
+            .command(workspace_bin("weir"))
+            .arg("--config")
+            .arg(dir.join("weir.toml"))
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )
+}
+
+/// Mounts a fresh bpffs on `dir` (replacing a leftover one from a killed run).
+pub fn mount_bpffs(dir: &Path) -> Result<()> {
+    unmount_bpffs(dir);
+    fs::create_dir_all(dir)?;
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mount bpffs on {}", dir.display()))
+}
+
+/// Unmounts the bpffs on `dir`, which unpins (and so detaches and frees) all it holds.
+pub fn unmount_bpffs(dir: &Path) {
+    while nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
 }

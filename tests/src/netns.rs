@@ -146,6 +146,12 @@ impl Process {
         Ok(())
     }
 
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         nix::sys::signal::kill(

@@ -208,17 +208,18 @@ pub fn backend_args(name: &str) -> Vec<String> {
     args
 }
 
-/// A config for `weir` on this topology: XDP on every balancer interface, one NAT L4 VIP over
-/// the servers, one L7 virtual host. `control_socket` is where the daemon should listen.
-pub fn weir_config(
-    topology: &Topology,
-    control_socket: &std::path::Path,
-    xdp_mode: &str,
-) -> String {
+/// A config for `weir` on this topology: XDP on every balancer interface, two NAT L4 VIPs over
+/// the servers (HTTP on port 80, TCP echo on [`ECHO_PORT`]), one L7 virtual host. The daemon's socket, state file and pins go in `dir`
+/// (pins in `dir/bpf`, which must be a bpffs mount: see [`crate::lab::Lab`]).
+pub fn weir_config(topology: &Topology, dir: &std::path::Path, xdp_mode: &str) -> String {
     let pool: Vec<String> = (1..=topology.servers.len())
         .map(|i| format!("{{ address = \"{}\" }}", server_socket(i)))
         .collect();
     let pool = pool.join(", ");
+    let echo_pool: Vec<String> = (1..=topology.servers.len())
+        .map(|i| format!("{{ address = \"{}:{ECHO_PORT}\" }}", server_addr(i)))
+        .collect();
+    let echo_pool = echo_pool.join(", ");
     let interfaces: Vec<String> = topology
         .balancer_interfaces()
         .iter()
@@ -227,7 +228,9 @@ pub fn weir_config(
     format!(
         r#"# weir lab config: see README.md
 [daemon]
-control_socket = "{socket}"
+control_socket = "{dir}/weir.sock"
+state_file = "{dir}/state.json"
+bpf_dir = "{dir}/bpf/weir"
 
 [datapath]
 interfaces = [{interfaces}]
@@ -244,13 +247,21 @@ protocol = "tcp"
 mode = "nat"
 servers = [{pool}]
 
+[[l4_vip]]
+name = "demo-echo"
+address = "{L4_VIP}"
+port = {ECHO_PORT}
+protocol = "tcp"
+mode = "nat"
+servers = [{echo_pool}]
+
 [[vhost]]
 name = "demo-l7"
 listen = "{L7_VIP}:80"
 hosts = ["demo.weir.test"]
 servers = [{pool}]
 "#,
-        socket = control_socket.display(),
+        dir = dir.display(),
         interfaces = interfaces.join(", "),
     )
 }

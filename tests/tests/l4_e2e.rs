@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc,
@@ -21,6 +20,7 @@ use weir_forwarder::{
     l4::{self, L4Services},
 };
 use weir_tests::{
+    client::{EchoConnection, TIMEOUT, http_get},
     netns::{Process, wait_until},
     topology::{
         self, DSR_VIP, DSR_VIP6, ECHO_PORT, L4_VIP, L4_VIP6, SERVER_PORT, Topology, UDP_PORT,
@@ -28,8 +28,6 @@ use weir_tests::{
     },
     workspace_bin,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The topology with backends running and weir's datapath attached in the balancer.
 struct L4Lab {
@@ -183,6 +181,7 @@ impl L4Lab {
                     xdp_mode: config.datapath.xdp_mode,
                     flow_table_size: 65536,
                     settings: l4::settings(&config),
+                    pins: None,
                 })
                 .expect("datapath loads");
                 let services =
@@ -199,32 +198,17 @@ impl L4Lab {
         }
     }
 
-    fn change(
-        &mut self,
-        f: impl FnOnce(&mut L4Services, &mut weir_forwarder::datapath::DatapathMaps),
-    ) {
-        f(&mut self.services, self.datapath.maps_mut());
+    /// Applies one change to the services and the maps; the test fails if it is refused.
+    fn change(&mut self, f: impl FnOnce(&mut L4Services) -> Result<(), l4::L4Error>) {
+        self.services
+            .apply(self.datapath.maps_mut(), f)
+            .expect("change applied");
     }
 
     /// Runs `f` on a thread in the client namespace.
     fn client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         self.topology.client.run(f).expect("client namespace")
     }
-}
-
-/// One HTTP request on a new connection; the name of the server that answered.
-fn http_get(vip: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: l4.test\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    response
-        .lines()
-        .last()
-        .filter(|_| response.starts_with("HTTP/1.1 200"))
-        .map(str::to_string)
-        .ok_or_else(|| std::io::Error::other(format!("bad response {response:?}")))
 }
 
 /// One datagram from a fresh socket (a new flow); the name of the server that answered.
@@ -243,45 +227,6 @@ fn udp_query(vip: SocketAddr) -> std::io::Result<String> {
         .strip_suffix(" q")
         .map(str::to_string)
         .ok_or_else(|| std::io::Error::other(format!("bad reply {reply:?}")))
-}
-
-/// A long-lived echo connection that checks every byte it gets back.
-struct EchoConnection {
-    stream: TcpStream,
-    server: String,
-    round: u64,
-}
-
-impl EchoConnection {
-    fn open(vip: SocketAddr) -> std::io::Result<EchoConnection> {
-        let stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        let mut greeting = Vec::new();
-        let mut byte = [0u8; 1];
-        while byte[0] != b'\n' {
-            (&stream).read_exact(&mut byte)?;
-            greeting.push(byte[0]);
-        }
-        let server = String::from_utf8_lossy(&greeting).trim().to_string();
-        Ok(EchoConnection {
-            stream,
-            server,
-            round: 0,
-        })
-    }
-
-    /// Sends 4 KiB of round-specific data and checks it comes back intact.
-    fn exchange(&mut self) -> std::io::Result<()> {
-        self.round += 1;
-        let data: Vec<u8> = (0..4096u64).map(|i| (i * 31 + self.round) as u8).collect();
-        self.stream.write_all(&data)?;
-        let mut back = vec![0u8; data.len()];
-        self.stream.read_exact(&mut back)?;
-        if back != data {
-            return Err(std::io::Error::other("echoed data differs"));
-        }
-        Ok(())
-    }
 }
 
 /// Checks `counts` against weights 1:2:3 of srv1..3 within `tolerance` of the total.
@@ -373,19 +318,16 @@ fn established_connections_survive_adds_removes_and_their_own_drain() {
         };
         check(&mut connections, "opening");
         let srv = |i: usize| sock(server_addr(i), port);
-        lab.change(|s, m| s.add_server(m, vip_name, srv(3), 100).unwrap());
+        lab.change(|s| s.add_server(vip_name, srv(3), 100));
         check(&mut connections, "adding srv3");
-        lab.change(|s, m| s.set_weight(m, vip_name, srv(1), 5000).unwrap());
+        lab.change(|s| s.set_weight(vip_name, srv(1), 5000));
         check(&mut connections, "reweighting srv1");
-        lab.change(|s, m| s.remove_server(m, vip_name, srv(3)).unwrap());
+        lab.change(|s| s.remove_server(vip_name, srv(3)));
         check(&mut connections, "removing srv3");
         // Drain the first connection's own server: it keeps working, new flows avoid it.
         let owner = connections[0].server.clone();
         let owner_index: usize = owner.trim_start_matches("srv").parse().unwrap();
-        lab.change(|s, m| {
-            s.set_state(m, vip_name, srv(owner_index), AdminState::Draining)
-                .unwrap()
-        });
+        lab.change(|s| s.set_state(vip_name, srv(owner_index), AdminState::Draining));
         check(&mut connections, "draining the connection's own server");
         let new_servers: Vec<String> = lab.client(|| {
             (0..30)
@@ -397,10 +339,7 @@ fn established_connections_survive_adds_removes_and_their_own_drain() {
             "{vip_name}: a new connection reached draining {owner}"
         );
         check(&mut connections, "new connections elsewhere");
-        lab.change(|s, m| {
-            s.set_state(m, vip_name, srv(owner_index), AdminState::Ready)
-                .unwrap()
-        });
+        lab.change(|s| s.set_state(vip_name, srv(owner_index), AdminState::Ready));
     }
 }
 
@@ -454,11 +393,11 @@ fn table_switches_under_continuous_traffic_break_no_connection() {
         let i = (round % 3) as usize + 1;
         for (vip, port) in [("nat4-http", SERVER_PORT), ("dsr4-http", 80)] {
             let server = sock(server_addr(i), port);
-            lab.change(|s, m| match round % 4 {
-                0 => s.set_weight(m, vip, server, 50 + round).unwrap(),
-                1 => s.set_state(m, vip, server, AdminState::Draining).unwrap(),
-                2 => s.set_state(m, vip, server, AdminState::Ready).unwrap(),
-                _ => s.set_weight(m, vip, server, 100).unwrap(),
+            lab.change(|s| match round % 4 {
+                0 => s.set_weight(vip, server, 50 + round),
+                1 => s.set_state(vip, server, AdminState::Draining),
+                2 => s.set_state(vip, server, AdminState::Ready),
+                _ => s.set_weight(vip, server, 100),
             });
         }
         thread::sleep(Duration::from_millis(40));

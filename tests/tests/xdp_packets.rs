@@ -135,6 +135,7 @@ impl Balancer {
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 4096,
             settings: l4::settings(&config),
+            pins: None,
         })
         .expect("verifier accepts the program and maps load");
         let services = L4Services::from_config(&config, datapath.maps_mut()).expect("services");
@@ -195,6 +196,13 @@ impl Balancer {
             };
             assert_eq!(moved, want, "{}: counter {}", case.name, stat.name());
         }
+    }
+
+    /// Applies one change to the services and the maps; the test fails if it is refused.
+    fn change(&mut self, f: impl FnOnce(&mut L4Services) -> Result<(), l4::L4Error>) {
+        self.services
+            .apply(self.datapath.maps_mut(), f)
+            .expect("change applied");
     }
 
     fn service(&self, name: &str) -> &L4Service {
@@ -553,14 +561,7 @@ fn packet_table() {
         let client4 = |port| SocketAddr::new("198.18.0.1".parse().unwrap(), port);
         let client6 = |port| SocketAddr::new("fd00::1".parse().unwrap(), port);
         // A VIP whose every server is disabled, and one with a mode from the future.
-        lb.services
-            .set_state(
-                lb.datapath.maps_mut(),
-                "emptied",
-                addr("198.18.1.10:8080"),
-                AdminState::Disabled,
-            )
-            .unwrap();
+        lb.change(|s| s.set_state("emptied", addr("198.18.1.10:8080"), AdminState::Disabled));
         let future = weir_common::l4::VipKey::new(addr("198.18.100.34:80"), 6);
         let info = weir_common::l4::VipInfo {
             id: 200,
@@ -936,10 +937,7 @@ fn flows_stay_pinned_through_pool_changes() {
         );
 
         // Draining A: its flows stay, new flows avoid it (even those whose slot was A's).
-        let maps = lb.datapath.maps_mut();
-        lb.services
-            .set_state(maps, "web4", a, AdminState::Draining)
-            .unwrap();
+        lb.change(|s| s.set_state("web4", a, AdminState::Draining));
         assert_eq!(
             lb.tcp_to("web4", pinned, Flags::Ack),
             a,
@@ -962,8 +960,7 @@ fn flows_stay_pinned_through_pool_changes() {
         }
 
         // Adding C moves only new flows: every established flow keeps its server.
-        let maps = lb.datapath.maps_mut();
-        lb.services.add_server(maps, "web4", c, 100).unwrap();
+        lb.change(|s| s.add_server("web4", c, 100));
         for (client, server) in &established {
             assert_eq!(
                 lb.tcp_to("web4", *client, Flags::Ack),
@@ -991,8 +988,7 @@ fn flows_stay_pinned_through_pool_changes() {
             .filter(|(_, s)| *s == b)
             .map(|(c, _)| *c)
             .collect();
-        let maps = lb.datapath.maps_mut();
-        lb.services.remove_server(maps, "web4", b).unwrap();
+        lb.change(|s| s.remove_server("web4", b));
         for client in on_b {
             assert_eq!(
                 lb.tcp_to("web4", client, Flags::Ack),
@@ -1015,16 +1011,12 @@ fn idle_udp_flows_expire_and_re_pick() {
         let mut lb = Balancer::new();
         let first = addr("198.18.1.12:5353");
         let second = addr("198.18.1.11:5353");
-        let maps = lb.datapath.maps_mut();
-        lb.services.add_server(maps, "dns4", second, 100).unwrap();
+        lb.change(|s| s.add_server("dns4", second, 100));
         let vip = lb.service("dns4").address;
         let port = lb.port_for("dns4", first, 40000);
         let query = || udp(IN, client(port), vip, 64);
         assert_eq!(lb.send(query()), first);
-        let maps = lb.datapath.maps_mut();
-        lb.services
-            .set_state(maps, "dns4", first, AdminState::Draining)
-            .unwrap();
+        lb.change(|s| s.set_state("dns4", first, AdminState::Draining));
         assert_eq!(
             lb.send(query()),
             first,

@@ -81,6 +81,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// Removes every lab namespace (with its processes) and the lab directory.
 fn down() -> usize {
     let removed = netns::remove_all_with_prefix(LAB_PREFIX).len();
+    weir_tests::lab::unmount_bpffs(&Path::new(LAB_DIR).join("bpf"));
     let _ = std::fs::remove_dir_all(LAB_DIR);
     removed
 }

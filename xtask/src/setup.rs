@@ -28,7 +28,14 @@ const PINNED_NIGHTLY: &str = "1.97.0-nightly (e50aa6fba 2026-05-19)";
 /// The bpf-linker release built by `setup`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages used by the build, `cargo xtask run` and the tests.
-const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "curl", "ethtool", "procps"];
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "curl",
+    "ethtool",
+    "procps",
+    "bpftool",
+];
 
 /// What setup found, for commands that run tools afterwards.
 pub struct Toolchain {

@@ -2,15 +2,30 @@
 
 use std::{io::IsTerminal, path::PathBuf};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use weir_config::DEFAULT_CONFIG_PATH;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "The weir load-balancer daemon")]
+#[command(
+    name = "weir",
+    version,
+    about = "The weir load-balancer daemon",
+    long_about = "The weir load-balancer daemon. Without a command it runs until SIGTERM or \
+                  SIGINT (SIGHUP reloads the config). Stopping it leaves the XDP datapath pinned \
+                  and forwarding, so a restart drops no flow; `weir detach` takes it down."
+)]
 struct Args {
     /// The TOML config file.
-    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+    #[arg(long, short, global = true, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Detach XDP and unpin the maps a stopped daemon left (ends every L4 flow).
+    Detach,
 }
 
 fn main() -> std::process::ExitCode {
@@ -22,7 +37,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    match weir_forwarder::daemon::run(&args.config) {
+    let result = match args.command {
+        None => weir_forwarder::daemon::run(&args.config),
+        Some(Command::Detach) => weir_forwarder::daemon::detach(&args.config),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             // One line per cause chain element joined: operators read this in journald.

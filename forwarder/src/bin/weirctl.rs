@@ -1,16 +1,29 @@
 //! `weirctl`: the operator's CLI, a client of the daemon's control socket.
 //!
-//! Exit codes: 0 done; 1 the daemon refused the request; 2 usage error (clap); 3 the daemon
-//! could not be reached.
+//! A change returns once the daemon has it in the datapath and in its state file. Output is a
+//! table for people, or JSON with `--json` for scripts.
+//!
+//! Exit codes: 0 done; 1 the daemon refused the request (invalid, or refused now — e.g. a
+//! server that still has flows) or `config check` found errors; 2 usage error; 3 the daemon
+//! could not be reached; 4 no such VIP or server; 5 `server remove --wait` timed out.
 
-use std::{path::PathBuf, process::ExitCode};
-
-use clap::{Parser, Subcommand};
-use weir_config::{
-    DEFAULT_CONTROL_SOCKET,
-    control::{Request, Response, StatusReport},
+use std::{
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
 };
-use weir_forwarder::control::Client;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use weir_config::{
+    Config, DEFAULT_CONTROL_SOCKET,
+    control::{
+        AdminState, ControlError, ControlErrorKind, Request, Response, ServerReport, StatsReport,
+        StatusReport, VipReport,
+    },
+};
+use weir_forwarder::control::{Client, ClientError};
 
 #[derive(Parser)]
 #[command(name = "weirctl", version, about = "Control a running weir daemon")]
@@ -29,40 +42,340 @@ struct Args {
 enum Command {
     /// The daemon, where XDP is attached, datapath counters and L7 listeners.
     Status,
+    /// L4 VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Servers of L4 VIPs.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Datapath counters by reason and traffic per VIP.
+    Stats,
+    /// Config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Re-read the daemon's config file and apply all of it or none of it.
+    Reload,
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Every VIP with its pool size, active flows and traffic.
+    List,
+    /// One VIP and its servers.
+    Show { vip: String },
+}
+
+#[derive(Subcommand)]
+enum ServerCommand {
+    /// Servers with admin state, health, weight, active flows and traffic.
+    List { vip: Option<String> },
+    /// Add a server, ready for new flows.
+    Add {
+        vip: String,
+        address: SocketAddr,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove a server. Refused while it has active flows or is the VIP's last server.
+    Remove {
+        vip: String,
+        address: SocketAddr,
+        /// Remove even if flows are still on it (they move to other servers and break).
+        #[arg(long, conflicts_with = "wait")]
+        force: bool,
+        /// Drain the server if it is ready, wait until its flows end, then remove it.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        timeout: u64,
+    },
+    /// Stop new flows to a server; its established flows finish.
+    Drain { vip: String, address: SocketAddr },
+    /// Take a server out for maintenance: no new flows.
+    Disable { vip: String, address: SocketAddr },
+    /// Make a server ready for new flows again.
+    Enable { vip: String, address: SocketAddr },
+    /// Set a server's weight (1 to 10000).
+    Weight {
+        vip: String,
+        address: SocketAddr,
+        weight: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file without applying it (no daemon needed).
+    Check { file: PathBuf },
 }
 
 const EXIT_REFUSED: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_NOT_FOUND: u8 = 4;
+const EXIT_TIMEOUT: u8 = 5;
+
+/// How a command ended, when not with success.
+enum Failure {
+    Unreachable(ClientError),
+    Refused(ControlError),
+    Timeout(String),
+    ConfigInvalid(String),
+}
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let request = match args.command {
-        Command::Status => Request::Status,
-    };
-    let response = match Client::connect(&args.socket).and_then(|mut c| c.request(request)) {
-        Ok(response) => response,
-        Err(err) => {
-            eprintln!("weirctl: {err}");
-            return ExitCode::from(EXIT_UNREACHABLE);
-        }
-    };
-    if args.json {
-        match &response {
-            Response::Status(report) => print_json(report),
-            Response::Error(err) => print_json(err),
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            let (message, code) = match failure {
+                Failure::Unreachable(err) => (err.to_string(), EXIT_UNREACHABLE),
+                Failure::Refused(err) => {
+                    let code = match err.kind {
+                        ControlErrorKind::NotFound => EXIT_NOT_FOUND,
+                        _ => EXIT_REFUSED,
+                    };
+                    if args.json {
+                        print_json(&err);
+                    }
+                    (err.message, code)
+                }
+                Failure::Timeout(message) => (message, EXIT_TIMEOUT),
+                Failure::ConfigInvalid(message) => (message, EXIT_REFUSED),
+            };
+            eprintln!("weirctl: {message}");
+            ExitCode::from(code)
         }
     }
-    match response {
-        Response::Status(report) => {
-            if !args.json {
-                print_status(&report);
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let server_change = |vip: &str, address: SocketAddr, state| Request::ServerSetState {
+        vip: vip.to_string(),
+        address,
+        state,
+    };
+    let request = match &args.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Args::command(), "weirctl", &mut io::stdout());
+            return Ok(());
+        }
+        Command::Config(ConfigCommand::Check { file }) => return check_config(file, args.json),
+        Command::Vip(VipCommand::Show { vip }) => return show_vip(args, vip),
+        Command::Server(ServerCommand::Remove {
+            vip,
+            address,
+            wait: true,
+            timeout,
+            ..
+        }) => return remove_when_drained(args, vip, *address, Duration::from_secs(*timeout)),
+        Command::Status => Request::Status,
+        Command::Vip(VipCommand::List) => Request::VipList,
+        Command::Stats => Request::Stats,
+        Command::Reload => Request::Reload,
+        Command::Server(command) => match command {
+            ServerCommand::List { vip } => Request::ServerList { vip: vip.clone() },
+            ServerCommand::Add {
+                vip,
+                address,
+                weight,
+            } => Request::ServerAdd {
+                vip: vip.clone(),
+                address: *address,
+                weight: *weight,
+            },
+            ServerCommand::Remove {
+                vip,
+                address,
+                force,
+                ..
+            } => Request::ServerRemove {
+                vip: vip.clone(),
+                address: *address,
+                force: *force,
+            },
+            ServerCommand::Drain { vip, address } => {
+                server_change(vip, *address, AdminState::Draining)
             }
-            ExitCode::SUCCESS
+            ServerCommand::Disable { vip, address } => {
+                server_change(vip, *address, AdminState::Disabled)
+            }
+            ServerCommand::Enable { vip, address } => {
+                server_change(vip, *address, AdminState::Ready)
+            }
+            ServerCommand::Weight {
+                vip,
+                address,
+                weight,
+            } => Request::ServerWeight {
+                vip: vip.clone(),
+                address: *address,
+                weight: *weight,
+            },
+        },
+    };
+    let response = ask(&mut connect(args)?, request)?;
+    print_response(&response, args.json);
+    Ok(())
+}
+
+fn connect(args: &Args) -> Result<Client, Failure> {
+    Client::connect(&args.socket).map_err(Failure::Unreachable)
+}
+
+/// Sends `request`; a refusal becomes a [`Failure`].
+fn ask(client: &mut Client, request: Request) -> Result<Response, Failure> {
+    match client.request(request).map_err(Failure::Unreachable)? {
+        Response::Error(err) => Err(Failure::Refused(err)),
+        response => Ok(response),
+    }
+}
+
+fn check_config(file: &std::path::Path, json: bool) -> Result<(), Failure> {
+    match Config::load(file) {
+        Ok(config) => {
+            if json {
+                print_json(
+                    &serde_json::json!({ "valid": true, "l4_vips": config.l4_vips.len(), "vhosts": config.vhosts.len() }),
+                );
+            } else {
+                println!(
+                    "{}: valid ({} L4 VIPs, {} virtual hosts)",
+                    file.display(),
+                    config.l4_vips.len(),
+                    config.vhosts.len()
+                );
+            }
+            Ok(())
         }
-        Response::Error(err) => {
-            eprintln!("weirctl: {}", err.message);
-            ExitCode::from(EXIT_REFUSED)
+        Err(err) => {
+            if json {
+                print_json(&serde_json::json!({ "valid": false, "errors": err.to_string() }));
+            }
+            Err(Failure::ConfigInvalid(err.to_string()))
         }
+    }
+}
+
+fn show_vip(args: &Args, vip: &str) -> Result<(), Failure> {
+    let mut client = connect(args)?;
+    let Response::Servers(servers) = ask(
+        &mut client,
+        Request::ServerList {
+            vip: Some(vip.to_string()),
+        },
+    )?
+    else {
+        return Err(unexpected());
+    };
+    let Response::Vips(vips) = ask(&mut client, Request::VipList)? else {
+        return Err(unexpected());
+    };
+    let vips: Vec<VipReport> = vips.into_iter().filter(|v| v.name == vip).collect();
+    if args.json {
+        print_json(&serde_json::json!({ "vip": vips.first(), "servers": servers }));
+    } else {
+        print_vips(&vips);
+        println!();
+        print_servers(&servers);
+    }
+    Ok(())
+}
+
+/// `server remove --wait`: drain (if ready), wait for the server's flows to end, remove.
+fn remove_when_drained(
+    args: &Args,
+    vip: &str,
+    address: SocketAddr,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let mut client = connect(args)?;
+    let deadline = Instant::now() + timeout;
+    let mut announced = false;
+    loop {
+        let Response::Servers(servers) = ask(
+            &mut client,
+            Request::ServerList {
+                vip: Some(vip.to_string()),
+            },
+        )?
+        else {
+            return Err(unexpected());
+        };
+        let Some(server) = servers.iter().find(|s| s.address == address) else {
+            return Err(Failure::Refused(ControlError::new(
+                ControlErrorKind::NotFound,
+                format!("VIP `{vip}` has no server {address}"),
+            )));
+        };
+        if server.admin == AdminState::Ready {
+            ask(
+                &mut client,
+                Request::ServerSetState {
+                    vip: vip.to_string(),
+                    address,
+                    state: AdminState::Draining,
+                },
+            )?;
+            eprintln!("weirctl: {address} is draining");
+            continue;
+        }
+        if server.active_flows == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(Failure::Timeout(format!(
+                "{address} still has {} active flows after {}s; nothing removed",
+                server.active_flows,
+                timeout.as_secs()
+            )));
+        }
+        if !announced {
+            eprintln!(
+                "weirctl: waiting for {} active flows on {address} to end",
+                server.active_flows
+            );
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let response = ask(
+        &mut client,
+        Request::ServerRemove {
+            vip: vip.to_string(),
+            address,
+            force: false,
+        },
+    )?;
+    print_response(&response, args.json);
+    Ok(())
+}
+
+fn unexpected() -> Failure {
+    Failure::Refused(ControlError::new(
+        ControlErrorKind::Internal,
+        "the daemon answered with an unexpected response",
+    ))
+}
+
+fn print_response(response: &Response, json: bool) {
+    match response {
+        Response::Status(report) if json => print_json(report),
+        Response::Status(report) => print_status(report),
+        Response::Vips(vips) if json => print_json(vips),
+        Response::Vips(vips) => print_vips(vips),
+        Response::Servers(servers) if json => print_json(servers),
+        Response::Servers(servers) => print_servers(servers),
+        Response::Stats(stats) if json => print_json(stats),
+        Response::Stats(stats) => print_stats(stats),
+        Response::Changed(changes) if json => {
+            print_json(&serde_json::json!({ "changes": changes }))
+        }
+        Response::Changed(changes) if changes.is_empty() => println!("no change"),
+        Response::Changed(changes) => changes.iter().for_each(|line| println!("{line}")),
+        Response::Error(err) => print_json(err),
     }
 }
 
@@ -73,11 +386,25 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
+fn lower(value: &impl std::fmt::Debug) -> String {
+    format!("{value:?}").to_lowercase()
+}
+
 fn print_status(report: &StatusReport) {
     let d = &report.daemon;
     println!(
         "weir {} (pid {}), up {}s, config {}",
         d.version, d.pid, d.uptime_secs, d.config
+    );
+    println!(
+        "state {}, pinned in {}{}",
+        d.state_file,
+        d.bpf_dir,
+        if d.adopted_datapath {
+            " (adopted from the previous daemon)"
+        } else {
+            ""
+        }
     );
     println!("\nXDP");
     println!(
@@ -89,15 +416,11 @@ fn print_status(report: &StatusReport) {
             "  {:<16} {:>7}  {:<8} {:>8}",
             x.interface,
             x.ifindex,
-            format!("{:?}", x.mode).to_lowercase(),
+            lower(&x.mode),
             x.program_id
         );
     }
-    println!("\nDATAPATH COUNTERS (all CPUs)");
-    println!("  {:<16} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
-    for c in &report.counters {
-        println!("  {:<16} {:>12} {:>14}", c.reason, c.packets, c.bytes);
-    }
+    print_counters(&report.counters);
     println!("\nL7 LISTENERS");
     println!(
         "  {:<24} {:>7} {:>12} {:>10}",
@@ -112,4 +435,58 @@ fn print_status(report: &StatusReport) {
             l.requests
         );
     }
+}
+
+fn print_counters(counters: &[weir_config::control::DatapathCounter]) {
+    println!("\nDATAPATH COUNTERS (all CPUs)");
+    println!("  {:<20} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
+    for c in counters {
+        println!("  {:<20} {:>12} {:>14}", c.reason, c.packets, c.bytes);
+    }
+}
+
+fn print_vips(vips: &[VipReport]) {
+    println!(
+        "{:<16} {:<28} {:<5} {:<5} {:>7} {:>7} {:>8} {:>12} {:>10}",
+        "VIP", "ADDRESS", "PROTO", "MODE", "READY", "SERVERS", "FLOWS", "PACKETS", "NEW FLOWS"
+    );
+    for v in vips {
+        println!(
+            "{:<16} {:<28} {:<5} {:<5} {:>7} {:>7} {:>8} {:>12} {:>10}",
+            v.name,
+            v.address.to_string(),
+            lower(&v.protocol),
+            lower(&v.mode),
+            v.ready,
+            v.servers,
+            v.active_flows,
+            v.traffic.packets,
+            v.traffic.new_flows
+        );
+    }
+}
+
+fn print_servers(servers: &[ServerReport]) {
+    println!(
+        "{:<16} {:<28} {:<9} {:<9} {:>6} {:>8} {:>12} {:>10}",
+        "VIP", "SERVER", "ADMIN", "HEALTH", "WEIGHT", "FLOWS", "PACKETS", "NEW FLOWS"
+    );
+    for s in servers {
+        println!(
+            "{:<16} {:<28} {:<9} {:<9} {:>6} {:>8} {:>12} {:>10}",
+            s.vip,
+            s.address.to_string(),
+            weir_forwarder::l4::state_name(s.admin),
+            lower(&s.health),
+            s.weight,
+            s.active_flows,
+            s.traffic.packets,
+            s.traffic.new_flows
+        );
+    }
+}
+
+fn print_stats(stats: &StatsReport) {
+    print_vips(&stats.vips);
+    print_counters(&stats.counters);
 }
