@@ -204,7 +204,7 @@ impl Inner {
                 return Err(ControlError::new(
                     ControlErrorKind::Refused,
                     format!(
-                        "{address} still has {flows} active flows: drain it and remove it once \
+                        "{address} still has {flows} active flow(s): drain it and remove it once \
                          they end (--wait does that), or use --force to cut them"
                     ),
                 ));

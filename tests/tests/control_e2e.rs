@@ -1,0 +1,732 @@
+//! End-to-end tests of the control plane: the `weir` daemon in the lab's balancer namespace,
+//! driven by the `weirctl` binary exactly as an operator would, under real client load.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::{net::UnixStream, process::CommandExt},
+    path::PathBuf,
+    process::{Command, Output},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use weir_tests::{
+    client::{EchoConnection, http_get},
+    lab::Lab,
+    netns::{Netns, wait_until},
+    topology::{ECHO_PORT, L4_VIP, SERVER_PORT, server_addr},
+};
+
+const HTTP_VIP: &str = "demo-l4";
+const ECHO_VIP: &str = "demo-echo";
+
+fn prefix(tag: &str) -> String {
+    format!("weirt-{}-{tag}-", std::process::id())
+}
+
+fn lab_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("weirt-{}-{tag}", std::process::id()))
+}
+
+fn http_server(i: usize) -> SocketAddr {
+    SocketAddr::new(server_addr(i).into(), SERVER_PORT)
+}
+
+fn echo_server(i: usize) -> SocketAddr {
+    SocketAddr::new(server_addr(i).into(), ECHO_PORT)
+}
+
+/// Runs `weirctl` against the lab's daemon.
+fn weirctl(lab: &Lab, args: &[&str]) -> Output {
+    lab.weirctl().args(args).output().expect("weirctl runs")
+}
+
+/// Runs `weirctl` and fails the test unless it succeeds.
+fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
+    let out = weirctl(lab, args);
+    assert!(
+        out.status.success(),
+        "weirctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pools as `weirctl server list --json` shows them, without the live figures (flows,
+/// counters) that move with traffic: (vip, server) → (weight, admin, health).
+fn pools(lab: &Lab) -> BTreeMap<(String, String), (u64, String, String)> {
+    let json: Value = serde_json::from_str(&weirctl_ok(lab, &["server", "list", "--json"]))
+        .expect("server list --json is JSON");
+    json.as_array()
+        .expect("a list of servers")
+        .iter()
+        .map(|s| {
+            (
+                (
+                    s["vip"].as_str().unwrap().into(),
+                    s["address"].as_str().unwrap().into(),
+                ),
+                (
+                    s["weight"].as_u64().unwrap(),
+                    s["admin"].as_str().unwrap().into(),
+                    s["health"].as_str().unwrap().into(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Active flows of one server, from `weirctl server list VIP --json`.
+fn active_flows(lab: &Lab, vip: &str, server: SocketAddr) -> u64 {
+    let json: Value =
+        serde_json::from_str(&weirctl_ok(lab, &["server", "list", vip, "--json"])).expect("JSON");
+    json.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"].as_str() == Some(&server.to_string()))
+        .map_or(0, |s| s["active_flows"].as_u64().unwrap())
+}
+
+/// What client load saw.
+#[derive(Default)]
+struct LoadReport {
+    short_ok: AtomicU64,
+    short_failed: AtomicU64,
+    long_rounds: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+/// Client load through the VIPs from the client namespace: `short` threads opening a new
+/// HTTP connection per request, and `long` echo connections that keep exchanging verified
+/// data, each checking it stays with the server that greeted it.
+struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<LoadReport>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &Netns, short: usize, long: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(LoadReport::default());
+        let http = SocketAddr::new(L4_VIP.into(), 80);
+        let echo = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+        let mut threads = Vec::new();
+        let netns = format!("/run/netns/{}", client.name());
+        for i in 0..short + long {
+            let (stop, report, netns) = (stop.clone(), report.clone(), netns.clone());
+            threads.push(thread::spawn(move || {
+                let file = fs::File::open(&netns).expect("client netns");
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                if i < short {
+                    while !stop.load(Ordering::Relaxed) {
+                        match http_get(http) {
+                            Ok(_) => report.short_ok.fetch_add(1, Ordering::Relaxed),
+                            Err(err) => {
+                                report.errors.lock().unwrap().push(format!("short: {err}"));
+                                report.short_failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                } else {
+                    let mut connection = match EchoConnection::open(echo) {
+                        Ok(c) => c,
+                        Err(err) => {
+                            report
+                                .errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("long open: {err}"));
+                            return;
+                        }
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(err) = connection.exchange() {
+                            report.errors.lock().unwrap().push(format!(
+                                "long-lived connection to {} broke in round {}: {err}",
+                                connection.server, connection.round
+                            ));
+                            return;
+                        }
+                        report.long_rounds.fetch_add(1, Ordering::Relaxed);
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }));
+        }
+        Load {
+            stop,
+            report,
+            threads,
+        }
+    }
+
+    fn finish(self) -> Arc<LoadReport> {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("load thread");
+        }
+        self.report
+    }
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn server_churn_and_a_daemon_kill_under_load_drop_no_connection() {
+    let dir = lab_dir("churn");
+    let mut lab = Lab::start(&prefix("churn"), 4, &dir, "native").expect("lab starts");
+    let load = Load::start(&lab.topology.client, 3, 6);
+    thread::sleep(Duration::from_millis(300));
+
+    let mut changes = 0;
+    let mut change = |lab: &Lab, args: &[&str]| {
+        weirctl_ok(lab, args);
+        changes += 1;
+    };
+    let mut restart_checked = false;
+    for cycle in 0..18 {
+        // One HTTP server goes through a whole maintenance: drain, reweight, removal once
+        // drained, back in, disabled, enabled.
+        let i = cycle % 4 + 1;
+        let http = http_server(i).to_string();
+        change(&lab, &["server", "drain", HTTP_VIP, &http]);
+        change(
+            &lab,
+            &[
+                "server",
+                "weight",
+                HTTP_VIP,
+                &http,
+                &(50 + cycle).to_string(),
+            ],
+        );
+        change(
+            &lab,
+            &[
+                "server",
+                "remove",
+                HTTP_VIP,
+                &http,
+                "--wait",
+                "--timeout",
+                "20",
+            ],
+        );
+        change(&lab, &["server", "add", HTTP_VIP, &http, "--weight", "100"]);
+        change(&lab, &["server", "disable", HTTP_VIP, &http]);
+        change(&lab, &["server", "enable", HTTP_VIP, &http]);
+        // The echo pool's tables switch under the long-lived connections.
+        let echo = echo_server(i).to_string();
+        change(&lab, &["server", "drain", ECHO_VIP, &echo]);
+        change(&lab, &["server", "enable", ECHO_VIP, &echo]);
+
+        if cycle == 8 {
+            // Mid-churn, with one server disabled, the daemon dies without any clean-up.
+            weirctl_ok(&lab, &["server", "disable", HTTP_VIP, &http]);
+            weirctl_ok(&lab, &["server", "weight", ECHO_VIP, &echo, "300"]);
+            let before = pools(&lab);
+            lab.kill_weir();
+            let served = load.report.short_ok.load(Ordering::Relaxed);
+            thread::sleep(Duration::from_millis(1500));
+            let served_while_down = load.report.short_ok.load(Ordering::Relaxed) - served;
+            lab.restart_weir().expect("weir restarts");
+            assert!(
+                served_while_down > 0,
+                "no connection completed while the daemon was down"
+            );
+            assert_eq!(pools(&lab), before, "state after restart differs");
+            let status = lab.status().expect("status");
+            assert!(
+                status.daemon.adopted_datapath,
+                "the pinned datapath was not adopted"
+            );
+            weirctl_ok(&lab, &["server", "enable", HTTP_VIP, &http]);
+            restart_checked = true;
+        }
+    }
+    thread::sleep(Duration::from_millis(300));
+    let report = load.finish();
+    let errors = report.errors.lock().unwrap();
+    assert!(restart_checked);
+    assert!(changes >= 100, "only {changes} changes");
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}\nweir.log:\n{}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        lab.log()
+    );
+    assert_eq!(report.short_failed.load(Ordering::Relaxed), 0);
+    assert!(
+        report.short_ok.load(Ordering::Relaxed) > 300,
+        "too little load to mean anything"
+    );
+    assert!(report.long_rounds.load(Ordering::Relaxed) > 6 * 50);
+}
+
+/// `PassiveOpens` of the TCP MIB in a namespace: connections its servers accepted.
+fn passive_opens(ns: &Netns) -> u64 {
+    let out = ns
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .expect("cat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let index = names
+        .split_whitespace()
+        .position(|n| n == "PassiveOpens")
+        .unwrap();
+    values
+        .split_whitespace()
+        .nth(index)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_drained_server_accepts_no_new_connection_and_its_own_finish() {
+    let dir = lab_dir("drain");
+    let lab = Lab::start(&prefix("drain"), 3, &dir, "native").expect("lab starts");
+    let echo = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+    let client = &lab.topology.client;
+    let mut existing = client
+        .run(|| EchoConnection::open(echo))
+        .unwrap()
+        .expect("connect");
+    let owner: usize = existing.server.trim_start_matches("srv").parse().unwrap();
+    let owner_ns = &lab.topology.servers[owner - 1];
+    client
+        .run(|| existing.exchange())
+        .unwrap()
+        .expect("exchange");
+
+    weirctl_ok(
+        &lab,
+        &["server", "drain", ECHO_VIP, &echo_server(owner).to_string()],
+    );
+    // weirctl has returned: the drain is live, so from here on the owner accepts nothing.
+    let accepted_before = passive_opens(owner_ns);
+    let servers: Vec<String> = client
+        .run(|| {
+            (0..60)
+                .map(|_| EchoConnection::open(echo).expect("new connection").server)
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(
+        passive_opens(owner_ns),
+        accepted_before,
+        "the draining server accepted connections"
+    );
+    assert!(!servers.contains(&existing.server), "{servers:?}");
+
+    // Its established connection keeps working, then ends; the server then has no flow and
+    // `remove` (without --force) goes through.
+    assert!(active_flows(&lab, ECHO_VIP, echo_server(owner)) >= 1);
+    client
+        .run(|| (0..20).try_for_each(|_| existing.exchange()))
+        .unwrap()
+        .expect("the draining server's connection keeps working");
+    drop(existing);
+    wait_until(
+        "the drained server's flows to end",
+        Duration::from_secs(5),
+        || active_flows(&lab, ECHO_VIP, echo_server(owner)) == 0,
+    )
+    .unwrap();
+    weirctl_ok(
+        &lab,
+        &[
+            "server",
+            "remove",
+            ECHO_VIP,
+            &echo_server(owner).to_string(),
+        ],
+    );
+}
+
+/// What must not change when a request is refused: the state file's bytes and the contents of
+/// every map the daemon writes (as bpftool dumps them; Maglev tables by inner map id, so a
+/// table rebuilt with the same contents would show too).
+fn snapshot(lab: &Lab) -> (Vec<u8>, Vec<Value>) {
+    let state = fs::read(lab.state_file()).expect("state file");
+    let maps = [
+        "WEIR_VIPS",
+        "WEIR_SERVERS",
+        "WEIR_MAGLEV",
+        "WEIR_SETTINGS",
+        "WEIR_TX_PORTS",
+    ]
+    .iter()
+    .map(|name| {
+        let pin = lab.dir.join("bpf/weir/maps").join(name);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(&pin)
+            .output()
+            .expect("bpftool runs");
+        assert!(
+            out.status.success(),
+            "bpftool {}: {}",
+            pin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+    })
+    .collect();
+    (state, maps)
+}
+
+/// Sends raw `line` on the control socket and returns the daemon's answer.
+fn raw_request(lab: &Lab, line: &str) -> Value {
+    let mut stream = UnixStream::connect(lab.socket()).expect("connect");
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).expect("a JSON answer")
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn bad_requests_and_bad_configs_change_nothing() {
+    let dir = lab_dir("bad");
+    let lab = Lab::start(&prefix("bad"), 1, &dir, "native").expect("lab starts");
+    // A flow on the echo server, and a second echo server so that one is not the last.
+    let echo = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+    let mut connection = lab
+        .topology
+        .client
+        .run(|| EchoConnection::open(echo))
+        .unwrap()
+        .unwrap();
+    weirctl_ok(&lab, &["server", "add", ECHO_VIP, "198.18.11.2:7001"]);
+    let before = snapshot(&lab);
+    let pools_before = pools(&lab);
+
+    let http = http_server(1).to_string();
+    let echo1 = echo_server(1).to_string();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["server", "add", "nope", "198.18.11.2:80"],
+            4,
+            "no L4 VIP named `nope`",
+        ),
+        (
+            &["server", "drain", HTTP_VIP, "198.18.11.9:8080"],
+            4,
+            "has no server 198.18.11.9:8080",
+        ),
+        (
+            &["server", "add", HTTP_VIP, "198.18.11.2"],
+            2,
+            "invalid socket address",
+        ),
+        (
+            &["server", "weight", HTTP_VIP, &http, "0"],
+            1,
+            "weight 0 is out of range",
+        ),
+        (
+            &["server", "weight", HTTP_VIP, &http, "10001"],
+            1,
+            "weight 10001 is out of range",
+        ),
+        (&["server", "add", HTTP_VIP, &http], 1, "already has server"),
+        (
+            &["server", "add", HTTP_VIP, "[fd00:11::2]:8080"],
+            1,
+            "address family",
+        ),
+        (&["server", "remove", HTTP_VIP, &http], 1, "last server"),
+        (
+            &["server", "remove", ECHO_VIP, &echo1],
+            1,
+            "1 active flow(s)",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let out = weirctl(&lab, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "weirctl {args:?}: {stderr}");
+        assert!(stderr.contains(message), "weirctl {args:?}: {stderr}");
+        assert_eq!(snapshot(&lab), before, "weirctl {args:?} changed something");
+    }
+
+    for (line, kind) in [
+        ("{garbage", "bad_request"),
+        (
+            r#"{"version":1,"request":{"command":"server_launch"}}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"version":1,"request":{"command":"server_weight","vip":"demo-l4","address":"198.18.11.2:8080","weight":"x"}}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"version":7,"request":{"command":"status"}}"#,
+            "unsupported_version",
+        ),
+    ] {
+        let answer = raw_request(&lab, line);
+        assert_eq!(answer["error"]["kind"], kind, "{line}: {answer}");
+        assert_eq!(snapshot(&lab), before, "{line} changed something");
+    }
+
+    // Reloads of broken configs, and of one changing what only a restart can change.
+    let config = fs::read_to_string(lab.config()).unwrap();
+    for (broken, message) in [
+        (
+            config.replace("port = 80\n", "port = 80\nweight = 3\n"),
+            "weir.toml:",
+        ),
+        (
+            config.replace("mode = \"nat\"", "mode = \"tunnel\""),
+            "unknown variant `tunnel`",
+        ),
+        (
+            config.replace("xdp_mode = \"native\"", "xdp_mode = \"generic\""),
+            "datapath.xdp_mode needs a restart",
+        ),
+    ] {
+        assert_ne!(broken, config);
+        fs::write(lab.config(), &broken).unwrap();
+        let out = weirctl(&lab, &["reload"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(message), "{stderr}");
+        assert_eq!(snapshot(&lab), before, "a refused reload changed something");
+    }
+    fs::write(lab.config(), &config).unwrap();
+    assert_eq!(weirctl_ok(&lab, &["reload"]).trim(), "no change");
+    assert_eq!(snapshot(&lab), before);
+    assert_eq!(pools(&lab), pools_before);
+    // Throughout, the established connection kept working.
+    lab.topology
+        .client
+        .run(|| connection.exchange())
+        .unwrap()
+        .expect("connection intact");
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn concurrent_weirctl_changes_lose_no_update() {
+    let dir = lab_dir("conc");
+    let lab = Lab::start(&prefix("conc"), 1, &dir, "native").expect("lab starts");
+    const N: u32 = 20;
+    let spawn_all = |args: &dyn Fn(u32) -> Vec<String>| {
+        let children: Vec<_> = (1..=N)
+            .map(|k| {
+                lab.weirctl()
+                    .args(args(k))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("weirctl")
+            })
+            .collect();
+        for mut child in children {
+            assert!(child.wait().unwrap().success());
+        }
+    };
+    let server = |k: u32| format!("198.18.60.{k}:8080");
+    spawn_all(&|k| {
+        [
+            "server",
+            "add",
+            HTTP_VIP,
+            &server(k),
+            "--weight",
+            &k.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    spawn_all(&|k| {
+        [
+            "server",
+            "weight",
+            HTTP_VIP,
+            &server(k),
+            &(1000 + k).to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let pools = pools(&lab);
+    let state: Value = serde_json::from_slice(&fs::read(lab.state_file()).unwrap()).unwrap();
+    let stored = state["l4_vips"][HTTP_VIP]["servers"].as_array().unwrap();
+    for k in 1..=N {
+        let key = (HTTP_VIP.to_string(), server(k));
+        assert_eq!(
+            pools.get(&key).map(|p| p.0),
+            Some(1000 + k as u64),
+            "{key:?}"
+        );
+        let saved = stored
+            .iter()
+            .find(|s| s["address"] == server(k))
+            .expect("in the state file");
+        assert_eq!(saved["weight"], 1000 + k);
+    }
+    assert_eq!(stored.len(), N as usize + 1);
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn the_control_socket_is_for_root_only() {
+    let dir = lab_dir("perm");
+    let lab = Lab::start(&prefix("perm"), 1, &dir, "generic").expect("lab starts");
+    let meta = fs::metadata(lab.socket()).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), 0);
+    // `nobody` may reach the socket file (the lab's directory is world-readable) but not use it.
+    fs::set_permissions(&lab.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lab
+        .weirctl()
+        .args(["server", "list"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("weirctl as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    // Root, on the same socket, is served.
+    weirctl_ok(&lab, &["server", "list"]);
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn reload_applies_config_edits_and_keeps_runtime_changes() {
+    let dir = lab_dir("reload");
+    let mut lab = Lab::start(&prefix("reload"), 3, &dir, "native").expect("lab starts");
+    // Runtime changes: a server added by hand, another drained.
+    weirctl_ok(
+        &lab,
+        &[
+            "server",
+            "add",
+            HTTP_VIP,
+            "198.18.13.2:9999",
+            "--weight",
+            "5",
+        ],
+    );
+    weirctl_ok(
+        &lab,
+        &["server", "drain", HTTP_VIP, &http_server(1).to_string()],
+    );
+    // Config edits: srv2 leaves the HTTP pool, srv3 weighs 250, a new VIP appears.
+    let config = fs::read_to_string(lab.config()).unwrap();
+    let edited = config
+        .replace(&format!("{{ address = \"{}\" }}, ", http_server(2)), "")
+        .replace(
+            &format!("{{ address = \"{}\" }}", http_server(3)),
+            &format!("{{ address = \"{}\", weight = 250 }}", http_server(3)),
+        )
+        + "\n[[l4_vip]]\nname = \"extra\"\naddress = \"198.18.100.12\"\nport = 80\nprotocol = \"tcp\"\nservers = [{ address = \"198.18.11.2:8080\" }]\n";
+    fs::write(lab.config(), &edited).unwrap();
+    let diff = weirctl_ok(&lab, &["reload"]);
+    for line in [
+        "vip extra: added",
+        &format!("vip {HTTP_VIP}: server {} removed", http_server(2)),
+        &format!(
+            "vip {HTTP_VIP}: server {} weight 100 -> 250",
+            http_server(3)
+        ),
+    ] {
+        assert!(diff.contains(line), "{line:?} not in:\n{diff}");
+    }
+    assert_eq!(diff.lines().count(), 3, "{diff}");
+    let key = |vip: &str, server: &str| (vip.to_string(), server.to_string());
+    let expected = |pools: &BTreeMap<_, _>| {
+        assert_eq!(
+            pools
+                .get(&key(HTTP_VIP, "198.18.13.2:9999"))
+                .map(|p: &(u64, String, String)| p.0),
+            Some(5)
+        );
+        assert_eq!(
+            pools
+                .get(&key(HTTP_VIP, &http_server(1).to_string()))
+                .map(|p| p.1.as_str()),
+            Some("draining")
+        );
+        assert!(!pools.contains_key(&key(HTTP_VIP, &http_server(2).to_string())));
+        assert_eq!(
+            pools
+                .get(&key(HTTP_VIP, &http_server(3).to_string()))
+                .map(|p| p.0),
+            Some(250)
+        );
+        assert!(pools.contains_key(&key("extra", "198.18.11.2:8080")));
+    };
+    expected(&pools(&lab));
+    // The new VIP serves.
+    let extra = SocketAddr::new("198.18.100.12".parse().unwrap(), 80);
+    assert_eq!(
+        lab.topology
+            .client
+            .run(|| http_get(extra))
+            .unwrap()
+            .unwrap(),
+        "srv1"
+    );
+
+    // A restart with a config edited meanwhile: the same merge. srv2 comes back in the file.
+    lab.kill_weir();
+    fs::write(
+        lab.config(),
+        edited.replace(
+            &format!("{{ address = \"{}\" }}", http_server(1)),
+            &format!(
+                "{{ address = \"{}\" }}, {{ address = \"{}\" }}",
+                http_server(1),
+                http_server(2)
+            ),
+        ),
+    )
+    .unwrap();
+    lab.restart_weir().unwrap();
+    let after = pools(&lab);
+    expected(&BTreeMap::from_iter(
+        after
+            .clone()
+            .into_iter()
+            .filter(|(k, _)| k.1 != http_server(2).to_string()),
+    ));
+    assert_eq!(
+        after
+            .get(&key(HTTP_VIP, &http_server(2).to_string()))
+            .map(|p| p.1.as_str()),
+        Some("ready")
+    );
+
+    // SIGHUP reloads too: the new VIP leaves with the file.
+    fs::write(lab.config(), &config).unwrap();
+    let pid = lab.status().unwrap().daemon.pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_until("SIGHUP reload", Duration::from_secs(5), || {
+        !pools(&lab).keys().any(|(vip, _)| vip == "extra")
+    })
+    .unwrap();
+}
