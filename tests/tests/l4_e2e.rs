@@ -387,10 +387,12 @@ fn table_switches_under_continuous_traffic_break_no_connection() {
             Ok(())
         }));
     }
-    // 60 table switches on the two NAT/DSR HTTP pools: weights, drains and re-enables.
+    // 60 table switches on the two NAT/DSR HTTP pools: weights, drains and re-enables. Each
+    // server goes through all four steps in turn, so at most one is out of the pool at a time
+    // (a pool with every server drained rightly refuses new connections).
     let started = Instant::now();
     for round in 0..60u32 {
-        let i = (round % 3) as usize + 1;
+        let i = (round / 4 % 3) as usize + 1;
         for (vip, port) in [("nat4-http", SERVER_PORT), ("dsr4-http", 80)] {
             let server = sock(server_addr(i), port);
             lab.change(|s| match round % 4 {
