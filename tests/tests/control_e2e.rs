@@ -359,35 +359,73 @@ fn a_drained_server_accepts_no_new_connection_and_its_own_finish() {
 }
 
 /// What must not change when a request is refused: the state file's bytes and the contents of
-/// every map the daemon writes (as bpftool dumps them; Maglev tables by inner map id, so a
-/// table rebuilt with the same contents would show too).
-fn snapshot(lab: &Lab) -> (Vec<u8>, Vec<Value>) {
-    let state = fs::read(lab.state_file()).expect("state file");
-    let maps = [
-        "WEIR_VIPS",
-        "WEIR_SERVERS",
-        "WEIR_MAGLEV",
-        "WEIR_SETTINGS",
-        "WEIR_TX_PORTS",
-    ]
-    .iter()
-    .map(|name| {
-        let pin = lab.dir.join("bpf/weir/maps").join(name);
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&pin)
-            .output()
-            .expect("bpftool runs");
-        assert!(
-            out.status.success(),
-            "bpftool {}: {}",
-            pin.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("bpftool JSON")
-    })
-    .collect();
-    (state, maps)
+/// every map the daemon writes, as bpftool dumps them. Maglev tables are compared by contents
+/// and by inner map id: an untouched table keeps its id.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    state: Vec<u8>,
+    maps: Vec<Value>,
+    table_ids: Value,
+    tables: Vec<Value>,
+}
+
+impl Snapshot {
+    fn take(lab: &Lab) -> Snapshot {
+        let dump = |target: &[&str]| -> Value {
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "dump"])
+                .args(target)
+                .output()
+                .expect("bpftool runs");
+            assert!(
+                out.status.success(),
+                "bpftool {target:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+        };
+        let pinned = |name: &str| {
+            let pin = lab.dir.join("bpf/weir/maps").join(name);
+            dump(&["pinned", pin.to_str().unwrap()])
+        };
+        let table_ids = pinned("WEIR_MAGLEV");
+        let tables = table_ids
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| {
+                let bytes: Vec<u8> = entry["value"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| {
+                        u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16)
+                            .unwrap()
+                    })
+                    .collect();
+                let id = u32::from_le_bytes(bytes[..4].try_into().unwrap());
+                dump(&["id", &id.to_string()])
+            })
+            .collect();
+        Snapshot {
+            state: fs::read(lab.state_file()).expect("state file"),
+            maps: [
+                "WEIR_VIPS",
+                "WEIR_SERVERS",
+                "WEIR_SETTINGS",
+                "WEIR_TX_PORTS",
+            ]
+            .map(pinned)
+            .to_vec(),
+            table_ids,
+            tables,
+        }
+    }
+
+    /// Equal but for which inner maps hold the (equal) tables.
+    fn same_contents(&self, other: &Snapshot) -> bool {
+        (&self.state, &self.maps, &self.tables) == (&other.state, &other.maps, &other.tables)
+    }
 }
 
 /// Sends raw `line` on the control socket and returns the daemon's answer.
@@ -414,7 +452,7 @@ fn bad_requests_and_bad_configs_change_nothing() {
         .unwrap()
         .unwrap();
     weirctl_ok(&lab, &["server", "add", ECHO_VIP, "198.18.11.2:7001"]);
-    let before = snapshot(&lab);
+    let before = Snapshot::take(&lab);
     let pools_before = pools(&lab);
 
     let http = http_server(1).to_string();
@@ -463,7 +501,11 @@ fn bad_requests_and_bad_configs_change_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(*code), "weirctl {args:?}: {stderr}");
         assert!(stderr.contains(message), "weirctl {args:?}: {stderr}");
-        assert_eq!(snapshot(&lab), before, "weirctl {args:?} changed something");
+        assert_eq!(
+            Snapshot::take(&lab),
+            before,
+            "weirctl {args:?} changed something"
+        );
     }
 
     for (line, kind) in [
@@ -483,7 +525,7 @@ fn bad_requests_and_bad_configs_change_nothing() {
     ] {
         let answer = raw_request(&lab, line);
         assert_eq!(answer["error"]["kind"], kind, "{line}: {answer}");
-        assert_eq!(snapshot(&lab), before, "{line} changed something");
+        assert_eq!(Snapshot::take(&lab), before, "{line} changed something");
     }
 
     // Reloads of broken configs, and of one changing what only a restart can change.
@@ -508,11 +550,35 @@ fn bad_requests_and_bad_configs_change_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(message), "{stderr}");
-        assert_eq!(snapshot(&lab), before, "a refused reload changed something");
+        assert_eq!(
+            Snapshot::take(&lab),
+            before,
+            "a refused reload changed something"
+        );
     }
     fs::write(lab.config(), &config).unwrap();
+
+    // A change the daemon cannot make durable is undone: a directory where the state file's
+    // temporary copy goes makes the write fail after the maps were written.
+    let blocker = lab.dir.join(".state.json.tmp");
+    fs::create_dir(&blocker).unwrap();
+    let out = weirctl(&lab, &["server", "weight", ECHO_VIP, &echo1, "7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    let after = Snapshot::take(&lab);
+    assert_ne!(
+        after.table_ids, before.table_ids,
+        "the change should have reached the maps before it was undone"
+    );
+    assert!(
+        after.same_contents(&before),
+        "a change that could not be saved stayed in the maps"
+    );
+    fs::remove_dir(&blocker).unwrap();
+
     assert_eq!(weirctl_ok(&lab, &["reload"]).trim(), "no change");
-    assert_eq!(snapshot(&lab), before);
+    assert!(Snapshot::take(&lab).same_contents(&before));
     assert_eq!(pools(&lab), pools_before);
     // Throughout, the established connection kept working.
     lab.topology
