@@ -312,6 +312,28 @@ mod tests {
     }
 
     #[test]
+    fn server_requests_round_trip_with_typed_fields() {
+        let request = Request::ServerRemove {
+            vip: "web".into(),
+            address: "[fd00:11::2]:80".parse().unwrap(),
+            force: true,
+        };
+        let line = serde_json::to_vec(&RequestEnvelope::new(request.clone())).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&line),
+            r#"{"version":1,"request":{"command":"server_remove","vip":"web","address":"[fd00:11::2]:80","force":true}}"#
+        );
+        assert_eq!(parse_request(&line).unwrap(), request);
+        // An address that does not parse, or a state that does not exist, is refused whole.
+        for line in [
+            r#"{"version":1,"request":{"command":"server_add","vip":"web","address":"198.18.11.2","weight":null}}"#,
+            r#"{"version":1,"request":{"command":"server_set_state","vip":"web","address":"198.18.11.2:80","state":"sleeping"}}"#,
+        ] {
+            assert_eq!(refused(line).kind, ControlErrorKind::BadRequest, "{line}");
+        }
+    }
+
+    #[test]
     fn malformed_and_foreign_requests_are_refused_with_a_reason() {
         assert_eq!(refused("{not json").kind, ControlErrorKind::BadRequest);
         assert_eq!(

@@ -750,3 +750,74 @@ fn check_weight(weight: u32) -> Result<(), L4Error> {
         Err(L4Error::Weight(weight))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pool: &str) -> Config {
+        let source = format!(
+            "[[l4_vip]]\nname = \"web\"\naddress = \"198.18.100.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 251\nservers = [{pool}]\n"
+        );
+        Config::parse(std::path::Path::new("weir.toml"), &source).expect("valid config")
+    }
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([198, 18, 11, last], 80))
+    }
+
+    /// (weight, state, id) of each server of `web`, by its address's last byte.
+    fn pool(services: &L4Services) -> BTreeMap<u8, (u32, AdminState, u32)> {
+        services
+            .service("web")
+            .unwrap()
+            .servers
+            .iter()
+            .map(|s| match s.address.ip() {
+                std::net::IpAddr::V4(ip) => (ip.octets()[3], (s.weight, s.state, s.id)),
+                std::net::IpAddr::V6(_) => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_config_merges_with_runtime_changes_three_ways() {
+        let first = config(
+            r#"{ address = "198.18.11.1:80" }, { address = "198.18.11.2:80" }, { address = "198.18.11.3:80" }"#,
+        );
+        let mut running = L4Services::plan(&first, None).unwrap();
+        // Runtime: .4 added, .1 drained, .2 reweighted.
+        running.add_server("web", addr(4), 40).unwrap();
+        running
+            .set_state("web", addr(1), AdminState::Draining)
+            .unwrap();
+        running.set_weight("web", addr(2), 7).unwrap();
+        let ids = pool(&running);
+
+        // The file: .2 removed, .3 reweighted, .5 added.
+        let edited = config(
+            r#"{ address = "198.18.11.1:80" }, { address = "198.18.11.3:80", weight = 250 }, { address = "198.18.11.5:80" }"#,
+        );
+        let merged = L4Services::plan(&edited, Some(&running.runtime_state())).unwrap();
+        let after = pool(&merged);
+        assert_eq!(after[&1], (100, AdminState::Draining, ids[&1].2));
+        assert_eq!(after[&3], (250, AdminState::Ready, ids[&3].2));
+        assert_eq!(after[&4], (40, AdminState::Ready, ids[&4].2));
+        assert_eq!((after[&5].0, after[&5].1), (100, AdminState::Ready));
+        assert!(!after.contains_key(&2));
+        // The newcomer never takes an id a carried-over server holds.
+        assert!(![ids[&1].2, ids[&3].2, ids[&4].2].contains(&after[&5].2));
+        assert_eq!(
+            running.diff(&merged),
+            [
+                "vip web: server 198.18.11.2:80 removed",
+                "vip web: server 198.18.11.3:80 weight 100 -> 250",
+                "vip web: server 198.18.11.5:80 added (weight 100, ready)",
+            ]
+        );
+
+        // The same config again is no change; the state is a fixed point.
+        let again = L4Services::plan(&edited, Some(&merged.runtime_state())).unwrap();
+        assert_eq!(again, merged);
+    }
+}
