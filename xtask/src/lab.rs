@@ -107,6 +107,10 @@ Try:
   # where XDP is attached, its counters, the L7 listener
   {weirctl} --socket {socket} status
   {weirctl} --socket {socket} status --json
+  # the pools; take srv2 out of the L4 VIP (drain, wait for its flows, remove), put it back
+  {weirctl} --socket {socket} server list
+  {weirctl} --socket {socket} server remove demo-l4 {srv2} --wait
+  {weirctl} --socket {socket} server add demo-l4 {srv2}
 
 Daemon log: {log}
 Ctrl-C here (or `cargo xtask run --down` elsewhere) removes the lab."#,
@@ -114,6 +118,7 @@ Ctrl-C here (or `cargo xtask run --down` elsewhere) removes the lab."#,
         port = topology::SERVER_PORT,
         l4 = topology::L4_VIP,
         srv1 = topology::server_socket(1),
+        srv2 = topology::server_socket(2),
         weirctl = weirctl.display(),
         socket = socket.display(),
         log = lab.dir.join("weir.log").display(),

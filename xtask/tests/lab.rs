@@ -118,6 +118,16 @@ fn lab_answers_its_printed_lines_and_ctrl_c_removes_everything() {
     assert!(not_vip > 0, "counters did not move: {status}");
     let table = sh(&command("weir.sock status"));
     assert!(table.contains("pass_not_vip"), "{table}");
+    // The maintenance lines: srv2 leaves the L4 VIP once drained, and comes back.
+    assert!(sh(&command("server list")).contains("198.18.12.2:8080"));
+    assert_eq!(
+        sh(&command("--wait")),
+        "vip demo-l4: server 198.18.12.2:8080 removed\n"
+    );
+    assert_eq!(
+        sh(&command("server add")),
+        "vip demo-l4: server 198.18.12.2:8080 added (weight 100, ready)\n"
+    );
 
     let exit = xtask.interrupt();
     assert!(exit.success(), "xtask run exited with {exit}");

@@ -468,12 +468,12 @@ fn print_vips(vips: &[VipReport]) {
 
 fn print_servers(servers: &[ServerReport]) {
     println!(
-        "{:<16} {:<28} {:<9} {:<9} {:>6} {:>8} {:>12} {:>10}",
+        "{:<16} {:<28} {:<9} {:<10} {:>6} {:>8} {:>12} {:>10}",
         "VIP", "SERVER", "ADMIN", "HEALTH", "WEIGHT", "FLOWS", "PACKETS", "NEW FLOWS"
     );
     for s in servers {
         println!(
-            "{:<16} {:<28} {:<9} {:<9} {:>6} {:>8} {:>12} {:>10}",
+            "{:<16} {:<28} {:<9} {:<10} {:>6} {:>8} {:>12} {:>10}",
             s.vip,
             s.address.to_string(),
             weir_forwarder::l4::state_name(s.admin),
