@@ -55,7 +55,7 @@ impl Lab {
             dir.join("weir.toml"),
             topology::weir_config(&topology, dir, xdp_mode),
         )?;
-        let weir = spawn_weir(&topology, dir)?;
+        let weir = spawn_weir(&topology, dir, &[])?;
         let mut lab = Lab {
             weir,
             backends,
@@ -81,7 +81,12 @@ impl Lab {
 
     /// Starts `weir` again with the same config; returns once it answers.
     pub fn restart_weir(&mut self) -> Result<()> {
-        self.weir = spawn_weir(&self.topology, &self.dir)?;
+        self.restart_weir_with_env(&[])
+    }
+
+    /// Like [`Lab::restart_weir`], with extra environment variables for the daemon.
+    pub fn restart_weir_with_env(&mut self, env: &[(&str, &Path)]) -> Result<()> {
+        self.weir = spawn_weir(&self.topology, &self.dir, env)?;
         self.wait_for_weir()
     }
 
@@ -147,7 +152,7 @@ impl Drop for Lab {
 }
 
 /// Starts `weir` in the balancer namespace with the lab's config, appending to its log.
-fn spawn_weir(topology: &Topology, dir: &Path) -> Result<Process> {
+fn spawn_weir(topology: &Topology, dir: &Path, env: &[(&str, &Path)]) -> Result<Process> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -159,6 +164,7 @@ fn spawn_weir(topology: &Topology, dir: &Path) -> Result<Process> {
             .command(workspace_bin("weir"))
             .arg("--config")
             .arg(dir.join("weir.toml"))
+            .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log),
     )

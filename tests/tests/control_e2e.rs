@@ -796,3 +796,25 @@ fn reload_applies_config_edits_and_keeps_runtime_changes() {
     })
     .unwrap();
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn the_daemon_tells_systemd_it_is_ready_once_it_serves() {
+    let dir = lab_dir("notify");
+    let mut lab = Lab::start(&prefix("notify"), 1, &dir, "generic").expect("lab starts");
+    lab.kill_weir();
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let path = dir.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    lab.restart_weir_with_env(&[("NOTIFY_SOCKET", &path)])
+        .expect("weir restarts");
+    let mut message = [0u8; 256];
+    let n = systemd.recv(&mut message).expect("a notification");
+    let message = String::from_utf8_lossy(&message[..n]);
+    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
+    // READY came after the socket: weirctl is served at once.
+    weirctl_ok(&lab, &["status"]);
+}
