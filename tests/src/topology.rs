@@ -175,7 +175,7 @@ pub fn server_addr(i: usize) -> Ipv4Addr {
 
 /// IPv6 address of server `i` (1-based).
 pub fn server_addr6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 10 + i as u16, 0, 0, 0, 0, 0, 2)
+    Ipv6Addr::new(0xfd00, 0x10 + i as u16, 0, 0, 0, 0, 0, 2)
 }
 
 /// Where server `i`'s demo backend serves HTTP (IPv4).

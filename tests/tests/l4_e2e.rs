@@ -246,14 +246,15 @@ fn assert_spread(what: &str, counts: &HashMap<String, usize>, total: usize, tole
 fn tcp_and_udp_spread_by_weight_in_nat_and_dsr() {
     let lab = L4Lab::start("spread");
     const N: usize = 600;
-    // IPv6 is covered by the packet tests (both modes, both directions) but not yet end to
-    // end: in this topology IPv6 flows through the attached program do not complete (under
-    // investigation, see issue 3's notes), so the IPv6 VIPs are configured but not exercised.
-    let cases: [(&str, SocketAddr, bool); 4] = [
+    let cases: [(&str, SocketAddr, bool); 8] = [
         ("NAT IPv4 TCP", sock(L4_VIP, 80), false),
         ("DSR IPv4 TCP", sock(DSR_VIP, 80), false),
         ("NAT IPv4 UDP", sock(L4_VIP, 53), true),
         ("DSR IPv4 UDP", sock(DSR_VIP, 53), true),
+        ("NAT IPv6 TCP", sock(L4_VIP6, 80), false),
+        ("DSR IPv6 TCP", sock(DSR_VIP6, 80), false),
+        ("NAT IPv6 UDP", sock(L4_VIP6, 53), true),
+        ("DSR IPv6 UDP", sock(DSR_VIP6, 53), true),
     ];
     for (what, vip, udp) in cases {
         let counts = lab.client(|| {
