@@ -2,6 +2,13 @@
 //!
 //! - `cargo bench -p weir-benches --bench maglev`: building a Maglev table (65537 slots) for
 //!   10, 100 and 1000 servers — what a server change costs the control plane.
-//!
-//! The end-to-end comparison against HAProxy, nginx and nftables (`cargo xtask bench`) and the
-//! BPF_PROG_TEST_RUN ns/packet figures arrive with the bench harness and the L4 datapath.
+//! - `cargo xtask bench` (root; runs the `weir-bench` binary of this crate): the L4 datapath in
+//!   ns/packet through `BPF_PROG_TEST_RUN` next to trivial programs ([`xdp`]), and end to end
+//!   through the VIP against direct-to-server and nftables DNAT on the same namespaces
+//!   ([`l4`]), interleaved, repeated, as Markdown and JSON ([`report`]).
+
+pub mod l4;
+pub mod report;
+pub mod stats;
+pub mod wrk;
+pub mod xdp;

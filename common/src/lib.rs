@@ -27,6 +27,9 @@ pub use stats::{Counter, Stat, TrafficCounter};
 pub mod names {
     /// The XDP entry point: parse, look up, pick, rewrite, forward.
     pub const XDP_PROGRAM: &str = "weir_xdp";
+    /// Trivial programs (`XDP_PASS`, `XDP_TX`): the benchmarks' floor, never attached.
+    pub const FLOOR_PASS_PROGRAM: &str = "weir_floor_pass";
+    pub const FLOOR_TX_PROGRAM: &str = "weir_floor_tx";
     /// Per-CPU array of [`crate::Counter`], indexed by [`crate::Stat`].
     pub const STATS_MAP: &str = "WEIR_STATS";
     /// Hash of [`crate::l4::VipKey`] → [`crate::l4::VipInfo`].

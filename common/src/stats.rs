@@ -107,11 +107,17 @@ stats! {
     PassIcmp = 16 => "pass_icmp",
     /// VIP whose forwarding mode this program does not know (a newer daemon's mode).
     DropUnsupportedMode = 17 => "drop_unsupported_mode",
+    /// From a server, matching a NAT return entry whose client flow is gone, idle, pinned
+    /// elsewhere, or closing while this is a SYN-ACK: not a reply through the VIP (e.g. a
+    /// client reaching the server directly from a port a NAT flow used). The entry is
+    /// forgotten and the packet handed to the kernel untouched.
+    PassStaleReturn = 18 => "pass_stale_return",
 }
 
 impl Stat {
-    /// Number of slots the stats map must have.
-    pub const COUNT: u32 = Self::ALL.len() as u32;
+    /// Slots of the stats map: more than there are reasons, so that reasons appended later
+    /// fit the map a running datapath has pinned.
+    pub const SLOTS: u32 = 64;
 }
 
 #[cfg(test)]
@@ -123,6 +129,7 @@ mod tests {
         for (i, stat) in Stat::ALL.iter().enumerate() {
             assert_eq!(*stat as usize, i, "{stat:?} is out of order");
         }
+        assert!(Stat::ALL.len() as u32 <= Stat::SLOTS);
     }
 
     #[test]

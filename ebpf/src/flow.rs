@@ -68,6 +68,32 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     pick(vip, key, &settings)
 }
 
+/// Whether `packet`, from server `server`, answers the live client→VIP flow `key`, so that it
+/// may take the VIP's address. NAT return entries outlive their flows (they are only evicted),
+/// so the flow itself decides: it must exist, be pinned to that server and not have expired.
+/// A SYN-ACK also needs a flow that is not closing: a client reconnecting through the VIP
+/// clears the closing mark with its SYN, so a SYN-ACK that meets one answers a connection
+/// that never came through the VIP.
+#[inline(always)]
+pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet) -> bool {
+    // SAFETY: read-only use of the value for this program run.
+    let Some(state) = (unsafe { WEIR_FLOWS.get(key) }) else {
+        return false;
+    };
+    let settings = maps::settings();
+    let closing = state.flags & FLOW_CLOSING != 0;
+    let timeout = if closing {
+        settings.closing_idle_ns
+    } else if packet.is_tcp() {
+        settings.tcp_idle_ns
+    } else {
+        settings.udp_idle_ns
+    };
+    let idle = now_ns().saturating_sub(state.last_seen_ns);
+    let syn_ack = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    state.server == server && (timeout == 0 || idle <= timeout) && !(closing && syn_ack)
+}
+
 /// Marks the client→VIP flow `key` closing (a FIN or RST seen on the NAT return path).
 #[inline(always)]
 pub fn mark_closing(key: &FlowKey) {

@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod floor;
 mod flow;
 mod forward;
 mod icmp;
@@ -121,13 +122,20 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
 /// Server → client in NAT mode: restore the VIP as the source and send the reply on.
 #[inline(always)]
 fn nat_return(ctx: &XdpContext, packet: &Packet, nat: &NatReturn, len: u64) -> u32 {
+    // The client → VIP direction of this reply's flow.
+    let forward = FlowKey {
+        dst: nat.vip,
+        dst_port: nat.vip_port,
+        ..packet.flow_key().reversed()
+    };
+    if !flow::owns_reply(&forward, nat.server, packet) {
+        // The entry outlived its flow: forget it, so the rest of this connection (one that
+        // never came through the VIP) no longer matches either.
+        let _ = WEIR_NAT_RETURN.remove(packet.flow_key());
+        return verdict::pass(Stat::PassStaleReturn, len);
+    }
     if flow::ends_flow(packet) {
-        // The client → VIP direction of this reply's flow.
-        flow::mark_closing(&FlowKey {
-            dst: nat.vip,
-            dst_port: nat.vip_port,
-            ..packet.flow_key().reversed()
-        });
+        flow::mark_closing(&forward);
     }
     nat_send(
         ctx,

@@ -19,7 +19,7 @@ const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 
 /// Per-CPU packet/byte counters, one slot per verdict reason (`weir_common::Stat`).
 #[map(name = "WEIR_STATS")]
-static WEIR_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+static WEIR_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::SLOTS, 0);
 
 /// L4 services: (address, port, protocol) → VIP id and mode, plus address-level entries.
 /// Not preallocated, so a replaced value is freed only after an RCU grace period and a

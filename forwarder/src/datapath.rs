@@ -224,6 +224,21 @@ impl Datapath {
         &mut self.maps
     }
 
+    /// One of the object's trivial programs (`names::FLOOR_*`), loaded on first use: what the
+    /// benchmarks measure the balancer against.
+    pub fn floor_program(&mut self, name: &'static str) -> Result<&Xdp, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name, "program"))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        if program.fd().is_err() {
+            program.load().map_err(DatapathError::Program)?;
+        }
+        Ok(program)
+    }
+
     /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf

@@ -36,7 +36,11 @@ pub struct EchoConnection {
 
 impl EchoConnection {
     pub fn open(vip: SocketAddr) -> io::Result<EchoConnection> {
-        let stream = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+        EchoConnection::from_stream(TcpStream::connect_timeout(&vip, TIMEOUT)?)
+    }
+
+    /// Reads the greeting on a connection opened elsewhere.
+    pub fn from_stream(stream: TcpStream) -> io::Result<EchoConnection> {
         stream.set_read_timeout(Some(TIMEOUT))?;
         let mut greeting = Vec::new();
         let mut byte = [0u8; 1];

@@ -425,3 +425,55 @@ fn table_switches_under_continuous_traffic_break_no_connection() {
         "too little traffic flowed: {requests} / {exchanges}"
     );
 }
+
+/// A TCP connection from `client`'s address and `port` to `to` (the port reused at once).
+fn connect_from(port: u16, to: SocketAddr) -> std::io::Result<EchoConnection> {
+    let from = SocketAddr::new(topology::CLIENT_ADDR.into(), port);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&from.into())?;
+    socket.connect_timeout(&to.into(), TIMEOUT)?;
+    EchoConnection::from_stream(socket.into())
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces and attaches XDP"]
+fn a_direct_connection_from_a_port_a_nat_flow_used_is_left_alone() {
+    let lab = L4Lab::start("stale");
+    let vip = sock(L4_VIP, ECHO_PORT);
+    lab.client(|| {
+        for port in 42000..42010 {
+            // Through the VIP, closed by the client...
+            let mut through_vip = connect_from(port, vip).expect("connect through the VIP");
+            through_vip.exchange().expect("exchange through the VIP");
+            let server: usize = through_vip
+                .server
+                .trim_start_matches("srv")
+                .parse()
+                .unwrap();
+            drop(through_vip);
+            // ...then straight to the server that had it, from the same port: its replies
+            // match the old NAT return entry and must still not be turned into the VIP's.
+            let direct = sock(server_addr(server), ECHO_PORT);
+            let mut direct = connect_from(port, direct).expect("direct connection");
+            assert_eq!(direct.server, format!("srv{server}"));
+            direct
+                .exchange()
+                .expect("exchange on the direct connection");
+        }
+    });
+    let stale = lab
+        .datapath
+        .maps()
+        .counters()
+        .unwrap()
+        .into_iter()
+        .find(|(s, _)| s.name() == "pass_stale_return")
+        .unwrap()
+        .1
+        .packets;
+    assert!(
+        stale >= 10,
+        "the replies were not recognised as stale ({stale})"
+    );
+}

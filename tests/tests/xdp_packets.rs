@@ -408,7 +408,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
             tcp(back_macs, service.address, client, 63, Flags::SynAck),
         )
     };
-    vec![
+    let mut cases = vec![
         Case {
             name: format!("{vip}: client → server {server}, NAT"),
             ifindex: lb.up,
@@ -420,12 +420,49 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
         Case {
             name: format!("{vip}: server {server} → client, NAT return"),
             ifindex: lb.down,
-            packet: reply_in,
+            packet: reply_in.clone(),
             action: XDP_REDIRECT,
             output: Some(reply_out),
             stat: Stat::ReturnNat,
         },
-    ]
+    ];
+    if !udp_proto {
+        // The client closes; then the server answers a SYN the client sent it directly from
+        // the same port. The return entry is still there, but its flow is closing and this is
+        // a SYN-ACK: not a reply through the VIP, so it must keep the server's address.
+        cases.push(Case {
+            name: format!("{vip}: client FIN → server {server}, NAT"),
+            ifindex: lb.up,
+            packet: tcp(IN, client, service.address, 64, Flags::Fin),
+            action: XDP_REDIRECT,
+            output: Some(tcp(out_macs, client, server, 63, Flags::Fin)),
+            stat: Stat::ForwardNat,
+        });
+        cases.push(Case {
+            name: format!("{vip}: server {server} SYN-ACK to a direct connection after a NAT flow"),
+            ifindex: lb.down,
+            packet: reply_in.clone(),
+            action: XDP_PASS,
+            output: None,
+            stat: Stat::PassStaleReturn,
+        });
+        // The stale entry is gone: the rest of that direct connection is host traffic.
+        cases.push(Case {
+            name: format!("{vip}: server {server} data on the direct connection"),
+            ifindex: lb.down,
+            packet: tcp(
+                (mac_of(server.ip()), DOWNLINK_MAC),
+                server,
+                client,
+                64,
+                Flags::Ack,
+            ),
+            action: XDP_PASS,
+            output: None,
+            stat: Stat::PassNotVip,
+        });
+    }
+    cases
 }
 
 fn dsr(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool) -> Case {

@@ -1,0 +1,112 @@
+//! `weir-bench`: the measurements behind `cargo xtask bench` (which builds, installs the
+//! peers and runs this as root). Prints progress on stderr, the Markdown report on stdout, and
+//! writes `report.md` and `report.json` into `--out`.
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{Result, bail};
+use clap::{Parser, ValueEnum};
+use weir_benches::{
+    l4::{L4Bench, L4Case},
+    report::Report,
+    xdp::XdpBench,
+};
+
+#[derive(Parser)]
+#[command(name = "weir-bench", about = "weir's benchmarks against the peers")]
+struct Args {
+    /// Fewer and shorter runs (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Where report.md and report.json go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// What to run (default: all).
+    scenarios: Vec<Scenario>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// ns/packet of the XDP program through BPF_PROG_TEST_RUN.
+    Xdp,
+    /// End to end through an L4 VIP vs direct and nftables DNAT.
+    L4,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks create namespaces and load XDP programs: run them as root");
+    }
+    let all = args.scenarios.is_empty();
+    let wanted = |s| all || args.scenarios.contains(&s);
+    let tag = format!("weirb-{}-", std::process::id());
+    let mut report = Report {
+        machine: machine(),
+        quick: args.quick,
+        xdp: Vec::new(),
+        l4: Vec::new(),
+    };
+    if wanted(Scenario::Xdp) {
+        eprintln!("xdp: BPF_PROG_TEST_RUN");
+        let bench = XdpBench {
+            runs: if args.quick { 20_000 } else { 200_000 },
+            repetitions: if args.quick { 3 } else { 7 },
+        };
+        report.xdp = bench.run(&format!("{tag}bed"))?;
+    }
+    if wanted(Scenario::L4) {
+        eprintln!("l4: wrk through the VIP, direct and nftables DNAT, interleaved");
+        let families: &[bool] = if args.quick { &[false] } else { &[false, true] };
+        let cases = families
+            .iter()
+            .flat_map(|&ipv6| [false, true].map(|close| L4Case { ipv6, close }))
+            .collect();
+        let bench = L4Bench {
+            cases,
+            repetitions: if args.quick { 1 } else { 3 },
+            seconds: if args.quick { 3 } else { 5 },
+            connections: 32,
+        };
+        report.l4 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l4")))?;
+    }
+    fs::create_dir_all(&args.out)?;
+    let markdown = report.markdown();
+    fs::write(args.out.join("report.md"), &markdown)?;
+    fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!("{markdown}");
+    eprintln!("written: {}/report.md, report.json", args.out.display());
+    Ok(())
+}
+
+/// CPUs, memory and kernel of this machine, for the report.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let memory_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib / (1024 * 1024));
+    format!("{cpus} × {model}, {memory_gib} GiB, Linux {kernel}")
+}

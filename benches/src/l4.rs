@@ -1,0 +1,345 @@
+//! End to end through an L4 VIP, against the same server reached directly and through
+//! nftables DNAT, on the same namespaces, interleaved.
+//!
+//! The lab topology with one server running nginx (one worker, a 5-byte answer, keep-alive):
+//! every system forwards to that one server, so the comparison isolates what the balancer
+//! costs. `wrk` runs in the client namespace. For each repetition the systems run in turn:
+//!
+//! - **direct**: the server's address, routed by the balancer namespace's kernel (no XDP);
+//! - **weir NAT** / **weir DSR**: the VIP, with weir's XDP program attached (loaded
+//!   in-process with the daemon's own `Datapath` and `L4Services`, detached again after);
+//! - **nftables DNAT**: the same VIP address, DNAT to the server in the balancer's
+//!   `prerouting` hook, conntrack un-NATs the replies (ruleset removed after).
+//!
+//! Cases: keep-alive and a new connection per request; IPv4 and IPv6.
+
+use std::{fs, path::Path, process::Stdio, time::Duration};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use weir_config::Config;
+use weir_forwarder::{
+    datapath::{Datapath, DatapathOptions},
+    l4::{self, L4Services},
+};
+use weir_tests::{
+    netns::{Netns, Process, run, wait_until},
+    topology::{Topology, server_addr, server_addr6},
+};
+
+use crate::{stats::Sample, wrk};
+
+/// Where nginx listens on the server for NAT (DSR uses port 80 on the VIP).
+const NGINX_PORT: u16 = 8081;
+const NAT_VIP: &str = "198.18.100.12";
+const NAT_VIP6: &str = "fd00:100::12";
+
+/// The systems compared, in the order each repetition runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum System {
+    Direct,
+    WeirNat,
+    WeirDsr,
+    NftablesDnat,
+}
+
+impl System {
+    pub const ALL: [System; 4] = [
+        System::Direct,
+        System::WeirNat,
+        System::WeirDsr,
+        System::NftablesDnat,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Direct => "direct to server",
+            System::WeirNat => "weir NAT (XDP)",
+            System::WeirDsr => "weir DSR (XDP)",
+            System::NftablesDnat => "nftables DNAT",
+        }
+    }
+}
+
+/// One case: a family and a connection behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct L4Case {
+    pub ipv6: bool,
+    /// A new connection per request (`Connection: close`).
+    pub close: bool,
+}
+
+impl L4Case {
+    pub fn name(self) -> String {
+        format!(
+            "{}, {}",
+            if self.ipv6 { "IPv6" } else { "IPv4" },
+            if self.close {
+                "new connection per request"
+            } else {
+                "keep-alive"
+            }
+        )
+    }
+}
+
+/// Results of one system in one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct L4Result {
+    pub case: L4Case,
+    pub system: System,
+    pub requests_per_sec: Sample,
+    pub p50_us: Sample,
+    pub p99_us: Sample,
+    pub errors: u64,
+    /// SYNs the client had to send again (a lost first packet costs a connection 1 s).
+    pub syn_retransmits: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct L4Bench {
+    pub cases: Vec<L4Case>,
+    pub repetitions: usize,
+    pub seconds: u32,
+    pub connections: u32,
+}
+
+impl L4Bench {
+    /// Builds the topology named by `prefix`, runs everything, removes it all.
+    pub fn run(&self, prefix: &str, dir: &Path) -> Result<Vec<L4Result>> {
+        let topology = Topology::new(prefix, 1)?;
+        fs::create_dir_all(dir)?;
+        let _nginx = start_nginx(&topology.servers[0], dir)?;
+        let mut raw: Vec<(L4Case, System, Vec<(wrk::WrkReport, u64)>)> = Vec::new();
+        for case in &self.cases {
+            for system in System::ALL {
+                raw.push((*case, system, Vec::new()));
+            }
+        }
+        for repetition in 0..self.repetitions {
+            for (case, system, reports) in raw.iter_mut() {
+                let attached = match system {
+                    System::WeirNat | System::WeirDsr => Some(attach_weir(&topology)?),
+                    System::NftablesDnat => {
+                        nft_dnat(&topology.balancer, true)?;
+                        None
+                    }
+                    System::Direct => None,
+                };
+                let url = url(*case, *system);
+                let args = wrk::args(&url, self.connections, self.seconds, case.close);
+                syn_retransmits(&topology.client)?;
+                let report = wrk::run(topology.client.command("wrk").args(&args))
+                    .with_context(|| format!("{} / {}", case.name(), system.name()));
+                let retransmits = syn_retransmits(&topology.client)?;
+                if *system == System::NftablesDnat {
+                    nft_dnat(&topology.balancer, false)?;
+                }
+                drop(attached);
+                let report = report?;
+                eprintln!(
+                    "  [{}/{}] {:<32} {:<18} {:>10.0} req/s  p99 {:>7.0} µs  errors {}  SYN retransmits {}",
+                    repetition + 1,
+                    self.repetitions,
+                    case.name(),
+                    system.name(),
+                    report.requests_per_sec,
+                    report.p99_us,
+                    report.errors,
+                    retransmits
+                );
+                reports.push((report, retransmits));
+            }
+        }
+        Ok(raw
+            .into_iter()
+            .map(|(case, system, reports)| L4Result {
+                case,
+                system,
+                requests_per_sec: Sample::new(
+                    reports.iter().map(|(r, _)| r.requests_per_sec).collect(),
+                ),
+                p50_us: Sample::new(reports.iter().map(|(r, _)| r.p50_us).collect()),
+                p99_us: Sample::new(reports.iter().map(|(r, _)| r.p99_us).collect()),
+                errors: reports.iter().map(|(r, _)| r.errors).sum(),
+                syn_retransmits: reports.iter().map(|(_, s)| s).sum(),
+            })
+            .collect())
+    }
+}
+
+fn url(case: L4Case, system: System) -> String {
+    let host = |v4: String, v6: String| if case.ipv6 { format!("[{v6}]") } else { v4 };
+    match system {
+        System::Direct => format!(
+            "http://{}:{NGINX_PORT}/",
+            host(server_addr(1).to_string(), server_addr6(1).to_string())
+        ),
+        System::WeirNat | System::NftablesDnat => {
+            format!("http://{}/", host(NAT_VIP.into(), NAT_VIP6.into()))
+        }
+        System::WeirDsr => format!(
+            "http://{}/",
+            host(
+                weir_tests::topology::DSR_VIP.to_string(),
+                weir_tests::topology::DSR_VIP6.to_string()
+            )
+        ),
+    }
+}
+
+/// The weir config of the benchmark: one NAT and one DSR VIP per family, the one server each.
+fn weir_config(topology: &Topology) -> Result<Config> {
+    let vip = |name: &str, address: &str, mode: &str, server: String| {
+        format!(
+            "[[l4_vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"{mode}\"\nservers = [{{ address = \"{server}\" }}]\n\n"
+        )
+    };
+    let source = [
+        vip(
+            "nat4",
+            NAT_VIP,
+            "nat",
+            format!("{}:{NGINX_PORT}", server_addr(1)),
+        ),
+        vip(
+            "nat6",
+            NAT_VIP6,
+            "nat",
+            format!("[{}]:{NGINX_PORT}", server_addr6(1)),
+        ),
+        vip(
+            "dsr4",
+            &weir_tests::topology::DSR_VIP.to_string(),
+            "dsr",
+            format!("{}:80", server_addr(1)),
+        ),
+        vip(
+            "dsr6",
+            &weir_tests::topology::DSR_VIP6.to_string(),
+            "dsr",
+            format!("[{}]:80", server_addr6(1)),
+        ),
+    ]
+    .concat();
+    let interfaces: Vec<String> = topology
+        .balancer_interfaces()
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let source = format!(
+        "[datapath]\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n{source}",
+        interfaces.join(", ")
+    );
+    Ok(Config::parse("bench.toml".as_ref(), &source)?)
+}
+
+/// weir's datapath attached in the balancer namespace; detached when dropped.
+struct Attached {
+    _datapath: Datapath,
+    _services: L4Services,
+}
+
+fn attach_weir(topology: &Topology) -> Result<Attached> {
+    let config = weir_config(topology)?;
+    topology.balancer.run(|| -> Result<Attached> {
+        let mut datapath = Datapath::load(DatapathOptions {
+            interfaces: config
+                .datapath
+                .interfaces
+                .iter()
+                .map(|i| i.get_ref().clone())
+                .collect(),
+            xdp_mode: config.datapath.xdp_mode,
+            flow_table_size: *config.datapath.flow_table_size.get_ref(),
+            settings: l4::settings(&config),
+            pins: None,
+        })?;
+        let services = L4Services::from_config(&config, datapath.maps_mut())?;
+        datapath.attach()?;
+        Ok(Attached {
+            _datapath: datapath,
+            _services: services,
+        })
+    })?
+}
+
+/// SYN retransmits in `client` since the previous call (`nstat` keeps the history).
+fn syn_retransmits(client: &Netns) -> Result<u64> {
+    let out = client
+        .command("nstat")
+        .arg("TcpExtTCPSynRetrans")
+        .output()
+        .context("nstat")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("TcpExtTCPSynRetrans"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Adds (or removes) the nftables DNAT of the NAT VIPs to the server, in the balancer.
+fn nft_dnat(balancer: &Netns, on: bool) -> Result<()> {
+    let ruleset = if on {
+        format!(
+            "table inet weirbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NAT_VIP} tcp dport 80 dnat ip to {}:{NGINX_PORT}\n    ip6 daddr {NAT_VIP6} tcp dport 80 dnat ip6 to [{}]:{NGINX_PORT}\n  }}\n}}\n",
+            server_addr(1),
+            server_addr6(1)
+        )
+    } else {
+        "delete table inet weirbench\n".to_string()
+    };
+    let path = std::env::temp_dir().join(format!("weir-bench-{}.nft", std::process::id()));
+    fs::write(&path, ruleset)?;
+    let result = run(balancer.command("nft").arg("-f").arg(&path));
+    let _ = fs::remove_file(&path);
+    result
+}
+
+/// nginx in the server namespace: the fixed answer on the NAT port and, for DSR, on port 80
+/// (where the VIP on the server's loopback is reached).
+fn start_nginx(server: &Netns, dir: &Path) -> Result<Process> {
+    let conf = dir.join("nginx.conf");
+    let temp = dir.join("nginx-temp");
+    fs::create_dir_all(&temp)?;
+    fs::write(
+        &conf,
+        format!(
+            r#"daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
+  uwsgi_temp_path {temp}; scgi_temp_path {temp};
+  server {{
+    listen {NGINX_PORT}; listen [::]:{NGINX_PORT}; listen 80; listen [::]:80;
+    location / {{ return 200 "srv1\n"; }}
+  }}
+}}
+"#,
+            dir = dir.display(),
+            temp = temp.display()
+        ),
+    )?;
+    let nginx = Process::spawn(
+        "nginx",
+        server
+            .command("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    )?;
+    let probe = std::net::SocketAddr::new(server_addr(1).into(), NGINX_PORT);
+    wait_until("nginx", Duration::from_secs(5), || {
+        server
+            .run(|| std::net::TcpStream::connect(probe).is_ok())
+            .unwrap_or(false)
+    })?;
+    Ok(nginx)
+}

@@ -1,0 +1,159 @@
+//! The results as people read them (Markdown tables with ratios) and as machines do (JSON).
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::{
+    l4::{L4Result, System},
+    stats::ratio,
+    xdp::XdpResult,
+};
+
+/// Everything one run measured, with where it ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub quick: bool,
+    pub xdp: Vec<XdpResult>,
+    pub l4: Vec<L4Result>,
+}
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut md = format!("Machine: {}\n", self.machine);
+        if !self.xdp.is_empty() {
+            md.push_str(&xdp_table(&self.xdp));
+        }
+        if !self.l4.is_empty() {
+            md.push_str(&l4_tables(&self.l4));
+        }
+        md
+    }
+}
+
+/// ns/packet per case, with the ratio to the case's floor.
+pub fn xdp_table(results: &[XdpResult]) -> String {
+    let mut md = String::from(
+        "\n### XDP program, ns/packet (BPF_PROG_TEST_RUN)\n\n| case | runs | ns/packet, median (min–max) | × floor |\n|---|---|---:|---:|\n",
+    );
+    for result in results {
+        let floor = results
+            .iter()
+            .find(|r| r.case == result.floor)
+            .map(|f| ratio(&result.ns_per_packet, &f.ns_per_packet));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            result.case,
+            match result.mode {
+                crate::xdp::Mode::Repeated => "repeated",
+                crate::xdp::Mode::PerCall => "per call",
+            },
+            result.ns_per_packet.display(1),
+            floor.map_or("–".to_string(), |r| format!("{r:.2}×"))
+        );
+    }
+    md
+}
+
+/// One table per case: each system's rate and latency, with ratios to direct and nftables.
+pub fn l4_tables(results: &[L4Result]) -> String {
+    let mut md = String::new();
+    let mut cases: Vec<_> = results.iter().map(|r| r.case).collect();
+    cases.dedup();
+    for case in cases {
+        let rows: Vec<&L4Result> = results.iter().filter(|r| r.case == case).collect();
+        let find = |system| rows.iter().find(|r| r.system == system);
+        let _ = write!(
+            md,
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | errors | SYN retransmits | × direct | × nftables DNAT |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            case.name()
+        );
+        for row in &rows {
+            let versus = |system| {
+                find(system).map_or("–".to_string(), |peer| {
+                    format!(
+                        "{:.2}×",
+                        ratio(&row.requests_per_sec, &peer.requests_per_sec)
+                    )
+                })
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                row.system.name(),
+                row.requests_per_sec.display(0),
+                row.p50_us.median,
+                row.p99_us.median,
+                row.errors,
+                row.syn_retransmits,
+                versus(System::Direct),
+                versus(System::NftablesDnat)
+            );
+        }
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{l4::L4Case, stats::Sample, xdp::Mode};
+
+    #[test]
+    fn xdp_rows_carry_the_ratio_to_their_floor() {
+        let result = |case: &str, floor: &str, values: Vec<f64>| XdpResult {
+            case: case.into(),
+            mode: Mode::Repeated,
+            floor: floor.into(),
+            ns_per_packet: Sample::new(values),
+        };
+        let table = xdp_table(&[
+            result("floor", "floor", vec![10.0, 12.0, 11.0]),
+            result("hit", "floor", vec![22.0, 20.0, 21.0]),
+        ]);
+        assert!(
+            table.contains("| floor | repeated | 11.0 (10.0–12.0) | 1.00× |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn l4_tables_compare_each_system_with_direct_and_nftables() {
+        let case = L4Case {
+            ipv6: false,
+            close: true,
+        };
+        let row = |system, rate: f64| L4Result {
+            case,
+            system,
+            requests_per_sec: Sample::new(vec![rate]),
+            p50_us: Sample::new(vec![100.0]),
+            p99_us: Sample::new(vec![400.0]),
+            errors: 0,
+            syn_retransmits: 2,
+        };
+        let table = l4_tables(&[
+            row(System::Direct, 1000.0),
+            row(System::WeirNat, 950.0),
+            row(System::NftablesDnat, 500.0),
+        ]);
+        assert!(
+            table.contains("### IPv4, new connection per request"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| weir NAT (XDP) | 950 | 100 | 400 | 0 | 2 | 0.95× | 1.90× |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| direct to server | 1000 | 100 | 400 | 0 | 2 | 1.00× | 2.00× |"),
+            "{table}"
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! Running `wrk` and reading its report.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+/// What one `wrk --latency` run measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WrkReport {
+    pub requests_per_sec: f64,
+    pub requests: u64,
+    /// Latency percentiles, µs.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx responses.
+    pub errors: u64,
+}
+
+/// Arguments of a `wrk` run against `url`: one thread, `connections` connections, `seconds`
+/// long; `close` sends `Connection: close`, so every request opens a new connection.
+pub fn args(url: &str, connections: u32, seconds: u32, close: bool) -> Vec<String> {
+    let mut args = vec![
+        "-t1".to_string(),
+        format!("-c{connections}"),
+        format!("-d{seconds}s"),
+        "--latency".to_string(),
+    ];
+    if close {
+        args.extend(["-H".to_string(), "Connection: close".to_string()]);
+    }
+    args.push(url.to_string());
+    args
+}
+
+/// Runs `cmd` (`wrk` with [`args`], possibly in a namespace) and parses its report.
+pub fn run(cmd: &mut Command) -> Result<WrkReport> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Parses the text `wrk --latency` prints.
+pub fn parse(text: &str) -> Result<WrkReport> {
+    let mut report = WrkReport {
+        requests_per_sec: f64::NAN,
+        requests: 0,
+        p50_us: f64::NAN,
+        p99_us: f64::NAN,
+        errors: 0,
+    };
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", value] => report.requests_per_sec = value.parse()?,
+            ["50%", value] => report.p50_us = micros(value)?,
+            ["99%", value] => report.p99_us = micros(value)?,
+            [count, "requests", "in", ..] => report.requests = count.parse()?,
+            ["Socket", "errors:", rest @ ..] => {
+                // connect 0, read 0, write 0, timeout 0
+                for pair in rest.chunks(2) {
+                    if let [_, n] = pair {
+                        report.errors += n.trim_end_matches(',').parse::<u64>()?;
+                    }
+                }
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => report.errors += n.parse::<u64>()?,
+            _ => {}
+        }
+    }
+    if report.requests_per_sec.is_nan() || report.p99_us.is_nan() {
+        bail!("not a wrk --latency report:\n{text}");
+    }
+    Ok(report)
+}
+
+/// `174.00us`, `1.23ms`, `2.00s` → µs.
+fn micros(value: &str) -> Result<f64> {
+    let (number, scale) = if let Some(n) = value.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        bail!("latency without a unit: {value}")
+    };
+    Ok(number.parse::<f64>()? * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEEPALIVE: &str = "Running 1s test @ http://127.0.0.1:18080/
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    58.55us  175.43us   4.19ms   99.20%
+    Req/Sec   124.76k    16.01k  138.51k    90.91%
+  Latency Distribution
+     50%   50.00us
+     75%   55.00us
+     90%   66.00us
+     99%    1.74ms
+  136251 requests in 1.10s, 19.75MB read
+Requests/sec: 123883.80
+Transfer/sec:     17.96MB
+";
+
+    #[test]
+    fn parses_rate_count_and_percentiles_in_their_units() {
+        let report = parse(KEEPALIVE).unwrap();
+        assert_eq!(
+            report,
+            WrkReport {
+                requests_per_sec: 123883.80,
+                requests: 136251,
+                p50_us: 50.0,
+                p99_us: 1740.0,
+                errors: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn counts_socket_errors_and_bad_statuses() {
+        let text = KEEPALIVE.replace(
+            "Requests/sec:",
+            "  Socket errors: connect 3, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 5\nRequests/sec:",
+        );
+        assert_eq!(parse(&text).unwrap().errors, 11);
+    }
+
+    #[test]
+    fn refuses_output_that_is_not_a_report() {
+        assert!(parse("unable to connect to 198.18.100.12:80 Connection refused").is_err());
+        assert!(micros("12").is_err());
+        assert_eq!(micros("2.5s").unwrap(), 2.5e6);
+    }
+}
