@@ -118,8 +118,11 @@ impl L4Bench {
                 raw.push((*case, system, Vec::new()));
             }
         }
+        let mut run_index = 0;
         for repetition in 0..self.repetitions {
             for (case, system, reports) in raw.iter_mut() {
+                fresh_client_address(&topology.client, run_index)?;
+                run_index += 1;
                 let attached = match system {
                     System::WeirNat | System::WeirDsr => Some(attach_weir(&topology)?),
                     System::NftablesDnat => {
@@ -264,6 +267,37 @@ fn attach_weir(topology: &Topology) -> Result<Attached> {
             _services: services,
         })
     })?
+}
+
+/// Gives the client a source address of its own for run `n`, so that no run meets the
+/// TIME_WAIT (or conntrack) state an earlier run of another system left on the same
+/// 4-tuples — that would measure the leftovers, not the system. Within a run, port reuse and
+/// TIME_WAIT happen as in real life, alike for every system.
+fn fresh_client_address(client: &Netns, n: usize) -> Result<()> {
+    let v4 = format!("198.18.0.{}", 20 + n);
+    let v6 = format!("fd00::{:x}", 0x20 + n);
+    client.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+    client.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{v6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    client.ip(&[
+        "route",
+        "replace",
+        "198.18.0.0/15",
+        "via",
+        "198.18.0.2",
+        "src",
+        &v4,
+    ])?;
+    client.ip(&[
+        "-6", "route", "replace", "fd00::/8", "via", "fd00::2", "dev", "eth0", "onlink", "src", &v6,
+    ])
 }
 
 /// SYN retransmits in `client` since the previous call (`nstat` keeps the history).

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own commands. Every command that builds first runs `setup`, so
 //! a fresh machine needs nothing but the README's one line.
 
+mod bench;
 mod lab;
 mod setup;
 mod test;
@@ -22,6 +23,8 @@ enum Command {
     Run(lab::RunArgs),
     /// Runs every check: fmt, clippy, unit, eBPF and namespace tests.
     Test(test::TestArgs),
+    /// Measures weir against the peers (needs root): XDP ns/packet, L4 end to end.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +32,6 @@ fn main() -> anyhow::Result<()> {
         Command::Setup => setup::run().map(|_| ()),
         Command::Run(args) => lab::run(args),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -54,7 +54,7 @@ impl Toolchain {
 
 pub fn run() -> Result<Toolchain> {
     println!("setup: checking the toolchain and packages");
-    apt_packages()?;
+    ensure_packages(APT_PACKAGES)?;
     let nightly = nightly_toolchain()?;
     rust_src()?;
     let cargo_home = cargo_home()?;
@@ -67,14 +67,15 @@ pub fn run() -> Result<Toolchain> {
     Ok(Toolchain { path })
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs whichever of `packages` (Debian) are missing; says what it found.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
     if missing.is_empty() {
-        println!("  ok   packages: {}", APT_PACKAGES.join(" "));
+        println!("  ok   packages: {}", packages.join(" "));
         return Ok(());
     }
     if !nix::unistd::geteuid().is_root() {
