@@ -97,6 +97,9 @@ pub struct L4Result {
     pub syn_retransmits: u64,
 }
 
+/// One wrk run and the SYNs the client sent again during it.
+type Run = (wrk::WrkReport, u64);
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct L4Bench {
@@ -112,7 +115,8 @@ impl L4Bench {
         let topology = Topology::new(prefix, 1)?;
         fs::create_dir_all(dir)?;
         let _nginx = start_nginx(&topology.servers[0], dir)?;
-        let mut raw: Vec<(L4Case, System, Vec<(wrk::WrkReport, u64)>)> = Vec::new();
+        // Per (case, system): each repetition's report and its SYN retransmits.
+        let mut raw: Vec<(L4Case, System, Vec<Run>)> = Vec::new();
         for case in &self.cases {
             for system in System::ALL {
                 raw.push((*case, system, Vec::new()));
