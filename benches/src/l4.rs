@@ -346,6 +346,7 @@ fn start_nginx(server: &Netns, dir: &Path) -> Result<Process> {
         &conf,
         format!(
             r#"daemon off;
+master_process off;
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log stderr crit;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::{
     l4::{L4Result, System},
+    l7_runtime::RuntimeResult,
     stats::ratio,
     xdp::XdpResult,
 };
@@ -17,6 +18,7 @@ pub struct Report {
     pub quick: bool,
     pub xdp: Vec<XdpResult>,
     pub l4: Vec<L4Result>,
+    pub l7_runtime: Vec<RuntimeResult>,
 }
 
 impl Report {
@@ -27,6 +29,9 @@ impl Report {
         }
         if !self.l4.is_empty() {
             md.push_str(&l4_tables(&self.l4));
+        }
+        if !self.l7_runtime.is_empty() {
+            md.push_str(&runtime_table(&self.l7_runtime));
         }
         md
     }
@@ -92,6 +97,33 @@ pub fn l4_tables(results: &[L4Result]) -> String {
                 versus(System::NftablesDnat)
             );
         }
+    }
+    md
+}
+
+/// The runtimes side by side, each compared with the other at the same worker count.
+pub fn runtime_table(results: &[RuntimeResult]) -> String {
+    let mut md = String::from(
+        "\n### L7 runtime: minimal proxy loop, keep-alive (loopback, nginx upstream)\n\n| runtime | workers | req/s, median (min–max) | p50 µs | p99 µs | errors | × the other runtime |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in results {
+        let other = results
+            .iter()
+            .find(|r| r.workers == row.workers && r.runtime != row.runtime)
+            .map_or("–".to_string(), |o| {
+                format!("{:.2}×", ratio(&row.requests_per_sec, &o.requests_per_sec))
+            });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {:.0} | {} | {} |",
+            row.runtime,
+            row.workers,
+            row.requests_per_sec.display(0),
+            row.p50_us.median,
+            row.p99_us.median,
+            row.errors,
+            other
+        );
     }
     md
 }

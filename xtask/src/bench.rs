@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// Fewer and shorter runs (about a minute).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run (`xdp`, `l4`); all when none is given.
+    /// Scenarios to run (`xdp`, `l4`, `l7-runtime`); all when none is given.
     scenarios: Vec<String>,
 }
 
@@ -28,14 +28,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let toolchain = setup::run()?;
     ensure_packages(BENCH_PACKAGES)?;
-    run_cmd(toolchain.cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "weir-benches",
-        "--bin",
-        "weir-bench",
-    ]))?;
+    run_cmd(
+        toolchain
+            .cargo()
+            .args(["build", "--release", "-p", "weir-benches", "--bins"]),
+    )?;
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

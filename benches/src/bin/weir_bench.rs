@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
 use weir_benches::{
     l4::{L4Bench, L4Case},
+    l7_runtime::RuntimeBench,
     report::Report,
     xdp::XdpBench,
 };
@@ -31,6 +32,8 @@ enum Scenario {
     Xdp,
     /// End to end through an L4 VIP vs direct and nftables DNAT.
     L4,
+    /// The L7 runtime choice: one minimal proxy on tokio-uring and on compio.
+    L7Runtime,
 }
 
 fn main() -> Result<()> {
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         quick: args.quick,
         xdp: Vec::new(),
         l4: Vec::new(),
+        l7_runtime: Vec::new(),
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -69,6 +73,16 @@ fn main() -> Result<()> {
             connections: 32,
         };
         report.l4 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l4")))?;
+    }
+    if wanted(Scenario::L7Runtime) {
+        eprintln!("l7-runtime: the same proxy loop on tokio-uring and compio, interleaved");
+        let proxy = std::env::current_exe()?.with_file_name("l7-runtime-proxy");
+        let bench = RuntimeBench {
+            repetitions: if args.quick { 1 } else { 3 },
+            seconds: if args.quick { 3 } else { 5 },
+            connections: 64,
+        };
+        report.l7_runtime = bench.run(&proxy, &std::env::temp_dir().join(format!("{tag}l7rt")))?;
     }
     fs::create_dir_all(&args.out)?;
     let markdown = report.markdown();
