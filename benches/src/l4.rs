@@ -9,7 +9,10 @@
 //! - **weir NAT** / **weir DSR**: the VIP, with weir's XDP program attached (loaded
 //!   in-process with the daemon's own `Datapath` and `L4Services`, detached again after);
 //! - **nftables DNAT**: the same VIP address, DNAT to the server in the balancer's
-//!   `prerouting` hook, conntrack un-NATs the replies (ruleset removed after).
+//!   `prerouting` hook, conntrack un-NATs the replies (ruleset removed after);
+//! - **HAProxy TCP mode**: the VIP address on the balancer's loopback, HAProxy (one thread per
+//!   CPU, as XDP runs on every CPU) terminating TCP and opening its own connection to the
+//!   server (stopped and the address removed after).
 //!
 //! Cases: keep-alive and a new connection per request; IPv4 and IPv6.
 
@@ -42,14 +45,16 @@ pub enum System {
     WeirNat,
     WeirDsr,
     NftablesDnat,
+    HaproxyTcp,
 }
 
 impl System {
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 5] = [
         System::Direct,
         System::WeirNat,
         System::WeirDsr,
         System::NftablesDnat,
+        System::HaproxyTcp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +63,7 @@ impl System {
             System::WeirNat => "weir NAT (XDP)",
             System::WeirDsr => "weir DSR (XDP)",
             System::NftablesDnat => "nftables DNAT",
+            System::HaproxyTcp => "HAProxy TCP mode",
         }
     }
 }
@@ -127,10 +133,15 @@ impl L4Bench {
             for (case, system, reports) in raw.iter_mut() {
                 fresh_client_address(&topology.client, run_index)?;
                 run_index += 1;
+                let mut haproxy = None;
                 let attached = match system {
                     System::WeirNat | System::WeirDsr => Some(attach_weir(&topology)?),
                     System::NftablesDnat => {
                         nft_dnat(&topology.balancer, true)?;
+                        None
+                    }
+                    System::HaproxyTcp => {
+                        haproxy = Some(start_haproxy(&topology.balancer, dir)?);
                         None
                     }
                     System::Direct => None,
@@ -143,6 +154,9 @@ impl L4Bench {
                 let retransmits = syn_retransmits(&topology.client)?;
                 if *system == System::NftablesDnat {
                     nft_dnat(&topology.balancer, false)?;
+                }
+                if let Some(haproxy) = haproxy {
+                    stop_haproxy(&topology.balancer, haproxy)?;
                 }
                 drop(attached);
                 let report = report?;
@@ -184,7 +198,7 @@ fn url(case: L4Case, system: System) -> String {
             "http://{}:{NGINX_PORT}/",
             host(server_addr(1).to_string(), server_addr6(1).to_string())
         ),
-        System::WeirNat | System::NftablesDnat => {
+        System::WeirNat | System::NftablesDnat | System::HaproxyTcp => {
             format!("http://{}/", host(NAT_VIP.into(), NAT_VIP6.into()))
         }
         System::WeirDsr => format!(
@@ -334,6 +348,68 @@ fn nft_dnat(balancer: &Netns, on: bool) -> Result<()> {
     let result = run(balancer.command("nft").arg("-f").arg(&path));
     let _ = fs::remove_file(&path);
     result
+}
+
+/// HAProxy in TCP mode in the balancer, on the NAT VIPs (put on its loopback for the run).
+fn start_haproxy(balancer: &Netns, dir: &Path) -> Result<Process> {
+    balancer.ip(&["addr", "add", &format!("{NAT_VIP}/32"), "dev", "lo"])?;
+    balancer.ip(&[
+        "addr",
+        "add",
+        &format!("{NAT_VIP6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let conf = dir.join("haproxy.cfg");
+    fs::write(
+        &conf,
+        format!(
+            r#"global
+  nbthread {threads}
+  maxconn 4096
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend vip4
+  bind {NAT_VIP}:80
+  default_backend server4
+frontend vip6
+  bind [{NAT_VIP6}]:80
+  default_backend server6
+backend server4
+  server srv1 {}:{NGINX_PORT}
+backend server6
+  server srv1 [{}]:{NGINX_PORT}
+"#,
+            server_addr(1),
+            server_addr6(1)
+        ),
+    )?;
+    let haproxy = Process::spawn(
+        "haproxy",
+        balancer
+            .command("haproxy")
+            .args(["-db", "-q", "-f"])
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    )?;
+    let probe = std::net::SocketAddr::new(NAT_VIP.parse()?, 80);
+    wait_until("haproxy", Duration::from_secs(5), || {
+        balancer
+            .run(|| std::net::TcpStream::connect(probe).is_ok())
+            .unwrap_or(false)
+    })?;
+    Ok(haproxy)
+}
+
+fn stop_haproxy(balancer: &Netns, haproxy: Process) -> Result<()> {
+    drop(haproxy);
+    balancer.ip(&["addr", "del", &format!("{NAT_VIP}/32"), "dev", "lo"])?;
+    balancer.ip(&["addr", "del", &format!("{NAT_VIP6}/128"), "dev", "lo"])
 }
 
 /// nginx in the server namespace: the fixed answer on the NAT port and, for DSR, on port 80

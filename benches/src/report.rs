@@ -72,7 +72,7 @@ pub fn l4_tables(results: &[L4Result]) -> String {
         let find = |system| rows.iter().find(|r| r.system == system);
         let _ = write!(
             md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | errors | SYN retransmits | × direct | × nftables DNAT |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             case.name()
         );
         for row in &rows {
@@ -86,7 +86,7 @@ pub fn l4_tables(results: &[L4Result]) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
                 row.system.name(),
                 row.requests_per_sec.display(0),
                 row.p50_us.median,
@@ -94,7 +94,8 @@ pub fn l4_tables(results: &[L4Result]) -> String {
                 row.errors,
                 row.syn_retransmits,
                 versus(System::Direct),
-                versus(System::NftablesDnat)
+                versus(System::NftablesDnat),
+                versus(System::HaproxyTcp)
             );
         }
     }
@@ -180,11 +181,11 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| weir NAT (XDP) | 950 | 100 | 400 | 0 | 2 | 0.95× | 1.90× |"),
+            table.contains("| weir NAT (XDP) | 950 | 100 | 400 | 0 | 2 | 0.95× | 1.90× | – |"),
             "{table}"
         );
         assert!(
-            table.contains("| direct to server | 1000 | 100 | 400 | 0 | 2 | 1.00× | 2.00× |"),
+            table.contains("| direct to server | 1000 | 100 | 400 | 0 | 2 | 1.00× | 2.00× | – |"),
             "{table}"
         );
     }

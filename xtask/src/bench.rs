@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use crate::setup::{self, ensure_packages, run_cmd};
 
 /// What the scenarios run besides weir.
-const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light", "nftables"];
+const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light", "nftables", "haproxy"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
