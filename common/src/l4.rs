@@ -117,6 +117,29 @@ impl ServerInfo {
     }
 }
 
+/// How long the program trusts a cached next hop before asking the FIB again.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// A server's next hop as the kernel's FIB last gave it: the program's own per-CPU cache,
+/// indexed by server id, so an established flow does not pay a FIB lookup per packet.
+///
+/// An entry is used only for the address it was looked up for (a reused server id never
+/// inherits it), for [`NEXT_HOP_TTL_NS`] (a changed neighbour or route is seen within that),
+/// and for IP packets no longer than `ok_len` (the FIB checks the egress MTU; a longer packet
+/// asks it again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub addr: [u32; 4],
+    pub checked_ns: u64,
+    pub ifindex: u32,
+    /// Longest IP packet the FIB accepted for this hop since `checked_ns`.
+    pub ok_len: u16,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
 /// Settings the program reads on every packet (a one-slot array).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

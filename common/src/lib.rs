@@ -50,6 +50,8 @@ pub mod names {
     pub const VIP_STATS_MAP: &str = "WEIR_VIP_STATS";
     /// Per-CPU [`crate::TrafficCounter`] per server id.
     pub const SERVER_STATS_MAP: &str = "WEIR_SERVER_STATS";
+    /// Per-CPU [`crate::l4::NextHop`] per server id: the program's next-hop cache.
+    pub const NEXT_HOPS_MAP: &str = "WEIR_NEXT_HOPS";
 
     /// Every map of the object: the daemon pins them all, so a restarted daemon (or a newer
     /// program) takes over the very maps the running program uses.
@@ -64,5 +66,6 @@ pub mod names {
         TX_PORTS_MAP,
         VIP_STATS_MAP,
         SERVER_STATS_MAP,
+        NEXT_HOPS_MAP,
     ];
 }

@@ -21,6 +21,7 @@ unsafe impl aya::Pod for DatapathSettings {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowState {}
 unsafe impl aya::Pod for NatReturn {}
+unsafe impl aya::Pod for crate::l4::NextHop {}
 
 /// The raw words and family tag of an address, as the datapath stores it.
 pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {

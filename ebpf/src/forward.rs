@@ -1,16 +1,25 @@
 //! Sending a rewritten packet on: next hop from the kernel's FIB, MACs set, redirected
 //! through the device map — the kernel stack never sees it.
+//!
+//! The FIB lookup (route and neighbour) is the most expensive step of an established flow
+//! (about 110 ns for IPv4 and 230 ns for IPv6 of a 260/370 ns DSR hit, measured by removing
+//! it), so packets towards a server use the per-CPU next-hop cache `WEIR_NEXT_HOPS` (see
+//! `weir_common::l4::NextHop` for when an entry is trusted). Replies to clients, whose next
+//! hops are as many as the clients, still ask the FIB.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
-use weir_common::{Stat, l4::FAMILY_IPV4};
+use weir_common::{
+    Stat,
+    l4::{FAMILY_IPV4, NEXT_HOP_TTL_NS, NextHop},
+};
 
 use crate::{
-    maps::WEIR_TX_PORTS,
+    maps::{WEIR_NEXT_HOPS, WEIR_TX_PORTS},
     parse::{ETH_HLEN, Packet, write},
     rewrite, verdict,
 };
@@ -35,25 +44,90 @@ pub enum Hop {
     Bridged,
 }
 
-/// Sends `packet` (already rewritten, addressed `src` → `dst`) to its next hop, counting it
+/// Where a rewritten packet is going, and how.
+pub struct Route<'a> {
+    pub src: &'a [u32; 4],
+    pub dst: &'a [u32; 4],
+    pub hop: Hop,
+    /// The id of the server `dst` is, whose next hop may come from the cache; `None` towards
+    /// clients.
+    pub server: Option<u32>,
+}
+
+/// Sends `packet` (already rewritten, addressed as `route` says) to its next hop, counting it
 /// under `stat` when it leaves.
 #[inline(always)]
-pub fn to_next_hop(
+pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, len: u64) -> u32 {
+    let Route {
+        src,
+        dst,
+        hop,
+        server,
+    } = route;
+    let ip_len = (len as usize).saturating_sub(ETH_HLEN) as u16;
+    let cache = server.and_then(|id| WEIR_NEXT_HOPS.get_ptr_mut(id));
+    // SAFETY: the pointer is from a per-CPU map lookup and valid for this run; only this CPU
+    // touches its copy.
+    let cached = cache.map(|entry| unsafe { *entry }).filter(|entry| {
+        entry.ifindex != 0
+            && entry.addr == *dst
+            && ip_len <= entry.ok_len
+            && now_ns().saturating_sub(entry.checked_ns) < NEXT_HOP_TTL_NS
+    });
+    let next = match cached {
+        Some(entry) => entry,
+        None => match fib_next_hop(ctx, packet, src, dst, ip_len) {
+            Ok(next) => {
+                if let Some(entry) = cache {
+                    // SAFETY: as above.
+                    unsafe { *entry = next };
+                }
+                next
+            }
+            Err(rc) => {
+                return match (rc, hop) {
+                    (BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED, Hop::Routed) => {
+                        verdict::pass(Stat::PassSlowPath, len)
+                    }
+                    (BPF_FIB_LKUP_RET_NO_NEIGH, Hop::Bridged) => {
+                        verdict::drop(Stat::DropNoNeighbor, len)
+                    }
+                    _ => verdict::drop(Stat::DropNoRoute, len),
+                };
+            }
+        },
+    };
+    if hop == Hop::Routed && rewrite::decrement_ttl(ctx, packet).is_none() {
+        return verdict::drop(Stat::DropMalformed, len);
+    }
+    if write(ctx, 0, next.dmac).is_none() || write(ctx, 6, next.smac).is_none() {
+        return verdict::drop(Stat::DropMalformed, len);
+    }
+    // The egress must be an interface weir is attached to (it is in the device map). If it is
+    // not, the packet already carries the next hop's MACs, which the kernel would refuse as
+    // "not for this host": drop it and count it as unroutable.
+    match WEIR_TX_PORTS.redirect(next.ifindex, xdp_action::XDP_DROP as u64) {
+        Ok(action) => verdict::count_as(stat, len, action),
+        Err(_) => verdict::drop(Stat::DropNoRoute, len),
+    }
+}
+
+/// Asks the kernel's FIB for the next hop of a packet `src` → `dst` of IP length `ip_len`
+/// (the MTU check); the FIB's return code when it has no usable answer.
+#[inline(always)]
+fn fib_next_hop(
     ctx: &XdpContext,
     packet: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
-    hop: Hop,
-    stat: Stat,
-    len: u64,
-) -> u32 {
+    ip_len: u16,
+) -> Result<NextHop, i64> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid value (plain integers and unions of
     // integers).
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = packet.protocol;
     fib.ifindex = ctx.ingress_ifindex() as u32;
-    // For the MTU check: the IP packet's length (the frame without its Ethernet header).
-    fib.__bindgen_anon_1.tot_len = (len as usize).saturating_sub(ETH_HLEN) as u16;
+    fib.__bindgen_anon_1.tot_len = ip_len;
     if packet.family == FAMILY_IPV4 {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = src[0];
@@ -72,27 +146,22 @@ pub fn to_next_hop(
             0,
         )
     };
-    match (rc, hop) {
-        (BPF_FIB_LKUP_RET_SUCCESS, _) => {}
-        (BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED, Hop::Routed) => {
-            return verdict::pass(Stat::PassSlowPath, len);
-        }
-        (BPF_FIB_LKUP_RET_NO_NEIGH, Hop::Bridged) => {
-            return verdict::drop(Stat::DropNoNeighbor, len);
-        }
-        _ => return verdict::drop(Stat::DropNoRoute, len),
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
+        return Err(rc);
     }
-    if hop == Hop::Routed && rewrite::decrement_ttl(ctx, packet).is_none() {
-        return verdict::drop(Stat::DropMalformed, len);
-    }
-    if write(ctx, 0, fib.dmac).is_none() || write(ctx, 6, fib.smac).is_none() {
-        return verdict::drop(Stat::DropMalformed, len);
-    }
-    // The egress must be an interface weir is attached to (it is in the device map). If it is
-    // not, the packet already carries the next hop's MACs, which the kernel would refuse as
-    // "not for this host": drop it and count it as unroutable.
-    match WEIR_TX_PORTS.redirect(fib.ifindex, xdp_action::XDP_DROP as u64) {
-        Ok(action) => verdict::count_as(stat, len, action),
-        Err(_) => verdict::drop(Stat::DropNoRoute, len),
-    }
+    Ok(NextHop {
+        addr: *dst,
+        checked_ns: now_ns(),
+        ifindex: fib.ifindex,
+        ok_len: ip_len,
+        dmac: fib.dmac,
+        smac: fib.smac,
+        _pad: [0; 6],
+    })
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }

@@ -18,7 +18,7 @@ use weir_common::{
 
 use crate::{
     flow,
-    forward::{self, Hop},
+    forward::{self, Hop, Route},
     maps::{self, WEIR_VIPS},
     parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, ipv4_addr, ipv6_addr, read, write},
     verdict,
@@ -86,9 +86,12 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
         return forward::to_next_hop(
             ctx,
             packet,
-            &packet.src,
-            &server.addr,
-            Hop::Bridged,
+            Route {
+                src: &packet.src,
+                dst: &server.addr,
+                hop: Hop::Bridged,
+                server: None,
+            },
             Stat::IcmpToServer,
             len,
         );
@@ -105,9 +108,12 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
     forward::to_next_hop(
         ctx,
         packet,
-        &packet.src,
-        &server.addr,
-        Hop::Routed,
+        Route {
+            src: &packet.src,
+            dst: &server.addr,
+            hop: Hop::Routed,
+            server: None,
+        },
         Stat::IcmpToServer,
         len,
     )

@@ -26,7 +26,7 @@ use weir_common::{
 };
 
 use crate::{
-    forward::Hop,
+    forward::{Hop, Route},
     maps::{WEIR_NAT_RETURN, WEIR_VIPS},
     parse::{Packet, Parsed},
     rewrite::End,
@@ -86,9 +86,12 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         return forward::to_next_hop(
             ctx,
             packet,
-            &packet.src,
-            &server.addr,
-            Hop::Bridged,
+            Route {
+                src: &packet.src,
+                dst: &server.addr,
+                hop: Hop::Bridged,
+                server: Some(pinned.server),
+            },
             Stat::ForwardDsr,
             len,
         );
@@ -112,8 +115,11 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         ctx,
         packet,
         End::Destination,
-        &server.addr,
-        server.port,
+        NatTarget {
+            addr: &server.addr,
+            port: server.port,
+            server: Some(pinned.server),
+        },
         Stat::ForwardNat,
         len,
     )
@@ -141,36 +147,52 @@ fn nat_return(ctx: &XdpContext, packet: &Packet, nat: &NatReturn, len: u64) -> u
         ctx,
         packet,
         End::Source,
-        &nat.vip,
-        nat.vip_port,
+        NatTarget {
+            addr: &nat.vip,
+            port: nat.vip_port,
+            server: None,
+        },
         Stat::ReturnNat,
         len,
     )
 }
 
+/// What a NAT rewrite writes into one end of a packet.
+struct NatTarget<'a> {
+    addr: &'a [u32; 4],
+    port: u16,
+    /// The server `addr` is, when the packet goes to one (its next hop may be cached).
+    server: Option<u32>,
+}
+
 /// NAT's last steps in both directions: refuse an expiring TTL, rewrite `end` of the packet to
-/// `addr`:`port`, route it as a router would, counted under `stat` when it leaves.
+/// the target, route it as a router would, counted under `stat` when it leaves.
 #[inline(always)]
 fn nat_send(
     ctx: &XdpContext,
     packet: &Packet,
     end: End,
-    addr: &[u32; 4],
-    port: u16,
+    target: NatTarget,
     stat: Stat,
     len: u64,
 ) -> u32 {
     if packet.ttl <= 1 {
         return verdict::drop(Stat::DropTtlExceeded, len);
     }
-    if rewrite::endpoint(ctx, packet, end, addr, port).is_none() {
+    if rewrite::endpoint(ctx, packet, end, target.addr, target.port).is_none() {
         return verdict::drop(Stat::DropMalformed, len);
     }
     let (src, dst) = match end {
-        End::Destination => (&packet.src, addr),
-        End::Source => (addr, &packet.dst),
+        End::Destination => (&packet.src, target.addr),
+        End::Source => (target.addr, &packet.dst),
     };
-    forward::to_next_hop(ctx, packet, src, dst, Hop::Routed, stat, len)
+    let route = Route {
+        src,
+        dst,
+        hop: Hop::Routed,
+        server: target.server,
+    };
+    forward::to_next_hop(ctx, packet, route, stat, len)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use weir_common::{
     Counter, Stat, TrafficCounter,
     flow::{FlowKey, FlowState, NatReturn},
-    l4::{DatapathSettings, MAX_SERVERS, MAX_VIPS, ServerInfo, VipInfo, VipKey},
+    l4::{DatapathSettings, MAX_SERVERS, MAX_VIPS, NextHop, ServerInfo, VipInfo, VipKey},
 };
 
 /// Flow-table size compiled in; the daemon sets the real size from its config at load time.
@@ -52,6 +52,11 @@ pub static WEIR_FLOWS: LruHashMap<FlowKey, FlowState> =
 #[map(name = "WEIR_NAT_RETURN")]
 pub static WEIR_NAT_RETURN: LruHashMap<FlowKey, NatReturn> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Next hop per server id, as the FIB last answered, per CPU (no cross-CPU writes or torn
+/// reads); written by the program, see `NextHop` for when an entry is trusted.
+#[map(name = "WEIR_NEXT_HOPS")]
+pub static WEIR_NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_SERVERS, 0);
 
 /// Hash seed and flow timeouts (one slot).
 #[map(name = "WEIR_SETTINGS")]

@@ -1068,3 +1068,66 @@ fn idle_udp_flows_expire_and_re_pick() {
         );
     });
 }
+
+/// A TCP ACK `src` → `dst` from the client side carrying `payload` bytes.
+fn tcp_with_payload(src: SocketAddr, dst: SocketAddr, payload: usize) -> Vec<u8> {
+    let mut packet = Vec::new();
+    ip(IN.0, IN.1, src.ip(), dst.ip(), 64)
+        .tcp_header(tcp_header(src.port(), dst.port(), Flags::Ack))
+        .write(&mut packet, &vec![0x5a; payload])
+        .unwrap();
+    packet
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn cached_next_hops_follow_the_server_address_and_the_mtu() {
+    in_bed("hops", || {
+        let mut lb = Balancer::new();
+        // DSR: the first packet fills the next-hop cache for its server's id.
+        let vip = lb.service("dsr4").address;
+        let flow = client(43000);
+        let (action, out) = lb.run(lb.up, &tcp(IN, flow, vip, 64, Flags::Syn));
+        assert_eq!(action, XDP_REDIRECT);
+        let first = lb.predicted_server("dsr4", flow);
+        assert_eq!(
+            out[..6],
+            mac_of(first.ip()),
+            "first packet to the server's MAC"
+        );
+        // The id now names another address (as a reused id would): the cached hop of the old
+        // address must not be used.
+        let id = lb.service("dsr4").find_server(first).unwrap().id;
+        let other = addr("198.18.1.12:80");
+        lb.datapath
+            .maps_mut()
+            .set_server(id, weir_common::l4::ServerInfo::new(other))
+            .unwrap();
+        let (action, out) = lb.run(lb.up, &tcp(IN, flow, vip, 64, Flags::Ack));
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(
+            out[..6],
+            mac_of(other.ip()),
+            "stale next hop used for a new address"
+        );
+
+        // NAT: a small packet caches the hop; after the egress MTU shrinks, a packet too big
+        // for it must not be sent from the cache but handed to the kernel (which answers
+        // "fragmentation needed"), while small ones still go out.
+        let web = lb.service("web4").address;
+        let flow = client(43001);
+        let (action, _) = lb.run(lb.up, &tcp(IN, flow, web, 64, Flags::Syn));
+        assert_eq!(action, XDP_REDIRECT);
+        weir_tests::netns::run(
+            std::process::Command::new("ip").args(["link", "set", "dn0", "mtu", "1000"]),
+        )
+        .unwrap();
+        let (action, _) = lb.run(lb.up, &tcp_with_payload(flow, web, 1200));
+        assert_eq!(
+            action, XDP_PASS,
+            "an oversized packet went out from the cache"
+        );
+        let (action, _) = lb.run(lb.up, &tcp_with_payload(flow, web, 100));
+        assert_eq!(action, XDP_REDIRECT);
+    });
+}
