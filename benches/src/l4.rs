@@ -16,17 +16,17 @@
 //!
 //! Cases: keep-alive and a new connection per request; IPv4 and IPv6.
 
-use std::{fs, path::Path, process::Stdio, time::Duration};
+use std::{fs, net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use weir_config::Config;
 use weir_forwarder::{
     datapath::{Datapath, DatapathOptions},
-    l4::{self, L4Services},
+    l4::L4Services,
 };
 use weir_tests::{
-    netns::{Netns, Process, run, wait_until},
+    netns::{Netns, Process, run},
     topology::{Topology, server_addr, server_addr6},
 };
 
@@ -266,18 +266,7 @@ struct Attached {
 fn attach_weir(topology: &Topology) -> Result<Attached> {
     let config = weir_config(topology)?;
     topology.balancer.run(|| -> Result<Attached> {
-        let mut datapath = Datapath::load(DatapathOptions {
-            interfaces: config
-                .datapath
-                .interfaces
-                .iter()
-                .map(|i| i.get_ref().clone())
-                .collect(),
-            xdp_mode: config.datapath.xdp_mode,
-            flow_table_size: *config.datapath.flow_table_size.get_ref(),
-            settings: l4::settings(&config),
-            pins: None,
-        })?;
+        let mut datapath = Datapath::load(DatapathOptions::from_config(&config, None))?;
         let services = L4Services::from_config(&config, datapath.maps_mut())?;
         datapath.attach()?;
         Ok(Attached {
@@ -397,12 +386,10 @@ backend server6
             .arg(&conf)
             .stdout(Stdio::null()),
     )?;
-    let probe = std::net::SocketAddr::new(NAT_VIP.parse()?, 80);
-    wait_until("haproxy", Duration::from_secs(5), || {
-        balancer
-            .run(|| std::net::TcpStream::connect(probe).is_ok())
-            .unwrap_or(false)
-    })?;
+    balancer.wait_for_listener(
+        SocketAddr::new(NAT_VIP.parse()?, 80),
+        Duration::from_secs(5),
+    )?;
     Ok(haproxy)
 }
 
@@ -415,46 +402,14 @@ fn stop_haproxy(balancer: &Netns, haproxy: Process) -> Result<()> {
 /// nginx in the server namespace: the fixed answer on the NAT port and, for DSR, on port 80
 /// (where the VIP on the server's loopback is reached).
 fn start_nginx(server: &Netns, dir: &Path) -> Result<Process> {
-    let conf = dir.join("nginx.conf");
-    let temp = dir.join("nginx-temp");
-    fs::create_dir_all(&temp)?;
-    fs::write(
-        &conf,
-        format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log stderr crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
-  uwsgi_temp_path {temp}; scgi_temp_path {temp};
-  server {{
-    listen {NGINX_PORT}; listen [::]:{NGINX_PORT}; listen 80; listen [::]:80;
-    location / {{ return 200 "srv1\n"; }}
-  }}
-}}
-"#,
-            dir = dir.display(),
-            temp = temp.display()
-        ),
+    let listen = [NGINX_PORT, 80]
+        .iter()
+        .flat_map(|port| [port.to_string(), format!("[::]:{port}")])
+        .collect::<Vec<_>>();
+    let nginx = crate::nginx::start(server.command("nginx"), &listen, dir)?;
+    server.wait_for_listener(
+        SocketAddr::new(server_addr(1).into(), NGINX_PORT),
+        Duration::from_secs(5),
     )?;
-    let nginx = Process::spawn(
-        "nginx",
-        server
-            .command("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    )?;
-    let probe = std::net::SocketAddr::new(server_addr(1).into(), NGINX_PORT);
-    wait_until("nginx", Duration::from_secs(5), || {
-        server
-            .run(|| std::net::TcpStream::connect(probe).is_ok())
-            .unwrap_or(false)
-    })?;
     Ok(nginx)
 }

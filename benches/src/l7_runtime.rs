@@ -99,39 +99,9 @@ fn wait_for(address: &str) -> Result<()> {
     })
 }
 
-/// nginx (one worker, 5-byte answer, keep-alive) on loopback: the upstream.
+/// nginx on loopback: the upstream.
 fn start_nginx(dir: &Path) -> Result<Process> {
-    let conf = dir.join("nginx.conf");
-    let temp = dir.join("nginx-temp");
-    fs::create_dir_all(&temp)?;
-    fs::write(
-        &conf,
-        format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log stderr crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
-  uwsgi_temp_path {temp}; scgi_temp_path {temp};
-  server {{ listen {UPSTREAM}; location / {{ return 200 "srv1\n"; }} }}
-}}
-"#,
-            dir = dir.display(),
-            temp = temp.display()
-        ),
-    )?;
-    let nginx = Process::spawn(
-        "nginx",
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    )?;
+    let nginx = crate::nginx::start(Command::new("nginx"), &[UPSTREAM.to_string()], dir)?;
     wait_for(UPSTREAM)?;
     Ok(nginx)
 }

@@ -10,6 +10,7 @@
 
 pub mod l4;
 pub mod l7_runtime;
+pub mod nginx;
 pub mod report;
 pub mod stats;
 pub mod wrk;

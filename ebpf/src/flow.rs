@@ -80,18 +80,11 @@ pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet) -> bool {
     let Some(state) = (unsafe { WEIR_FLOWS.get(key) }) else {
         return false;
     };
-    let settings = maps::settings();
     let closing = state.flags & FLOW_CLOSING != 0;
-    let timeout = if closing {
-        settings.closing_idle_ns
-    } else if packet.is_tcp() {
-        settings.tcp_idle_ns
-    } else {
-        settings.udp_idle_ns
-    };
-    let idle = now_ns().saturating_sub(state.last_seen_ns);
     let syn_ack = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-    state.server == server && (timeout == 0 || idle <= timeout) && !(closing && syn_ack)
+    state.server == server
+        && !expired(state, packet, now_ns(), &maps::settings())
+        && !(closing && syn_ack)
 }
 
 /// Marks the client→VIP flow `key` closing (a FIN or RST seen on the NAT return path).
@@ -125,17 +118,9 @@ fn established(
     // concurrent updates.
     let state = unsafe { &mut *state };
     let closing = state.flags & FLOW_CLOSING != 0;
-    let timeout = if closing {
-        settings.closing_idle_ns
-    } else if packet.is_tcp() {
-        settings.tcp_idle_ns
-    } else {
-        settings.udp_idle_ns
-    };
     let idle = now.saturating_sub(state.last_seen_ns);
     let syn = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // A zero timeout means "never" (settings not written yet must not expire every flow).
-    if (timeout != 0 && idle > timeout) || (closing && syn) {
+    if expired(state, packet, now, settings) || (closing && syn) {
         return None;
     }
     maps::server(state.server)?;
@@ -153,6 +138,21 @@ fn established(
         new_flow: false,
         refreshed,
     })
+}
+
+/// Whether the flow `state` has been idle longer than the timeout of its kind (closing, or its
+/// protocol's). A zero timeout means "never" (settings not written yet must not expire every
+/// flow).
+#[inline(always)]
+fn expired(state: &FlowState, packet: &Packet, now: u64, settings: &DatapathSettings) -> bool {
+    let timeout = if state.flags & FLOW_CLOSING != 0 {
+        settings.closing_idle_ns
+    } else if packet.is_tcp() {
+        settings.tcp_idle_ns
+    } else {
+        settings.udp_idle_ns
+    };
+    timeout != 0 && now.saturating_sub(state.last_seen_ns) > timeout
 }
 
 #[inline(always)]

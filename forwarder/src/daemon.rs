@@ -417,18 +417,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
     let pins = PinDir::prepare(&config.daemon.bpf_dir)?;
-    let mut datapath = Datapath::load(DatapathOptions {
-        interfaces: config
-            .datapath
-            .interfaces
-            .iter()
-            .map(|interface| interface.get_ref().clone())
-            .collect(),
-        xdp_mode: config.datapath.xdp_mode,
-        flow_table_size: *config.datapath.flow_table_size.get_ref(),
-        settings: l4::settings(&config),
-        pins: Some(pins.clone()),
-    })?;
+    let mut datapath = Datapath::load(DatapathOptions::from_config(&config, Some(pins.clone())))?;
     if datapath.adopted() {
         tracing::info!(dir = %pins.root().display(), "adopting the pinned datapath: established flows are kept");
     }

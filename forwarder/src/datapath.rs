@@ -26,7 +26,7 @@ use weir_common::{
     l4::{DatapathSettings, ServerInfo, VipInfo, VipKey},
     names,
 };
-use weir_config::{XdpMode, control::XdpAttachment};
+use weir_config::{Config, XdpMode, control::XdpAttachment};
 
 use crate::pins::{PinDir, PinError};
 
@@ -78,6 +78,24 @@ pub struct DatapathOptions {
     /// Where maps and links are pinned. `None`: nothing is pinned and the datapath lives
     /// exactly as long as the [`Datapath`] value (tests, benchmarks).
     pub pins: Option<PinDir>,
+}
+
+impl DatapathOptions {
+    /// What `config`'s `[datapath]` asks for, pinned in `pins` (if any).
+    pub fn from_config(config: &Config, pins: Option<PinDir>) -> DatapathOptions {
+        DatapathOptions {
+            interfaces: config
+                .datapath
+                .interfaces
+                .iter()
+                .map(|interface| interface.get_ref().clone())
+                .collect(),
+            xdp_mode: config.datapath.xdp_mode,
+            flow_table_size: *config.datapath.flow_table_size.get_ref(),
+            settings: crate::l4::settings(config),
+            pins,
+        }
+    }
 }
 
 /// The loaded object, its attachments and typed handles on its maps.

@@ -64,12 +64,7 @@ impl Lab {
         };
         lab.wait_for_weir()?;
         for (i, server) in lab.topology.servers.iter().enumerate() {
-            let addr = topology::server_socket(i + 1);
-            wait_until(&format!("backend {addr}"), Duration::from_secs(5), || {
-                server
-                    .run(|| std::net::TcpStream::connect(addr).is_ok())
-                    .unwrap_or(false)
-            })?;
+            server.wait_for_listener(topology::server_socket(i + 1), Duration::from_secs(5))?;
         }
         Ok(lab)
     }

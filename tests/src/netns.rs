@@ -56,6 +56,18 @@ impl Netns {
         cmd
     }
 
+    /// Waits until something in the namespace accepts TCP connections on `address`.
+    pub fn wait_for_listener(
+        &self,
+        address: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<()> {
+        wait_until(&format!("a listener on {address}"), timeout, || {
+            self.run(|| std::net::TcpStream::connect(address).is_ok())
+                .unwrap_or(false)
+        })
+    }
+
     /// Runs `f` on a thread that has entered the namespace, so sockets it opens live there.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let path = format!("/run/netns/{}", self.name);

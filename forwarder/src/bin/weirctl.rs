@@ -261,15 +261,7 @@ fn check_config(file: &std::path::Path, json: bool) -> Result<(), Failure> {
 
 fn show_vip(args: &Args, vip: &str) -> Result<(), Failure> {
     let mut client = connect(args)?;
-    let Response::Servers(servers) = ask(
-        &mut client,
-        Request::ServerList {
-            vip: Some(vip.to_string()),
-        },
-    )?
-    else {
-        return Err(unexpected());
-    };
+    let servers = servers_of(&mut client, vip)?;
     let Response::Vips(vips) = ask(&mut client, Request::VipList)? else {
         return Err(unexpected());
     };
@@ -295,15 +287,7 @@ fn remove_when_drained(
     let deadline = Instant::now() + timeout;
     let mut announced = false;
     loop {
-        let Response::Servers(servers) = ask(
-            &mut client,
-            Request::ServerList {
-                vip: Some(vip.to_string()),
-            },
-        )?
-        else {
-            return Err(unexpected());
-        };
+        let servers = servers_of(&mut client, vip)?;
         let Some(server) = servers.iter().find(|s| s.address == address) else {
             return Err(Failure::Refused(ControlError::new(
                 ControlErrorKind::NotFound,
@@ -351,6 +335,19 @@ fn remove_when_drained(
     )?;
     print_response(&response, args.json);
     Ok(())
+}
+
+/// The servers of VIP `vip`.
+fn servers_of(client: &mut Client, vip: &str) -> Result<Vec<ServerReport>, Failure> {
+    match ask(
+        client,
+        Request::ServerList {
+            vip: Some(vip.to_string()),
+        },
+    )? {
+        Response::Servers(servers) => Ok(servers),
+        _ => Err(unexpected()),
+    }
 }
 
 fn unexpected() -> Failure {
