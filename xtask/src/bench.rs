@@ -4,11 +4,18 @@
 //! in release, then runs `weir-bench` (the harness in `benches/`) as root. Results go to
 //! `target/bench/report.md` and `report.json`; `docs/benchmarks.md` quotes a full run.
 //! Everything it creates (namespaces `weirb-<pid>-…`, processes, nftables tables) lives
-//! inside namespaces that are removed when it ends, also on failure.
+//! inside namespaces that are removed when it ends, also on failure; an interrupted run
+//! (Ctrl-C reaches the whole process group) is cleaned up here, after the harness has died,
+//! and leftovers of a killed run are removed before the next one starts.
 
 use anyhow::{Result, bail};
+use nix::sys::signal::{SigHandler, Signal, signal};
+use weir_tests::netns;
 
 use crate::setup::{self, ensure_packages, run_cmd};
+
+/// What every namespace and temporary directory of the harness is named with.
+pub const BENCH_PREFIX: &str = "weirb-";
 
 /// What the scenarios run besides weir.
 const BENCH_PACKAGES: &[&str] = &["wrk", "nginx-light", "nftables", "haproxy"];
@@ -37,11 +44,69 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .parent()
         .expect("xtask lives in the workspace")
         .join("target");
+    clean_up();
     let mut bench = std::process::Command::new(target.join("release/weir-bench"));
     bench.arg("--out").arg(target.join("bench"));
     if args.quick {
         bench.arg("--quick");
     }
     bench.args(&args.scenarios);
-    run_cmd(&mut bench)
+    // Ctrl-C goes to the harness (same process group) and ends it; this process outlives it
+    // to clean up.
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe {
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+    }
+    let result = run_cmd(&mut bench);
+    let removed = clean_up();
+    if removed > 0 {
+        println!("bench: removed {removed} namespaces an interrupted run left");
+    }
+    result
+}
+
+/// Removes every namespace (with the processes in it) and temporary directory of the
+/// harness; returns how many namespaces there were.
+pub fn clean_up() -> usize {
+    let removed = netns::remove_all_with_prefix(BENCH_PREFIX).len();
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(BENCH_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs root: creates network namespaces"]
+    fn clean_up_removes_what_an_interrupted_run_leaves() {
+        let ns = format!("{BENCH_PREFIX}{}-left-lb", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{BENCH_PREFIX}{}-l4", std::process::id()));
+        std::fs::create_dir_all(dir.join("nginx-temp")).unwrap();
+        // A namespace as a killed run leaves it: created with `ip`, a process inside.
+        run_cmd(std::process::Command::new("ip").args(["netns", "add", &ns])).unwrap();
+        let mut sleeper = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "sleep", "60"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(clean_up() >= 1);
+        assert!(!std::path::Path::new(&format!("/run/netns/{ns}")).exists());
+        assert!(!dir.exists());
+        let status = sleeper.wait().unwrap();
+        assert!(
+            !status.success(),
+            "the process in the namespace was not killed"
+        );
+    }
 }
