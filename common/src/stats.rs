@@ -107,8 +107,8 @@ stats! {
     PassIcmp = 16 => "pass_icmp",
     /// VIP whose forwarding mode this program does not know (a newer daemon's mode).
     DropUnsupportedMode = 17 => "drop_unsupported_mode",
-    /// From a server, matching a NAT return entry whose client flow is gone, idle, pinned
-    /// elsewhere, or closing while this is a SYN-ACK: not a reply through the VIP (e.g. a
+    /// From a server, matching a NAT return entry whose client flow is idle past its timeout,
+    /// pinned elsewhere, or closing while this is a SYN-ACK: not a reply through the VIP (e.g. a
     /// client reaching the server directly from a port a NAT flow used). The entry is
     /// forgotten and the packet handed to the kernel untouched.
     PassStaleReturn = 18 => "pass_stale_return",

@@ -68,17 +68,19 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     pick(vip, key, &settings)
 }
 
-/// Whether `packet`, from server `server`, answers the live client→VIP flow `key`, so that it
-/// may take the VIP's address. NAT return entries outlive their flows (they are only evicted),
-/// so the flow itself decides: it must exist, be pinned to that server and not have expired.
-/// A SYN-ACK also needs a flow that is not closing: a client reconnecting through the VIP
+/// Whether `packet`, from server `server`, answers the client→VIP flow `key`, so that it may
+/// take the VIP's address. NAT return entries outlive their flows (they are only evicted),
+/// so the flow decides: one that is there must be pinned to that server and not have
+/// expired, and a SYN-ACK needs it not to be closing — a client reconnecting through the VIP
 /// clears the closing mark with its SYN, so a SYN-ACK that meets one answers a connection
-/// that never came through the VIP.
+/// that never came through the VIP. A flow that is not there at all was evicted under
+/// pressure (expired entries stay until evicted): its return entry is trusted, as before the
+/// flow table was full, and the client's next packet records the flow again.
 #[inline(always)]
 pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet) -> bool {
     // SAFETY: read-only use of the value for this program run.
     let Some(state) = (unsafe { WEIR_FLOWS.get(key) }) else {
-        return false;
+        return true;
     };
     let closing = state.flags & FLOW_CLOSING != 0;
     let syn_ack = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;

@@ -437,6 +437,14 @@ impl DatapathMaps {
         Ok(active)
     }
 
+    /// Forgets one flow (as the LRU does under pressure): its next packet picks afresh.
+    pub fn forget_flow(&mut self, key: &FlowKey) -> Result<(), DatapathError> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DatapathError::Map(names::FLOWS_MAP, e)),
+        }
+    }
+
     /// The server a flow is pinned to, if the flow table has it.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
         self.flows.get(key, 0).ok()

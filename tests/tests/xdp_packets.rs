@@ -1131,3 +1131,43 @@ fn cached_next_hops_follow_the_server_address_and_the_mtu() {
         assert_eq!(action, XDP_REDIRECT);
     });
 }
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
+    in_bed("evict", || {
+        let mut lb = Balancer::new();
+        let service = lb.service("web4").clone();
+        let flow = client(43100);
+        let server = lb.predicted_server("web4", flow);
+        let (action, _) = lb.run(lb.up, &tcp(IN, flow, service.address, 64, Flags::Syn));
+        assert_eq!(action, XDP_REDIRECT);
+        // The client flow leaves the table as the LRU evicts it; its return entry stays.
+        lb.datapath
+            .maps_mut()
+            .forget_flow(&service.flow_key(flow))
+            .unwrap();
+        let reply = tcp(
+            (mac_of(server.ip()), DOWNLINK_MAC),
+            server,
+            flow,
+            64,
+            Flags::Ack,
+        );
+        let (action, out) = lb.run(lb.down, &reply);
+        assert_eq!(
+            action, XDP_REDIRECT,
+            "a reply of an evicted flow was not un-NATed"
+        );
+        assert_eq!(
+            hex(&out),
+            hex(&tcp(
+                (UPLINK_MAC, CLIENT_MAC),
+                service.address,
+                flow,
+                63,
+                Flags::Ack
+            ))
+        );
+    });
+}
