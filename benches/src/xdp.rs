@@ -274,19 +274,18 @@ impl XdpBench {
                     (Packets::Same(packet), Mode::Repeated) => {
                         balancer.run(&case.program, packet, self.runs)?
                     }
-                    (Packets::Same(packet), Mode::PerCall) => {
+                    // Per call: one run per syscall, on the same packet or a new flow's.
+                    (packets, _) => {
                         let mut total = 0.0;
                         for _ in 0..self.runs {
-                            total += balancer.run(&case.program, packet, 1)?;
-                        }
-                        total / f64::from(self.runs)
-                    }
-                    (Packets::NewFlows { dst }, _) => {
-                        let mut total = 0.0;
-                        for _ in 0..self.runs {
-                            let packet = segment(new_client(flows, dst.is_ipv6()), *dst, true);
-                            flows += 1;
-                            total += balancer.run(&case.program, &packet, 1)?;
+                            total += match packets {
+                                Packets::Same(packet) => balancer.run(&case.program, packet, 1)?,
+                                Packets::NewFlows { dst } => {
+                                    let src = new_client(flows, dst.is_ipv6());
+                                    flows += 1;
+                                    balancer.run(&case.program, &segment(src, *dst, true), 1)?
+                                }
+                            };
                         }
                         total / f64::from(self.runs)
                     }

@@ -136,7 +136,8 @@ impl Inner {
                 settings.tcp_idle_ns, settings.udp_idle_ns, settings.closing_idle_ns
             ));
         }
-        if !changes.is_empty() || next.runtime_state() != self.l4.runtime_state() {
+        let state = next.runtime_state();
+        if !changes.is_empty() || state != self.l4.runtime_state() {
             let maps = self.datapath.maps_mut();
             let written = settings
                 .map_or(Ok(()), |s| maps.set_settings(s))
@@ -144,7 +145,7 @@ impl Inner {
                 .and_then(|()| next.sync(maps, Some(&self.l4)))
                 .map_err(|err| internal(format!("{err}")))
                 .and_then(|()| {
-                    next.runtime_state()
+                    state
                         .save(&self.config.daemon.state_file)
                         .map_err(|err| internal(format!("{err}")))
                 });
