@@ -145,6 +145,23 @@ pub struct ServerReport {
     pub active_flows: usize,
     /// Packets the datapath sent it (client to server direction).
     pub traffic: Traffic,
+    /// For a server of an L7 vhost: its requests (then `active_flows` counts requests in
+    /// flight and `traffic` is zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<L7Traffic>,
+}
+
+/// What the L7 proxy sent a server, summed over workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct L7Traffic {
+    pub requests: u64,
+    pub in_flight: u64,
+    /// Responses by class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub responses: [u64; 5],
+    /// Connect failures, resets and timeouts.
+    pub failures: u64,
+    /// Connections opened to it.
+    pub connections: u64,
 }
 
 /// A server's health as checks see it; independent of its admin state.

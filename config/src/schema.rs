@@ -146,13 +146,100 @@ pub enum XdpMode {
     Generic,
 }
 
-/// The L7 workers.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The L7 workers and the limits of the HTTP/1.1 reverse proxy they run.
+///
+/// Defaults are those of an edge proxy facing the internet: bounded heads, a short deadline
+/// to send one (slowloris), and no trust in forwarding headers clients send.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct L7Config {
     /// Worker threads, each with its own io_uring; 0 means one per CPU.
-    #[serde(default)]
     pub workers: usize,
+    /// Client connections one worker holds at most; beyond it new connections wait in the
+    /// listen backlog.
+    pub max_connections_per_worker: usize,
+    /// Longest request line (method, target, version) accepted; longer gets 414.
+    pub max_request_line: usize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request head; more gets 431.
+    pub max_headers: usize,
+    /// Milliseconds a client has to send a whole request head once it started one (or
+    /// connected); slower gets 408 and the connection closes.
+    pub header_timeout_ms: u64,
+    /// Milliseconds a kept-alive client connection may wait idle for its next request.
+    pub keepalive_timeout_ms: u64,
+    /// Milliseconds a body (request or response) may stall before the exchange is cut.
+    pub body_idle_timeout_ms: u64,
+    /// Milliseconds to connect to a server before trying another one.
+    pub upstream_connect_timeout_ms: u64,
+    /// Milliseconds a server has to start its response once the request is sent; slower gets
+    /// 504.
+    pub upstream_response_timeout_ms: u64,
+    /// Milliseconds an idle pooled server connection is kept for reuse. Keep it below the
+    /// servers' own keep-alive timeout, so weir closes idle connections before they do.
+    pub upstream_idle_timeout_ms: u64,
+    /// Idle connections a worker keeps per server.
+    pub upstream_max_idle_per_server: usize,
+    /// Milliseconds an upgraded connection (WebSocket) may carry nothing either way before
+    /// it is closed.
+    pub tunnel_idle_timeout_ms: u64,
+    /// Headers added to requests sent to servers.
+    pub forwarded: ForwardedHeaders,
+    /// One structured log line per request (target `weir::access`).
+    pub access_log: bool,
+}
+
+impl Default for L7Config {
+    fn default() -> Self {
+        L7Config {
+            workers: 0,
+            max_connections_per_worker: 10_000,
+            max_request_line: 8 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_timeout_ms: 10_000,
+            keepalive_timeout_ms: 60_000,
+            body_idle_timeout_ms: 30_000,
+            upstream_connect_timeout_ms: 2_000,
+            upstream_response_timeout_ms: 30_000,
+            upstream_idle_timeout_ms: 10_000,
+            upstream_max_idle_per_server: 64,
+            tunnel_idle_timeout_ms: 600_000,
+            forwarded: ForwardedHeaders::default(),
+            access_log: false,
+        }
+    }
+}
+
+/// Which forwarding headers requests to servers carry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardedHeaders {
+    /// `X-Forwarded-For: <client address>`.
+    pub x_forwarded_for: bool,
+    /// `X-Forwarded-Proto: http`.
+    pub x_forwarded_proto: bool,
+    /// RFC 7239 `Forwarded: for=...;proto=...;host=...`.
+    pub forwarded: bool,
+    /// `Via: 1.1 weir`.
+    pub via: bool,
+    /// Keep the forwarding headers clients send and append to them. Off by default: at the
+    /// edge a client can write any `X-Forwarded-For` it likes, so weir replaces them. Turn
+    /// on only when weir sits behind a proxy you trust.
+    pub trust_incoming: bool,
+}
+
+impl Default for ForwardedHeaders {
+    fn default() -> Self {
+        ForwardedHeaders {
+            x_forwarded_for: true,
+            x_forwarded_proto: true,
+            forwarded: false,
+            via: true,
+            trust_incoming: false,
+        }
+    }
 }
 
 /// An L4 virtual service: an address, port and protocol balanced over a pool.
@@ -221,10 +308,73 @@ pub struct VirtualHost {
     pub name: Spanned<String>,
     /// Address the L7 listener binds (several vhosts may share one).
     pub listen: SocketAddr,
-    /// Host names: exact (`www.example.com`) or wildcard (`*.example.com`).
+    /// Host names: exact (`www.example.com`) or wildcard (`*.example.com`, any depth of
+    /// sub-domain; the longest matching suffix wins).
     #[serde(default)]
-    pub hosts: Vec<String>,
+    pub hosts: Vec<Spanned<String>>,
+    /// Serves requests on its listener whose Host no vhost names (otherwise they get 404).
+    #[serde(default)]
+    pub default: bool,
+    /// How a request picks its server.
+    #[serde(default)]
+    pub balance: Balance,
+    /// What `balance = "hash"` hashes: `source_ip`, `header:<name>` or `cookie:<name>`.
+    #[serde(default)]
+    pub hash_on: Option<Spanned<String>>,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// How an L7 pool picks a server for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// The ready server with the fewest requests in flight relative to its weight.
+    LeastConnections,
+    /// Consistent hash (Maglev) of `hash_on`: the same key reaches the same server while the
+    /// pool is unchanged, and a change moves only about 1/N of keys.
+    Hash,
+}
+
+/// What a consistent-hash pool hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    SourceIp,
+    /// A request header (lower-case name).
+    Header(String),
+    /// A cookie, by name.
+    Cookie(String),
+}
+
+impl HashOn {
+    /// Parses `source_ip`, `header:<name>` or `cookie:<name>`.
+    pub fn parse(text: &str) -> Result<HashOn, String> {
+        let token = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        match text.split_once(':') {
+            None if text == "source_ip" => Ok(HashOn::SourceIp),
+            Some(("header", name)) if token(name) => Ok(HashOn::Header(name.to_ascii_lowercase())),
+            Some(("cookie", name)) if token(name) => Ok(HashOn::Cookie(name.to_string())),
+            _ => Err(format!(
+                "hash_on `{text}`: expected `source_ip`, `header:<name>` or `cookie:<name>`"
+            )),
+        }
+    }
+}
+
+impl VirtualHost {
+    /// What the pool hashes, when it balances by hash (checked at load).
+    pub fn hash_key(&self) -> Option<HashOn> {
+        self.hash_on
+            .as_ref()
+            .and_then(|text| HashOn::parse(text.get_ref()).ok())
+    }
 }
 
 /// A server in a pool.
@@ -337,6 +487,21 @@ impl Config {
                 ));
             }
             check_pool(&vhost.servers, &mut problems);
+            check_vhost(vhost, &mut problems);
+        }
+        check_listeners(&self.vhosts, &mut problems);
+        let l7 = &self.l7;
+        if l7.max_connections_per_worker == 0
+            || l7.max_request_line < 64
+            || l7.max_header_bytes < l7.max_request_line
+            || l7.max_headers == 0
+        {
+            problems.push((
+                0,
+                "[l7] limits: max_connections_per_worker and max_headers must be positive, \
+                 max_request_line at least 64, max_header_bytes at least max_request_line"
+                    .to_string(),
+            ));
         }
         let mut interfaces = HashSet::new();
         for interface in &self.datapath.interfaces {
@@ -375,6 +540,90 @@ fn check_pool(servers: &Spanned<Vec<ServerSpec>>, problems: &mut Vec<(usize, Str
                     "server {} has weight {}: expected 1 to {MAX_WEIGHT}",
                     server.address, server.weight
                 ),
+            ));
+        }
+    }
+}
+
+fn check_vhost(vhost: &VirtualHost, problems: &mut Vec<(usize, String)>) {
+    for host in &vhost.hosts {
+        if let Err(message) = check_host_name(host.get_ref()) {
+            problems.push((host.span().start, message));
+        }
+    }
+    if vhost.hosts.is_empty() && !vhost.default {
+        problems.push((
+            vhost.name.span().start,
+            format!(
+                "vhost `{}` has no hosts and is not the default: no request can reach it",
+                vhost.name.get_ref()
+            ),
+        ));
+    }
+    match (&vhost.balance, &vhost.hash_on) {
+        (Balance::Hash, None) => problems.push((
+            vhost.name.span().start,
+            format!(
+                "vhost `{}` balances by hash: set hash_on (`source_ip`, `header:<name>` or `cookie:<name>`)",
+                vhost.name.get_ref()
+            ),
+        )),
+        (Balance::Hash, Some(on)) => {
+            if let Err(message) = HashOn::parse(on.get_ref()) {
+                problems.push((on.span().start, message));
+            }
+        }
+        (_, Some(on)) => problems.push((
+            on.span().start,
+            "hash_on is only used with balance = \"hash\"".to_string(),
+        )),
+        (_, None) => {}
+    }
+}
+
+/// A host name as the `Host` header carries it (without port): labels of letters, digits and
+/// hyphens, or `*.` followed by such a name.
+fn check_host_name(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253
+        || !name.split('.').all(label_ok)
+        || host.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        return Err(format!(
+            "host `{host}` is not a lower-case host name or `*.` wildcard (letters, digits, `-`, dots)"
+        ));
+    }
+    Ok(())
+}
+
+/// On one listener, a host name belongs to one vhost and at most one vhost is the default.
+fn check_listeners(vhosts: &[VirtualHost], problems: &mut Vec<(usize, String)>) {
+    let mut hosts = HashSet::new();
+    let mut defaults = HashSet::new();
+    for vhost in vhosts {
+        for host in &vhost.hosts {
+            if !hosts.insert((vhost.listen, host.get_ref().as_str())) {
+                problems.push((
+                    host.span().start,
+                    format!(
+                        "host `{}` is already served on {}",
+                        host.get_ref(),
+                        vhost.listen
+                    ),
+                ));
+            }
+        }
+        if vhost.default && !defaults.insert(vhost.listen) {
+            problems.push((
+                vhost.name.span().start,
+                format!("another vhost is already the default on {}", vhost.listen),
             ));
         }
     }

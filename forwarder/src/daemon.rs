@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
 };
 
@@ -23,8 +23,8 @@ use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::{
     Config, DEFAULT_WEIGHT,
     control::{
-        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, HealthState, Request,
-        Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
+        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, HealthState, L7Traffic,
+        Request, Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
     },
 };
 
@@ -35,6 +35,7 @@ use crate::{
     l7::L7Workers,
     pins::PinDir,
     state::RuntimeState,
+    vhosts::{VhostError, Vhosts},
 };
 
 /// Everything the control server answers from.
@@ -43,14 +44,16 @@ struct State {
     started: Instant,
     /// The one lock every request takes: what makes the daemon the single writer.
     inner: Mutex<Inner>,
-    l7: L7Workers,
 }
 
-/// The running configuration, the datapath and the model mirrored in it.
+/// The running configuration, the datapath and the L7 workers, and the models mirrored in
+/// them.
 struct Inner {
     config: Config,
     datapath: Datapath,
     l4: L4Services,
+    l7: L7Workers,
+    vhosts: Vhosts,
 }
 
 impl State {
@@ -69,7 +72,14 @@ impl State {
                 vip,
                 address,
                 weight,
-            } => inner.change(|l4| l4.add_server(&vip, address, weight.unwrap_or(DEFAULT_WEIGHT))),
+            } => {
+                let weight = weight.unwrap_or(DEFAULT_WEIGHT);
+                if inner.vhosts.contains(&vip) {
+                    inner.change_vhosts(|v| v.add_server(&vip, address, weight))
+                } else {
+                    inner.change(|l4| l4.add_server(&vip, address, weight))
+                }
+            }
             Request::ServerRemove {
                 vip,
                 address,
@@ -79,7 +89,21 @@ impl State {
                 vip,
                 address,
                 state,
+            } if inner.vhosts.contains(&vip) => {
+                inner.change_vhosts(|v| v.set_state(&vip, address, state))
+            }
+            Request::ServerSetState {
+                vip,
+                address,
+                state,
             } => inner.change(|l4| l4.set_state(&vip, address, state)),
+            Request::ServerWeight {
+                vip,
+                address,
+                weight,
+            } if inner.vhosts.contains(&vip) => {
+                inner.change_vhosts(|v| v.set_weight(&vip, address, weight))
+            }
             Request::ServerWeight {
                 vip,
                 address,
@@ -103,7 +127,7 @@ impl State {
             },
             xdp: inner.datapath.attachments().to_vec(),
             counters: inner.counters()?,
-            listeners: self.l7.status(),
+            listeners: inner.l7.status(),
         })
     }
 }
@@ -116,18 +140,44 @@ impl Inner {
     ) -> Result<Response, ControlError> {
         let mut next = self.l4.clone();
         change(&mut next).map_err(refusal)?;
-        self.commit(next, None).map(Response::Changed)
+        self.commit(next, self.vhosts.clone(), None)
+            .map(Response::Changed)
+    }
+
+    /// Applies one change to the vhosts' pools, and through it to the workers and the
+    /// state file.
+    fn change_vhosts(
+        &mut self,
+        change: impl FnOnce(&mut Vhosts) -> Result<(), VhostError>,
+    ) -> Result<Response, ControlError> {
+        let mut next = self.vhosts.clone();
+        change(&mut next).map_err(vhost_refusal)?;
+        self.commit(self.l4.clone(), next, None)
+            .map(Response::Changed)
+    }
+
+    /// The durable state of both models.
+    fn runtime_state(l4: &L4Services, vhosts: &Vhosts) -> RuntimeState {
+        RuntimeState {
+            vhosts: vhosts.state(),
+            ..l4.runtime_state()
+        }
     }
 
     /// Writes `next` (and new datapath settings, on reload) into the maps, then the state
-    /// file, then makes it the running model. If a step fails the maps are put back as they
-    /// were and nothing is committed.
+    /// file, then makes it the running model and publishes the vhosts to the L7 workers. If
+    /// a step fails the maps are put back as they were and nothing is committed.
     fn commit(
         &mut self,
         next: L4Services,
+        next_vhosts: Vhosts,
         config: Option<Config>,
     ) -> Result<Vec<String>, ControlError> {
         let mut changes = self.l4.diff(&next);
+        changes.extend(self.vhosts.diff(&next_vhosts));
+        if config.as_ref().is_some_and(|c| c.l7 != self.config.l7) {
+            changes.push("l7 settings (limits, timeouts, headers, access log)".to_string());
+        }
         let settings = config.as_ref().map(l4::settings);
         let old_settings = l4::settings(&self.config);
         if let Some(settings) = settings.filter(|s| *s != old_settings) {
@@ -136,8 +186,8 @@ impl Inner {
                 settings.tcp_idle_ns, settings.udp_idle_ns, settings.closing_idle_ns
             ));
         }
-        let state = next.runtime_state();
-        if !changes.is_empty() || state != self.l4.runtime_state() {
+        let state = Inner::runtime_state(&next, &next_vhosts);
+        if !changes.is_empty() || state != Inner::runtime_state(&self.l4, &self.vhosts) {
             let maps = self.datapath.maps_mut();
             let written = settings
                 .map_or(Ok(()), |s| maps.set_settings(s))
@@ -173,6 +223,11 @@ impl Inner {
         if let Some(config) = config {
             self.config = config;
         }
+        if next_vhosts != self.vhosts || !changes.is_empty() {
+            let snapshot = next_vhosts.snapshot(&self.config, Some(&self.l7.snapshot()));
+            self.l7.publish(snapshot);
+            self.vhosts = next_vhosts;
+        }
         Ok(changes)
     }
 
@@ -183,6 +238,20 @@ impl Inner {
         address: std::net::SocketAddr,
         force: bool,
     ) -> Result<Response, ControlError> {
+        if let Ok(vhost) = self.vhosts.vhost(vip) {
+            // In-flight requests finish on their own connection whatever the pool says, so
+            // removing an L7 server never cuts one; only emptying the pool is refused.
+            if !force && vhost.servers.len() == 1 && vhost.servers[0].address == address {
+                return Err(ControlError::new(
+                    ControlErrorKind::Refused,
+                    format!(
+                        "{address} is the last server of vhost `{vip}`: without it every request \
+                         gets 503. Add another server first, or use --force"
+                    ),
+                ));
+            }
+            return self.change_vhosts(|v| v.remove_server(vip, address));
+        }
         let service = self.l4.service(vip).map_err(refusal)?;
         let server = service.find_server(address).ok_or_else(|| {
             refusal(L4Error::UnknownServer {
@@ -228,8 +297,11 @@ impl Inner {
                 ),
             ));
         }
-        let next = L4Services::plan(&config, Some(&self.l4.runtime_state())).map_err(refusal)?;
-        self.commit(next, Some(config)).map(Response::Changed)
+        let previous = Inner::runtime_state(&self.l4, &self.vhosts);
+        let next = L4Services::plan(&config, Some(&previous)).map_err(refusal)?;
+        let next_vhosts = Vhosts::plan(&config, Some(&previous)).map_err(vhost_refusal)?;
+        self.commit(next, next_vhosts, Some(config))
+            .map(Response::Changed)
     }
 
     fn counters(&self) -> Result<Vec<DatapathCounter>, ControlError> {
@@ -298,7 +370,9 @@ impl Inner {
     }
 
     fn server_reports(&self, vip: Option<&str>) -> Result<Vec<ServerReport>, ControlError> {
-        if let Some(vip) = vip {
+        if let Some(vip) = vip
+            && !self.vhosts.contains(vip)
+        {
             self.l4.service(vip).map_err(refusal)?;
         }
         let flows = self.active_flows()?;
@@ -321,6 +395,39 @@ impl Inner {
                     health: HealthState::Unchecked,
                     active_flows: flows.get(&server.id).copied().unwrap_or(0),
                     traffic: traffic_report(traffic),
+                    l7: None,
+                });
+            }
+        }
+        let snapshot = self.l7.snapshot();
+        for vhost in self
+            .vhosts
+            .iter()
+            .filter(|v| vip.is_none_or(|n| n == v.name))
+        {
+            for server in &vhost.servers {
+                let l7 = snapshot
+                    .server_stats(&vhost.name, server.address)
+                    .map(|stats| {
+                        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                        L7Traffic {
+                            requests: load(&stats.requests),
+                            in_flight: load(&stats.in_flight),
+                            responses: stats.responses.each_ref().map(load),
+                            failures: load(&stats.failures),
+                            connections: load(&stats.connections),
+                        }
+                    })
+                    .unwrap_or_default();
+                reports.push(ServerReport {
+                    vip: vhost.name.clone(),
+                    address: server.address,
+                    weight: server.weight,
+                    admin: server.state,
+                    health: HealthState::Unchecked,
+                    active_flows: l7.in_flight as usize,
+                    traffic: Traffic::default(),
+                    l7: Some(l7),
                 });
             }
         }
@@ -410,6 +517,17 @@ fn refusal(err: L4Error) -> ControlError {
     ControlError::new(kind, err.to_string())
 }
 
+/// The control error for a refused vhost change.
+fn vhost_refusal(err: VhostError) -> ControlError {
+    let kind = match err {
+        VhostError::UnknownVhost(_) | VhostError::UnknownServer { .. } => {
+            ControlErrorKind::NotFound
+        }
+        VhostError::DuplicateServer { .. } | VhostError::Weight(_) => ControlErrorKind::Invalid,
+    };
+    ControlError::new(kind, err.to_string())
+}
+
 /// Runs the daemon with the config at `config_path` until it is told to stop.
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
@@ -417,6 +535,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     let previous = RuntimeState::load(&state_file)?;
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
+    let vhosts = Vhosts::plan(&config, previous.as_ref())
+        .context("the config and the runtime state do not combine into valid vhost pools")?;
     let pins = PinDir::prepare(&config.daemon.bpf_dir)?;
     let mut datapath = Datapath::load(DatapathOptions::from_config(&config, Some(pins.clone())))?;
     if datapath.adopted() {
@@ -433,9 +553,9 @@ pub fn run(config_path: &Path) -> Result<()> {
             "XDP program attached"
         );
     }
-    l4.runtime_state().save(&state_file)?;
+    Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
     let listen = config.l7_listen_addresses();
-    let l7 = L7Workers::start(&listen, config.l7.workers)
+    let l7 = L7Workers::start(vhosts.snapshot(&config, None), config.l7.workers)
         .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
@@ -448,8 +568,9 @@ pub fn run(config_path: &Path) -> Result<()> {
             config,
             datapath,
             l4,
+            l7,
+            vhosts,
         }),
-        l7,
     });
 
     let runtime = tokio::runtime::Builder::new_current_thread()

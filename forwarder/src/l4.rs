@@ -41,6 +41,7 @@ use weir_config::{
 use crate::{
     datapath::{DatapathError, DatapathMaps},
     maglev::{MaglevError, MaglevServer, MaglevTable},
+    pool::{PoolEdit, ServerLine, merge_config_pool, server_changes},
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
 };
 
@@ -167,6 +168,17 @@ impl L4Service {
     }
 
     /// The server `address`, if it is in the pool.
+    fn server_lines(&self) -> Vec<ServerLine> {
+        self.servers
+            .iter()
+            .map(|s| ServerLine {
+                address: s.address,
+                weight: s.weight,
+                state: s.state,
+            })
+            .collect()
+    }
+
     pub fn find_server(&self, address: SocketAddr) -> Option<&L4Server> {
         self.servers.iter().find(|s| s.address == address)
     }
@@ -358,33 +370,15 @@ impl L4Services {
         Ok(services)
     }
 
-    /// Applies to the running pool of `vip` what the config's pool changed from `base` to
-    /// `new`, and records `new` as the base for next time.
+    /// Merges the config's pool change from `base` to `new` into `vip`'s running pool (see
+    /// [`merge_config_pool`]) and records `new` as the base for next time.
     fn merge_config_pool(
         &mut self,
         vip: &str,
         base: &[ServerSpec],
         new: &[ServerSpec],
     ) -> Result<(), L4Error> {
-        let in_base = |a: SocketAddr| base.iter().find(|s| s.address == a);
-        for spec in new {
-            let running = self.service(vip)?.server(spec.address).is_ok();
-            match (in_base(spec.address), running) {
-                (None, false) => self.add_server(vip, spec.address, spec.weight)?,
-                (None, true) => self.set_weight(vip, spec.address, spec.weight)?,
-                (Some(old), true) if old.weight != spec.weight => {
-                    self.set_weight(vip, spec.address, spec.weight)?
-                }
-                // Unchanged in the file, or removed at run time since: leave it.
-                _ => {}
-            }
-        }
-        for spec in base {
-            let still_wanted = new.iter().any(|s| s.address == spec.address);
-            if !still_wanted && self.service(vip)?.server(spec.address).is_ok() {
-                self.remove_server(vip, spec.address)?;
-            }
-        }
+        merge_config_pool(self, vip, base, new)?;
         let seed = self.seed;
         let service = self.service_mut(vip)?;
         service.config_servers = new.to_vec();
@@ -412,6 +406,7 @@ impl L4Services {
     pub fn runtime_state(&self) -> RuntimeState {
         RuntimeState {
             version: STATE_VERSION,
+            vhosts: BTreeMap::new(),
             l4_vips: self
                 .services
                 .values()
@@ -659,37 +654,12 @@ impl L4Services {
                     new.address, new.protocol, new.mode, new.hash, new.table_size
                 ));
             }
-            for server in &old.servers {
-                if new.server(server.address).is_err() {
-                    lines.push(format!("vip {name}: server {} removed", server.address));
-                }
-            }
-            for server in &new.servers {
-                match old.servers.iter().find(|s| s.address == server.address) {
-                    None => lines.push(format!(
-                        "vip {name}: server {} added (weight {}, {})",
-                        server.address,
-                        server.weight,
-                        state_name(server.state)
-                    )),
-                    Some(before) => {
-                        if before.weight != server.weight {
-                            lines.push(format!(
-                                "vip {name}: server {} weight {} -> {}",
-                                server.address, before.weight, server.weight
-                            ));
-                        }
-                        if before.state != server.state {
-                            lines.push(format!(
-                                "vip {name}: server {} {} -> {}",
-                                server.address,
-                                state_name(before.state),
-                                state_name(server.state)
-                            ));
-                        }
-                    }
-                }
-            }
+            lines.extend(server_changes(
+                "vip",
+                name,
+                &old.server_lines(),
+                &new.server_lines(),
+            ));
         }
         if self.seed != next.seed {
             lines.push(format!("hash seed {} -> {}", self.seed, next.seed));
@@ -698,12 +668,20 @@ impl L4Services {
     }
 }
 
-/// The lower-case name operators see for an admin state.
-pub fn state_name(state: AdminState) -> &'static str {
-    match state {
-        AdminState::Ready => "ready",
-        AdminState::Draining => "draining",
-        AdminState::Disabled => "disabled",
+impl PoolEdit for L4Services {
+    type Error = L4Error;
+
+    fn has_server(&self, vip: &str, address: SocketAddr) -> Result<bool, L4Error> {
+        Ok(self.service(vip)?.server(address).is_ok())
+    }
+    fn add_server(&mut self, vip: &str, address: SocketAddr, weight: u32) -> Result<(), L4Error> {
+        L4Services::add_server(self, vip, address, weight)
+    }
+    fn set_weight(&mut self, vip: &str, address: SocketAddr, weight: u32) -> Result<(), L4Error> {
+        L4Services::set_weight(self, vip, address, weight)
+    }
+    fn remove_server(&mut self, vip: &str, address: SocketAddr) -> Result<(), L4Error> {
+        L4Services::remove_server(self, vip, address)
     }
 }
 

@@ -2,7 +2,9 @@
 //!
 //! - [`datapath`]: loads the XDP program built from the `ebpf` crate, attaches it, reads its maps.
 //! - [`l4`]: the L4 services model (VIPs, pools, server states) and how changes reach the maps.
-//! - [`l7`]: the io_uring workers (one thread per core) that own the L7 listeners.
+//! - [`l7`]: the HTTP/1.1 reverse proxy: io_uring workers (one thread per core), Host routing.
+//! - [`vhosts`]: the L7 virtual hosts and pools model, and the snapshot the workers route with.
+//! - [`pool`]: what L4 and L7 pools share (config merge, change lines).
 //! - [`maglev`]: Maglev lookup-table builder (weights, deterministic across nodes).
 //! - [`pins`]: the bpffs directory that keeps the datapath running between daemons.
 //! - [`state`]: the durable runtime state file, and how it combines with the config.
@@ -17,4 +19,6 @@ pub mod l4;
 pub mod l7;
 pub mod maglev;
 pub mod pins;
+pub mod pool;
 pub mod state;
+pub mod vhosts;

@@ -53,6 +53,28 @@ pub struct RuntimeState {
     pub version: u32,
     /// L4 VIPs by name.
     pub l4_vips: BTreeMap<String, VipState>,
+    /// L7 virtual hosts' pools by vhost name (absent in files of weir before L7 pools).
+    #[serde(default)]
+    pub vhosts: BTreeMap<String, VhostState>,
+}
+
+/// One virtual host's pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostState {
+    /// The config file's pool when it was last applied.
+    pub config_servers: Vec<ServerSpec>,
+    /// The pool as it runs, runtime changes included.
+    pub servers: Vec<VhostServerState>,
+}
+
+/// One server of a running L7 pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostServerState {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
 }
 
 /// One VIP's pool.
@@ -151,6 +173,7 @@ mod tests {
         let address: SocketAddr = "198.18.11.2:80".parse().unwrap();
         RuntimeState {
             version: STATE_VERSION,
+            vhosts: BTreeMap::new(),
             l4_vips: BTreeMap::from([(
                 "web".to_string(),
                 VipState {

@@ -463,22 +463,28 @@ fn print_vips(vips: &[VipReport]) {
     }
 }
 
+/// One table for L4 and L7 pools: for an L7 server FLOWS counts requests in flight, PACKETS
+/// is `-` and NEW is requests; for an L4 server NEW is new flows.
 fn print_servers(servers: &[ServerReport]) {
     println!(
         "{:<16} {:<28} {:<9} {:<10} {:>6} {:>8} {:>12} {:>10}",
-        "VIP", "SERVER", "ADMIN", "HEALTH", "WEIGHT", "FLOWS", "PACKETS", "NEW FLOWS"
+        "POOL", "SERVER", "ADMIN", "HEALTH", "WEIGHT", "FLOWS", "PACKETS", "NEW"
     );
     for s in servers {
+        let (packets, new) = match &s.l7 {
+            Some(l7) => ("-".to_string(), l7.requests),
+            None => (s.traffic.packets.to_string(), s.traffic.new_flows),
+        };
         println!(
             "{:<16} {:<28} {:<9} {:<10} {:>6} {:>8} {:>12} {:>10}",
             s.vip,
             s.address.to_string(),
-            weir_forwarder::l4::state_name(s.admin),
+            weir_forwarder::pool::state_name(s.admin),
             lower(&s.health),
             s.weight,
             s.active_flows,
-            s.traffic.packets,
-            s.traffic.new_flows
+            packets,
+            new
         );
     }
 }

@@ -1,0 +1,664 @@
+//! HTTP/1.1 message heads: strict parsing of requests (RFC 9112, with the ambiguities that
+//! enable request smuggling refused), parsing of responses, and the heads weir writes on to
+//! servers and back to clients.
+//!
+//! httparse does the tokenising (request line, header names and values, obs-fold refused);
+//! this module adds what it leaves to the caller: size limits, bare LF, message framing
+//! (`Content-Length` / `Transfer-Encoding`), `Host` and the request target, and the
+//! hop-by-hop headers a proxy must not forward.
+//!
+//! Framing rules, where RFC 9112 allows a choice, take the strict side:
+//! - `Transfer-Encoding` and `Content-Length` together → 400 (§6.1 allows TE to win; a
+//!   front end that guesses differently from the server is how smuggling works);
+//! - `Content-Length` twice, even with equal values, or anything but digits → 400;
+//! - `Transfer-Encoding` other than exactly `chunked` → 501, and in HTTP/1.0 → 400;
+//! - a bare LF anywhere in the head → 400.
+
+use std::net::SocketAddr;
+
+use weir_config::ForwardedHeaders;
+
+/// Limits on a request head (from `[l7]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_request_line: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// Why a request is refused: the status to answer (the connection then closes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct RequestError {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+const fn refuse(status: u16, reason: &'static str) -> RequestError {
+    RequestError { status, reason }
+}
+
+/// How long a message body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes.
+    Fixed(u64),
+    /// `Transfer-Encoding: chunked`; relayed as is, decoded only to find its end.
+    Chunked,
+    /// Until the server closes the connection (responses only).
+    UntilClose,
+}
+
+/// A request head, checked and ready to route.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: String,
+    /// In origin form (`/path?query`), or `*` for `OPTIONS *`.
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Header fields as received, minus the hop-by-hop ones.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Host name the request is for (lower case, no port, no trailing dot), from the
+    /// absolute target or `Host`; `None` only for an HTTP/1.0 request without `Host`.
+    pub host: Option<String>,
+    /// The authority to send as `Host` (as the client wrote it).
+    pub authority: Option<String>,
+    pub body: BodyLength,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// The `Upgrade` value, when the client asked for one (`Connection: upgrade`).
+    pub upgrade: Option<Vec<u8>>,
+    pub expect_continue: bool,
+    /// Bytes of the head, including the blank line.
+    pub head_len: usize,
+}
+
+impl RequestHead {
+    /// Safe to send again if a reused server connection failed before answering (RFC 9110
+    /// §9.2.2), and only without a body, which is streamed and so not kept for a retry.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ) && self.body == BodyLength::Empty
+    }
+
+    /// The value of the first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The value of cookie `name`, from any `Cookie` header.
+    pub fn cookie(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
+            })
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and are never
+/// forwarded as received. `transfer-encoding` is not among them: bodies are relayed in the
+/// framing they arrived in (validated), so the header stays with its body.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Forwarding headers weir writes itself; from clients they are dropped unless trusted.
+const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "forwarded"];
+
+/// Where the head in `buf` ends (after its blank line), if it is complete.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete and
+/// within limits.
+pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
+    // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
+    let skipped = if buf.starts_with(b"\r\n") { 2 } else { 0 };
+    let rest = &buf[skipped..];
+    let line_end = rest.iter().position(|&b| b == b'\n');
+    if line_end.unwrap_or(rest.len()) > limits.max_request_line {
+        return Err(refuse(414, "request line too long"));
+    }
+    let Some(end) = head_end(rest) else {
+        if rest.len() > limits.max_header_bytes {
+            return Err(refuse(431, "request head too large"));
+        }
+        // A bare LF already received need not wait for the rest to be refused.
+        if has_bare_lf(rest) {
+            return Err(refuse(400, "bare LF in request head"));
+        }
+        return Ok(None);
+    };
+    if end > limits.max_header_bytes {
+        return Err(refuse(431, "request head too large"));
+    }
+    let head = &rest[..end];
+    if has_bare_lf(head) {
+        return Err(refuse(400, "bare LF in request head"));
+    }
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(refuse(400, "malformed request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
+        Err(httparse::Error::Version) => return Err(refuse(505, "HTTP version not supported")),
+        Err(httparse::Error::HeaderName) => return Err(refuse(400, "invalid header name")),
+        Err(httparse::Error::HeaderValue) => return Err(refuse(400, "invalid header value")),
+        Err(_) => return Err(refuse(400, "malformed request line or header")),
+    }
+    let method = request.method.unwrap_or_default().to_string();
+    let raw_target = request.path.unwrap_or_default();
+    let minor_version = request.version.unwrap_or(1);
+
+    let mut host_header: Option<&[u8]> = None;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut connection_tokens: Vec<String> = Vec::new();
+    let mut upgrade: Option<Vec<u8>> = None;
+    let mut expect_continue = false;
+    let mut kept: Vec<(String, Vec<u8>)> = Vec::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let name = header.name;
+        let value = header.value;
+        if name.eq_ignore_ascii_case("host") {
+            if host_header.replace(value).is_some() {
+                return Err(refuse(400, "more than one Host header"));
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if content_length.is_some() {
+                return Err(refuse(400, "more than one Content-Length"));
+            }
+            content_length = Some(parse_content_length(value)?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked {
+                return Err(refuse(400, "more than one Transfer-Encoding"));
+            }
+            if !value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(refuse(501, "transfer coding other than chunked"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_tokens.extend(tokens(value));
+            continue;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = Some(value.to_vec());
+            continue;
+        } else if name.eq_ignore_ascii_case("expect") {
+            if value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = true;
+                continue;
+            }
+            return Err(refuse(417, "unsupported expectation"));
+        }
+        kept.push((name.to_string(), value.to_vec()));
+    }
+    if chunked && content_length.is_some() {
+        return Err(refuse(400, "both Content-Length and Transfer-Encoding"));
+    }
+    if chunked && minor_version == 0 {
+        return Err(refuse(400, "Transfer-Encoding in an HTTP/1.0 request"));
+    }
+    if method == "CONNECT" {
+        return Err(refuse(501, "CONNECT is not supported"));
+    }
+
+    // The target: origin form, asterisk form for OPTIONS, or absolute form whose authority
+    // must agree with Host (RFC 9112 §3.2.2 makes the target win; weir refuses the mismatch).
+    let origin_form = raw_target.starts_with('/') || (raw_target == "*" && method == "OPTIONS");
+    let (target, target_authority) = if origin_form {
+        (raw_target.to_string(), None)
+    } else if let Some((authority, path)) = split_absolute(raw_target) {
+        (path, Some(authority))
+    } else {
+        return Err(refuse(400, "invalid request target"));
+    };
+    let host_value = match host_header {
+        Some(value) => Some(std::str::from_utf8(value).map_err(|_| refuse(400, "invalid Host"))?),
+        None if minor_version == 1 => return Err(refuse(400, "missing Host header")),
+        None => None,
+    };
+    let host_name = host_value.map(host_of).transpose()?;
+    let (host, authority) = match target_authority {
+        Some(authority) => {
+            let from_target = host_of(authority)?;
+            if host_name.as_ref().is_some_and(|h| *h != from_target) {
+                return Err(refuse(400, "Host disagrees with the request target"));
+            }
+            (Some(from_target), Some(authority.to_string()))
+        }
+        None => (host_name, host_value.map(str::to_string)),
+    };
+
+    // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    kept.retain(|(name, _)| {
+        let lower = name.to_ascii_lowercase();
+        !HOP_BY_HOP.contains(&lower.as_str()) && !connection_tokens.contains(&lower)
+    });
+    let has = |token: &str| connection_tokens.iter().any(|t| t == token);
+    let keep_alive = if minor_version == 1 {
+        !has("close")
+    } else {
+        has("keep-alive")
+    };
+    let upgrade = if has("upgrade") && minor_version == 1 {
+        upgrade
+    } else {
+        None
+    };
+    let body = match (chunked, content_length) {
+        (true, _) => BodyLength::Chunked,
+        (false, Some(0) | None) => BodyLength::Empty,
+        (false, Some(length)) => BodyLength::Fixed(length),
+    };
+    Ok(Some(RequestHead {
+        method,
+        target,
+        minor_version,
+        headers: kept,
+        host,
+        authority,
+        body,
+        keep_alive,
+        upgrade,
+        expect_continue,
+        head_len: skipped + end,
+    }))
+}
+
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
+/// `1*DIGIT`, nothing else, and small enough to count.
+fn parse_content_length(value: &[u8]) -> Result<u64, RequestError> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return Err(refuse(400, "invalid Content-Length"));
+    }
+    Ok(value
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Lower-case comma-separated tokens of a header value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = String> + '_ {
+    value
+        .split(|&b| b == b',')
+        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+}
+
+/// `http://authority/path` → (authority, `/path`).
+fn split_absolute(target: &str) -> Option<(&str, String)> {
+    let scheme_end = target.find("://")?;
+    if !target[..scheme_end].eq_ignore_ascii_case("http") {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let path_start = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(path_start);
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let path = if path.starts_with('/') {
+        path.to_string()
+    } else {
+        format!("/{path}")
+    };
+    Some((authority, path))
+}
+
+/// The host name of an authority (`name[:port]` or `[v6][:port]`): lower case, without the
+/// port and a trailing dot.
+fn host_of(authority: &str) -> Result<String, RequestError> {
+    let bad = || refuse(400, "invalid Host");
+    let (host, port) = if authority.starts_with('[') {
+        let close = authority.find(']').ok_or_else(bad)?;
+        authority[1..close]
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad())?;
+        authority.split_at(close + 1)
+    } else {
+        authority.split_at(authority.find(':').unwrap_or(authority.len()))
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = !host.is_empty()
+        && host.len() <= 255
+        && (host.starts_with('[')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)));
+    if !port_ok || !name_ok {
+        return Err(bad());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    Ok(host.to_ascii_lowercase())
+}
+
+/// A response head from a server.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub reason: String,
+    pub minor_version: u8,
+    /// Header fields as received, minus hop-by-hop ones (`Transfer-Encoding` kept).
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: BodyLength,
+    /// The server keeps the connection open after this response.
+    pub keep_alive: bool,
+    /// The `Upgrade` value of a `101 Switching Protocols`.
+    pub upgrade: Option<Vec<u8>>,
+    pub head_len: usize,
+}
+
+/// Why a server's response cannot be relayed (the client gets 502).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid response from the server: {0}")]
+pub struct ResponseError(pub &'static str);
+
+/// Largest response head weir accepts from a server.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// Parses the response head at the start of `buf`, for a request with method `method`.
+pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, ResponseError> {
+    let Some(end) = head_end(buf) else {
+        if buf.len() > MAX_RESPONSE_HEAD {
+            return Err(ResponseError("head too large"));
+        }
+        return Ok(None);
+    };
+    if end > MAX_RESPONSE_HEAD {
+        return Err(ResponseError("head too large"));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(&buf[..end]) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(ResponseError("malformed head")),
+    }
+    let status = response.code.unwrap_or_default();
+    let minor_version = response.version.unwrap_or(1);
+    let reason = response.reason.unwrap_or_default().to_string();
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_coding = false;
+    let mut connection_tokens: Vec<String> = Vec::new();
+    let mut upgrade = None;
+    let mut kept = Vec::with_capacity(response.headers.len());
+    for header in response.headers.iter() {
+        let (name, value) = (header.name, header.value);
+        if name.eq_ignore_ascii_case("content-length") {
+            let length =
+                parse_content_length(value).map_err(|_| ResponseError("bad Content-Length"))?;
+            if content_length.replace(length).is_some_and(|l| l != length) {
+                return Err(ResponseError("conflicting Content-Length"));
+            }
+            if kept
+                .iter()
+                .any(|(n, _): &(String, Vec<u8>)| n.eq_ignore_ascii_case("content-length"))
+            {
+                continue;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked must be the last coding; anything else is read until close.
+            let last = tokens(value).last();
+            chunked = last.as_deref() == Some("chunked");
+            other_coding = !chunked;
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection_tokens.extend(tokens(value));
+            continue;
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = Some(value.to_vec());
+            continue;
+        }
+        kept.push((name.to_string(), value.to_vec()));
+    }
+    if (chunked || other_coding) && content_length.is_some() {
+        return Err(ResponseError("both Content-Length and Transfer-Encoding"));
+    }
+    kept.retain(|(name, _)| {
+        let lower = name.to_ascii_lowercase();
+        !HOP_BY_HOP.contains(&lower.as_str()) && !connection_tokens.contains(&lower)
+    });
+    let has = |token: &str| connection_tokens.iter().any(|t| t == token);
+    let no_body =
+        method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
+    let body = if no_body {
+        BodyLength::Empty
+    } else if chunked {
+        BodyLength::Chunked
+    } else if other_coding {
+        BodyLength::UntilClose
+    } else {
+        match content_length {
+            Some(0) => BodyLength::Empty,
+            Some(length) => BodyLength::Fixed(length),
+            None => BodyLength::UntilClose,
+        }
+    };
+    let keep_alive = body != BodyLength::UntilClose
+        && if minor_version == 1 {
+            !has("close")
+        } else {
+            has("keep-alive")
+        };
+    Ok(Some(ResponseHead {
+        status,
+        reason,
+        minor_version,
+        headers: kept,
+        body,
+        keep_alive,
+        upgrade: if status == 101 { upgrade } else { None },
+        head_len: end,
+    }))
+}
+
+/// Who sent a request, for the forwarding headers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+}
+
+/// Writes the head of `request` as it goes to a server: HTTP/1.1, the hop-by-hop headers
+/// gone, the forwarding headers the config asks for.
+pub fn write_server_head(
+    request: &RequestHead,
+    client: ClientInfo,
+    forwarded: &ForwardedHeaders,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(request.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(request.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut saw_host = false;
+    let mut prior_xff: Vec<&[u8]> = Vec::new();
+    let mut prior_forwarded: Vec<&[u8]> = Vec::new();
+    let mut prior_via: Vec<&[u8]> = Vec::new();
+    for (name, value) in &request.headers {
+        let lower = name.to_ascii_lowercase();
+        if lower == "host" {
+            // The target's authority wins over Host (they agree, or the request was refused).
+            saw_host = true;
+            let authority = request.authority.as_deref().unwrap_or_default();
+            push_header(out, "Host", authority.as_bytes());
+            continue;
+        }
+        if FORWARDING.contains(&lower.as_str()) {
+            if forwarded.trust_incoming {
+                match lower.as_str() {
+                    "x-forwarded-for" => prior_xff.push(value),
+                    "forwarded" => prior_forwarded.push(value),
+                    _ => push_header(out, name, value),
+                }
+            }
+            continue;
+        }
+        if lower == "via" {
+            prior_via.push(value);
+            continue;
+        }
+        push_header(out, name, value);
+    }
+    if !saw_host && let Some(authority) = &request.authority {
+        push_header(out, "Host", authority.as_bytes());
+    }
+    if let Some(upgrade) = &request.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        push_header(out, "Upgrade", upgrade);
+    }
+    let ip = client.peer.ip();
+    if forwarded.x_forwarded_for {
+        let mut value = join(&prior_xff);
+        if !value.is_empty() {
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(ip.to_string().as_bytes());
+        push_header(out, "X-Forwarded-For", &value);
+    }
+    // A trusted proxy in front already said which protocol the client used.
+    let proto_known = forwarded.trust_incoming && request.header("x-forwarded-proto").is_some();
+    if forwarded.x_forwarded_proto && !proto_known {
+        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    }
+    if forwarded.forwarded {
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let mut value = join(&prior_forwarded);
+        if !value.is_empty() {
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(format!("for={node};proto=http").as_bytes());
+        if let Some(host) = &request.authority {
+            let quoted = host.contains([':', '[']);
+            if quoted {
+                value.extend_from_slice(format!(";host=\"{host}\"").as_bytes());
+            } else {
+                value.extend_from_slice(format!(";host={host}").as_bytes());
+            }
+        }
+        push_header(out, "Forwarded", &value);
+    }
+    write_via(out, &prior_via, request.minor_version, forwarded.via);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head of `response` as it goes back to a client speaking HTTP/1.`client_minor`.
+/// `close` says weir closes the client connection after this response; `dechunk` that the
+/// body is decoded from chunked (for an HTTP/1.0 client), so `Transfer-Encoding` goes.
+pub fn write_client_head(
+    response: &ResponseHead,
+    client_minor: u8,
+    close: bool,
+    dechunk: bool,
+    via: bool,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(format!("HTTP/1.1 {} ", response.status).as_bytes());
+    out.extend_from_slice(response.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut prior_via: Vec<&[u8]> = Vec::new();
+    for (name, value) in &response.headers {
+        if name.eq_ignore_ascii_case("via") {
+            prior_via.push(value);
+            continue;
+        }
+        if dechunk && name.eq_ignore_ascii_case("transfer-encoding") {
+            continue;
+        }
+        push_header(out, name, value);
+    }
+    if let Some(upgrade) = &response.upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+        push_header(out, "Upgrade", upgrade);
+    } else if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_minor == 0 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    write_via(out, &prior_via, response.minor_version, via);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_via(out: &mut Vec<u8>, prior: &[&[u8]], minor: u8, add: bool) {
+    let mut value = join(prior);
+    if add {
+        if !value.is_empty() {
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(format!("1.{minor} weir").as_bytes());
+    }
+    if !value.is_empty() {
+        push_header(out, "Via", &value);
+    }
+}
+
+fn join(values: &[&[u8]]) -> Vec<u8> {
+    values.join(&b", "[..])
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete response weir writes itself (errors, 404): a short text body, and the
+/// connection closed unless `keep_alive`.
+pub fn local_response(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
+    let reason = reason_phrase(status);
+    let body = format!("{status} {reason}: {message}\n");
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nServer: weir\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Error",
+    }
+}

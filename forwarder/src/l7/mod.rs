@@ -1,0 +1,248 @@
+//! The L7 workers: an HTTP/1.1 reverse proxy routing by Host to per-vhost pools.
+//!
+//! One thread per core, each with its own io_uring runtime (compio, decision 0007) and its
+//! own `SO_REUSEPORT` listener per L7 address, so the kernel spreads connections over
+//! workers and nothing on the request path takes a lock: routing reads an immutable
+//! [`L7Snapshot`] (swapped atomically by the daemon on every change), server choice and idle
+//! upstream connections are per worker, counters are relaxed atomics.
+//!
+//! Rooms: [`http`] (heads: parsing, checks, rewriting), [`chunked`] (chunked framing),
+//! [`snapshot`] (routes and pools), [`balance`] (server choice), [`upstream`] (idle server
+//! connections), [`proxy`] (one client connection, request after request), [`io`] (the seam
+//! to the runtime).
+
+pub mod balance;
+pub mod chunked;
+pub mod http;
+pub mod io;
+pub mod proxy;
+pub mod snapshot;
+pub mod upstream;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Socket, Type};
+use weir_config::control::ListenerStatus;
+
+pub use snapshot::{L7Snapshot, VhostSpec};
+
+use proxy::Worker;
+
+/// How often a worker closes idle server connections that expired or whose server left
+/// the rotation: the bound on how long a drain leaves idle connections open.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a worker at its connection limit waits before looking again.
+const FULL_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Counters one worker keeps for one listener. Only that worker writes them (relaxed adds on
+/// its own cache line); status readers sum the workers.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct WorkerCounters {
+    connections: AtomicU64,
+    requests: AtomicU64,
+}
+
+struct Listener {
+    address: SocketAddr,
+    /// One slot per worker.
+    counters: Vec<WorkerCounters>,
+}
+
+/// The running workers, their listeners and the snapshot they route with.
+pub struct L7Workers {
+    listeners: Arc<[Listener]>,
+    workers: usize,
+    snapshot: Arc<ArcSwap<L7Snapshot>>,
+}
+
+impl L7Workers {
+    /// Binds every listener address of `snapshot` once per worker (so bind errors surface
+    /// here, before the daemon reports ready), then starts the worker threads.
+    /// `workers == 0` means one per CPU.
+    pub fn start(snapshot: L7Snapshot, workers: usize) -> std::io::Result<L7Workers> {
+        let workers = if workers == 0 {
+            thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            workers
+        };
+        let addresses: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.address).collect();
+        let listeners: Arc<[Listener]> = addresses
+            .iter()
+            .map(|&address| Listener {
+                address,
+                counters: (0..workers).map(|_| WorkerCounters::default()).collect(),
+            })
+            .collect();
+        let mut sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+        for address in &addresses {
+            for worker_sockets in &mut sockets {
+                worker_sockets.push(reuseport_listener(*address)?);
+            }
+        }
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        for (index, worker_sockets) in sockets.into_iter().enumerate() {
+            let listeners = Arc::clone(&listeners);
+            let snapshot = Arc::clone(&snapshot);
+            thread::Builder::new()
+                .name(format!("weir-l7-{index}"))
+                .spawn(move || run_worker(index, worker_sockets, listeners, snapshot))?;
+        }
+        Ok(L7Workers {
+            listeners,
+            workers,
+            snapshot,
+        })
+    }
+
+    /// Makes `next` what new requests route with. Requests under way finish with the
+    /// snapshot they started with. Listener addresses cannot change (they are bound).
+    pub fn publish(&self, mut next: L7Snapshot) {
+        next.generation = self.snapshot.load().generation + 1;
+        self.snapshot.store(Arc::new(next));
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<L7Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Each listener with its counters summed over workers.
+    pub fn status(&self) -> Vec<ListenerStatus> {
+        self.listeners
+            .iter()
+            .map(|listener| {
+                let total = |f: fn(&WorkerCounters) -> &AtomicU64| {
+                    listener
+                        .counters
+                        .iter()
+                        .map(|c| f(c).load(Ordering::Relaxed))
+                        .sum()
+                };
+                ListenerStatus {
+                    address: listener.address,
+                    workers: self.workers,
+                    connections: total(|c| &c.connections),
+                    requests: total(|c| &c.requests),
+                }
+            })
+            .collect()
+    }
+}
+
+fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // A VIP may be configured before the address is up on an interface.
+    match address {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn run_worker(
+    index: usize,
+    sockets: Vec<TcpListener>,
+    listeners: Arc<[Listener]>,
+    snapshot: Arc<ArcSwap<L7Snapshot>>,
+) {
+    let runtime = match compio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!(worker = index, %err, "cannot create the io_uring runtime");
+            return;
+        }
+    };
+    let worker = Rc::new(Worker {
+        index,
+        snapshot,
+        balancer: Default::default(),
+        upstreams: Default::default(),
+        connections: Default::default(),
+    });
+    runtime.block_on(async move {
+        let sweeper = {
+            let worker = Rc::clone(&worker);
+            compio::runtime::spawn(async move {
+                loop {
+                    compio::time::sleep(SWEEP_INTERVAL).await;
+                    let snapshot = worker.snapshot.load();
+                    let max_idle =
+                        Duration::from_millis(snapshot.settings.upstream_idle_timeout_ms);
+                    worker.upstreams.sweep(&snapshot, max_idle);
+                }
+            })
+        };
+        let mut accept_loops = Vec::new();
+        for (listener, socket) in sockets.into_iter().enumerate() {
+            let listeners = Arc::clone(&listeners);
+            let worker = Rc::clone(&worker);
+            accept_loops.push(compio::runtime::spawn(async move {
+                if let Err(err) = accept_loop(worker, listener, socket, listeners).await {
+                    tracing::error!(worker = index, %err, "L7 listener stopped");
+                }
+            }));
+        }
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
+        }
+        drop(sweeper);
+    });
+}
+
+async fn accept_loop(
+    worker: Rc<Worker>,
+    index: usize,
+    socket: TcpListener,
+    listeners: Arc<[Listener]>,
+) -> std::io::Result<()> {
+    let listener = compio::net::TcpListener::from_std(socket)?;
+    loop {
+        // At the limit, leave new connections in the backlog until one closes.
+        while worker.connections.get() >= worker.snapshot.load().settings.max_connections_per_worker
+        {
+            compio::time::sleep(FULL_BACKOFF).await;
+        }
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of descriptors or a connection reset before accept: not fatal.
+                tracing::warn!(worker = worker.index, %err, "accept failed");
+                compio::time::sleep(FULL_BACKOFF).await;
+                continue;
+            }
+        };
+        let listeners = Arc::clone(&listeners);
+        let worker = Rc::clone(&worker);
+        worker.connections.set(worker.connections.get() + 1);
+        compio::runtime::spawn(async move {
+            let counters = &listeners[index].counters[worker.index];
+            counters.connections.fetch_add(1, Ordering::Relaxed);
+            proxy::serve_client(
+                Rc::clone(&worker),
+                index,
+                io::Conn::new(stream),
+                peer,
+                counters,
+            )
+            .await;
+            worker.connections.set(worker.connections.get() - 1);
+        })
+        .detach();
+    }
+}

@@ -1,0 +1,634 @@
+//! One client connection through the reverse proxy, request after request:
+//! read a head → route by Host → pick a server → send head and body → relay the response →
+//! keep the server connection for reuse → next request (or close).
+//!
+//! Bodies are streamed in both directions and never held whole. Errors before any response
+//! byte reached the client become a small local response (400/404/408/414/431/501 for the
+//! client's fault, 502/503/504 for the server's); after that, the connection is closed.
+//! A request that was refused closes its connection after the answer, so bytes the client
+//! sent after it are never read as a request ("close after error" defeats smuggling).
+//!
+//! Retries: a request goes to another server when connecting fails (nothing was sent yet).
+//! When a *reused* connection fails before any response byte, a request that is safe to
+//! repeat (idempotent, without a body) is sent again on a fresh connection; this is the race
+//! every keep-alive pool has with servers closing idle connections.
+
+use std::{
+    cell::RefCell,
+    net::SocketAddr,
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use compio::BufResult;
+use weir_config::{L7Config, control::AdminState};
+
+use super::{
+    WorkerCounters,
+    balance::Balancer,
+    chunked::{ChunkError, ChunkedDecoder},
+    http::{
+        BodyLength, ClientInfo, HeadLimits, RequestHead, ResponseHead, local_response,
+        parse_request, parse_response, write_client_head, write_server_head,
+    },
+    io::Conn,
+    snapshot::{L7Snapshot, PoolServer, ServerStats},
+    upstream::UpstreamPool,
+};
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// Servers tried for one request at most.
+const MAX_ATTEMPTS: usize = 3;
+/// How long a refused client may keep sending before its connection is closed, so the
+/// answer is read rather than lost to a reset.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// What one worker thread shares between its connections (single-threaded: `Rc`/`RefCell`).
+pub struct Worker {
+    pub index: usize,
+    pub snapshot: Arc<ArcSwap<L7Snapshot>>,
+    pub balancer: RefCell<Balancer>,
+    pub upstreams: UpstreamPool,
+    /// Client connections open on this worker.
+    pub connections: std::cell::Cell<usize>,
+}
+
+fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+/// Why an exchange ended early.
+#[derive(Debug)]
+enum Failure {
+    /// Answer the client with this status (nothing was sent to it yet), then close.
+    Respond(u16, &'static str),
+    /// The client is gone or a response was already under way: just close.
+    Close,
+}
+
+/// How a body relay failed, by side.
+enum RelayError {
+    /// Reading the sender failed, timed out, or it closed early.
+    From,
+    /// Writing to the receiver failed.
+    To,
+    Malformed(ChunkError),
+}
+
+/// Serves one client connection until it closes, fails or stays idle too long.
+pub async fn serve_client(
+    worker: Rc<Worker>,
+    listener: usize,
+    client: Conn,
+    peer: SocketAddr,
+    counters: &WorkerCounters,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut first = true;
+    loop {
+        let snapshot = worker.snapshot.load_full();
+        let settings = &snapshot.settings;
+        let request = match read_request(&client, buf, settings, first).await {
+            Ok((Some(request), rest)) => {
+                buf = rest;
+                request
+            }
+            Ok((None, _)) => return,
+            Err(status) => {
+                if let Some((status, reason)) = status {
+                    refuse(&client, status, reason).await;
+                }
+                return;
+            }
+        };
+        first = false;
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let routed = snapshot.listeners[listener].route(request.host.as_deref());
+        let outcome = match routed {
+            None => Err(Failure::Respond(404, "no virtual host serves this Host")),
+            Some(vhost) => {
+                exchange(&worker, &snapshot, vhost, &request, &client, &mut buf, peer).await
+            }
+        };
+        if settings.access_log {
+            log_access(&snapshot, routed, &request, peer, &outcome, started);
+        }
+        match outcome {
+            Ok(exchange) if exchange.keep_alive => continue,
+            Ok(_) | Err(Failure::Close) => return,
+            Err(Failure::Respond(status, reason)) => {
+                refuse(&client, status, reason).await;
+                return;
+            }
+        }
+    }
+}
+
+/// A finished exchange.
+#[derive(Debug)]
+struct Exchanged {
+    status: u16,
+    server: SocketAddr,
+    keep_alive: bool,
+}
+
+fn log_access(
+    snapshot: &L7Snapshot,
+    vhost: Option<usize>,
+    request: &RequestHead,
+    peer: SocketAddr,
+    outcome: &Result<Exchanged, Failure>,
+    started: Instant,
+) {
+    let vhost = vhost.map_or("-", |v| snapshot.vhosts[v].name.as_str());
+    let (status, server) = match outcome {
+        Ok(e) => (e.status, Some(e.server)),
+        Err(Failure::Respond(status, _)) => (*status, None),
+        Err(Failure::Close) => (0, None),
+    };
+    tracing::info!(
+        target: "weir::access",
+        client = %peer,
+        vhost,
+        method = request.method,
+        target = request.target,
+        host = request.host.as_deref().unwrap_or("-"),
+        status,
+        server = server.map(|s| s.to_string()).as_deref().unwrap_or("-"),
+        micros = started.elapsed().as_micros() as u64,
+    );
+}
+
+/// Sends a local error response, then closes once the client stops sending (briefly).
+async fn refuse(client: &Conn, status: u16, reason: &str) {
+    let BufResult(written, _) = client
+        .write_all(local_response(status, reason, false))
+        .await;
+    if written.is_err() {
+        return;
+    }
+    client.shutdown_write().await;
+    let deadline = Instant::now() + LINGER;
+    let mut sink = Vec::with_capacity(READ_CHUNK);
+    let mut drained = 0;
+    while drained < 1 << 20 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        sink.clear();
+        let BufResult(read, back) = client.read_more(sink, READ_CHUNK, left).await;
+        sink = back;
+        match read {
+            Ok(n) if n > 0 => drained += n,
+            _ => return,
+        }
+    }
+}
+
+/// Reads the next request head into `buf`. `Ok(None)` when the client closed or went idle
+/// between requests; `Err(Some(status))` when it must be refused; `Err(None)` when it
+/// failed mid-head in a way not worth answering.
+async fn read_request(
+    client: &Conn,
+    mut buf: Vec<u8>,
+    settings: &L7Config,
+    first: bool,
+) -> Result<(Option<RequestHead>, Vec<u8>), Option<(u16, &'static str)>> {
+    let limits = HeadLimits {
+        max_request_line: settings.max_request_line,
+        max_header_bytes: settings.max_header_bytes,
+        max_headers: settings.max_headers,
+    };
+    // The header deadline runs from the connection's start, or from the first byte of a
+    // later request; the wait before that byte is the keep-alive timeout.
+    let mut deadline =
+        (first || !buf.is_empty()).then(|| Instant::now() + ms(settings.header_timeout_ms));
+    loop {
+        match parse_request(&buf, &limits) {
+            Ok(Some(request)) => {
+                buf.drain(..request.head_len);
+                return Ok((Some(request), buf));
+            }
+            Ok(None) => {}
+            Err(err) => return Err(Some((err.status, err.reason))),
+        }
+        let wait = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+            None => ms(settings.keepalive_timeout_ms),
+        };
+        let had = buf.len();
+        let BufResult(read, back) = client.read_more(buf, READ_CHUNK, wait).await;
+        buf = back;
+        match read {
+            Ok(0) => return Ok((None, buf)),
+            Ok(_) => {
+                if had == 0 && deadline.is_none() {
+                    deadline = Some(Instant::now() + ms(settings.header_timeout_ms));
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                // Idle between requests: close quietly. Mid-head: 408.
+                return if had == 0 && !first {
+                    Ok((None, Vec::new()))
+                } else if had == 0 {
+                    Err(None)
+                } else {
+                    Err(Some((408, "request head not received in time")))
+                };
+            }
+            Err(_) => return Err(None),
+        }
+    }
+}
+
+/// Counts a request in flight on a server for as long as it lives.
+struct InFlight<'a>(&'a ServerStats);
+
+impl<'a> InFlight<'a> {
+    fn new(stats: &'a ServerStats) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends `request` to a server of `vhost` and relays the response.
+async fn exchange(
+    worker: &Worker,
+    snapshot: &L7Snapshot,
+    vhost: usize,
+    request: &RequestHead,
+    client: &Conn,
+    buf: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Result<Exchanged, Failure> {
+    let settings = &snapshot.settings;
+    let pool = &snapshot.vhosts[vhost];
+    pool.requests.fetch_add(1, Ordering::Relaxed);
+    let mut head = Vec::with_capacity(1024);
+    write_server_head(request, ClientInfo { peer }, &settings.forwarded, &mut head);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut failure = Failure::Respond(503, "no server available");
+    let mut sent_continue = false;
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(index) = worker
+            .balancer
+            .borrow_mut()
+            .pick(snapshot, vhost, request, peer, &tried)
+        else {
+            break;
+        };
+        let server = &pool.servers[index];
+        let pooled = worker
+            .upstreams
+            .take(server.address, ms(settings.upstream_idle_timeout_ms));
+        let reused = pooled.is_some();
+        let upstream = match pooled {
+            Some(conn) => conn,
+            None => match Conn::connect(server.address, ms(settings.upstream_connect_timeout_ms))
+                .await
+            {
+                Ok(conn) => {
+                    server.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    conn
+                }
+                Err(err) => {
+                    server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(server = %server.address, %err, "cannot connect");
+                    tried.push(index);
+                    failure = if err.kind() == std::io::ErrorKind::TimedOut {
+                        Failure::Respond(504, "server connect timed out")
+                    } else {
+                        Failure::Respond(502, "cannot connect to a server")
+                    };
+                    continue;
+                }
+            },
+        };
+        let _in_flight = InFlight::new(&server.stats);
+        if request.expect_continue && !sent_continue && request.body != BodyLength::Empty {
+            // weir answers the expectation itself once it holds a server connection: the
+            // client sends its body only when there is somewhere to send it.
+            let BufResult(written, _) = client
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+                .await;
+            written.map_err(|_| Failure::Close)?;
+            sent_continue = true;
+        }
+        let BufResult(written, back) = upstream.write_all(head).await;
+        head = back;
+        if written.is_err() {
+            server.stats.failures.fetch_add(1, Ordering::Relaxed);
+            if !(reused && request.retryable()) {
+                tried.push(index);
+            }
+            failure = Failure::Respond(502, "server connection failed");
+            if request.body == BodyLength::Empty || !sent_continue {
+                continue;
+            }
+            return Err(failure);
+        }
+        match relay_body(
+            client,
+            &upstream,
+            request.body,
+            buf,
+            Vec::new(),
+            false,
+            settings,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(RelayError::From) => return Err(Failure::Close),
+            Err(RelayError::Malformed(err)) => return Err(Failure::Respond(400, err.0)),
+            Err(RelayError::To) => {
+                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(Failure::Respond(502, "server connection failed"));
+            }
+        }
+        match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
+            Ok((status, keep_alive)) => {
+                return Ok(Exchanged {
+                    status,
+                    server: server.address,
+                    keep_alive,
+                });
+            }
+            Err(ResponseFailure::Nothing(err)) => {
+                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(server = %server.address, %err, reused, "no response");
+                if reused && request.retryable() {
+                    // A kept-alive connection the server closed: try again on a fresh one.
+                    continue;
+                }
+                return Err(if err.kind() == std::io::ErrorKind::TimedOut {
+                    Failure::Respond(504, "server response timed out")
+                } else {
+                    Failure::Respond(502, "server closed the connection without answering")
+                });
+            }
+            Err(ResponseFailure::Invalid(reason)) => {
+                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(Failure::Respond(502, reason));
+            }
+            Err(ResponseFailure::Cut) => return Err(Failure::Close),
+        }
+    }
+    Err(failure)
+}
+
+enum ResponseFailure {
+    /// Not one byte of response: may be retried.
+    Nothing(std::io::Error),
+    /// The server answered something that cannot be relayed.
+    Invalid(&'static str),
+    /// The response started reaching the client and then failed.
+    Cut,
+}
+
+/// Reads the server's response and relays it to the client. Returns its status and whether
+/// the client connection stays open.
+async fn relay_response(
+    worker: &Worker,
+    snapshot: &L7Snapshot,
+    request: &RequestHead,
+    client: &Conn,
+    client_buf: &mut Vec<u8>,
+    upstream: Conn,
+    server: &PoolServer,
+) -> Result<(u16, bool), ResponseFailure> {
+    let stats = &server.stats;
+    let settings = &snapshot.settings;
+    let mut rbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut relayed_interim = false;
+    let response: ResponseHead = loop {
+        match parse_response(&rbuf, &request.method) {
+            Ok(Some(response))
+                if (100..200).contains(&response.status) && response.status != 101 =>
+            {
+                // Interim responses pass through to HTTP/1.1 clients.
+                let length = response.head_len;
+                if request.minor_version == 1 {
+                    let interim = rbuf[..length].to_vec();
+                    let BufResult(written, _) = client.write_all(interim).await;
+                    written.map_err(|_| ResponseFailure::Cut)?;
+                    relayed_interim = true;
+                }
+                rbuf.drain(..length);
+                continue;
+            }
+            Ok(Some(response)) => break response,
+            Ok(None) => {}
+            Err(err) => return Err(ResponseFailure::Invalid(err.0)),
+        }
+        let BufResult(read, back) = upstream
+            .read_more(rbuf, READ_CHUNK, ms(settings.upstream_response_timeout_ms))
+            .await;
+        rbuf = back;
+        match read {
+            Ok(n) if n > 0 => {}
+            Ok(_) if rbuf.is_empty() && !relayed_interim => {
+                return Err(ResponseFailure::Nothing(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Err(err) if rbuf.is_empty() && !relayed_interim => {
+                return Err(ResponseFailure::Nothing(err));
+            }
+            _ => return Err(ResponseFailure::Invalid("server closed mid-response")),
+        }
+    };
+    stats.response(response.status);
+    rbuf.drain(..response.head_len);
+    let mut out = Vec::with_capacity(1024);
+
+    if response.status == 101 {
+        if request.upgrade.is_none() || response.upgrade.is_none() {
+            return Err(ResponseFailure::Invalid(
+                "switching protocols without an upgrade",
+            ));
+        }
+        write_client_head(
+            &response,
+            request.minor_version,
+            false,
+            false,
+            settings.forwarded.via,
+            &mut out,
+        );
+        let BufResult(written, _) = client.write_all(out).await;
+        written.map_err(|_| ResponseFailure::Cut)?;
+        tunnel(
+            client,
+            &upstream,
+            std::mem::take(client_buf),
+            rbuf,
+            ms(settings.tunnel_idle_timeout_ms),
+        )
+        .await;
+        return Ok((101, false));
+    }
+
+    let dechunk = request.minor_version == 0 && response.body == BodyLength::Chunked;
+    let close = !request.keep_alive || response.body == BodyLength::UntilClose || dechunk;
+    write_client_head(
+        &response,
+        request.minor_version,
+        close,
+        dechunk,
+        settings.forwarded.via,
+        &mut out,
+    );
+    let relayed = relay_body(
+        &upstream,
+        client,
+        response.body,
+        &mut rbuf,
+        out,
+        dechunk,
+        settings,
+    )
+    .await;
+    match relayed {
+        Ok(()) => {}
+        Err(_) => return Err(ResponseFailure::Cut),
+    }
+    if response.keep_alive && rbuf.is_empty() {
+        // Clean: the whole response was read and nothing more came. Back to the pool if the
+        // server still takes requests (a drain may have happened meanwhile).
+        let ready = worker.snapshot.load().vhosts.iter().any(|v| {
+            v.servers
+                .iter()
+                .any(|s| s.address == server.address && s.state == AdminState::Ready)
+        });
+        if ready {
+            worker.upstreams.put(
+                server.address,
+                upstream,
+                settings.upstream_max_idle_per_server,
+            );
+        }
+    }
+    Ok((response.status, !close))
+}
+
+/// Relays a body of `length` from `from` to `to`, after writing `prefix` (a response head,
+/// sent in the same write as the first body bytes). `pending` holds bytes already read from
+/// `from`; on return it holds those read past the body (the next pipelined request).
+async fn relay_body(
+    from: &Conn,
+    to: &Conn,
+    length: BodyLength,
+    pending: &mut Vec<u8>,
+    prefix: Vec<u8>,
+    dechunk: bool,
+    settings: &L7Config,
+) -> Result<(), RelayError> {
+    let idle = ms(settings.body_idle_timeout_ms);
+    let mut out = prefix;
+    let mut remaining = match length {
+        BodyLength::Fixed(n) => n,
+        _ => 0,
+    };
+    let mut decoder = ChunkedDecoder::default();
+    let mut closed = false;
+    loop {
+        let done = match length {
+            BodyLength::Empty => true,
+            BodyLength::Fixed(_) => {
+                let take = remaining.min(pending.len() as u64) as usize;
+                if take == pending.len() && out.is_empty() {
+                    std::mem::swap(&mut out, pending);
+                } else {
+                    out.extend_from_slice(&pending[..take]);
+                    pending.drain(..take);
+                }
+                remaining -= take as u64;
+                remaining == 0
+            }
+            BodyLength::Chunked => {
+                let used = if dechunk {
+                    decoder.feed(pending, Some(&mut out))
+                } else {
+                    decoder.feed(pending, None)
+                }
+                .map_err(RelayError::Malformed)?;
+                if !dechunk {
+                    out.extend_from_slice(&pending[..used]);
+                }
+                pending.drain(..used);
+                decoder.is_done()
+            }
+            BodyLength::UntilClose => {
+                out.append(pending);
+                closed
+            }
+        };
+        if !out.is_empty() {
+            let BufResult(written, back) = to.write_all(out).await;
+            out = back;
+            written.map_err(|_| RelayError::To)?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        let BufResult(read, back) = from
+            .read_more(std::mem::take(pending), READ_CHUNK, idle)
+            .await;
+        *pending = back;
+        match read {
+            Ok(0) if length == BodyLength::UntilClose => closed = true,
+            Ok(0) | Err(_) => return Err(RelayError::From),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Relays bytes both ways after `101 Switching Protocols` (WebSocket and other upgrades)
+/// until both sides have closed, or nothing moved for `idle`.
+async fn tunnel(
+    client: &Conn,
+    upstream: &Conn,
+    from_client: Vec<u8>,
+    from_upstream: Vec<u8>,
+    idle: Duration,
+) {
+    futures_util::future::join(
+        pipe(client, upstream, from_client, idle),
+        pipe(upstream, client, from_upstream, idle),
+    )
+    .await;
+}
+
+/// One direction of a tunnel: copies until end of file, then passes the end on.
+async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
+    loop {
+        if !buf.is_empty() {
+            let BufResult(written, back) = to.write_all(buf).await;
+            buf = back;
+            if written.is_err() {
+                return;
+            }
+            buf.clear();
+        }
+        let BufResult(read, back) = from.read_more(buf, READ_CHUNK, idle).await;
+        buf = back;
+        match read {
+            Ok(n) if n > 0 => {}
+            _ => {
+                to.shutdown_write().await;
+                return;
+            }
+        }
+    }
+}

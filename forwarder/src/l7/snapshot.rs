@@ -1,0 +1,298 @@
+//! What the L7 workers route with: an immutable snapshot of listeners, virtual hosts and
+//! pools, published by the daemon on every change and swapped in atomically (`arc-swap`), so
+//! a worker reads it without a lock and a request sees one consistent version from routing
+//! to server choice.
+//!
+//! Per-server counters live outside the snapshot's lifetime (shared `Arc`s carried from one
+//! snapshot to the next for servers that stay), so a change neither resets them nor loses
+//! the in-flight count a drain waits on.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use weir_config::{Balance, HashOn, L7Config, control::AdminState};
+
+use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable};
+
+/// Counters of one server of one vhost, shared by all workers.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Requests sent to the server and not yet answered in full.
+    pub in_flight: AtomicU64,
+    pub requests: AtomicU64,
+    /// Responses by class: 1xx (final only: 101), 2xx, 3xx, 4xx, 5xx.
+    pub responses: [AtomicU64; 5],
+    /// Connection failures, resets and timeouts talking to the server.
+    pub failures: AtomicU64,
+    /// Connections opened to the server.
+    pub connections: AtomicU64,
+}
+
+impl ServerStats {
+    pub fn response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A server as the workers see it.
+#[derive(Debug, Clone)]
+pub struct PoolServer {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    pub stats: Arc<ServerStats>,
+}
+
+/// A virtual host and its pool.
+#[derive(Debug, Clone)]
+pub struct VhostPool {
+    pub name: String,
+    pub balance: Balance,
+    pub hash_on: Option<HashOn>,
+    /// Every server of the pool, ready or not (so workers can close idle connections to the
+    /// ones that left the rotation).
+    pub servers: Vec<PoolServer>,
+    /// Indexes into `servers` of those that take new requests.
+    pub ready: Vec<usize>,
+    /// Maglev table over `ready` (for `Balance::Hash`): slot → index into `servers`.
+    pub hash_table: Vec<u32>,
+    pub requests: Arc<AtomicU64>,
+}
+
+/// How one listener maps a Host to a vhost.
+#[derive(Debug, Clone)]
+pub struct ListenerRoutes {
+    pub address: SocketAddr,
+    exact: HashMap<String, usize>,
+    /// (`.example.com`, vhost), longest suffix first.
+    wildcards: Vec<(String, usize)>,
+    default: Option<usize>,
+}
+
+impl ListenerRoutes {
+    /// The vhost serving `host` (normalised: lower case, no port): an exact name, else the
+    /// longest matching wildcard, else the listener's default.
+    pub fn route(&self, host: Option<&str>) -> Option<usize> {
+        let Some(host) = host else {
+            return self.default;
+        };
+        if let Some(&vhost) = self.exact.get(host) {
+            return Some(vhost);
+        }
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|&(_, vhost)| vhost)
+            .or(self.default)
+    }
+}
+
+/// Everything the workers need, as of one change.
+#[derive(Debug, Clone)]
+pub struct L7Snapshot {
+    /// Increases with every published snapshot; workers reset their per-pool state on change.
+    pub generation: u64,
+    pub settings: L7Config,
+    /// In the order of the workers' listening sockets.
+    pub listeners: Vec<ListenerRoutes>,
+    pub vhosts: Vec<VhostPool>,
+}
+
+/// A vhost as the control plane hands it to [`L7Snapshot::build`].
+pub struct VhostSpec<'a> {
+    pub name: &'a str,
+    pub listen: SocketAddr,
+    pub hosts: Vec<String>,
+    pub default: bool,
+    pub balance: Balance,
+    pub hash_on: Option<HashOn>,
+    /// (address, weight, state)
+    pub servers: Vec<(SocketAddr, u32, AdminState)>,
+}
+
+impl L7Snapshot {
+    /// Builds the snapshot for `listeners` (fixed at start) and `vhosts`, carrying counters
+    /// over from `previous`.
+    pub fn build(
+        generation: u64,
+        settings: L7Config,
+        listeners: &[SocketAddr],
+        vhosts: &[VhostSpec<'_>],
+        previous: Option<&L7Snapshot>,
+    ) -> L7Snapshot {
+        let mut routes: Vec<ListenerRoutes> = listeners
+            .iter()
+            .map(|&address| ListenerRoutes {
+                address,
+                exact: HashMap::new(),
+                wildcards: Vec::new(),
+                default: None,
+            })
+            .collect();
+        let previous_vhost =
+            |name: &str| previous.and_then(|p| p.vhosts.iter().find(|v| v.name == name));
+        let mut pools = Vec::with_capacity(vhosts.len());
+        for (index, spec) in vhosts.iter().enumerate() {
+            if let Some(listener) = routes.iter_mut().find(|l| l.address == spec.listen) {
+                for host in &spec.hosts {
+                    match host.strip_prefix('*') {
+                        Some(suffix) => listener.wildcards.push((suffix.to_string(), index)),
+                        None => {
+                            listener.exact.insert(host.clone(), index);
+                        }
+                    }
+                }
+                if spec.default {
+                    listener.default = Some(index);
+                }
+            }
+            let old = previous_vhost(spec.name);
+            let servers: Vec<PoolServer> = spec
+                .servers
+                .iter()
+                .map(|&(address, weight, state)| PoolServer {
+                    address,
+                    weight,
+                    state,
+                    stats: old
+                        .and_then(|o| o.servers.iter().find(|s| s.address == address))
+                        .map_or_else(Arc::default, |s| Arc::clone(&s.stats)),
+                })
+                .collect();
+            let ready: Vec<usize> = (0..servers.len())
+                .filter(|&i| servers[i].state == AdminState::Ready)
+                .collect();
+            let hash_table = if spec.balance == Balance::Hash {
+                let members: Vec<MaglevServer> = ready
+                    .iter()
+                    .map(|&i| MaglevServer {
+                        address: servers[i].address,
+                        weight: servers[i].weight,
+                    })
+                    .collect();
+                MaglevTable::build(&members, DEFAULT_TABLE_SIZE, 0)
+                    .ok()
+                    .flatten()
+                    .map(|table| {
+                        table
+                            .slots()
+                            .iter()
+                            .map(|&k| ready[k as usize] as u32)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            pools.push(VhostPool {
+                name: spec.name.to_string(),
+                balance: spec.balance,
+                hash_on: spec.hash_on.clone(),
+                servers,
+                ready,
+                hash_table,
+                requests: old.map_or_else(Arc::default, |o| Arc::clone(&o.requests)),
+            });
+        }
+        for listener in &mut routes {
+            listener
+                .wildcards
+                .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        }
+        L7Snapshot {
+            generation,
+            settings,
+            listeners: routes,
+            vhosts: pools,
+        }
+    }
+
+    /// The counters of server `address` in vhost `vhost`.
+    pub fn server_stats(&self, vhost: &str, address: SocketAddr) -> Option<&Arc<ServerStats>> {
+        self.vhosts
+            .iter()
+            .find(|v| v.name == vhost)?
+            .servers
+            .iter()
+            .find(|s| s.address == address)
+            .map(|s| &s.stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec<'a>(name: &'a str, hosts: &[&str], default: bool) -> VhostSpec<'a> {
+        VhostSpec {
+            name,
+            listen: "127.0.0.1:80".parse().unwrap(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            default,
+            balance: Balance::RoundRobin,
+            hash_on: None,
+            servers: vec![("127.0.0.2:80".parse().unwrap(), 1, AdminState::Ready)],
+        }
+    }
+
+    #[test]
+    fn exact_names_win_then_the_longest_wildcard_then_the_default() {
+        let listen = ["127.0.0.1:80".parse().unwrap()];
+        let vhosts = [
+            spec("www", &["www.example.com"], false),
+            spec("any", &["*.example.com"], false),
+            spec("api", &["*.api.example.com"], false),
+            spec("fallback", &[], true),
+        ];
+        let snapshot = L7Snapshot::build(1, L7Config::default(), &listen, &vhosts, None);
+        let route = |host| snapshot.listeners[0].route(host).map(|i| vhosts[i].name);
+        assert_eq!(route(Some("www.example.com")), Some("www"));
+        assert_eq!(route(Some("img.example.com")), Some("any"));
+        assert_eq!(route(Some("a.b.example.com")), Some("any"));
+        assert_eq!(route(Some("v1.api.example.com")), Some("api"));
+        // The wildcard needs at least one label before the suffix.
+        assert_eq!(route(Some("example.com")), Some("fallback"));
+        assert_eq!(route(Some("other.test")), Some("fallback"));
+        assert_eq!(route(None), Some("fallback"));
+    }
+
+    #[test]
+    fn counters_survive_a_new_snapshot() {
+        let listen = ["127.0.0.1:80".parse().unwrap()];
+        let first = L7Snapshot::build(
+            1,
+            L7Config::default(),
+            &listen,
+            &[spec("a", &["a"], false)],
+            None,
+        );
+        let address = "127.0.0.2:80".parse().unwrap();
+        first
+            .server_stats("a", address)
+            .unwrap()
+            .requests
+            .fetch_add(7, Ordering::Relaxed);
+        let second = L7Snapshot::build(
+            2,
+            L7Config::default(),
+            &listen,
+            &[spec("a", &["a"], false)],
+            Some(&first),
+        );
+        assert_eq!(
+            second
+                .server_stats("a", address)
+                .unwrap()
+                .requests
+                .load(Ordering::Relaxed),
+            7
+        );
+    }
+}

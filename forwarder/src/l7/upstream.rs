@@ -1,0 +1,66 @@
+//! Each worker's idle connections to servers, kept for reuse (keep-alive to upstreams).
+//!
+//! Worker-local: only the worker's own tasks touch it, so it needs no lock. Connections go
+//! back only after a complete exchange that left them clean; they are taken most recently
+//! used first (the warmest, least likely to have been closed by the server), checked open
+//! before reuse, and swept when idle too long or when their server leaves the rotation
+//! (drained, disabled, removed), so a drain closes idle connections within one sweep.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use weir_config::control::AdminState;
+
+use super::{io::Conn, snapshot::L7Snapshot};
+
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(Conn, Instant)>>>,
+}
+
+impl UpstreamPool {
+    /// An idle connection to `server` that is still usable, if any.
+    pub fn take(&self, server: SocketAddr, max_idle: Duration) -> Option<Conn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&server)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < max_idle && conn.is_idle_and_open() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for reuse, unless `server` already has `limit` idle connections.
+    pub fn put(&self, server: SocketAddr, conn: Conn, limit: usize) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(server).or_default();
+        if list.len() < limit {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes connections idle longer than `max_idle` and those to servers that take no
+    /// new requests in `snapshot`.
+    pub fn sweep(&self, snapshot: &L7Snapshot, max_idle: Duration) {
+        let in_rotation = |address: &SocketAddr| {
+            snapshot.vhosts.iter().any(|v| {
+                v.servers
+                    .iter()
+                    .any(|s| s.address == *address && s.state == AdminState::Ready)
+            })
+        };
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|address, list| {
+            if !in_rotation(address) {
+                return false;
+            }
+            list.retain(|(_, since)| since.elapsed() < max_idle);
+            !list.is_empty()
+        });
+    }
+}

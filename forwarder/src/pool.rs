@@ -1,0 +1,119 @@
+//! What L4 VIPs and L7 virtual hosts share as pools of servers: the three-way merge of a
+//! config file's pool with the changes operators made at run time, and the change lines
+//! operators read.
+
+use std::net::SocketAddr;
+
+use weir_config::{ServerSpec, control::AdminState};
+
+/// The edits a pool model offers, so one merge serves L4 and L7.
+pub trait PoolEdit {
+    type Error;
+    fn has_server(&self, pool: &str, address: SocketAddr) -> Result<bool, Self::Error>;
+    fn add_server(
+        &mut self,
+        pool: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), Self::Error>;
+    fn set_weight(
+        &mut self,
+        pool: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), Self::Error>;
+    fn remove_server(&mut self, pool: &str, address: SocketAddr) -> Result<(), Self::Error>;
+}
+
+/// Applies to the running pool `pool` what the config's pool changed from `base` (as last
+/// applied) to `new`: servers added or reweighted in the file are added or reweighted;
+/// servers taken out of the file are removed. Everything else operators did at run time
+/// (servers they added or removed, drains, weights of servers the file did not touch) is
+/// kept.
+pub fn merge_config_pool<P: PoolEdit>(
+    model: &mut P,
+    pool: &str,
+    base: &[ServerSpec],
+    new: &[ServerSpec],
+) -> Result<(), P::Error> {
+    let in_base = |a: SocketAddr| base.iter().find(|s| s.address == a);
+    for spec in new {
+        let running = model.has_server(pool, spec.address)?;
+        match (in_base(spec.address), running) {
+            (None, false) => model.add_server(pool, spec.address, spec.weight)?,
+            (None, true) => model.set_weight(pool, spec.address, spec.weight)?,
+            (Some(old), true) if old.weight != spec.weight => {
+                model.set_weight(pool, spec.address, spec.weight)?
+            }
+            // Unchanged in the file, or removed at run time since: leave it.
+            _ => {}
+        }
+    }
+    for spec in base {
+        let still_wanted = new.iter().any(|s| s.address == spec.address);
+        if !still_wanted && model.has_server(pool, spec.address)? {
+            model.remove_server(pool, spec.address)?;
+        }
+    }
+    Ok(())
+}
+
+/// A server as change lines describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLine {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+}
+
+/// The lower-case name operators see for an admin state.
+pub fn state_name(state: AdminState) -> &'static str {
+    match state {
+        AdminState::Ready => "ready",
+        AdminState::Draining => "draining",
+        AdminState::Disabled => "disabled",
+    }
+}
+
+/// One line per server added, removed, reweighted or changed state, from `old` to `new`
+/// (`kind` and `name` say which pool: `vip web`, `vhost shop`).
+pub fn server_changes(
+    kind: &str,
+    name: &str,
+    old: &[ServerLine],
+    new: &[ServerLine],
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for server in old {
+        if !new.iter().any(|s| s.address == server.address) {
+            lines.push(format!("{kind} {name}: server {} removed", server.address));
+        }
+    }
+    for server in new {
+        match old.iter().find(|s| s.address == server.address) {
+            None => lines.push(format!(
+                "{kind} {name}: server {} added (weight {}, {})",
+                server.address,
+                server.weight,
+                state_name(server.state)
+            )),
+            Some(before) => {
+                if before.weight != server.weight {
+                    lines.push(format!(
+                        "{kind} {name}: server {} weight {} -> {}",
+                        server.address, before.weight, server.weight
+                    ));
+                }
+                if before.state != server.state {
+                    lines.push(format!(
+                        "{kind} {name}: server {} {} -> {}",
+                        server.address,
+                        state_name(before.state),
+                        state_name(server.state)
+                    ));
+                }
+            }
+        }
+    }
+    lines
+}
