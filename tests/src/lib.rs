@@ -6,6 +6,8 @@
 //! when it runs as root and reports them as skipped otherwise.
 
 pub mod client;
+pub mod http_client;
+pub mod http_origin;
 pub mod lab;
 pub mod netns;
 pub mod origin;

@@ -17,7 +17,8 @@ use super::{http::RequestHead, snapshot::L7Snapshot};
 /// A worker's selection state.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    generation: u64,
+    /// The snapshot generation `current` was sized for (`None` before the first pick).
+    generation: Option<u64>,
     /// Smooth weighted round robin (as nginx): current weight per server, per vhost.
     current: Vec<Vec<i64>>,
     /// Where least-connections starts looking, advanced per pick.
@@ -35,8 +36,8 @@ impl Balancer {
         peer: SocketAddr,
         exclude: &[usize],
     ) -> Option<usize> {
-        if self.generation != snapshot.generation {
-            self.generation = snapshot.generation;
+        if self.generation != Some(snapshot.generation) {
+            self.generation = Some(snapshot.generation);
             self.current = snapshot
                 .vhosts
                 .iter()

@@ -21,10 +21,11 @@ pub mod upstream;
 
 use std::{
     net::{SocketAddr, TcpListener},
+    os::fd::{AsRawFd, RawFd},
     rc::Rc,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::Duration,
@@ -59,11 +60,16 @@ struct Listener {
     counters: Vec<WorkerCounters>,
 }
 
-/// The running workers, their listeners and the snapshot they route with.
+/// The running workers, their listeners and the snapshot they route with. Dropping it stops
+/// the workers (their connections end with them).
 pub struct L7Workers {
     listeners: Arc<[Listener]>,
     workers: usize,
     snapshot: Arc<ArcSwap<L7Snapshot>>,
+    stopping: Arc<AtomicBool>,
+    /// The listening sockets, to wake the accept loops when stopping.
+    listen_fds: Vec<RawFd>,
+    threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl L7Workers {
@@ -91,17 +97,28 @@ impl L7Workers {
             }
         }
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let listen_fds = sockets.iter().flatten().map(AsRawFd::as_raw_fd).collect();
+        let mut threads = Vec::new();
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
-            let listeners = Arc::clone(&listeners);
-            let snapshot = Arc::clone(&snapshot);
-            thread::Builder::new()
-                .name(format!("weir-l7-{index}"))
-                .spawn(move || run_worker(index, worker_sockets, listeners, snapshot))?;
+            let shared = Shared {
+                listeners: Arc::clone(&listeners),
+                snapshot: Arc::clone(&snapshot),
+                stopping: Arc::clone(&stopping),
+            };
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("weir-l7-{index}"))
+                    .spawn(move || run_worker(index, worker_sockets, shared))?,
+            );
         }
         Ok(L7Workers {
             listeners,
             workers,
             snapshot,
+            stopping,
+            listen_fds,
+            threads,
         })
     }
 
@@ -140,6 +157,27 @@ impl L7Workers {
     }
 }
 
+impl Drop for L7Workers {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        for &fd in &self.listen_fds {
+            // SAFETY: the fds are open until their worker thread ends, which is joined below;
+            // shutdown wakes a pending accept with an error, which the loop takes as "stop".
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What every worker thread shares with the others and with the daemon.
+struct Shared {
+    listeners: Arc<[Listener]>,
+    snapshot: Arc<ArcSwap<L7Snapshot>>,
+    stopping: Arc<AtomicBool>,
+}
+
 fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -155,12 +193,7 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn run_worker(
-    index: usize,
-    sockets: Vec<TcpListener>,
-    listeners: Arc<[Listener]>,
-    snapshot: Arc<ArcSwap<L7Snapshot>>,
-) {
+fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
     let runtime = match compio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -168,6 +201,11 @@ fn run_worker(
             return;
         }
     };
+    let Shared {
+        listeners,
+        snapshot,
+        stopping,
+    } = shared;
     let worker = Rc::new(Worker {
         index,
         snapshot,
@@ -192,8 +230,10 @@ fn run_worker(
         for (listener, socket) in sockets.into_iter().enumerate() {
             let listeners = Arc::clone(&listeners);
             let worker = Rc::clone(&worker);
+            let stopping = Arc::clone(&stopping);
             accept_loops.push(compio::runtime::spawn(async move {
-                if let Err(err) = accept_loop(worker, listener, socket, listeners).await {
+                if let Err(err) = accept_loop(worker, listener, socket, listeners, &stopping).await
+                {
                     tracing::error!(worker = index, %err, "L7 listener stopped");
                 }
             }));
@@ -210,9 +250,13 @@ async fn accept_loop(
     index: usize,
     socket: TcpListener,
     listeners: Arc<[Listener]>,
+    stopping: &AtomicBool,
 ) -> std::io::Result<()> {
     let listener = compio::net::TcpListener::from_std(socket)?;
     loop {
+        if stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         // At the limit, leave new connections in the backlog until one closes.
         while worker.connections.get() >= worker.snapshot.load().settings.max_connections_per_worker
         {
@@ -220,6 +264,7 @@ async fn accept_loop(
         }
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
+            Err(_) if stopping.load(Ordering::Relaxed) => return Ok(()),
             Err(err) => {
                 // Out of descriptors or a connection reset before accept: not fatal.
                 tracing::warn!(worker = worker.index, %err, "accept failed");

@@ -89,9 +89,8 @@ pub async fn serve_client(
     let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
     let mut first = true;
     loop {
-        let snapshot = worker.snapshot.load_full();
-        let settings = &snapshot.settings;
-        let request = match read_request(&client, buf, settings, first).await {
+        let head_snapshot = worker.snapshot.load_full();
+        let request = match read_request(&client, buf, &head_snapshot.settings, first).await {
             Ok((Some(request), rest)) => {
                 buf = rest;
                 request
@@ -106,6 +105,12 @@ pub async fn serve_client(
         };
         first = false;
         counters.requests.fetch_add(1, Ordering::Relaxed);
+        // Routing uses the snapshot as of now, not as of when the client went quiet: a
+        // server drained meanwhile gets no new request. From here to the server's in-flight
+        // count going up nothing awaits, so a drain that waits for that count to reach zero
+        // cannot miss a request that chose the server.
+        let snapshot = worker.snapshot.load_full();
+        let settings = &snapshot.settings;
         let started = Instant::now();
         let routed = snapshot.listeners[listener].route(request.host.as_deref());
         let outcome = match routed {
@@ -287,6 +292,7 @@ async fn exchange(
             break;
         };
         let server = &pool.servers[index];
+        let _in_flight = InFlight::new(&server.stats);
         let pooled = worker
             .upstreams
             .take(server.address, ms(settings.upstream_idle_timeout_ms));
@@ -313,7 +319,6 @@ async fn exchange(
                 }
             },
         };
-        let _in_flight = InFlight::new(&server.stats);
         if request.expect_continue && !sent_continue && request.body != BodyLength::Empty {
             // weir answers the expectation itself once it holds a server connection: the
             // client sends its body only when there is somewhere to send it.
@@ -366,15 +371,22 @@ async fn exchange(
             Err(ResponseFailure::Nothing(err)) => {
                 server.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(server = %server.address, %err, reused, "no response");
-                if reused && request.retryable() {
-                    // A kept-alive connection the server closed: try again on a fresh one.
+                let timed_out = err.kind() == std::io::ErrorKind::TimedOut;
+                if timed_out {
+                    // A slow server is not helped by sending it (or another) the work twice.
+                    return Err(Failure::Respond(504, "server response timed out"));
+                }
+                failure = Failure::Respond(502, "server closed the connection without answering");
+                if request.retryable() {
+                    // Safe to send again. A kept-alive connection the server had closed: a
+                    // fresh one to the same server may do. A fresh connection closed without
+                    // a word (a server stopping): another server.
+                    if !reused {
+                        tried.push(index);
+                    }
                     continue;
                 }
-                return Err(if err.kind() == std::io::ErrorKind::TimedOut {
-                    Failure::Respond(504, "server response timed out")
-                } else {
-                    Failure::Respond(502, "server closed the connection without answering")
-                });
+                return Err(failure);
             }
             Err(ResponseFailure::Invalid(reason)) => {
                 server.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,269 @@
+//! A blocking HTTP/1.1 client for the L7 tests: keep-alive, bodies sent from [`pattern`]
+//! in either framing, responses read in any framing and checked by length and xxh3 without
+//! keeping large bodies in memory.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::http_origin::{bad, pattern, read_line, write_pattern};
+
+/// How long the client waits for an answer before calling it a failure.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A response as received.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The first 64 KiB of the body.
+    pub body: Vec<u8>,
+    pub body_length: u64,
+    pub body_xxh3: u64,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A request body to send.
+#[derive(Debug, Clone, Copy)]
+pub enum Body {
+    None,
+    /// N pattern bytes with `Content-Length`.
+    Fixed(u64),
+    /// N pattern bytes, chunked.
+    Chunked(u64),
+}
+
+/// One client connection.
+pub struct HttpConn {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl HttpConn {
+    pub fn connect(address: SocketAddr) -> io::Result<HttpConn> {
+        let stream = TcpStream::connect_timeout(&address, HTTP_TIMEOUT)?;
+        stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(HttpConn {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+        })
+    }
+
+    /// Sends `method path` for `host` with `headers` (each `Name: value\r\n`) and `body`,
+    /// then reads the response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &str,
+        body: Body,
+    ) -> io::Result<Response> {
+        self.send(method, path, host, headers, body)?;
+        self.read_response(method == "HEAD")
+    }
+
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &str,
+        body: Body,
+    ) -> io::Result<()> {
+        let framing = match body {
+            Body::None => String::new(),
+            Body::Fixed(n) => format!("Content-Length: {n}\r\n"),
+            Body::Chunked(_) => "Transfer-Encoding: chunked\r\n".to_string(),
+        };
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}{framing}\r\n");
+        let mut writer = io::BufWriter::with_capacity(256 * 1024, &self.stream);
+        writer.write_all(head.as_bytes())?;
+        match body {
+            Body::None => {}
+            Body::Fixed(n) => write_pattern(&mut writer, n, false)?,
+            Body::Chunked(n) => write_pattern(&mut writer, n, true)?,
+        }
+        writer.flush()
+    }
+
+    /// Writes `bytes` as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one response (interim 1xx responses are skipped, except 101).
+    pub fn read_response(&mut self, head_request: bool) -> io::Result<Response> {
+        loop {
+            let response = self.read_one(head_request)?;
+            if !(100..200).contains(&response.status) || response.status == 101 {
+                return Ok(response);
+            }
+        }
+    }
+
+    /// The status of the next response, interim (1xx) ones included.
+    pub fn read_response_raw_status(&mut self) -> io::Result<u16> {
+        self.read_one(false).map(|r| r.status)
+    }
+
+    /// Reads exactly `n` bytes (after an upgrade).
+    pub fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; n];
+        self.reader.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn read_one(&mut self, head_request: bool) -> io::Result<Response> {
+        let status_line = read_line(&mut self.reader)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let status = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse::<u16>().ok())
+            .ok_or_else(|| bad("bad status line"))?;
+        let mut headers = Vec::new();
+        loop {
+            let line = read_line(&mut self.reader)?.ok_or_else(|| bad("end of file in head"))?;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| bad("header without colon"))?;
+            headers.push((name.to_string(), value.trim().to_string()));
+        }
+        let mut response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+            body_length: 0,
+            body_xxh3: 0,
+        };
+        if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+            return Ok(response);
+        }
+        let mut sink = BodySink::default();
+        if response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
+            loop {
+                let line =
+                    read_line(&mut self.reader)?.ok_or_else(|| bad("end of file in chunk size"))?;
+                let size = u64::from_str_radix(line.split(';').next().unwrap_or_default(), 16)
+                    .map_err(|_| bad("bad chunk size"))?;
+                if size == 0 {
+                    while !read_line(&mut self.reader)?
+                        .ok_or_else(|| bad("end of file in trailers"))?
+                        .is_empty()
+                    {}
+                    break;
+                }
+                sink.copy(&mut (&mut self.reader).take(size), size)?;
+                if !read_line(&mut self.reader)?.is_some_and(|l| l.is_empty()) {
+                    return Err(bad("chunk longer than its size"));
+                }
+            }
+        } else if let Some(length) = response.header("content-length") {
+            let length: u64 = length.parse().map_err(|_| bad("bad Content-Length"))?;
+            sink.copy(&mut (&mut self.reader).take(length), length)?;
+        } else {
+            sink.copy(&mut self.reader, u64::MAX)?;
+        }
+        response.body = sink.first;
+        response.body_length = sink.length;
+        response.body_xxh3 = sink.hasher.digest();
+        Ok(response)
+    }
+
+    /// Whether the server closed the connection (end of file within `wait`).
+    pub fn closed_by_peer(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).ok();
+        let closed = matches!(
+            self.reader.fill_buf().map(|b| b.is_empty()),
+            Ok(true) | Err(_)
+        );
+        self.stream.set_read_timeout(Some(HTTP_TIMEOUT)).ok();
+        closed
+    }
+}
+
+#[derive(Default)]
+struct BodySink {
+    first: Vec<u8>,
+    length: u64,
+    hasher: Xxh3,
+}
+
+impl BodySink {
+    /// Copies `expected` bytes (or up to end of file for `u64::MAX`) from `from`.
+    fn copy(&mut self, from: &mut impl Read, expected: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0u64;
+        loop {
+            let n = from.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.hasher.update(&buf[..n]);
+            let keep = (64 * 1024usize).saturating_sub(self.first.len()).min(n);
+            self.first.extend_from_slice(&buf[..keep]);
+            read += n as u64;
+        }
+        if expected != u64::MAX && read != expected {
+            return Err(bad("body cut short"));
+        }
+        self.length += read;
+        Ok(())
+    }
+}
+
+/// Sends `bytes` on a new connection and reads until the server closes it (or `wait`
+/// passes): what a malformed-request test needs to see the answer and the close.
+pub fn raw_exchange(
+    address: SocketAddr,
+    bytes: &[u8],
+    wait: Duration,
+) -> io::Result<(String, bool)> {
+    let mut stream = TcpStream::connect_timeout(&address, HTTP_TIMEOUT)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.write_all(bytes)?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let closed = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    Ok((String::from_utf8_lossy(&answer).into_owned(), closed))
+}
+
+/// The [`pattern`] byte check a test can use on a body prefix.
+pub fn is_pattern(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == pattern(i as u64))
+}

@@ -1,0 +1,995 @@
+//! The L7 reverse proxy end to end on loopback: the real workers (io_uring, two threads) in
+//! this process, real TCP clients, and mock origins that record what reached them. No
+//! privileges needed.
+//!
+//! Each test takes its own loopback /24 (127.0.N.0), so tests run in parallel.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use weir_config::{Config, control::AdminState};
+use weir_forwarder::{l7::L7Workers, vhosts::Vhosts};
+use weir_tests::{
+    http_client::{Body, HttpConn, is_pattern, raw_exchange},
+    http_origin::{HttpOrigin, pattern_digest},
+};
+
+static NEXT_NET: AtomicU8 = AtomicU8::new(10);
+
+/// A proxy on its own loopback network, with the model the control plane would drive.
+struct Proxy {
+    workers: L7Workers,
+    vhosts: Vhosts,
+    config: Config,
+    address: SocketAddr,
+}
+
+impl Proxy {
+    /// Starts the workers for `vhosts` (TOML `[[vhost]]` tables with `LISTEN` and
+    /// `SERVERn` placeholders) and `l7` (extra `[l7]` keys), with origins for `SERVERn`.
+    fn start(l7: &str, vhosts: &str, origins: &[&HttpOrigin]) -> Proxy {
+        let net = origins
+            .first()
+            .map_or_else(next_net, |o| match o.address.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[2],
+                _ => unreachable!(),
+            });
+        let port = free_port(net);
+        let address: SocketAddr = format!("127.0.{net}.1:{port}").parse().unwrap();
+        let mut text =
+            format!("[l7]\nworkers = 2\n{l7}\n{vhosts}").replace("LISTEN", &address.to_string());
+        for (i, origin) in origins.iter().enumerate().rev() {
+            text = text.replace(&format!("SERVER{}", i + 1), &origin.address.to_string());
+        }
+        let config = Config::parse(std::path::Path::new("test.toml"), &text).expect("test config");
+        let vhosts = Vhosts::plan(&config, None).unwrap();
+        let workers = L7Workers::start(vhosts.snapshot(&config, None), 2).expect("workers start");
+        Proxy {
+            workers,
+            vhosts,
+            config,
+            address,
+        }
+    }
+
+    /// Applies a change to the pools and publishes it, as the daemon does.
+    fn change(&mut self, change: impl FnOnce(&mut Vhosts)) {
+        change(&mut self.vhosts);
+        let snapshot = self
+            .vhosts
+            .snapshot(&self.config, Some(&self.workers.snapshot()));
+        self.workers.publish(snapshot);
+    }
+
+    fn conn(&self) -> HttpConn {
+        HttpConn::connect(self.address).expect("connect to the proxy")
+    }
+
+    fn get(&self, host: &str, path: &str) -> weir_tests::http_client::Response {
+        self.conn()
+            .request("GET", path, host, "", Body::None)
+            .expect("request through the proxy")
+    }
+}
+
+fn next_net() -> u8 {
+    NEXT_NET.fetch_add(1, Ordering::Relaxed)
+}
+
+fn free_port(net: u8) -> u16 {
+    TcpListener::bind(format!("127.0.{net}.1:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `count` origins on a fresh loopback network, named `s1`, `s2`, ...
+fn origins(count: usize) -> Vec<HttpOrigin> {
+    let net = next_net();
+    (1..=count)
+        .map(|i| {
+            HttpOrigin::start(
+                format!("127.0.{net}.{}:0", 10 + i).parse().unwrap(),
+                &format!("s{i}"),
+            )
+            .expect("origin starts")
+        })
+        .collect()
+}
+
+fn refs(origins: &[HttpOrigin]) -> Vec<&HttpOrigin> {
+    origins.iter().collect()
+}
+
+#[test]
+fn requests_route_by_exact_wildcard_and_default_host() {
+    let o = origins(3);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "www"
+listen = "LISTEN"
+hosts = ["www.example.test"]
+servers = [{ address = "SERVER1" }]
+
+[[vhost]]
+name = "any"
+listen = "LISTEN"
+hosts = ["*.example.test"]
+servers = [{ address = "SERVER2" }]
+
+[[vhost]]
+name = "fallback"
+listen = "LISTEN"
+default = true
+servers = [{ address = "SERVER3" }]
+"#,
+        &refs(&o),
+    );
+    for (host, expected) in [
+        ("www.example.test", "s1\n"),
+        ("WWW.Example.Test:8080", "s1\n"),
+        ("www.example.test.", "s1\n"),
+        ("img.example.test", "s2\n"),
+        ("a.b.example.test", "s2\n"),
+        ("example.test", "s3\n"),
+        ("elsewhere.test", "s3\n"),
+    ] {
+        let response = proxy.get(host, "/");
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, expected),
+            "Host {host}"
+        );
+    }
+    // The absolute form's authority routes, and the server gets the origin form.
+    let mut conn = proxy.conn();
+    conn.send_raw(
+        b"GET http://www.example.test/abs?q=1 HTTP/1.1\r\nHost: www.example.test\r\n\r\n",
+    )
+    .unwrap();
+    let response = conn.read_response(false).unwrap();
+    assert_eq!(response.text(), "s1\n");
+    assert!(o[0].requests().iter().any(|r| r.target == "/abs?q=1"));
+    // HTTP/1.0 without Host goes to the default.
+    let (answer, _) = raw_exchange(
+        proxy.address,
+        b"GET / HTTP/1.0\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("s3\n"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn a_listener_without_a_default_answers_404_for_unknown_hosts() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "only"
+listen = "LISTEN"
+hosts = ["only.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let mut conn = proxy.conn();
+    let response = conn
+        .request("GET", "/", "other.test", "", Body::None)
+        .unwrap();
+    assert_eq!(response.status, 404);
+    assert!(o[0].requests().is_empty());
+}
+
+#[test]
+fn round_robin_spreads_by_weight_and_reuses_server_connections() {
+    let o = origins(3);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+servers = [{ address = "SERVER1", weight = 100 }, { address = "SERVER2", weight = 200 }, { address = "SERVER3", weight = 300 }]
+"#,
+        &refs(&o),
+    );
+    // One keep-alive client connection, 600 requests: a single worker serves them all.
+    let mut conn = proxy.conn();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..600 {
+        let response = conn
+            .request("GET", "/", "app.test", "", Body::None)
+            .unwrap();
+        assert_eq!(response.status, 200);
+        *counts.entry(response.text()).or_default() += 1;
+    }
+    // Smooth weighted round robin on one worker is exact.
+    assert_eq!(
+        (counts["s1\n"], counts["s2\n"], counts["s3\n"]),
+        (100, 200, 300),
+        "{counts:?}"
+    );
+    // Keep-alive to the servers: each served its share over a single connection.
+    for origin in &o {
+        let seen = origin.requests();
+        assert!(!seen.is_empty());
+        assert_eq!(
+            origin.connections(),
+            1,
+            "{} opened {} connections",
+            origin.name,
+            origin.connections()
+        );
+        assert!(
+            seen.iter()
+                .all(|r| r.connection == 1 && r.version == "HTTP/1.1")
+        );
+    }
+}
+
+#[test]
+fn hash_and_least_connections_pools_pick_as_configured() {
+    let o = origins(3);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "sticky"
+listen = "LISTEN"
+hosts = ["sticky.test"]
+balance = "hash"
+hash_on = "cookie:sid"
+servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }]
+
+[[vhost]]
+name = "least"
+listen = "LISTEN"
+hosts = ["least.test"]
+balance = "least_connections"
+servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }]
+"#,
+        &refs(&o),
+    );
+    let mut servers_seen = std::collections::HashSet::new();
+    for user in 0..20 {
+        let cookie = format!("Cookie: sid=user{user}\r\n");
+        let first = proxy
+            .conn()
+            .request("GET", "/", "sticky.test", &cookie, Body::None)
+            .unwrap()
+            .text();
+        for _ in 0..3 {
+            assert_eq!(
+                proxy
+                    .conn()
+                    .request("GET", "/", "sticky.test", &cookie, Body::None)
+                    .unwrap()
+                    .text(),
+                first
+            );
+        }
+        servers_seen.insert(first);
+    }
+    assert_eq!(servers_seen.len(), 3);
+    // Least connections on an idle pool: ties go round, so every server gets requests.
+    let mut least: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        *least
+            .entry(proxy.get("least.test", "/").text())
+            .or_default() += 1;
+    }
+    assert_eq!(least.len(), 3, "{least:?}");
+}
+
+#[test]
+fn large_bodies_stream_both_ways_intact_in_both_framings() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "files"
+listen = "LISTEN"
+hosts = ["files.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let (_, digest) = pattern_digest(SIZE);
+    let mut conn = proxy.conn();
+    for body in [Body::Fixed(SIZE), Body::Chunked(SIZE)] {
+        let response = conn
+            .request("POST", "/upload", "files.test", "", body)
+            .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.text(),
+            format!("{SIZE} {digest:016x}\n"),
+            "{body:?}"
+        );
+    }
+    for path in [format!("/bytes/{SIZE}"), format!("/chunked/{SIZE}")] {
+        let response = conn
+            .request("GET", &path, "files.test", "", Body::None)
+            .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            (response.body_length, response.body_xxh3),
+            (SIZE, digest),
+            "{path}"
+        );
+        assert!(is_pattern(&response.body));
+    }
+    // Both on one client connection and one server connection.
+    assert_eq!(o[0].connections(), 1);
+    // An HTTP/1.0 client gets a chunked response decoded, delimited by close.
+    let mut old = proxy.conn();
+    old.send_raw(b"GET /chunked/300000 HTTP/1.0\r\nHost: files.test\r\n\r\n")
+        .unwrap();
+    let response = old.read_response(false).unwrap();
+    assert_eq!(response.header("transfer-encoding"), None);
+    assert_eq!(
+        (response.body_length, response.body_xxh3),
+        pattern_digest(300_000)
+    );
+    // A response delimited by the server's close reaches the client whole.
+    let response = proxy
+        .conn()
+        .request("GET", "/close/200000", "files.test", "", Body::None)
+        .unwrap();
+    assert_eq!(
+        (response.body_length, response.body_xxh3),
+        pattern_digest(200_000)
+    );
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "up"
+listen = "LISTEN"
+hosts = ["up.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let mut conn = proxy.conn();
+    conn.send_raw(b"PUT /upload HTTP/1.1\r\nHost: up.test\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    let interim = conn.read_response_raw_status().unwrap();
+    assert_eq!(interim, 100);
+    let body: Vec<u8> = (0..1000u64).map(weir_tests::http_origin::pattern).collect();
+    conn.send_raw(&body).unwrap();
+    let response = conn.read_response(false).unwrap();
+    assert_eq!(response.status, 200);
+    let (_, digest) = pattern_digest(1000);
+    assert_eq!(response.text(), format!("1000 {digest:016x}\n"));
+    // The expectation was met by weir, so the server did not see it.
+    assert!(o[0].requests()[0].header("expect").is_none());
+}
+
+#[test]
+fn a_websocket_upgrade_is_tunnelled_both_ways() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "ws"
+listen = "LISTEN"
+hosts = ["ws.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let mut conn = proxy.conn();
+    conn.send_raw(
+        b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let response = conn.read_response(false).unwrap();
+    assert_eq!(response.status, 101);
+    assert_eq!(response.header("upgrade"), Some("websocket"));
+    // The origin saw the upgrade request with its handshake headers.
+    let seen = &o[0].requests()[0];
+    assert_eq!(seen.header("upgrade"), Some("websocket"));
+    assert!(
+        seen.header("connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("upgrade"))
+    );
+    assert_eq!(
+        seen.header("sec-websocket-key"),
+        Some("dGhlIHNhbXBsZSBub25jZQ==")
+    );
+    // A masked text frame "hello" and 100 KiB more, echoed back byte for byte.
+    let frame = [
+        0x81u8,
+        0x85,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'e' ^ 2,
+        b'l' ^ 3,
+        b'l' ^ 4,
+        b'o' ^ 1,
+    ];
+    for round in 0..3 {
+        let mut message = frame.to_vec();
+        message.extend((0..100 * 1024u32).map(|i| (i as u8).wrapping_add(round)));
+        conn.send_raw(&message).unwrap();
+        let echoed = conn.read_exact_bytes(message.len()).unwrap();
+        assert_eq!(echoed, message, "round {round}");
+    }
+}
+
+#[test]
+fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "[l7.forwarded]\nforwarded = true\n",
+        r#"
+[[vhost]]
+name = "fw"
+listen = "LISTEN"
+hosts = ["fw.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let mut conn = proxy.conn();
+    let response = conn
+        .request(
+            "GET",
+            "/",
+            "fw.test",
+            "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nX-Kept: yes\r\n",
+            Body::None,
+        )
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("via"), Some("1.1 weir"));
+    let seen = &o[0].requests()[0];
+    // The client connects from 127.0.0.1 (the kernel's choice for a loopback destination).
+    let xff = seen.header("x-forwarded-for").unwrap();
+    assert!(
+        !xff.contains("6.6.6.6") && xff.parse::<std::net::IpAddr>().is_ok(),
+        "{xff}"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(
+        seen.header("forwarded"),
+        Some(format!("for={xff};proto=http;host=fw.test").as_str())
+    );
+    assert_eq!(seen.header("via"), Some("1.1 weir"));
+    assert_eq!(seen.header("x-kept"), Some("yes"));
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "te",
+        "proxy-connection",
+        "connection",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} reached the server");
+    }
+}
+
+/// A bad request, its expected status, and what follows it on the wire (which must never
+/// reach a server as a request).
+const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: victim.test\r\n\r\n";
+
+#[test]
+fn malformed_and_smuggling_requests_are_refused_and_closed() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "max_request_line = 200\nmax_header_bytes = 2048\nmax_headers = 20\n",
+        r#"
+[[vhost]]
+name = "victim"
+listen = "LISTEN"
+hosts = ["victim.test", "other.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let h = "Host: victim.test\r\n";
+    let long_target = format!("GET /{} HTTP/1.1\r\n{h}\r\n", "a".repeat(300));
+    let big_header = format!("GET / HTTP/1.1\r\n{h}X-Big: {}\r\n\r\n", "b".repeat(3000));
+    let many_headers = format!("GET / HTTP/1.1\r\n{h}{}\r\n", "X-A: 1\r\n".repeat(30));
+    let cases: Vec<(&str, String, u16)> = vec![
+        (
+            "CL then TE",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "TE then CL",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "two equal CL",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello"),
+            400,
+        ),
+        (
+            "two CL",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 5\r\nContent-Length: 50\r\n\r\nhello"),
+            400,
+        ),
+        (
+            "CL list",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 5, 5\r\n\r\nhello"),
+            400,
+        ),
+        (
+            "CL negative",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: -1\r\n\r\n"),
+            400,
+        ),
+        (
+            "CL plus sign",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: +5\r\n\r\nhello"),
+            400,
+        ),
+        (
+            "CL hex",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 0x5\r\n\r\nhello"),
+            400,
+        ),
+        (
+            "CL huge",
+            format!("POST / HTTP/1.1\r\n{h}Content-Length: 99999999999999999999999\r\n\r\n"),
+            400,
+        ),
+        (
+            "TE xchunked",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
+            501,
+        ),
+        (
+            "TE chunked, identity",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+            501,
+        ),
+        (
+            "TE gzip, chunked",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+            501,
+        ),
+        (
+            "TE twice",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "TE with vertical tab",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "TE space before colon",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "TE obs-fold",
+            format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "TE in HTTP/1.0",
+            format!("POST / HTTP/1.0\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        ("bare LF", format!("GET / HTTP/1.1\n{h}\n"), 400),
+        (
+            "bare LF between headers",
+            format!("GET / HTTP/1.1\r\n{h}X-A: 1\nX-B: 2\r\n\r\n"),
+            400,
+        ),
+        (
+            "chunk size not hex",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "chunk size overflow",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "chunk longer than its size",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "chunk size with bare LF",
+            format!(
+                "POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "space in header name",
+            format!("GET / HTTP/1.1\r\n{h}Bad Header: x\r\n\r\n"),
+            400,
+        ),
+        (
+            "control byte in header name",
+            format!("GET / HTTP/1.1\r\n{h}Bad\x01: x\r\n\r\n"),
+            400,
+        ),
+        (
+            "NUL in header value",
+            format!("GET / HTTP/1.1\r\n{h}X-A: a\x00b\r\n\r\n"),
+            400,
+        ),
+        ("request line too long", long_target, 414),
+        ("head too large", big_header, 431),
+        ("too many headers", many_headers, 431),
+        (
+            "no Host in HTTP/1.1",
+            "GET / HTTP/1.1\r\n\r\n".to_string(),
+            400,
+        ),
+        (
+            "two Hosts",
+            format!("GET / HTTP/1.1\r\n{h}Host: other.test\r\n\r\n"),
+            400,
+        ),
+        (
+            "Host and target disagree",
+            format!("GET http://other.test/ HTTP/1.1\r\n{h}\r\n"),
+            400,
+        ),
+        (
+            "invalid Host",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n".to_string(),
+            400,
+        ),
+        ("HTTP/1.2", format!("GET / HTTP/1.2\r\n{h}\r\n"), 505),
+        ("invalid method", format!("G@T / HTTP/1.1\r\n{h}\r\n"), 400),
+        (
+            "unknown expectation",
+            format!("GET / HTTP/1.1\r\n{h}Expect: magic\r\n\r\n"),
+            417,
+        ),
+        (
+            "CONNECT",
+            format!("CONNECT victim.test:443 HTTP/1.1\r\n{h}\r\n"),
+            501,
+        ),
+        (
+            "relative target",
+            format!("GET foo HTTP/1.1\r\n{h}\r\n"),
+            400,
+        ),
+    ];
+    assert!(cases.len() >= 25);
+    for (name, request, status) in &cases {
+        let wire = format!("{request}{SMUGGLED}");
+        let (answer, closed) =
+            raw_exchange(proxy.address, wire.as_bytes(), Duration::from_secs(5)).unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{name}: expected {status}, got {answer:?}"
+        );
+        assert!(answer.contains("Connection: close"), "{name}: {answer:?}");
+        assert_eq!(
+            answer.matches("HTTP/1.1").count(),
+            1,
+            "{name}: one answer only: {answer:?}"
+        );
+        assert!(closed, "{name}: connection left open");
+    }
+    let seen = o[0].requests();
+    assert!(
+        seen.iter().all(|r| r.target != "/smuggled"),
+        "a smuggled request reached the server: {seen:?}"
+    );
+
+    // What is well framed is not smuggling: a request whose body contains a request, and
+    // two pipelined requests, are served exactly as framed.
+    let wire = format!(
+        "POST /upload HTTP/1.1\r\n{h}Content-Length: {}\r\n\r\n{SMUGGLED}GET /second HTTP/1.1\r\n{h}\r\n",
+        SMUGGLED.len()
+    );
+    let mut conn = proxy.conn();
+    conn.send_raw(wire.as_bytes()).unwrap();
+    assert_eq!(conn.read_response(false).unwrap().status, 200);
+    assert_eq!(conn.read_response(false).unwrap().status, 200);
+    let targets: Vec<String> = o[0].requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(targets, ["/upload", "/second"]);
+    assert_eq!(o[0].requests()[0].body_length, SMUGGLED.len() as u64);
+}
+
+#[test]
+fn slow_clients_get_408_and_do_not_starve_others() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "header_timeout_ms = 1000\n",
+        r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    // 200 clients each trickle a byte of their head every 100 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered_408 = Arc::new(AtomicU64::new(0));
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let (stop, answered_408, address) =
+            (Arc::clone(&stop), Arc::clone(&answered_408), proxy.address);
+        slow.push(thread::spawn(move || {
+            let Ok(mut conn) = HttpConn::connect(address) else {
+                return;
+            };
+            for byte in b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Slow: "
+                .iter()
+                .chain(std::iter::repeat(&b'z'))
+            {
+                if stop.load(Ordering::Relaxed) || conn.send_raw(&[*byte]).is_err() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            if conn.read_response(false).is_ok_and(|r| r.status == 408) {
+                answered_408.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    thread::sleep(Duration::from_millis(300));
+    // Normal clients are served meanwhile.
+    for _ in 0..50 {
+        assert_eq!(proxy.get("app.test", "/").status, 200);
+    }
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for handle in slow {
+        handle.join().unwrap();
+    }
+    assert_eq!(
+        answered_408.load(Ordering::Relaxed),
+        200,
+        "every slow client got 408 after the header timeout"
+    );
+    assert!(o[0].requests().iter().all(|r| r.header("x-slow").is_none()));
+}
+
+#[test]
+fn server_failures_are_retried_elsewhere_or_answered_502_503_504() {
+    let o = origins(2);
+    // A port where nothing listens: connecting is refused.
+    let dead = TcpListener::bind(SocketAddr::new(o[0].address.ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(
+        "upstream_response_timeout_ms = 300\n",
+        &format!(
+            r#"
+[[vhost]]
+name = "mixed"
+listen = "LISTEN"
+hosts = ["mixed.test"]
+servers = [{{ address = "{dead}" }}, {{ address = "SERVER1" }}]
+
+[[vhost]]
+name = "down"
+listen = "LISTEN"
+hosts = ["down.test"]
+servers = [{{ address = "{dead}" }}]
+
+[[vhost]]
+name = "slow"
+listen = "LISTEN"
+hosts = ["slow.test"]
+servers = [{{ address = "SERVER2" }}]
+"#
+        ),
+        &refs(&o),
+    );
+    for _ in 0..20 {
+        let response = proxy.get("mixed.test", "/");
+        assert_eq!((response.status, response.text().as_str()), (200, "s1\n"));
+    }
+    let response = proxy.get("down.test", "/");
+    assert_eq!(response.status, 502);
+    assert!(
+        response.text().contains("502"),
+        "a small body says what happened"
+    );
+    assert_eq!(proxy.get("slow.test", "/slow/2000").status, 504);
+    let mut proxy = proxy;
+    proxy.change(|v| v.set_state("down", dead, AdminState::Disabled).unwrap());
+    assert_eq!(proxy.get("down.test", "/").status, 503);
+}
+
+#[test]
+fn fifty_pool_changes_under_load_cause_no_client_error() {
+    let o = origins(8);
+    let mut proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "live"
+listen = "LISTEN"
+hosts = ["live.test"]
+servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }]
+"#,
+        &refs(&o),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for client in 0..4 {
+        let (stop, errors, served, address) = (
+            Arc::clone(&stop),
+            Arc::clone(&errors),
+            Arc::clone(&served),
+            proxy.address,
+        );
+        load.push(thread::spawn(move || {
+            // Half the clients keep their connection, half open one per request.
+            let keep = client % 2 == 0;
+            let mut conn: Option<HttpConn> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let result = conn
+                    .take()
+                    .map_or_else(|| HttpConn::connect(address), Ok)
+                    .and_then(|mut c| {
+                        let r = c.request("GET", "/", "live.test", "", Body::None)?;
+                        Ok((c, r))
+                    });
+                match result {
+                    Ok((c, response)) if response.status == 200 => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        if keep {
+                            conn = Some(c);
+                        }
+                    }
+                    Ok((_, response)) => errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", response.status)),
+                    Err(err) => errors.lock().unwrap().push(err.to_string()),
+                }
+            }
+        }));
+    }
+    // 50 changes: cycle servers through add → drain → remove (the removed server then
+    // stops, as in a real deploy), keeping at least two in rotation.
+    let mut origins: Vec<Option<HttpOrigin>> = o.into_iter().map(Some).collect();
+    let address =
+        |origins: &Vec<Option<HttpOrigin>>, i: usize| origins[i].as_ref().unwrap().address;
+    let mut in_pool: Vec<usize> = vec![0, 1, 2];
+    let mut next_new = 3;
+    let mut changes = 0;
+    while changes < 50 {
+        let before = served.load(Ordering::Relaxed);
+        if next_new < origins.len() {
+            let new = next_new;
+            next_new += 1;
+            let a = address(&origins, new);
+            proxy.change(|v| v.add_server("live", a, 100).unwrap());
+            in_pool.push(new);
+            changes += 1;
+        }
+        let old = in_pool.remove(0);
+        let a = address(&origins, old);
+        proxy.change(|v| v.set_state("live", a, AdminState::Draining).unwrap());
+        proxy.change(|v| {
+            v.set_weight("live", address(&origins, in_pool[0]), 50 + changes as u32)
+                .unwrap()
+        });
+        // Wait for requests in flight on it to finish, as `remove --wait` does.
+        let stats = Arc::clone(proxy.workers.snapshot().server_stats("live", a).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stats.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        proxy.change(|v| v.remove_server("live", a).unwrap());
+        changes += 3;
+        // The removed server goes away; recycle its slot for a fresh origin.
+        drop(origins[old].take());
+        origins[old] =
+            Some(HttpOrigin::start(SocketAddr::new(a.ip(), 0), &format!("r{changes}")).unwrap());
+        if next_new >= origins.len() {
+            next_new = old;
+        }
+        // Let traffic flow between changes.
+        while served.load(Ordering::Relaxed) < before + 100 {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for handle in load {
+        handle.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(
+        served.load(Ordering::Relaxed) > 1000,
+        "load ran: {}",
+        served.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn draining_a_server_closes_its_idle_connections_and_sends_it_nothing_new() {
+    let o = origins(2);
+    let mut proxy = Proxy::start(
+        "",
+        r#"
+[[vhost]]
+name = "d"
+listen = "LISTEN"
+hosts = ["d.test"]
+servers = [{ address = "SERVER1" }, { address = "SERVER2" }]
+"#,
+        &refs(&o),
+    );
+    for _ in 0..10 {
+        assert_eq!(proxy.get("d.test", "/").status, 200);
+    }
+    assert!(o[0].open_connections() > 0, "pooled connections to s1");
+    let before = o[0].requests().len();
+    let a = o[0].address;
+    proxy.change(|v| v.set_state("d", a, AdminState::Draining).unwrap());
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        o[0].open_connections(),
+        0,
+        "idle connections to the drained server closed"
+    );
+    for _ in 0..20 {
+        assert_eq!(proxy.get("d.test", "/").text(), "s2\n");
+    }
+    assert_eq!(o[0].requests().len(), before);
+}
