@@ -1,5 +1,5 @@
 //! The walking skeleton end to end, on a real kernel: XDP attached in a namespace counts real
-//! traffic, the io_uring L7 listener answers, and `weirctl status` reports both.
+//! traffic, the io_uring L7 proxy answers, and `weirctl status` reports both.
 
 use std::process::Command;
 
@@ -79,16 +79,30 @@ fn traffic_through_the_balancer_moves_xdp_counters_and_l7_answers() {
     );
     assert_eq!(body, "srv1\n");
 
-    // The io_uring L7 listener answers on the L7 VIP.
+    // The L7 proxy on the L7 VIP routes `demo.weir.test` to a demo backend; an unknown
+    // Host gets 404 from weir itself.
     let body = curl(
         &lab,
         &format!("http://{L7_VIP}/"),
         &["-H", "Host: demo.weir.test"],
     );
     assert!(
-        body.starts_with(&format!("weir L7 listener {L7_VIP}:80")),
-        "{body}"
+        ["srv1\n", "srv2\n", "srv3\n"].contains(&body.as_str()),
+        "{body:?}"
     );
+    let status = curl(
+        &lab,
+        &format!("http://{L7_VIP}/"),
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: nobody.test",
+        ],
+    );
+    assert_eq!(status, "404");
 
     let after = lab.status().unwrap();
     let moved = |name| counter(&after, name) - counter(&before, name);
@@ -104,8 +118,8 @@ fn traffic_through_the_balancer_moves_xdp_counters_and_l7_answers() {
         "pass_not_vip moved by {}",
         moved("pass_not_vip")
     );
-    assert_eq!(after.listeners[0].requests, 1);
-    assert_eq!(after.listeners[0].connections, 1);
+    assert_eq!(after.listeners[0].requests, 2);
+    assert_eq!(after.listeners[0].connections, 2);
     assert_eq!(after.xdp, before.xdp);
 
     // The human table shows the same attach point and counters.

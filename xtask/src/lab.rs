@@ -102,7 +102,7 @@ Try:
   ip netns exec {client} curl -s http://{srv1}/
   # the L4 VIP: XDP picks a server by Maglev and NATs both ways (run it a few times)
   ip netns exec {client} curl -s http://{l4}/
-  # the io_uring L7 listener on the L7 VIP
+  # the L7 proxy on the L7 VIP (Host demo.weir.test → the same three backends)
   ip netns exec {client} curl -s -H 'Host: demo.weir.test' http://{L7_VIP}/
   # where XDP is attached, its counters, the L7 listener
   {weirctl} --socket {socket} status

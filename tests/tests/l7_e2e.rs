@@ -1,0 +1,196 @@
+//! The L7 proxy in the daemon, end to end: clients in the lab's client namespace reach the
+//! demo backends through the L7 VIP while `weirctl` changes the vhost's pool, exactly as an
+//! operator would; the pool survives a daemon restart.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::SocketAddr,
+    process::Output,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use weir_tests::{
+    http_client::{Body, HttpConn},
+    lab::Lab,
+    topology::{L7_VIP, SERVER_PORT, server_addr},
+};
+
+const VHOST: &str = "demo-l7";
+const HOST: &str = "demo.weir.test";
+
+fn prefix(tag: &str) -> String {
+    format!("weirt-{}-{tag}-", std::process::id())
+}
+
+fn server(i: usize) -> String {
+    SocketAddr::new(server_addr(i).into(), SERVER_PORT).to_string()
+}
+
+fn weirctl(lab: &Lab, args: &[&str]) -> Output {
+    lab.weirctl().args(args).output().expect("weirctl runs")
+}
+
+fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
+    let out = weirctl(lab, args);
+    assert!(
+        out.status.success(),
+        "weirctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The vhost's pool as `weirctl server list demo-l7 --json` shows it: server → (weight,
+/// admin), and the requests each server was sent.
+fn pool(lab: &Lab) -> (BTreeMap<String, (u64, String)>, BTreeMap<String, u64>) {
+    let json: Value =
+        serde_json::from_str(&weirctl_ok(lab, &["server", "list", VHOST, "--json"])).unwrap();
+    let mut pool = BTreeMap::new();
+    let mut requests = BTreeMap::new();
+    for s in json.as_array().unwrap() {
+        let address = s["address"].as_str().unwrap().to_string();
+        pool.insert(
+            address.clone(),
+            (
+                s["weight"].as_u64().unwrap(),
+                s["admin"].as_str().unwrap().to_string(),
+            ),
+        );
+        requests.insert(
+            address,
+            s["l7"]["requests"]
+                .as_u64()
+                .expect("an L7 server reports requests"),
+        );
+    }
+    (pool, requests)
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn weirctl_changes_a_vhost_pool_under_load_with_no_client_error_and_the_pool_persists() {
+    let dir = std::env::temp_dir().join(format!("weirt-{}-l7", std::process::id()));
+    let mut lab = Lab::start(&prefix("l7"), 4, &dir, "native").expect("lab starts");
+    let (initial, _) = pool(&lab);
+    assert_eq!(initial.len(), 4, "{initial:?}");
+    // Server 4 leaves the pool now and comes back at run time later.
+    weirctl_ok(&lab, &["server", "remove", VHOST, &server(4)]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let netns = format!("/run/netns/{}", lab.topology.client.name());
+    let vip = SocketAddr::new(L7_VIP.into(), 80);
+    let mut load = Vec::new();
+    for client in 0..4 {
+        let (stop, served, errors, netns) =
+            (stop.clone(), served.clone(), errors.clone(), netns.clone());
+        load.push(thread::spawn(move || {
+            let file = fs::File::open(&netns).expect("client netns");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let keep = client % 2 == 0;
+            let mut conn: Option<HttpConn> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let result = conn
+                    .take()
+                    .map_or_else(|| HttpConn::connect(vip), Ok)
+                    .and_then(|mut c| {
+                        let response = c.request("GET", "/", HOST, "", Body::None)?;
+                        Ok((c, response))
+                    });
+                match result {
+                    Ok((c, r)) if r.status == 200 && r.text().starts_with("srv") => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                        if keep {
+                            conn = Some(c);
+                        }
+                    }
+                    Ok((_, r)) => errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("{} {}", r.status, r.text())),
+                    Err(err) => errors.lock().unwrap().push(err.to_string()),
+                }
+            }
+        }));
+    }
+
+    let wait_for_traffic = |served: &AtomicU64| {
+        let before = served.load(Ordering::Relaxed);
+        while served.load(Ordering::Relaxed) < before + 30 {
+            thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let mut changes = 0;
+    for cycle in 0..6 {
+        let i = cycle % 3 + 1;
+        let s = server(i);
+        for args in [
+            vec!["server", "drain", VHOST, &s],
+            vec!["server", "remove", VHOST, &s, "--wait", "--timeout", "10"],
+            vec!["server", "add", VHOST, &s, "--weight", "150"],
+            vec!["server", "weight", VHOST, &s, "100"],
+        ] {
+            weirctl_ok(&lab, &args);
+            changes += 1;
+            wait_for_traffic(&served);
+        }
+    }
+    // Server 4 in, then disabled: it gets requests, then none.
+    weirctl_ok(&lab, &["server", "add", VHOST, &server(4)]);
+    wait_for_traffic(&served);
+    weirctl_ok(&lab, &["server", "disable", VHOST, &server(4)]);
+    changes += 2;
+    let (_, requests) = pool(&lab);
+    let to_four = requests[&server(4)];
+    wait_for_traffic(&served);
+    wait_for_traffic(&served);
+    stop.store(true, Ordering::Relaxed);
+    for thread in load {
+        thread.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors over {changes} changes, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let (after, requests) = pool(&lab);
+    assert!(to_four > 0, "the added server got requests");
+    assert_eq!(
+        requests[&server(4)],
+        to_four,
+        "a disabled server gets no new request"
+    );
+    assert_eq!(after[&server(1)], (100, "ready".to_string()));
+    assert_eq!(after[&server(4)].1, "disabled");
+
+    // The pool as changed at run time comes back after the daemon restarts.
+    let state: Value = serde_json::from_slice(&fs::read(lab.state_file()).unwrap()).unwrap();
+    assert_eq!(
+        state["vhosts"][VHOST]["servers"].as_array().unwrap().len(),
+        4
+    );
+    lab.kill_weir();
+    lab.restart_weir().expect("weir restarts");
+    let (restarted, _) = pool(&lab);
+    assert_eq!(restarted, after);
+    let response = lab
+        .topology
+        .client
+        .run(|| {
+            HttpConn::connect(vip).and_then(|mut c| c.request("GET", "/", HOST, "", Body::None))
+        })
+        .unwrap()
+        .expect("a request after the restart");
+    assert_eq!(response.status, 200);
+}
