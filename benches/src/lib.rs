@@ -6,9 +6,11 @@
 //!   ns/packet through `BPF_PROG_TEST_RUN` next to trivial programs ([`xdp`]), and end to end
 //!   through the VIP against direct-to-server and nftables DNAT on the same namespaces
 //!   ([`l4`]), interleaved, repeated, as Markdown and JSON ([`report`]); and the L7 runtime
-//!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]).
+//!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
+//!   proxy against HAProxy http mode and nginx ([`l7`]).
 
 pub mod l4;
+pub mod l7;
 pub mod l7_runtime;
 pub mod nginx;
 pub mod report;

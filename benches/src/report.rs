@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::{
     l4::{L4Result, System},
+    l7::{L7Result, L7System},
     l7_runtime::RuntimeResult,
     stats::ratio,
     xdp::XdpResult,
@@ -19,6 +20,7 @@ pub struct Report {
     pub xdp: Vec<XdpResult>,
     pub l4: Vec<L4Result>,
     pub l7_runtime: Vec<RuntimeResult>,
+    pub l7: Vec<L7Result>,
 }
 
 impl Report {
@@ -29,6 +31,9 @@ impl Report {
         }
         if !self.l4.is_empty() {
             md.push_str(&l4_tables(&self.l4));
+        }
+        if !self.l7.is_empty() {
+            md.push_str(&l7_tables(&self.l7));
         }
         if !self.l7_runtime.is_empty() {
             md.push_str(&runtime_table(&self.l7_runtime));
@@ -102,6 +107,47 @@ pub fn l4_tables(results: &[L4Result]) -> String {
     md
 }
 
+/// One table per L7 case: rate, latency and CPU per request, with ratios to HAProxy and nginx.
+pub fn l7_tables(results: &[L7Result]) -> String {
+    let mut md = String::new();
+    let mut cases: Vec<_> = results.iter().map(|r| r.case).collect();
+    cases.dedup();
+    for case in cases {
+        let rows: Vec<&L7Result> = results.iter().filter(|r| r.case == case).collect();
+        let find = |system| rows.iter().find(|r| r.system == system);
+        let _ = write!(
+            md,
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | CPU µs/req | errors | × HAProxy | × nginx |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            case.name()
+        );
+        for row in &rows {
+            let versus = |system| {
+                find(system).map_or("–".to_string(), |peer| {
+                    format!(
+                        "{:.2}×",
+                        ratio(&row.requests_per_sec, &peer.requests_per_sec)
+                    )
+                })
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                row.system.name(),
+                row.requests_per_sec.display(0),
+                row.p50_us.median,
+                row.p99_us.median,
+                row.cpu_us_per_request
+                    .as_ref()
+                    .map_or("–".to_string(), |c| format!("{:.1}", c.median)),
+                row.errors,
+                versus(L7System::Haproxy),
+                versus(L7System::Nginx)
+            );
+        }
+    }
+    md
+}
+
 /// The runtimes side by side, each compared with the other at the same worker count.
 pub fn runtime_table(results: &[RuntimeResult]) -> String {
     let mut md = String::from(
@@ -152,6 +198,43 @@ mod tests {
         );
         assert!(
             table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× |"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn l7_tables_compare_each_system_with_haproxy_and_nginx() {
+        let case = crate::l7::L7Case {
+            close: false,
+            large: true,
+        };
+        let row = |system, rate: f64, cpu: Option<f64>| L7Result {
+            case,
+            system,
+            requests_per_sec: Sample::new(vec![rate, rate * 1.1, rate * 0.9]),
+            p50_us: Sample::new(vec![100.0]),
+            p99_us: Sample::new(vec![300.0]),
+            cpu_us_per_request: cpu.map(|c| Sample::new(vec![c])),
+            errors: 0,
+        };
+        let table = l7_tables(&[
+            row(L7System::Direct, 4000.0, None),
+            row(L7System::Weir, 2600.0, Some(12.5)),
+            row(L7System::Haproxy, 2000.0, Some(20.0)),
+            row(L7System::Nginx, 1300.0, Some(25.0)),
+        ]);
+        assert!(
+            table.contains("### L7, keep-alive, 64 KiB responses"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| weir L7 | 2600 (2340–2860) | 100 | 300 | 12.5 | 0 | 1.30× | 2.00× |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| direct to upstream | 4000 (3600–4400) | 100 | 300 | – | 0 | 2.00× | 3.08× |"
+            ),
             "{table}"
         );
     }

@@ -813,4 +813,62 @@ servers = [{ address = "198.18.1.11:8080" }]
             "{errs:#?}"
         );
     }
+
+    #[test]
+    fn vhost_rules_name_hosts_defaults_and_hashing() {
+        let source = r#"
+[[vhost]]
+name = "a"
+listen = "127.0.0.1:80"
+hosts = ["a.test", "Bad.Test", "*.ok.test"]
+balance = "hash"
+servers = [{ address = "127.0.0.2:80" }]
+
+[[vhost]]
+name = "b"
+listen = "127.0.0.1:80"
+hosts = ["a.test"]
+default = true
+hash_on = "source_ip"
+servers = [{ address = "127.0.0.2:80" }]
+
+[[vhost]]
+name = "c"
+listen = "127.0.0.1:80"
+default = true
+balance = "hash"
+hash_on = "query:x"
+servers = [{ address = "127.0.0.2:80" }]
+
+[[vhost]]
+name = "d"
+listen = "127.0.0.1:81"
+servers = [{ address = "127.0.0.2:80" }]
+"#;
+        let errs = errors(source);
+        let expect = [
+            "vhost `a` balances by hash: set hash_on",
+            "host `Bad.Test` is not a lower-case host name",
+            "host `a.test` is already served on 127.0.0.1:80",
+            "hash_on is only used with balance = \"hash\"",
+            "another vhost is already the default on 127.0.0.1:80",
+            "hash_on `query:x`: expected",
+            "vhost `d` has no hosts and is not the default",
+        ];
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        for wanted in expect {
+            assert!(
+                errs.iter().any(|e| e.contains(wanted)),
+                "no `{wanted}` in {errs:#?}"
+            );
+        }
+        assert_eq!(
+            HashOn::parse("header:X-User"),
+            Ok(HashOn::Header("x-user".into()))
+        );
+        assert_eq!(
+            HashOn::parse("cookie:sid"),
+            Ok(HashOn::Cookie("sid".into()))
+        );
+    }
 }

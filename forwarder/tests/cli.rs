@@ -48,7 +48,7 @@ fn config_that_fails_validation_names_the_problem_and_its_position() {
     let path = dir.path().join("weir.toml");
     std::fs::write(
         &path,
-        "[[vhost]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nservers = []\n",
+        "[[vhost]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhosts = [\"a.test\"]\nservers = []\n",
     )
     .unwrap();
     let out = weir(&["--config", path.to_str().unwrap()]);
@@ -57,7 +57,7 @@ fn config_that_fails_validation_names_the_problem_and_its_position() {
     assert_eq!(
         line,
         format!(
-            "weir: {}:4:11: a pool needs at least one server",
+            "weir: {}:5:11: a pool needs at least one server",
             path.display()
         )
     );

@@ -140,6 +140,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// The process id (for reading its CPU time in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Process> {
         let child = cmd
             .spawn()

@@ -697,7 +697,8 @@ fn reload_applies_config_edits_and_keeps_runtime_changes() {
         &lab,
         &["server", "drain", HTTP_VIP, &http_server(1).to_string()],
     );
-    // Config edits: srv2 leaves the HTTP pool, srv3 weighs 250, a new VIP appears.
+    // Config edits: srv2 leaves the HTTP pool, srv3 weighs 250, a new VIP appears. The lab's
+    // vhost has the same pool in the file, so the edit changes it too.
     let config = fs::read_to_string(lab.config()).unwrap();
     let edited = config
         .replace(&format!("{{ address = \"{}\" }}, ", http_server(2)), "")
@@ -715,10 +716,12 @@ fn reload_applies_config_edits_and_keeps_runtime_changes() {
             "vip {HTTP_VIP}: server {} weight 100 -> 250",
             http_server(3)
         ),
+        &format!("vhost demo-l7: server {} removed", http_server(2)),
+        &format!("vhost demo-l7: server {} weight 100 -> 250", http_server(3)),
     ] {
         assert!(diff.contains(line), "{line:?} not in:\n{diff}");
     }
-    assert_eq!(diff.lines().count(), 3, "{diff}");
+    assert_eq!(diff.lines().count(), 5, "{diff}");
     let key = |vip: &str, server: &str| (vip.to_string(), server.to_string());
     let expected = |pools: &BTreeMap<_, _>| {
         assert_eq!(

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
 use weir_benches::{
     l4::{L4Bench, L4Case},
+    l7::{L7Bench, L7Case},
     l7_runtime::RuntimeBench,
     report::Report,
     xdp::XdpBench,
@@ -32,6 +33,8 @@ enum Scenario {
     Xdp,
     /// End to end through an L4 VIP vs direct and nftables DNAT.
     L4,
+    /// The L7 proxy vs HAProxy http mode and nginx, keep-alive and new connections.
+    L7,
     /// The L7 runtime choice: one minimal proxy on tokio-uring and on compio.
     L7Runtime,
 }
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         xdp: Vec::new(),
         l4: Vec::new(),
         l7_runtime: Vec::new(),
+        l7: Vec::new(),
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -73,6 +77,21 @@ fn main() -> Result<()> {
             connections: 32,
         };
         report.l4 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l4")))?;
+    }
+    if wanted(Scenario::L7) {
+        eprintln!("l7: wrk through weir, HAProxy and nginx proxies and direct, interleaved");
+        let cases = [false, true]
+            .into_iter()
+            .flat_map(|close| [false, true].map(|large| L7Case { close, large }))
+            .collect();
+        let bench = L7Bench {
+            cases,
+            repetitions: if args.quick { 1 } else { 3 },
+            seconds: if args.quick { 3 } else { 5 },
+            connections: 64,
+            weir: std::env::current_exe()?.with_file_name("weir"),
+        };
+        report.l7 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l7")))?;
     }
     if wanted(Scenario::L7Runtime) {
         eprintln!("l7-runtime: the same proxy loop on tokio-uring and compio, interleaved");

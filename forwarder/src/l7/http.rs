@@ -662,3 +662,137 @@ fn reason_phrase(status: u16) -> &'static str {
         _ => "Error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_request_line: 100,
+        max_header_bytes: 400,
+        max_headers: 10,
+    };
+
+    fn parse(head: &str) -> Result<Option<RequestHead>, RequestError> {
+        parse_request(head.as_bytes(), &LIMITS)
+    }
+
+    #[test]
+    fn a_request_head_gives_its_framing_host_and_connection_intent() {
+        let request = parse("POST /a?b HTTP/1.1\r\nHost: Shop.Test:8080\r\nContent-Length: 12\r\nConnection: close, X-Gone\r\nX-Gone: 1\r\nX-Kept: 2\r\n\r\nbody")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (request.method.as_str(), request.target.as_str()),
+            ("POST", "/a?b")
+        );
+        assert_eq!(request.host.as_deref(), Some("shop.test"));
+        assert_eq!(request.authority.as_deref(), Some("Shop.Test:8080"));
+        assert_eq!(request.body, BodyLength::Fixed(12));
+        assert!(!request.keep_alive);
+        assert!(request.header("x-gone").is_none() && request.header("x-kept").is_some());
+        assert_eq!(request.head_len, request.head_len.min(200));
+        assert!(!request.retryable());
+
+        let old = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(old.keep_alive && old.host.is_none() && old.retryable());
+        let chunked = parse("PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(chunked.body, BodyLength::Chunked);
+        let ipv6 = parse("GET / HTTP/1.1\r\nHost: [fd00::1]:80\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ipv6.host.as_deref(), Some("[fd00::1]"));
+    }
+
+    #[test]
+    fn an_incomplete_head_waits_within_limits_and_is_refused_past_them() {
+        assert!(parse("GET / HTTP/1.1\r\nHost: a\r\n").unwrap().is_none());
+        assert_eq!(
+            parse(&format!("GET /{} HTTP/1.1", "a".repeat(120)))
+                .unwrap_err()
+                .status,
+            414
+        );
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(500)))
+                .unwrap_err()
+                .status,
+            431
+        );
+        assert_eq!(parse("GET / HTTP/1.1\nHost").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn the_server_head_carries_forwarding_headers_and_no_hop_by_hop_ones() {
+        let request = parse("GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 6.6.6.6\r\nVia: 1.0 front\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let client = ClientInfo {
+            peer: "[fd00::7]:5000".parse().unwrap(),
+        };
+        let forwarded = ForwardedHeaders {
+            forwarded: true,
+            ..ForwardedHeaders::default()
+        };
+        write_server_head(&request, client, &forwarded, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "GET /x HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\nX-Forwarded-For: fd00::7\r\nX-Forwarded-Proto: http\r\nForwarded: for=\"[fd00::7]\";proto=http;host=a.test\r\nVia: 1.0 front, 1.1 weir\r\n\r\n"
+        );
+        let trusting = ForwardedHeaders {
+            trust_incoming: true,
+            ..ForwardedHeaders::default()
+        };
+        let mut out = Vec::new();
+        write_server_head(&request, client, &trusting, &mut out);
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("X-Forwarded-For: 6.6.6.6, fd00::7\r\n")
+        );
+    }
+
+    #[test]
+    fn response_framing_follows_the_method_and_status() {
+        let head = |text: &str, method| parse_response(text.as_bytes(), method).unwrap().unwrap();
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "GET").body,
+            BodyLength::Fixed(5)
+        );
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD").body,
+            BodyLength::Empty
+        );
+        assert_eq!(
+            head("HTTP/1.1 304 Not Modified\r\n\r\n", "GET").body,
+            BodyLength::Empty
+        );
+        let close = head("HTTP/1.1 200 OK\r\n\r\n", "GET");
+        assert_eq!(
+            (close.body, close.keep_alive),
+            (BodyLength::UntilClose, false)
+        );
+        let old = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", "GET");
+        assert!(!old.keep_alive);
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "GET"
+            )
+            .is_err()
+        );
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                "GET"
+            )
+            .is_err()
+        );
+    }
+}

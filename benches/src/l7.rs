@@ -1,0 +1,401 @@
+//! L7 end to end: weir's reverse proxy (the `weir` daemon, its L7 workers only) against
+//! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream
+//! on loopback, with direct-to-upstream as the ceiling. One worker thread for every proxy;
+//! keep-alive to the upstream on for all; access logs off; each adds `X-Forwarded-For`.
+//! Cases: keep-alive and a new connection per request, × a 5-byte and a 64 KiB response.
+//! Systems run interleaved within each repetition. CPU time per request is the proxy
+//! process's user + system time (from /proc) over the requests wrk completed.
+//!
+//! Loopback, one machine: wrk, the upstream and the proxy share the CPUs, so absolute
+//! figures are those of this box; the ratios between proxies are the result.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use weir_tests::netns::{Process, wait_until};
+
+use crate::{stats::Sample, wrk};
+
+const UPSTREAM: &str = "127.0.0.1:18281";
+const PROXY: &str = "127.0.0.1:18290";
+const LARGE_BYTES: usize = 64 * 1024;
+
+/// What wrk asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct L7Case {
+    /// `Connection: close`: a new connection per request.
+    pub close: bool,
+    /// 64 KiB responses instead of 5 bytes.
+    pub large: bool,
+}
+
+impl L7Case {
+    pub fn name(&self) -> String {
+        format!(
+            "L7, {}, {} responses",
+            if self.close {
+                "new connection per request"
+            } else {
+                "keep-alive"
+            },
+            if self.large { "64 KiB" } else { "5-byte" }
+        )
+    }
+
+    fn path(&self) -> &'static str {
+        if self.large { "/64k" } else { "/small" }
+    }
+}
+
+/// Who answers wrk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum L7System {
+    Direct,
+    Weir,
+    Haproxy,
+    Nginx,
+}
+
+impl L7System {
+    pub const ALL: [L7System; 4] = [
+        L7System::Direct,
+        L7System::Weir,
+        L7System::Haproxy,
+        L7System::Nginx,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            L7System::Direct => "direct to upstream",
+            L7System::Weir => "weir L7",
+            L7System::Haproxy => "HAProxy http mode",
+            L7System::Nginx => "nginx proxy",
+        }
+    }
+}
+
+/// One system in one case over the repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct L7Result {
+    pub case: L7Case,
+    pub system: L7System,
+    pub requests_per_sec: Sample,
+    pub p50_us: Sample,
+    pub p99_us: Sample,
+    /// Proxy CPU time per request, µs (none for direct).
+    pub cpu_us_per_request: Option<Sample>,
+    pub errors: u64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct L7Bench {
+    pub cases: Vec<L7Case>,
+    pub repetitions: usize,
+    pub seconds: u32,
+    pub connections: u32,
+    /// The `weir` binary.
+    pub weir: PathBuf,
+}
+
+impl L7Bench {
+    /// Runs every case for every system; `tag` names the bpffs pin directory weir uses.
+    pub fn run(&self, tag: &str, dir: &Path) -> Result<Vec<L7Result>> {
+        fs::create_dir_all(dir)?;
+        let _upstream = start_upstream(&dir.join("upstream"))?;
+        let mut samples: Vec<Vec<(wrk::WrkReport, Option<f64>)>> =
+            vec![Vec::new(); self.cases.len() * L7System::ALL.len()];
+        for repetition in 0..self.repetitions {
+            for (c, case) in self.cases.iter().enumerate() {
+                for (s, system) in L7System::ALL.iter().enumerate() {
+                    let proxy = self.start(*system, tag, dir)?;
+                    let target = if *system == L7System::Direct {
+                        UPSTREAM
+                    } else {
+                        PROXY
+                    };
+                    let cpu_before = proxy.as_ref().map(|p| cpu_seconds(p.pid())).transpose()?;
+                    let args = wrk::args(
+                        &format!("http://{target}{}", case.path()),
+                        self.connections,
+                        self.seconds,
+                        case.close,
+                    );
+                    let report = wrk::run(Command::new("wrk").args(&args))
+                        .with_context(|| format!("{} × {}", system.name(), case.name()))?;
+                    let cpu = match (&proxy, cpu_before) {
+                        (Some(p), Some(before)) => Some(
+                            (cpu_seconds(p.pid())? - before) * 1e6 / report.requests.max(1) as f64,
+                        ),
+                        _ => None,
+                    };
+                    eprintln!(
+                        "  [{}/{}] {:<45} {:<20} {:>9.0} req/s  p99 {:>7.0} µs  cpu {:>6} µs/req  errors {}",
+                        repetition + 1,
+                        self.repetitions,
+                        case.name(),
+                        system.name(),
+                        report.requests_per_sec,
+                        report.p99_us,
+                        cpu.map_or("–".to_string(), |c| format!("{c:.1}")),
+                        report.errors
+                    );
+                    samples[c * L7System::ALL.len() + s].push((report, cpu));
+                    self.stop(*system, proxy, tag, dir)?;
+                }
+            }
+        }
+        let mut results = Vec::new();
+        for (c, case) in self.cases.iter().enumerate() {
+            for (s, system) in L7System::ALL.iter().enumerate() {
+                let runs = &samples[c * L7System::ALL.len() + s];
+                let cpu: Vec<f64> = runs.iter().filter_map(|(_, cpu)| *cpu).collect();
+                results.push(L7Result {
+                    case: *case,
+                    system: *system,
+                    requests_per_sec: Sample::new(
+                        runs.iter().map(|(r, _)| r.requests_per_sec).collect(),
+                    ),
+                    p50_us: Sample::new(runs.iter().map(|(r, _)| r.p50_us).collect()),
+                    p99_us: Sample::new(runs.iter().map(|(r, _)| r.p99_us).collect()),
+                    cpu_us_per_request: (!cpu.is_empty()).then(|| Sample::new(cpu)),
+                    errors: runs.iter().map(|(r, _)| r.errors).sum(),
+                });
+            }
+        }
+        Ok(results)
+    }
+
+    fn start(&self, system: L7System, tag: &str, dir: &Path) -> Result<Option<Process>> {
+        let process = match system {
+            L7System::Direct => return Ok(None),
+            L7System::Weir => {
+                let config = write_weir_config(tag, &dir.join("weir"))?;
+                Process::spawn(
+                    "weir",
+                    Command::new(&self.weir)
+                        .arg("--config")
+                        .arg(&config)
+                        .env("RUST_LOG", "warn")
+                        .stdout(Stdio::null()),
+                )?
+            }
+            L7System::Haproxy => {
+                let conf = write_haproxy_config(&dir.join("haproxy"))?;
+                Process::spawn(
+                    "haproxy",
+                    Command::new("haproxy")
+                        .args(["-db", "-q", "-f"])
+                        .arg(&conf)
+                        .stdout(Stdio::null()),
+                )?
+            }
+            L7System::Nginx => {
+                let conf = write_nginx_proxy_config(&dir.join("nginx-proxy"))?;
+                Process::spawn(
+                    "nginx",
+                    Command::new("nginx")
+                        .arg("-c")
+                        .arg(&conf)
+                        .stdout(Stdio::null()),
+                )?
+            }
+        };
+        wait_for(PROXY)?;
+        Ok(Some(process))
+    }
+
+    fn stop(
+        &self,
+        system: L7System,
+        process: Option<Process>,
+        tag: &str,
+        dir: &Path,
+    ) -> Result<()> {
+        drop(process);
+        if system == L7System::Weir {
+            // The daemon leaves its (empty) datapath pinned on purpose; take it down.
+            let config = dir.join("weir").join("weir.toml");
+            let status = Command::new(&self.weir)
+                .arg("detach")
+                .arg("--config")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .status()?;
+            anyhow::ensure!(status.success(), "weir detach failed for {tag}");
+        }
+        // The port is free again before the next system binds it.
+        wait_until("the proxy port to close", Duration::from_secs(5), || {
+            TcpStream::connect(PROXY).is_err()
+        })
+    }
+}
+
+/// User + system CPU seconds of process `pid` (all its threads).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11).zip(fields.get(12)).map_or(Ok(0), |(u, s)| {
+        Ok::<_, std::num::ParseIntError>(u.parse::<u64>()? + s.parse::<u64>()?)
+    })?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64);
+    Ok(ticks as f64 / per_second)
+}
+
+fn wait_for(address: &str) -> Result<()> {
+    let address: SocketAddr = address.parse()?;
+    wait_until(
+        &format!("{address} to listen"),
+        Duration::from_secs(10),
+        || TcpStream::connect(address).is_ok(),
+    )
+}
+
+/// The upstream: nginx serving a 5-byte and a 64 KiB file, keep-alive without a limit.
+fn start_upstream(dir: &Path) -> Result<Process> {
+    let www = dir.join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("small"), "srv1\n")?;
+    fs::write(www.join("64k"), vec![b'x'; LARGE_BYTES])?;
+    let conf = nginx_config(
+        dir,
+        &format!(
+            "server {{ listen {UPSTREAM}; location / {{ root {}; }} }}",
+            www.display()
+        ),
+    )?;
+    let nginx = Process::spawn(
+        "nginx",
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null()),
+    )?;
+    wait_for(UPSTREAM)?;
+    Ok(nginx)
+}
+
+/// An nginx config in `dir` (one process, one worker, no logs) around `server`.
+fn nginx_config(dir: &Path, server: &str) -> Result<PathBuf> {
+    let temp = dir.join("temp");
+    fs::create_dir_all(&temp)?;
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 1000000;
+  client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
+  uwsgi_temp_path {temp}; scgi_temp_path {temp};
+  {server}
+}}
+"#,
+            dir = dir.display(),
+            temp = temp.display()
+        ),
+    )?;
+    Ok(conf)
+}
+
+/// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream.
+fn write_nginx_proxy_config(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    nginx_config(
+        dir,
+        &format!(
+            r#"upstream app {{ server {UPSTREAM}; keepalive 64; }}
+  server {{
+    listen {PROXY};
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_buffering off;
+    }}
+  }}"#
+        ),
+    )
+}
+
+/// HAProxy in http mode, one thread, connection reuse to the upstream (its default `safe`).
+fn write_haproxy_config(dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let conf = dir.join("haproxy.cfg");
+    fs::write(
+        &conf,
+        format!(
+            r#"global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  option http-keep-alive
+  option forwardfor
+  http-reuse safe
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend web
+  bind {PROXY}
+  default_backend app
+backend app
+  server srv1 {UPSTREAM}
+"#
+        ),
+    )?;
+    Ok(conf)
+}
+
+/// weir with no XDP interface, one L7 worker, one default vhost in front of the upstream.
+fn write_weir_config(tag: &str, dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let conf = dir.join("weir.toml");
+    fs::write(
+        &conf,
+        format!(
+            r#"[daemon]
+control_socket = "{dir}/weir.sock"
+state_file = "{dir}/state.json"
+bpf_dir = "/sys/fs/bpf/{tag}weir"
+
+[l7]
+workers = 1
+
+[[vhost]]
+name = "bench"
+listen = "{PROXY}"
+default = true
+servers = [{{ address = "{UPSTREAM}" }}]
+"#,
+            dir = dir.display()
+        ),
+    )?;
+    // A previous run's state would carry its pool over; start clean.
+    let _ = fs::remove_file(dir.join("state.json"));
+    Ok(conf)
+}
