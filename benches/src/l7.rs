@@ -6,20 +6,23 @@
 //! Systems run interleaved within each repetition. CPU time per request is the proxy
 //! process's user + system time (from /proc) over the requests wrk completed.
 //!
-//! Loopback, one machine: wrk, the upstream and the proxy share the CPUs, so absolute
-//! figures are those of this box; the ratios between proxies are the result.
+//! Everything runs on the loopback of one namespace of its own (removed with every process
+//! in it, even after an interrupted run). wrk, the upstream and the proxy share the CPUs, so
+//! absolute figures are those of this box; the ratios between proxies are the result. weir
+//! pins its (unused) datapath under the namespace's own `/sys/fs/bpf` mount, which goes away
+//! with the process.
 
 use std::{
     fs,
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use weir_tests::netns::{Process, wait_until};
+use weir_tests::netns::{Netns, Process, wait_until};
 
 use crate::{stats::Sample, wrk};
 
@@ -109,13 +112,14 @@ impl L7Bench {
     /// Runs every case for every system; `tag` names the bpffs pin directory weir uses.
     pub fn run(&self, tag: &str, dir: &Path) -> Result<Vec<L7Result>> {
         fs::create_dir_all(dir)?;
-        let _upstream = start_upstream(&dir.join("upstream"))?;
+        let ns = Netns::new(&format!("{tag}l7"))?;
+        let _upstream = start_upstream(&ns, &dir.join("upstream"))?;
         let mut samples: Vec<Vec<(wrk::WrkReport, Option<f64>)>> =
             vec![Vec::new(); self.cases.len() * L7System::ALL.len()];
         for repetition in 0..self.repetitions {
             for (c, case) in self.cases.iter().enumerate() {
                 for (s, system) in L7System::ALL.iter().enumerate() {
-                    let proxy = self.start(*system, tag, dir)?;
+                    let proxy = self.start(&ns, *system, tag, dir)?;
                     let target = if *system == L7System::Direct {
                         UPSTREAM
                     } else {
@@ -128,7 +132,7 @@ impl L7Bench {
                         self.seconds,
                         case.close,
                     );
-                    let report = wrk::run(Command::new("wrk").args(&args))
+                    let report = wrk::run(ns.command("wrk").args(&args))
                         .with_context(|| format!("{} × {}", system.name(), case.name()))?;
                     let cpu = match (&proxy, cpu_before) {
                         (Some(p), Some(before)) => Some(
@@ -148,7 +152,7 @@ impl L7Bench {
                         report.errors
                     );
                     samples[c * L7System::ALL.len() + s].push((report, cpu));
-                    self.stop(*system, proxy, tag, dir)?;
+                    self.stop(&ns, proxy)?;
                 }
             }
         }
@@ -173,14 +177,20 @@ impl L7Bench {
         Ok(results)
     }
 
-    fn start(&self, system: L7System, tag: &str, dir: &Path) -> Result<Option<Process>> {
+    fn start(
+        &self,
+        ns: &Netns,
+        system: L7System,
+        tag: &str,
+        dir: &Path,
+    ) -> Result<Option<Process>> {
         let process = match system {
             L7System::Direct => return Ok(None),
             L7System::Weir => {
                 let config = write_weir_config(tag, &dir.join("weir"))?;
                 Process::spawn(
                     "weir",
-                    Command::new(&self.weir)
+                    ns.command(&self.weir)
                         .arg("--config")
                         .arg(&config)
                         .env("RUST_LOG", "warn")
@@ -191,7 +201,7 @@ impl L7Bench {
                 let conf = write_haproxy_config(&dir.join("haproxy"))?;
                 Process::spawn(
                     "haproxy",
-                    Command::new("haproxy")
+                    ns.command("haproxy")
                         .args(["-db", "-q", "-f"])
                         .arg(&conf)
                         .stdout(Stdio::null()),
@@ -201,39 +211,22 @@ impl L7Bench {
                 let conf = write_nginx_proxy_config(&dir.join("nginx-proxy"))?;
                 Process::spawn(
                     "nginx",
-                    Command::new("nginx")
+                    ns.command("nginx")
                         .arg("-c")
                         .arg(&conf)
                         .stdout(Stdio::null()),
                 )?
             }
         };
-        wait_for(PROXY)?;
+        wait_for(ns, PROXY)?;
         Ok(Some(process))
     }
 
-    fn stop(
-        &self,
-        system: L7System,
-        process: Option<Process>,
-        tag: &str,
-        dir: &Path,
-    ) -> Result<()> {
+    /// Stops a proxy and waits until its port is free for the next one.
+    fn stop(&self, ns: &Netns, process: Option<Process>) -> Result<()> {
         drop(process);
-        if system == L7System::Weir {
-            // The daemon leaves its (empty) datapath pinned on purpose; take it down.
-            let config = dir.join("weir").join("weir.toml");
-            let status = Command::new(&self.weir)
-                .arg("detach")
-                .arg("--config")
-                .arg(&config)
-                .stdout(Stdio::null())
-                .status()?;
-            anyhow::ensure!(status.success(), "weir detach failed for {tag}");
-        }
-        // The port is free again before the next system binds it.
         wait_until("the proxy port to close", Duration::from_secs(5), || {
-            TcpStream::connect(PROXY).is_err()
+            !ns.run(|| TcpStream::connect(PROXY).is_ok()).unwrap_or(true)
         })
     }
 }
@@ -257,17 +250,13 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / per_second)
 }
 
-fn wait_for(address: &str) -> Result<()> {
+fn wait_for(ns: &Netns, address: &str) -> Result<()> {
     let address: SocketAddr = address.parse()?;
-    wait_until(
-        &format!("{address} to listen"),
-        Duration::from_secs(10),
-        || TcpStream::connect(address).is_ok(),
-    )
+    ns.wait_for_listener(address, Duration::from_secs(10))
 }
 
 /// The upstream: nginx serving a 5-byte and a 64 KiB file, keep-alive without a limit.
-fn start_upstream(dir: &Path) -> Result<Process> {
+fn start_upstream(ns: &Netns, dir: &Path) -> Result<Process> {
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
     fs::write(www.join("small"), "srv1\n")?;
@@ -281,12 +270,12 @@ fn start_upstream(dir: &Path) -> Result<Process> {
     )?;
     let nginx = Process::spawn(
         "nginx",
-        Command::new("nginx")
+        ns.command("nginx")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null()),
     )?;
-    wait_for(UPSTREAM)?;
+    wait_for(ns, UPSTREAM)?;
     Ok(nginx)
 }
 

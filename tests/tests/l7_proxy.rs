@@ -44,14 +44,21 @@ impl Proxy {
             });
         let port = free_port(net);
         let address: SocketAddr = format!("127.0.{net}.1:{port}").parse().unwrap();
+        // Two workers unless the test says otherwise.
+        let workers = if l7.contains("workers =") {
+            ""
+        } else {
+            "workers = 2\n"
+        };
         let mut text =
-            format!("[l7]\nworkers = 2\n{l7}\n{vhosts}").replace("LISTEN", &address.to_string());
+            format!("[l7]\n{workers}{l7}\n{vhosts}").replace("LISTEN", &address.to_string());
         for (i, origin) in origins.iter().enumerate().rev() {
             text = text.replace(&format!("SERVER{}", i + 1), &origin.address.to_string());
         }
         let config = Config::parse(std::path::Path::new("test.toml"), &text).expect("test config");
         let vhosts = Vhosts::plan(&config, None).unwrap();
-        let workers = L7Workers::start(vhosts.snapshot(&config, None), 2).expect("workers start");
+        let workers = L7Workers::start(vhosts.snapshot(&config, None), config.l7.workers)
+            .expect("workers start");
         Proxy {
             workers,
             vhosts,
@@ -992,4 +999,55 @@ servers = [{ address = "SERVER1" }, { address = "SERVER2" }]
         assert_eq!(proxy.get("d.test", "/").text(), "s2\n");
     }
     assert_eq!(o[0].requests().len(), before);
+}
+
+#[test]
+fn a_worker_at_its_connection_limit_leaves_new_connections_waiting() {
+    let o = origins(1);
+    let proxy = Proxy::start(
+        "workers = 1\nmax_connections_per_worker = 2\n",
+        r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let mut first = proxy.conn();
+    let mut second = proxy.conn();
+    for conn in [&mut first, &mut second] {
+        assert_eq!(
+            conn.request("GET", "/", "app.test", "", Body::None)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    // A third connection is accepted by the kernel (backlog) but not served yet.
+    let mut third = proxy.conn();
+    third.send("GET", "/", "app.test", "", Body::None).unwrap();
+    third
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    assert!(
+        third.read_response(false).is_err(),
+        "served beyond the limit"
+    );
+    // One closes: the third is served.
+    drop(first);
+    third
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(third.read_response(false).unwrap().status, 200);
+    assert_eq!(
+        second
+            .request("GET", "/", "app.test", "", Body::None)
+            .unwrap()
+            .status,
+        200
+    );
 }

@@ -38,7 +38,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     run_cmd(
         toolchain
             .cargo()
-            .args(["build", "--release", "-p", "weir-benches", "--bins"]),
+            // The harness, and `weir` itself for the L7 comparison.
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "weir-benches",
+                "-p",
+                "weir-forwarder",
+                "--bins",
+            ]),
     )?;
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
