@@ -38,15 +38,19 @@ impl Conn {
         }
     }
 
-    /// Appends what the peer sent next to `buf` (at most about `at_most` bytes), waiting at
-    /// most `timeout`. 0 bytes read means the peer closed its side.
+    /// Appends what the peer sent next to `buf` (up to its spare capacity, grown to about
+    /// `at_most` when less than a quarter of that is left), waiting at most `timeout`. 0 bytes read means the peer closed its side.
     pub async fn read_more(
         &self,
         mut buf: Vec<u8>,
         at_most: usize,
         timeout: Duration,
     ) -> BufResult<usize, Vec<u8>> {
-        buf.reserve(at_most);
+        // Grow only when little room is left: a buffer reused across reads and requests
+        // keeps its allocation.
+        if buf.capacity() - buf.len() < at_most / 4 {
+            buf.reserve(at_most);
+        }
         let mut stream = &self.stream;
         match compio::time::timeout(timeout, stream.append(buf)).await {
             Ok(result) => result,

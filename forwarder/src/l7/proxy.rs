@@ -54,6 +54,29 @@ pub struct Worker {
     pub upstreams: UpstreamPool,
     /// Client connections open on this worker.
     pub connections: std::cell::Cell<usize>,
+    /// Spare I/O buffers, so a request does not allocate its own.
+    pub buffers: RefCell<Vec<Vec<u8>>>,
+}
+
+/// Buffers a worker keeps for reuse, and the largest it keeps.
+const SPARE_BUFFERS: usize = 256;
+const MAX_SPARE_CAPACITY: usize = 256 * 1024;
+
+impl Worker {
+    /// An empty buffer, reused when one is spare.
+    fn buffer(&self) -> Vec<u8> {
+        self.buffers.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Gives a buffer back for reuse.
+    fn recycle(&self, mut buf: Vec<u8>) {
+        let mut spare = self.buffers.borrow_mut();
+        if spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_SPARE_CAPACITY && buf.capacity() > 0
+        {
+            buf.clear();
+            spare.push(buf);
+        }
+    }
 }
 
 fn ms(value: u64) -> Duration {
@@ -86,7 +109,7 @@ pub async fn serve_client(
     peer: SocketAddr,
     counters: &WorkerCounters,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(8 * 1024);
+    let mut buf = worker.buffer();
     let mut first = true;
     loop {
         let head_snapshot = worker.snapshot.load_full();
@@ -278,7 +301,7 @@ async fn exchange(
     let settings = &snapshot.settings;
     let pool = &snapshot.vhosts[vhost];
     pool.requests.fetch_add(1, Ordering::Relaxed);
-    let mut head = Vec::with_capacity(1024);
+    let mut head = worker.buffer();
     write_server_head(request, ClientInfo { peer }, &settings.forwarded, &mut head);
     let mut tried: Vec<usize> = Vec::new();
     let mut failure = Failure::Respond(503, "no server available");
@@ -293,9 +316,11 @@ async fn exchange(
         };
         let server = &pool.servers[index];
         let _in_flight = InFlight::new(&server.stats);
-        let pooled = worker
-            .upstreams
-            .take(server.address, ms(settings.upstream_idle_timeout_ms));
+        let pooled = worker.upstreams.take(
+            server.address,
+            ms(settings.upstream_idle_timeout_ms),
+            request.retryable(),
+        );
         let reused = pooled.is_some();
         let upstream = match pooled {
             Some(conn) => conn,
@@ -352,7 +377,7 @@ async fn exchange(
         )
         .await
         {
-            Ok(()) => {}
+            Ok(spare) => worker.recycle(spare),
             Err(RelayError::From) => return Err(Failure::Close),
             Err(RelayError::Malformed(err)) => return Err(Failure::Respond(400, err.0)),
             Err(RelayError::To) => {
@@ -362,6 +387,7 @@ async fn exchange(
         }
         match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
             Ok((status, keep_alive)) => {
+                worker.recycle(head);
                 return Ok(Exchanged {
                     status,
                     server: server.address,
@@ -420,7 +446,7 @@ async fn relay_response(
 ) -> Result<(u16, bool), ResponseFailure> {
     let stats = &server.stats;
     let settings = &snapshot.settings;
-    let mut rbuf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut rbuf = worker.buffer();
     let mut relayed_interim = false;
     let response: ResponseHead = loop {
         match parse_response(&rbuf, &request.method) {
@@ -461,7 +487,7 @@ async fn relay_response(
     };
     stats.response(response.status);
     rbuf.drain(..response.head_len);
-    let mut out = Vec::with_capacity(1024);
+    let mut out = worker.buffer();
 
     if response.status == 101 {
         if request.upgrade.is_none() || response.upgrade.is_none() {
@@ -511,7 +537,7 @@ async fn relay_response(
     )
     .await;
     match relayed {
-        Ok(()) => {}
+        Ok(spare) => worker.recycle(spare),
         Err(_) => return Err(ResponseFailure::Cut),
     }
     if response.keep_alive && rbuf.is_empty() {
@@ -530,6 +556,7 @@ async fn relay_response(
             );
         }
     }
+    worker.recycle(rbuf);
     Ok((response.status, !close))
 }
 
@@ -544,7 +571,7 @@ async fn relay_body(
     prefix: Vec<u8>,
     dechunk: bool,
     settings: &L7Config,
-) -> Result<(), RelayError> {
+) -> Result<Vec<u8>, RelayError> {
     let idle = ms(settings.body_idle_timeout_ms);
     let mut out = prefix;
     let mut remaining = match length {
@@ -592,7 +619,7 @@ async fn relay_body(
             out.clear();
         }
         if done {
-            return Ok(());
+            return Ok(out);
         }
         let BufResult(read, back) = from
             .read_more(std::mem::take(pending), READ_CHUNK, idle)

@@ -17,6 +17,9 @@ use weir_config::control::AdminState;
 
 use super::{io::Conn, snapshot::L7Snapshot};
 
+/// How long an idle connection is reused for a retryable request without checking it first.
+const TRUST_IDLE: Duration = Duration::from_secs(1);
+
 #[derive(Default)]
 pub struct UpstreamPool {
     idle: RefCell<HashMap<SocketAddr, Vec<(Conn, Instant)>>>,
@@ -24,11 +27,20 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     /// An idle connection to `server` that is still usable, if any.
-    pub fn take(&self, server: SocketAddr, max_idle: Duration) -> Option<Conn> {
+    ///
+    /// A connection idle longer than [`TRUST_IDLE`], or any connection when the request
+    /// could not be retried, is first checked open (a `recv(MSG_PEEK)` syscall); a request
+    /// that can be retried skips the check on a recently used connection, since a server
+    /// closing it meanwhile costs only a retry.
+    pub fn take(&self, server: SocketAddr, max_idle: Duration, retryable: bool) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&server)?;
         while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < max_idle && conn.is_idle_and_open() {
+            let age = since.elapsed();
+            if age >= max_idle {
+                continue;
+            }
+            if (retryable && age < TRUST_IDLE) || conn.is_idle_and_open() {
                 return Some(conn);
             }
         }
