@@ -5,6 +5,11 @@ use std::{io::IsTerminal, path::PathBuf};
 use clap::{Parser, Subcommand};
 use weir_config::DEFAULT_CONFIG_PATH;
 
+/// mimalloc: per-thread heaps suit thread-per-core workers, whose buffers are allocated and
+/// freed on the same thread (measured against glibc malloc in docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "weir",
