@@ -98,6 +98,7 @@ pub struct L4Result {
     pub requests_per_sec: Sample,
     pub p50_us: Sample,
     pub p99_us: Sample,
+    pub p999_us: Sample,
     pub errors: u64,
     /// SYNs the client had to send again (a lost first packet costs a connection 1 s).
     pub syn_retransmits: u64,
@@ -149,7 +150,7 @@ impl L4Bench {
                 let url = url(*case, *system);
                 let args = wrk::args(&url, self.connections, self.seconds, case.close);
                 syn_retransmits(&topology.client)?;
-                let report = wrk::run(topology.client.command("wrk").args(&args))
+                let report = wrk::run(wrk::command(Some(topology.client.name())).args(&args))
                     .with_context(|| format!("{} / {}", case.name(), system.name()));
                 let retransmits = syn_retransmits(&topology.client)?;
                 if *system == System::NftablesDnat {
@@ -184,6 +185,7 @@ impl L4Bench {
                 ),
                 p50_us: Sample::new(reports.iter().map(|(r, _)| r.p50_us).collect()),
                 p99_us: Sample::new(reports.iter().map(|(r, _)| r.p99_us).collect()),
+                p999_us: Sample::new(reports.iter().map(|(r, _)| r.p999_us).collect()),
                 errors: reports.iter().map(|(r, _)| r.errors).sum(),
                 syn_retransmits: reports.iter().map(|(_, s)| s).sum(),
             })

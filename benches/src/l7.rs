@@ -92,6 +92,7 @@ pub struct L7Result {
     pub requests_per_sec: Sample,
     pub p50_us: Sample,
     pub p99_us: Sample,
+    pub p999_us: Sample,
     /// Proxy CPU time per request, µs (none for direct).
     pub cpu_us_per_request: Option<Sample>,
     pub errors: u64,
@@ -106,6 +107,35 @@ pub struct L7Bench {
     pub connections: u32,
     /// The `weir` binary.
     pub weir: PathBuf,
+    /// The `weirctl` binary (for the change-under-load run).
+    pub weirctl: PathBuf,
+}
+
+/// Servers the change-under-load run cycles through (ports of the upstream nginx).
+const CHURN_SERVERS: [&str; 4] = [
+    "127.0.0.1:18281",
+    "127.0.0.1:18282",
+    "127.0.0.1:18283",
+    "127.0.0.1:18284",
+];
+
+/// The same load with and without a pool change every second.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnResult {
+    pub case: L7Case,
+    pub steady_requests_per_sec: Sample,
+    pub changing_requests_per_sec: Sample,
+    pub steady_errors: u64,
+    pub changing_errors: u64,
+    /// Pool changes made during the measured runs (all succeeded).
+    pub changes: usize,
+}
+
+impl ChurnResult {
+    /// How much lower the median rate is while the pool changes (0.05 = 5% lower).
+    pub fn dip(&self) -> f64 {
+        1.0 - self.changing_requests_per_sec.median / self.steady_requests_per_sec.median
+    }
 }
 
 impl L7Bench {
@@ -132,7 +162,7 @@ impl L7Bench {
                         self.seconds,
                         case.close,
                     );
-                    let report = wrk::run(ns.command("wrk").args(&args))
+                    let report = wrk::run(wrk::command(Some(ns.name())).args(&args))
                         .with_context(|| format!("{} × {}", system.name(), case.name()))?;
                     let cpu = match (&proxy, cpu_before) {
                         (Some(p), Some(before)) => Some(
@@ -169,12 +199,119 @@ impl L7Bench {
                     ),
                     p50_us: Sample::new(runs.iter().map(|(r, _)| r.p50_us).collect()),
                     p99_us: Sample::new(runs.iter().map(|(r, _)| r.p99_us).collect()),
+                    p999_us: Sample::new(runs.iter().map(|(r, _)| r.p999_us).collect()),
                     cpu_us_per_request: (!cpu.is_empty()).then(|| Sample::new(cpu)),
                     errors: runs.iter().map(|(r, _)| r.errors).sum(),
                 });
             }
         }
         Ok(results)
+    }
+
+    /// weir in front of three of [`CHURN_SERVERS`] under keep-alive load (5-byte
+    /// responses), measured steady and while `weirctl` makes one pool change a second:
+    /// insert a server, drain one, remove it once drained (`--wait`), put it back, in turn.
+    pub fn change_under_load(&self, tag: &str, dir: &Path) -> Result<ChurnResult> {
+        let case = L7Case {
+            close: false,
+            large: false,
+        };
+        fs::create_dir_all(dir)?;
+        let ns = Netns::new(&format!("{tag}l7c"))?;
+        let _upstream = start_upstream(&ns, &dir.join("upstream"))?;
+        let servers = CHURN_SERVERS[..3]
+            .iter()
+            .map(|s| format!("{{ address = \"{s}\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = write_weir_config(tag, &dir.join("weir"), &servers)?;
+        let _weir = Process::spawn(
+            "weir",
+            ns.command(&self.weir)
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        )?;
+        wait_for(&ns, PROXY)?;
+        let socket = dir.join("weir").join("weir.sock");
+        let args = wrk::args(
+            &format!("http://{PROXY}{}", case.path()),
+            self.connections,
+            self.seconds,
+            false,
+        );
+        let (mut steady, mut changing) = (Vec::new(), Vec::new());
+        let mut changes = 0;
+        // The cycle: (command, server index); server 3 starts outside the pool.
+        let cycle: [(&[&str], usize); 6] = [
+            (&["add"], 3),
+            (&["drain"], 0),
+            (&["remove", "--wait", "--timeout", "5"], 0),
+            (&["add"], 0),
+            (&["drain"], 3),
+            (&["remove", "--wait", "--timeout", "5"], 3),
+        ];
+        let mut step = 0;
+        for repetition in 0..self.repetitions {
+            let report = wrk::run(wrk::command(Some(ns.name())).args(&args))?;
+            eprintln!(
+                "  [{}/{}] change under load, steady   {:>9.0} req/s  errors {}",
+                repetition + 1,
+                self.repetitions,
+                report.requests_per_sec,
+                report.errors
+            );
+            steady.push(report);
+            let mut load = wrk::command(Some(ns.name()));
+            load.args(&args);
+            let running = std::thread::spawn(move || wrk::run(&mut load));
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(u64::from(self.seconds)) {
+                std::thread::sleep(Duration::from_secs(1));
+                let (verb, server) = cycle[step % cycle.len()];
+                step += 1;
+                let out = ns
+                    .command(&self.weirctl)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("server")
+                    .arg(verb[0])
+                    .arg("bench")
+                    .arg(CHURN_SERVERS[server])
+                    .args(&verb[1..])
+                    .output()?;
+                anyhow::ensure!(
+                    out.status.success(),
+                    "weirctl server {verb:?} {}: {}",
+                    CHURN_SERVERS[server],
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                changes += 1;
+            }
+            let report = running
+                .join()
+                .map_err(|_| anyhow::anyhow!("wrk thread panicked"))??;
+            eprintln!(
+                "  [{}/{}] change under load, changing {:>9.0} req/s  errors {}",
+                repetition + 1,
+                self.repetitions,
+                report.requests_per_sec,
+                report.errors
+            );
+            changing.push(report);
+        }
+        let rate = |reports: &[wrk::WrkReport]| {
+            Sample::new(reports.iter().map(|r| r.requests_per_sec).collect())
+        };
+        Ok(ChurnResult {
+            case,
+            steady_requests_per_sec: rate(&steady),
+            changing_requests_per_sec: rate(&changing),
+            steady_errors: steady.iter().map(|r| r.errors).sum(),
+            changing_errors: changing.iter().map(|r| r.errors).sum(),
+            changes,
+        })
     }
 
     fn start(
@@ -187,7 +324,11 @@ impl L7Bench {
         let process = match system {
             L7System::Direct => return Ok(None),
             L7System::Weir => {
-                let config = write_weir_config(tag, &dir.join("weir"))?;
+                let config = write_weir_config(
+                    tag,
+                    &dir.join("weir"),
+                    &format!("{{ address = \"{UPSTREAM}\" }}"),
+                )?;
                 Process::spawn(
                     "weir",
                     ns.command(&self.weir)
@@ -264,7 +405,8 @@ fn start_upstream(ns: &Netns, dir: &Path) -> Result<Process> {
     let conf = nginx_config(
         dir,
         &format!(
-            "server {{ listen {UPSTREAM}; location / {{ root {}; }} }}",
+            "server {{ {} location / {{ root {}; }} }}",
+            CHURN_SERVERS.map(|s| format!("listen {s};")).join(" "),
             www.display()
         ),
     )?;
@@ -361,7 +503,7 @@ backend app
 }
 
 /// weir with no XDP interface, one L7 worker, one default vhost in front of the upstream.
-fn write_weir_config(tag: &str, dir: &Path) -> Result<PathBuf> {
+fn write_weir_config(tag: &str, dir: &Path, servers: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let conf = dir.join("weir.toml");
     fs::write(
@@ -379,7 +521,7 @@ workers = 1
 name = "bench"
 listen = "{PROXY}"
 default = true
-servers = [{{ address = "{UPSTREAM}" }}]
+servers = [{servers}]
 "#,
             dir = dir.display()
         ),

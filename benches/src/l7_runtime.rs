@@ -64,7 +64,7 @@ impl RuntimeBench {
                     self.seconds,
                     false,
                 );
-                let report = wrk::run(Command::new("wrk").args(&args))
+                let report = wrk::run(wrk::command(None).args(&args))
                     .with_context(|| format!("{runtime} × {workers}"))?;
                 eprintln!(
                     "  [{}/{}] {runtime:<12} {workers} worker(s) {:>10.0} req/s  p99 {:>7.0} µs  errors {}",

@@ -9,6 +9,7 @@
 //!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
 //!   proxy against HAProxy http mode and nginx ([`l7`]).
 
+pub mod chart;
 pub mod l4;
 pub mod l7;
 pub mod l7_runtime;

@@ -5,8 +5,9 @@ use std::fmt::Write;
 use serde::Serialize;
 
 use crate::{
+    chart::{Bar, BarGroup, grouped_bars},
     l4::{L4Result, System},
-    l7::{L7Result, L7System},
+    l7::{ChurnResult, L7Result, L7System},
     l7_runtime::RuntimeResult,
     stats::ratio,
     xdp::XdpResult,
@@ -21,9 +22,63 @@ pub struct Report {
     pub l4: Vec<L4Result>,
     pub l7_runtime: Vec<RuntimeResult>,
     pub l7: Vec<L7Result>,
+    pub l7_churn: Option<ChurnResult>,
 }
 
 impl Report {
+    /// Writes one SVG chart per end-to-end section into `dir`; returns the files written.
+    pub fn write_charts(&self, dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        let mut written = Vec::new();
+        let mut chart = |name: &str, title: &str, groups: Vec<BarGroup>| -> anyhow::Result<()> {
+            if groups.is_empty() {
+                return Ok(());
+            }
+            let path = dir.join(name);
+            grouped_bars(&path, title, "requests/s (median, min–max)", &groups)?;
+            written.push(path);
+            Ok(())
+        };
+        let bar = |system: &str, sample: &crate::stats::Sample| Bar {
+            system: system.to_string(),
+            median: sample.median,
+            min: sample.min,
+            max: sample.max,
+        };
+        let mut l4: Vec<BarGroup> = Vec::new();
+        for result in &self.l4 {
+            let case = result.case.name();
+            if l4.last().is_none_or(|g| g.case != case) {
+                l4.push(BarGroup {
+                    case: case.clone(),
+                    bars: Vec::new(),
+                });
+            }
+            if let Some(group) = l4.last_mut() {
+                group
+                    .bars
+                    .push(bar(result.system.name(), &result.requests_per_sec));
+            }
+        }
+        chart("chart-l4.svg", "L4: requests/s through each system", l4)?;
+        let mut l7: Vec<BarGroup> = Vec::new();
+        for result in &self.l7 {
+            let case = result.case.name().trim_start_matches("L7, ").to_string();
+            if l7.last().is_none_or(|g| g.case != case) {
+                l7.push(BarGroup {
+                    case,
+                    bars: Vec::new(),
+                });
+            }
+            if let Some(group) = l7.last_mut() {
+                group
+                    .bars
+                    .push(bar(result.system.name(), &result.requests_per_sec));
+            }
+        }
+        chart("chart-l7.svg", "L7: requests/s through each proxy", l7)?;
+        Ok(written)
+    }
+
     pub fn markdown(&self) -> String {
         let mut md = format!("Machine: {}\n", self.machine);
         if !self.xdp.is_empty() {
@@ -34,6 +89,9 @@ impl Report {
         }
         if !self.l7.is_empty() {
             md.push_str(&l7_tables(&self.l7));
+        }
+        if let Some(churn) = &self.l7_churn {
+            md.push_str(&churn_table(churn));
         }
         if !self.l7_runtime.is_empty() {
             md.push_str(&runtime_table(&self.l7_runtime));
@@ -77,7 +135,7 @@ pub fn l4_tables(results: &[L4Result]) -> String {
         let find = |system| rows.iter().find(|r| r.system == system);
         let _ = write!(
             md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             case.name()
         );
         for row in &rows {
@@ -91,11 +149,12 @@ pub fn l4_tables(results: &[L4Result]) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
                 row.system.name(),
                 row.requests_per_sec.display(0),
                 row.p50_us.median,
                 row.p99_us.median,
+                row.p999_us.median,
                 row.errors,
                 row.syn_retransmits,
                 versus(System::Direct),
@@ -117,7 +176,7 @@ pub fn l7_tables(results: &[L7Result]) -> String {
         let find = |system| rows.iter().find(|r| r.system == system);
         let _ = write!(
             md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | CPU µs/req | errors | × HAProxy | × nginx |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors | × HAProxy | × nginx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             case.name()
         );
         for row in &rows {
@@ -131,11 +190,12 @@ pub fn l7_tables(results: &[L7Result]) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
                 row.system.name(),
                 row.requests_per_sec.display(0),
                 row.p50_us.median,
                 row.p99_us.median,
+                row.p999_us.median,
                 row.cpu_us_per_request
                     .as_ref()
                     .map_or("–".to_string(), |c| format!("{:.1}", c.median)),
@@ -146,6 +206,24 @@ pub fn l7_tables(results: &[L7Result]) -> String {
         }
     }
     md
+}
+
+/// The change-under-load run: rates steady and changing, errors, and the dip.
+pub fn churn_table(churn: &ChurnResult) -> String {
+    format!(
+        "\n### Change under load: weir L7, {} ({} pool changes, one a second)\n\n| load | req/s, median (min–max) | errors |\n|---|---:|---:|\n| steady pool | {} | {} |\n| a change every second | {} | {} |\n\nThroughput dip while changing: {:.1}%.\n",
+        case_words(&churn.case),
+        churn.changes,
+        churn.steady_requests_per_sec.display(0),
+        churn.steady_errors,
+        churn.changing_requests_per_sec.display(0),
+        churn.changing_errors,
+        churn.dip() * 100.0
+    )
+}
+
+fn case_words(case: &crate::l7::L7Case) -> String {
+    case.name().trim_start_matches("L7, ").to_string()
 }
 
 /// The runtimes side by side, each compared with the other at the same worker count.
@@ -214,6 +292,7 @@ mod tests {
             requests_per_sec: Sample::new(vec![rate, rate * 1.1, rate * 0.9]),
             p50_us: Sample::new(vec![100.0]),
             p99_us: Sample::new(vec![300.0]),
+            p999_us: Sample::new(vec![900.0]),
             cpu_us_per_request: cpu.map(|c| Sample::new(vec![c])),
             errors: 0,
         };
@@ -228,15 +307,46 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| weir L7 | 2600 (2340–2860) | 100 | 300 | 12.5 | 0 | 1.30× | 2.00× |"),
+            table.contains(
+                "| weir L7 | 2600 (2340–2860) | 100 | 300 | 900 | 12.5 | 0 | 1.30× | 2.00× |"
+            ),
             "{table}"
         );
         assert!(
             table.contains(
-                "| direct to upstream | 4000 (3600–4400) | 100 | 300 | – | 0 | 2.00× | 3.08× |"
+                "| direct to upstream | 4000 (3600–4400) | 100 | 300 | 900 | – | 0 | 2.00× | 3.08× |"
             ),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_churn_table_reports_errors_and_the_dip() {
+        let churn = ChurnResult {
+            case: crate::l7::L7Case {
+                close: false,
+                large: false,
+            },
+            steady_requests_per_sec: Sample::new(vec![1000.0, 1100.0, 900.0]),
+            changing_requests_per_sec: Sample::new(vec![950.0]),
+            steady_errors: 0,
+            changing_errors: 0,
+            changes: 15,
+        };
+        let table = churn_table(&churn);
+        assert!(
+            table.contains("keep-alive, 5-byte responses (15 pool changes"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| steady pool | 1000 (900–1100) | 0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| a change every second | 950 | 0 |"),
+            "{table}"
+        );
+        assert!(table.contains("dip while changing: 5.0%"), "{table}");
     }
 
     #[test]
@@ -251,6 +361,7 @@ mod tests {
             requests_per_sec: Sample::new(vec![rate]),
             p50_us: Sample::new(vec![100.0]),
             p99_us: Sample::new(vec![400.0]),
+            p999_us: Sample::new(vec![800.0]),
             errors: 0,
             syn_retransmits: 2,
         };
@@ -264,11 +375,14 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| weir NAT (XDP) | 950 | 100 | 400 | 0 | 2 | 0.95× | 1.90× | – |"),
+            table
+                .contains("| weir NAT (XDP) | 950 | 100 | 400 | 800 | 0 | 2 | 0.95× | 1.90× | – |"),
             "{table}"
         );
         assert!(
-            table.contains("| direct to server | 1000 | 100 | 400 | 0 | 2 | 1.00× | 2.00× | – |"),
+            table.contains(
+                "| direct to server | 1000 | 100 | 400 | 800 | 0 | 2 | 1.00× | 2.00× | – |"
+            ),
             "{table}"
         );
     }

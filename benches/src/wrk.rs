@@ -1,6 +1,10 @@
 //! Running `wrk` and reading its report.
+//!
+//! wrk runs pinned to the last CPU (`taskset`), so it does not migrate between runs and the
+//! systems under test get the same share of the others; a small Lua script adds the 99.9th
+//! percentile wrk does not print by itself.
 
-use std::process::Command;
+use std::{fs, path::PathBuf, process::Command, sync::OnceLock};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -13,6 +17,7 @@ pub struct WrkReport {
     /// Latency percentiles, µs.
     pub p50_us: f64,
     pub p99_us: f64,
+    pub p999_us: f64,
     /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx responses.
     pub errors: u64,
 }
@@ -25,12 +30,42 @@ pub fn args(url: &str, connections: u32, seconds: u32, close: bool) -> Vec<Strin
         format!("-c{connections}"),
         format!("-d{seconds}s"),
         "--latency".to_string(),
+        "-s".to_string(),
+        percentile_script().display().to_string(),
     ];
     if close {
         args.extend(["-H".to_string(), "Connection: close".to_string()]);
     }
     args.push(url.to_string());
     args
+}
+
+/// The Lua script printing the 99.9th percentile, written once per run.
+fn percentile_script() -> &'static PathBuf {
+    static SCRIPT: OnceLock<PathBuf> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("weirb-{}-p999.lua", std::process::id()));
+        let _ = fs::write(
+            &path,
+            "done = function(summary, latency, requests)\n  io.write(string.format(\"p99.9 %dus\\n\", latency:percentile(99.9)))\nend\n",
+        );
+        path
+    })
+}
+
+/// `wrk`, pinned to the last CPU, inside network namespace `netns` if given.
+pub fn command(netns: Option<&str>) -> Command {
+    let last_cpu = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let mut command = match netns {
+        Some(name) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", name, "taskset"]);
+            command
+        }
+        None => Command::new("taskset"),
+    };
+    command.args(["-c", &last_cpu.to_string(), "wrk"]);
+    command
 }
 
 /// Runs `cmd` (`wrk` with [`args`], possibly in a namespace) and parses its report.
@@ -54,6 +89,7 @@ pub fn parse(text: &str) -> Result<WrkReport> {
         requests: 0,
         p50_us: f64::NAN,
         p99_us: f64::NAN,
+        p999_us: f64::NAN,
         errors: 0,
     };
     for line in text.lines().map(str::trim) {
@@ -62,6 +98,7 @@ pub fn parse(text: &str) -> Result<WrkReport> {
             ["Requests/sec:", value] => report.requests_per_sec = value.parse()?,
             ["50%", value] => report.p50_us = micros(value)?,
             ["99%", value] => report.p99_us = micros(value)?,
+            ["p99.9", value] => report.p999_us = micros(value)?,
             [count, "requests", "in", ..] => report.requests = count.parse()?,
             ["Socket", "errors:", rest @ ..] => {
                 // connect 0, read 0, write 0, timeout 0
@@ -112,6 +149,7 @@ mod tests {
   136251 requests in 1.10s, 19.75MB read
 Requests/sec: 123883.80
 Transfer/sec:     17.96MB
+p99.9 2210us
 ";
 
     #[test]
@@ -124,6 +162,7 @@ Transfer/sec:     17.96MB
                 requests: 136251,
                 p50_us: 50.0,
                 p99_us: 1740.0,
+                p999_us: 2210.0,
                 errors: 0,
             }
         );

@@ -54,6 +54,7 @@ fn main() -> Result<()> {
         l4: Vec::new(),
         l7_runtime: Vec::new(),
         l7: Vec::new(),
+        l7_churn: None,
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -90,8 +91,12 @@ fn main() -> Result<()> {
             seconds: if args.quick { 3 } else { 5 },
             connections: 64,
             weir: std::env::current_exe()?.with_file_name("weir"),
+            weirctl: std::env::current_exe()?.with_file_name("weirctl"),
         };
         report.l7 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l7")))?;
+        eprintln!("l7: change under load, steady and with a pool change every second");
+        report.l7_churn =
+            Some(bench.change_under_load(&tag, &std::env::temp_dir().join(format!("{tag}l7c")))?);
     }
     if wanted(Scenario::L7Runtime) {
         eprintln!("l7-runtime: the same proxy loop on tokio-uring and compio, interleaved");
@@ -110,8 +115,12 @@ fn main() -> Result<()> {
         args.out.join("report.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    let charts = report.write_charts(&args.out)?;
     println!("{markdown}");
     eprintln!("written: {}/report.md, report.json", args.out.display());
+    for chart in charts {
+        eprintln!("written: {}", chart.display());
+    }
     Ok(())
 }
 
