@@ -74,18 +74,21 @@ pub struct L4Case {
     pub ipv6: bool,
     /// A new connection per request (`Connection: close`).
     pub close: bool,
+    /// 64 KiB responses instead of 5 bytes.
+    pub large: bool,
 }
 
 impl L4Case {
     pub fn name(self) -> String {
         format!(
-            "{}, {}",
+            "{}, {}, {} responses",
             if self.ipv6 { "IPv6" } else { "IPv4" },
             if self.close {
                 "new connection per request"
             } else {
                 "keep-alive"
-            }
+            },
+            if self.large { "64 KiB" } else { "5-byte" }
         )
     }
 }
@@ -99,13 +102,18 @@ pub struct L4Result {
     pub p50_us: Sample,
     pub p99_us: Sample,
     pub p999_us: Sample,
+    /// CPU time of the whole machine (wrk, nginx, the kernel, the balancer) per request, µs:
+    /// the balancer's own cost is the difference to the direct row (XDP and nftables work
+    /// in softirq context, where no process owns it).
+    pub machine_cpu_us_per_request: Sample,
     pub errors: u64,
     /// SYNs the client had to send again (a lost first packet costs a connection 1 s).
     pub syn_retransmits: u64,
 }
 
 /// One wrk run and the SYNs the client sent again during it.
-type Run = (wrk::WrkReport, u64);
+/// One repetition: wrk's report, SYN retransmits, machine CPU µs per request.
+type Run = (wrk::WrkReport, u64, f64);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -150,8 +158,10 @@ impl L4Bench {
                 let url = url(*case, *system);
                 let args = wrk::args(&url, self.connections, self.seconds, case.close);
                 syn_retransmits(&topology.client)?;
+                let busy_before = crate::stats::machine_busy_seconds()?;
                 let report = wrk::run(wrk::command(Some(topology.client.name())).args(&args))
                     .with_context(|| format!("{} / {}", case.name(), system.name()));
+                let busy = crate::stats::machine_busy_seconds()? - busy_before;
                 let retransmits = syn_retransmits(&topology.client)?;
                 if *system == System::NftablesDnat {
                     nft_dnat(&topology.balancer, false)?;
@@ -172,7 +182,8 @@ impl L4Bench {
                     report.errors,
                     retransmits
                 );
-                reports.push((report, retransmits));
+                let cpu = busy * 1e6 / report.requests.max(1) as f64;
+                reports.push((report, retransmits, cpu));
             }
         }
         Ok(raw
@@ -181,13 +192,16 @@ impl L4Bench {
                 case,
                 system,
                 requests_per_sec: Sample::new(
-                    reports.iter().map(|(r, _)| r.requests_per_sec).collect(),
+                    reports.iter().map(|(r, _, _)| r.requests_per_sec).collect(),
                 ),
-                p50_us: Sample::new(reports.iter().map(|(r, _)| r.p50_us).collect()),
-                p99_us: Sample::new(reports.iter().map(|(r, _)| r.p99_us).collect()),
-                p999_us: Sample::new(reports.iter().map(|(r, _)| r.p999_us).collect()),
-                errors: reports.iter().map(|(r, _)| r.errors).sum(),
-                syn_retransmits: reports.iter().map(|(_, s)| s).sum(),
+                p50_us: Sample::new(reports.iter().map(|(r, _, _)| r.p50_us).collect()),
+                p99_us: Sample::new(reports.iter().map(|(r, _, _)| r.p99_us).collect()),
+                p999_us: Sample::new(reports.iter().map(|(r, _, _)| r.p999_us).collect()),
+                errors: reports.iter().map(|(r, _, _)| r.errors).sum(),
+                syn_retransmits: reports.iter().map(|(_, s, _)| s).sum(),
+                machine_cpu_us_per_request: Sample::new(
+                    reports.iter().map(|(_, _, cpu)| *cpu).collect(),
+                ),
             })
             .collect())
     }
@@ -195,16 +209,17 @@ impl L4Bench {
 
 fn url(case: L4Case, system: System) -> String {
     let host = |v4: String, v6: String| if case.ipv6 { format!("[{v6}]") } else { v4 };
+    let path = if case.large { "/64k" } else { "/" };
     match system {
         System::Direct => format!(
-            "http://{}:{NGINX_PORT}/",
+            "http://{}:{NGINX_PORT}{path}",
             host(server_addr(1).to_string(), server_addr6(1).to_string())
         ),
         System::WeirNat | System::NftablesDnat | System::HaproxyTcp => {
-            format!("http://{}/", host(NAT_VIP.into(), NAT_VIP6.into()))
+            format!("http://{}{path}", host(NAT_VIP.into(), NAT_VIP6.into()))
         }
         System::WeirDsr => format!(
-            "http://{}/",
+            "http://{}{path}",
             host(
                 weir_tests::topology::DSR_VIP.to_string(),
                 weir_tests::topology::DSR_VIP6.to_string()

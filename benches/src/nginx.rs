@@ -1,5 +1,6 @@
 //! nginx as the benchmarks' server: one process (no master, so stopping it stops all of it),
-//! one worker, a fixed 5-byte answer, keep-alive without a request limit, no logs.
+//! one worker, a fixed 5-byte answer (and a 64 KiB file at `/64k`), keep-alive without a
+//! request limit, no logs.
 
 use std::{fs, path::Path, process::Command, process::Stdio};
 
@@ -12,6 +13,9 @@ pub fn start(mut command: Command, listen: &[String], dir: &Path) -> Result<Proc
     let conf = dir.join("nginx.conf");
     let temp = dir.join("nginx-temp");
     fs::create_dir_all(&temp)?;
+    let www = dir.join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("64k"), vec![b'x'; 64 * 1024])?;
     let listen: String = listen.iter().map(|l| format!("listen {l}; ")).collect();
     fs::write(
         &conf,
@@ -27,11 +31,13 @@ http {{
   keepalive_requests 1000000;
   client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
   uwsgi_temp_path {temp}; scgi_temp_path {temp};
-  server {{ {listen}location / {{ return 200 "srv1\n"; }} }}
+  sendfile on;
+  server {{ {listen}location / {{ return 200 "srv1\n"; }} location = /64k {{ root {www}; }} }}
 }}
 "#,
             dir = dir.display(),
-            temp = temp.display()
+            temp = temp.display(),
+            www = www.display()
         ),
     )?;
     Process::spawn("nginx", command.arg("-c").arg(&conf).stdout(Stdio::null()))

@@ -135,7 +135,7 @@ pub fn l4_tables(results: &[L4Result]) -> String {
         let find = |system| rows.iter().find(|r| r.system == system);
         let _ = write!(
             md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | machine CPU µs/req | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             case.name()
         );
         for row in &rows {
@@ -149,12 +149,13 @@ pub fn l4_tables(results: &[L4Result]) -> String {
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
                 row.system.name(),
                 row.requests_per_sec.display(0),
                 row.p50_us.median,
                 row.p99_us.median,
                 row.p999_us.median,
+                row.machine_cpu_us_per_request.median,
                 row.errors,
                 row.syn_retransmits,
                 versus(System::Direct),
@@ -354,6 +355,7 @@ mod tests {
         let case = L4Case {
             ipv6: false,
             close: true,
+            large: false,
         };
         let row = |system, rate: f64| L4Result {
             case,
@@ -362,6 +364,7 @@ mod tests {
             p50_us: Sample::new(vec![100.0]),
             p99_us: Sample::new(vec![400.0]),
             p999_us: Sample::new(vec![800.0]),
+            machine_cpu_us_per_request: Sample::new(vec![50.0]),
             errors: 0,
             syn_retransmits: 2,
         };
@@ -371,17 +374,18 @@ mod tests {
             row(System::NftablesDnat, 500.0),
         ]);
         assert!(
-            table.contains("### IPv4, new connection per request"),
-            "{table}"
-        );
-        assert!(
-            table
-                .contains("| weir NAT (XDP) | 950 | 100 | 400 | 800 | 0 | 2 | 0.95× | 1.90× | – |"),
+            table.contains("### IPv4, new connection per request, 5-byte responses"),
             "{table}"
         );
         assert!(
             table.contains(
-                "| direct to server | 1000 | 100 | 400 | 800 | 0 | 2 | 1.00× | 2.00× | – |"
+                "| weir NAT (XDP) | 950 | 100 | 400 | 800 | 50.0 | 0 | 2 | 0.95× | 1.90× | – |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| direct to server | 1000 | 100 | 400 | 800 | 50.0 | 0 | 2 | 1.00× | 2.00× | – |"
             ),
             "{table}"
         );

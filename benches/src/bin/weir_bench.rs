@@ -69,12 +69,16 @@ fn main() -> Result<()> {
         let families: &[bool] = if args.quick { &[false] } else { &[false, true] };
         let cases = families
             .iter()
-            .flat_map(|&ipv6| [false, true].map(|close| L4Case { ipv6, close }))
+            .flat_map(|&ipv6| {
+                [false, true]
+                    .into_iter()
+                    .flat_map(move |close| [false, true].map(|large| L4Case { ipv6, close, large }))
+            })
             .collect();
         let bench = L4Bench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
-            seconds: if args.quick { 3 } else { 5 },
+            seconds: if args.quick { 2 } else { 4 },
             connections: 32,
         };
         report.l4 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l4")))?;
@@ -88,7 +92,7 @@ fn main() -> Result<()> {
         let bench = L7Bench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
-            seconds: if args.quick { 3 } else { 5 },
+            seconds: if args.quick { 2 } else { 5 },
             connections: 64,
             weir: std::env::current_exe()?.with_file_name("weir"),
             weirctl: std::env::current_exe()?.with_file_name("weirctl"),

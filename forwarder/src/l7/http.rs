@@ -120,8 +120,20 @@ const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
+/// Whether header `name` describes the connection (a [`HOP_BY_HOP`] one or one `Connection`
+/// names), compared without allocating.
+fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
+}
+
 /// Forwarding headers weir writes itself; from clients they are dropped unless trusted.
 const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "forwarded"];
+
+/// Header slots kept on the stack while parsing (the default `max_headers` is 100).
+const STACK_HEADERS: usize = 128;
 
 /// Where the head in `buf` ends (after its blank line), if it is complete.
 fn head_end(buf: &[u8]) -> Option<usize> {
@@ -155,8 +167,16 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     if has_bare_lf(head) {
         return Err(refuse(400, "bare LF in request head"));
     }
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut request = httparse::Request::new(&mut headers);
+    // The usual limit fits on the stack; a larger one configured takes the heap.
+    let mut on_stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut on_heap = Vec::new();
+    let headers: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+        &mut on_stack[..limits.max_headers]
+    } else {
+        on_heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        &mut on_heap
+    };
+    let mut request = httparse::Request::new(headers);
     match request.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(refuse(400, "malformed request head")),
@@ -250,10 +270,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     };
 
     // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-    kept.retain(|(name, _)| {
-        let lower = name.to_ascii_lowercase();
-        !HOP_BY_HOP.contains(&lower.as_str()) && !connection_tokens.contains(&lower)
-    });
+    kept.retain(|(name, _)| !is_hop_by_hop(name, &connection_tokens));
     let has = |token: &str| connection_tokens.iter().any(|t| t == token);
     let keep_alive = if minor_version == 1 {
         !has("close")
@@ -442,10 +459,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
     if (chunked || other_coding) && content_length.is_some() {
         return Err(ResponseError("both Content-Length and Transfer-Encoding"));
     }
-    kept.retain(|(name, _)| {
-        let lower = name.to_ascii_lowercase();
-        !HOP_BY_HOP.contains(&lower.as_str()) && !connection_tokens.contains(&lower)
-    });
+    kept.retain(|(name, _)| !is_hop_by_hop(name, &connection_tokens));
     let has = |token: &str| connection_tokens.iter().any(|t| t == token);
     let no_body =
         method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
@@ -503,25 +517,26 @@ pub fn write_server_head(
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
     let mut prior_via: Vec<&[u8]> = Vec::new();
     for (name, value) in &request.headers {
-        let lower = name.to_ascii_lowercase();
-        if lower == "host" {
+        if name.eq_ignore_ascii_case("host") {
             // The target's authority wins over Host (they agree, or the request was refused).
             saw_host = true;
             let authority = request.authority.as_deref().unwrap_or_default();
             push_header(out, "Host", authority.as_bytes());
             continue;
         }
-        if FORWARDING.contains(&lower.as_str()) {
+        if FORWARDING.iter().any(|f| name.eq_ignore_ascii_case(f)) {
             if forwarded.trust_incoming {
-                match lower.as_str() {
-                    "x-forwarded-for" => prior_xff.push(value),
-                    "forwarded" => prior_forwarded.push(value),
-                    _ => push_header(out, name, value),
+                if name.eq_ignore_ascii_case("x-forwarded-for") {
+                    prior_xff.push(value);
+                } else if name.eq_ignore_ascii_case("forwarded") {
+                    prior_forwarded.push(value);
+                } else {
+                    push_header(out, name, value);
                 }
             }
             continue;
         }
-        if lower == "via" {
+        if name.eq_ignore_ascii_case("via") {
             prior_via.push(value);
             continue;
         }
