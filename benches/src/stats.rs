@@ -49,6 +49,31 @@ pub fn ratio(a: &Sample, b: &Sample) -> f64 {
     a.median / b.median
 }
 
+/// Seconds the whole machine has spent busy (every CPU, everything but idle and iowait),
+/// from `/proc/stat`: the difference over a run is the CPU the run cost.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().unwrap_or_default();
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .take(8)
+        .map(|(_, t)| t)
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64);
+    Ok(busy as f64 / per_second)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,29 +99,4 @@ mod tests {
         let b = Sample::new(vec![5.0, 5.0, 100.0]);
         assert_eq!(ratio(&a, &b), 4.0);
     }
-}
-
-/// Seconds the whole machine has spent busy (every CPU, everything but idle and iowait),
-/// from `/proc/stat`: the difference over a run is the CPU the run cost.
-pub fn machine_busy_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().unwrap_or_default();
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(str::parse)
-        .collect::<Result<_, _>>()?;
-    // user nice system idle iowait irq softirq steal ...
-    let busy: u64 = ticks
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .take(8)
-        .map(|(_, t)| t)
-        .sum();
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64);
-    Ok(busy as f64 / per_second)
 }
