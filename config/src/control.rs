@@ -168,8 +168,19 @@ pub struct L7Traffic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthState {
-    /// No health check is configured: the server counts as healthy.
+    /// No health check is configured (or the server is disabled): it counts as healthy.
     Unchecked,
+    /// Checked, and up since its last `rise` successes (a new server starts here).
+    Healthy,
+    /// Checked, and down since its last `fall` failures: it takes no new traffic.
+    Unhealthy,
+}
+
+impl HealthState {
+    /// Whether the server may take new traffic as far as health goes.
+    pub fn is_up(self) -> bool {
+        self != HealthState::Unhealthy
+    }
 }
 
 /// Packets, bytes and new flows, summed over CPUs.

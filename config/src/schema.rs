@@ -259,6 +259,9 @@ pub struct L4Vip {
     /// the weight error under 1%).
     #[serde(default = "default_table_size")]
     pub table_size: Spanned<u32>,
+    /// Active health checks of the pool (none without this table).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
     pub servers: Spanned<Vec<ServerSpec>>,
 }
 
@@ -321,6 +324,9 @@ pub struct VirtualHost {
     /// What `balance = "hash"` hashes: `source_ip`, `header:<name>` or `cookie:<name>`.
     #[serde(default)]
     pub hash_on: Option<Spanned<String>>,
+    /// Active health checks of the pool (none without this table).
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
     pub servers: Spanned<Vec<ServerSpec>>,
 }
 
@@ -374,6 +380,122 @@ impl VirtualHost {
         self.hash_on
             .as_ref()
             .and_then(|text| HashOn::parse(text.get_ref()).ok())
+    }
+}
+
+/// How a pool's servers are checked. With the defaults a dead server is out within
+/// `fall × interval + timeout` = 3 × 500 + 400 = 1.9 s, and back after 2 good checks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    /// `tcp` (connect) or `http` (a request, its status and optionally its body).
+    pub kind: CheckKind,
+    /// HTTP: method and path of the request.
+    pub method: String,
+    pub path: String,
+    /// HTTP: the `Host` sent (default: the server's address).
+    pub host: Option<String>,
+    /// HTTP: statuses that count as up, inclusive.
+    pub expect_status: (u16, u16),
+    /// HTTP: text the response body must contain (within its first 64 KiB).
+    pub body_contains: Option<String>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a down server up.
+    pub rise: u32,
+    /// Failures in a row that take an up server down.
+    pub fall: u32,
+    /// Each wait is the interval ± this share, so 1000 servers do not fire together.
+    pub jitter_percent: u32,
+    /// What L4 does with established flows of a server that goes down: `repick` (their next
+    /// packet picks another server, which resets them: clients fail fast) or `keep` (they
+    /// stay, and hang if the server is really gone).
+    pub down_flows: DownFlows,
+    /// When every server is down: `refuse` (L7 answers 503, L4 drops new flows) or
+    /// `fail_open` (health is ignored and all admin-ready servers take traffic).
+    pub all_down: AllDown,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            method: "GET".to_string(),
+            path: "/".to_string(),
+            host: None,
+            expect_status: (200, 399),
+            body_contains: None,
+            interval_ms: 500,
+            timeout_ms: 400,
+            rise: 2,
+            fall: 3,
+            jitter_percent: 10,
+            down_flows: DownFlows::Repick,
+            all_down: AllDown::Refuse,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownFlows {
+    #[default]
+    Repick,
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllDown {
+    #[default]
+    Refuse,
+    FailOpen,
+}
+
+impl HealthCheck {
+    /// What is wrong with these settings, if anything.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.interval_ms < 50 || self.timeout_ms == 0 || self.timeout_ms > self.interval_ms * 10
+        {
+            problems.push("health: interval_ms must be at least 50 and timeout_ms between 1 and 10 × interval_ms".to_string());
+        }
+        if self.rise == 0 || self.fall == 0 {
+            problems.push("health: rise and fall must be at least 1".to_string());
+        }
+        if self.jitter_percent > 50 {
+            problems.push("health: jitter_percent is at most 50".to_string());
+        }
+        if self.expect_status.0 > self.expect_status.1
+            || self.expect_status.0 < 100
+            || self.expect_status.1 > 599
+        {
+            problems.push(
+                "health: expect_status is an inclusive range within 100..599, low first"
+                    .to_string(),
+            );
+        }
+        if !self.path.starts_with('/') || self.path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            problems.push(format!(
+                "health: path `{}` must start with `/` and contain no spaces or controls",
+                self.path
+            ));
+        }
+        if self.method.is_empty() || !self.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            problems.push(format!(
+                "health: method `{}` must be upper-case letters",
+                self.method
+            ));
+        }
+        problems
     }
 }
 
@@ -466,6 +588,19 @@ impl Config {
             }
             check_pool(&vip.servers, &mut problems);
             check_l4_pool(vip, &mut problems);
+            if let Some(health) = &vip.health {
+                let at = vip.name.span().start;
+                problems.extend(health.problems().into_iter().map(|p| (at, p)));
+                if vip.protocol == Protocol::Udp {
+                    problems.push((
+                        at,
+                        format!(
+                            "l4_vip `{}` is UDP: health checks (TCP or HTTP) cannot check it",
+                            vip.name.get_ref()
+                        ),
+                    ));
+                }
+            }
         }
         let size = &self.datapath.flow_table_size;
         if !FLOW_TABLE_SIZE_RANGE.contains(size.get_ref()) {
@@ -488,6 +623,10 @@ impl Config {
             }
             check_pool(&vhost.servers, &mut problems);
             check_vhost(vhost, &mut problems);
+            if let Some(health) = &vhost.health {
+                let at = vhost.name.span().start;
+                problems.extend(health.problems().into_iter().map(|p| (at, p)));
+            }
         }
         check_listeners(&self.vhosts, &mut problems);
         let l7 = &self.l7;

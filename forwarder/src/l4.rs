@@ -34,14 +34,15 @@ use weir_common::{
     user::addr_words,
 };
 use weir_config::{
-    Config, ForwardingMode, HashFieldsConfig, L4Vip, MAX_WEIGHT, Protocol, ServerSpec,
-    control::AdminState,
+    AllDown, Config, DownFlows, ForwardingMode, HashFieldsConfig, HealthCheck, L4Vip, MAX_WEIGHT,
+    Protocol, ServerSpec,
+    control::{AdminState, HealthState},
 };
 
 use crate::{
     datapath::{DatapathError, DatapathMaps},
     maglev::{MaglevError, MaglevServer, MaglevTable},
-    pool::{PoolEdit, ServerLine, merge_config_pool, server_changes},
+    pool::{PoolEdit, ServerLine, in_rotation, initial_health, merge_config_pool, server_changes},
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
 };
 
@@ -80,6 +81,8 @@ pub struct L4Server {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    /// As health checks see it; runtime only (a restarted daemon checks again).
+    pub health: HealthState,
     /// Index in the datapath's server array.
     pub id: u32,
 }
@@ -98,6 +101,8 @@ pub struct L4Service {
     pub servers: Vec<L4Server>,
     /// The config file's pool as last applied (see [`L4Services::plan`]).
     pub config_servers: Vec<ServerSpec>,
+    /// How its servers are checked, if they are.
+    pub health: Option<HealthCheck>,
     /// The Maglev table of the ready servers, as server ids: what the datapath holds.
     table: Vec<u32>,
 }
@@ -129,8 +134,23 @@ impl L4Service {
             id,
             servers: Vec::new(),
             config_servers: Vec::new(),
+            health: spec.health.clone(),
             table: Vec::new(),
         }
+    }
+
+    fn all_down(&self) -> AllDown {
+        self.health.as_ref().map_or(AllDown::Refuse, |h| h.all_down)
+    }
+
+    /// Whether the datapath keeps server `server`'s entry: not when it is down and the
+    /// policy re-picks its flows.
+    fn keeps_entry(&self, server: &L4Server) -> bool {
+        server.health.is_up()
+            || self
+                .health
+                .as_ref()
+                .is_some_and(|h| h.down_flows == DownFlows::Keep)
     }
 
     /// Its entries in the VIP map: the service, and the address-level entry.
@@ -175,6 +195,7 @@ impl L4Service {
                 address: s.address,
                 weight: s.weight,
                 state: s.state,
+                health: s.health,
             })
             .collect()
     }
@@ -185,10 +206,10 @@ impl L4Service {
 
     /// The Maglev table over the servers that take new flows, as server ids.
     fn build_table(&self, seed: u32) -> Result<Vec<u32>, L4Error> {
-        let ready: Vec<&L4Server> = self
-            .servers
-            .iter()
-            .filter(|s| s.state == AdminState::Ready)
+        let states: Vec<_> = self.servers.iter().map(|s| (s.state, s.health)).collect();
+        let ready: Vec<&L4Server> = in_rotation(&states, self.all_down())
+            .into_iter()
+            .map(|i| &self.servers[i])
             .collect();
         let input: Vec<MaglevServer> = ready
             .iter()
@@ -355,6 +376,7 @@ impl L4Services {
                             address: s.address,
                             weight: s.weight,
                             state: s.state,
+                            health: initial_health(spec.health.is_some()),
                             id: s.id,
                         })
                         .collect();
@@ -484,10 +506,12 @@ impl L4Services {
         self.server_ids.take(id);
         let seed = self.seed;
         let service = self.service_mut(vip)?;
+        let health = initial_health(service.health.is_some());
         service.servers.push(L4Server {
             address,
             weight,
             state: AdminState::Ready,
+            health,
             id,
         });
         service.table = service.build_table(seed)?;
@@ -503,6 +527,40 @@ impl L4Services {
         state: AdminState,
     ) -> Result<(), L4Error> {
         self.change_server(vip, address, |server| server.state = state)
+    }
+
+    /// Records what health checks say of a server: an unhealthy one leaves the table (and,
+    /// with `down_flows = "repick"`, the server array, so its flows move).
+    pub fn set_health(
+        &mut self,
+        vip: &str,
+        address: SocketAddr,
+        health: HealthState,
+    ) -> Result<(), L4Error> {
+        self.change_server(vip, address, |server| server.health = health)
+    }
+
+    /// Takes over the health `previous` knows for servers that are in both (a reload or a
+    /// runtime change must not forget that a server is down).
+    pub fn carry_health(&mut self, previous: &L4Services) -> Result<(), L4Error> {
+        let seed = self.seed;
+        for service in self.services.values_mut() {
+            let Some(old) = previous.services.get(&service.name) else {
+                continue;
+            };
+            if service.health.is_none() {
+                continue;
+            }
+            for server in &mut service.servers {
+                if let Some(before) = old.find_server(server.address)
+                    && before.health != HealthState::Unchecked
+                {
+                    server.health = before.health;
+                }
+            }
+            service.table = service.build_table(seed)?;
+        }
+        Ok(())
     }
 
     /// Sets a server's weight.
@@ -610,10 +668,17 @@ impl L4Services {
         Ok(())
     }
 
+    /// The server entries the datapath holds: every server, except down ones whose flows
+    /// re-pick.
     fn server_addresses(&self) -> HashMap<u32, SocketAddr> {
         self.services
             .values()
-            .flat_map(|s| s.servers.iter().map(|server| (server.id, server.address)))
+            .flat_map(|s| {
+                s.servers
+                    .iter()
+                    .filter(|server| s.keeps_entry(server))
+                    .map(|server| (server.id, server.address))
+            })
             .collect()
     }
 

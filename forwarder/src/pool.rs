@@ -4,7 +4,39 @@
 
 use std::net::SocketAddr;
 
-use weir_config::{ServerSpec, control::AdminState};
+use weir_config::{
+    AllDown, ServerSpec,
+    control::{AdminState, HealthState},
+};
+
+/// Which servers of a pool take new traffic: admin-ready and not unhealthy. When none is
+/// healthy, `fail_open` lets every admin-ready server take it (health is ignored rather
+/// than the pool emptied); `refuse` leaves the pool empty.
+pub fn in_rotation(servers: &[(AdminState, HealthState)], all_down: AllDown) -> Vec<usize> {
+    let ready: Vec<usize> = (0..servers.len())
+        .filter(|&i| servers[i].0 == AdminState::Ready)
+        .collect();
+    let healthy: Vec<usize> = ready
+        .iter()
+        .copied()
+        .filter(|&i| servers[i].1.is_up())
+        .collect();
+    if healthy.is_empty() && all_down == AllDown::FailOpen {
+        ready
+    } else {
+        healthy
+    }
+}
+
+/// The health a server starts with: checked pools start their servers up (and take them
+/// down after `fall` failures), unchecked pools never change it.
+pub fn initial_health(checked: bool) -> HealthState {
+    if checked {
+        HealthState::Healthy
+    } else {
+        HealthState::Unchecked
+    }
+}
 
 /// The edits a pool model offers, so one merge serves L4 and L7.
 pub trait PoolEdit {
@@ -58,12 +90,49 @@ pub fn merge_config_pool<P: PoolEdit>(
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use AdminState::*;
+    use HealthState::*;
+
+    #[test]
+    fn admin_state_wins_and_all_down_follows_the_policy() {
+        let pool = [
+            (Ready, Healthy),
+            (Disabled, Healthy),
+            (Ready, Unhealthy),
+            (Draining, Unhealthy),
+        ];
+        assert_eq!(in_rotation(&pool, AllDown::Refuse), vec![0]);
+        let down = [
+            (Ready, Unhealthy),
+            (Disabled, Unhealthy),
+            (Ready, Unhealthy),
+        ];
+        assert_eq!(in_rotation(&down, AllDown::Refuse), Vec::<usize>::new());
+        // Fail open takes the admin-ready ones, never a disabled one.
+        assert_eq!(in_rotation(&down, AllDown::FailOpen), vec![0, 2]);
+        assert_eq!(in_rotation(&[(Ready, Unchecked)], AllDown::Refuse), vec![0]);
+    }
+}
+
 /// A server as change lines describe it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLine {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    pub health: HealthState,
+}
+
+/// The lower-case name operators see for a health state.
+pub fn health_name(health: HealthState) -> &'static str {
+    match health {
+        HealthState::Unchecked => "unchecked",
+        HealthState::Healthy => "healthy",
+        HealthState::Unhealthy => "unhealthy",
+    }
 }
 
 /// The lower-case name operators see for an admin state.
@@ -110,6 +179,14 @@ pub fn server_changes(
                         server.address,
                         state_name(before.state),
                         state_name(server.state)
+                    ));
+                }
+                if before.health != server.health {
+                    lines.push(format!(
+                        "{kind} {name}: server {} {} -> {}",
+                        server.address,
+                        health_name(before.health),
+                        health_name(server.health)
                     ));
                 }
             }

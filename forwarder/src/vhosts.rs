@@ -9,11 +9,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use weir_config::{Balance, Config, HashOn, MAX_WEIGHT, ServerSpec, control::AdminState};
+use weir_config::{
+    AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, ServerSpec,
+    control::{AdminState, HealthState},
+};
 
 use crate::{
     l7::{L7Snapshot, VhostSpec},
-    pool::{PoolEdit, ServerLine, merge_config_pool, server_changes},
+    pool::{PoolEdit, ServerLine, initial_health, merge_config_pool, server_changes},
     state::{RuntimeState, VhostServerState, VhostState},
 };
 
@@ -36,6 +39,8 @@ pub struct VhostServer {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    /// As health checks see it; runtime only.
+    pub health: HealthState,
 }
 
 /// A virtual host: how requests reach it, and its pool.
@@ -47,6 +52,8 @@ pub struct Vhost {
     pub default: bool,
     pub balance: Balance,
     pub hash_on: Option<HashOn>,
+    /// How its servers are checked, if they are.
+    pub health: Option<HealthCheck>,
     pub servers: Vec<VhostServer>,
     /// The config file's pool as last applied.
     pub config_servers: Vec<ServerSpec>,
@@ -70,6 +77,7 @@ impl Vhost {
                 address: s.address,
                 weight: s.weight,
                 state: s.state,
+                health: s.health,
             })
             .collect()
     }
@@ -97,6 +105,7 @@ impl Vhosts {
                         address: s.address,
                         weight: s.weight,
                         state: s.state,
+                        health: initial_health(spec.health.is_some()),
                     })
                     .collect(),
                 None => Vec::new(),
@@ -108,6 +117,7 @@ impl Vhosts {
                 default: spec.default,
                 balance: spec.balance,
                 hash_on: spec.hash_key(),
+                health: spec.health.clone(),
                 servers,
                 config_servers: Vec::new(),
             });
@@ -157,10 +167,12 @@ impl Vhosts {
                 server: address,
             });
         }
+        let health = initial_health(pool.health.is_some());
         pool.servers.push(VhostServer {
             address,
             weight,
             state: AdminState::Ready,
+            health,
         });
         Ok(())
     }
@@ -176,6 +188,38 @@ impl Vhosts {
         let index = pool.server_index(address)?;
         pool.servers[index].state = state;
         Ok(())
+    }
+
+    /// Records what health checks say of a server.
+    pub fn set_health(
+        &mut self,
+        vhost: &str,
+        address: SocketAddr,
+        health: HealthState,
+    ) -> Result<(), VhostError> {
+        let pool = self.vhost_mut(vhost)?;
+        let index = pool.server_index(address)?;
+        pool.servers[index].health = health;
+        Ok(())
+    }
+
+    /// Takes over the health `previous` knows for servers in both.
+    pub fn carry_health(&mut self, previous: &Vhosts) {
+        for vhost in &mut self.vhosts {
+            let Ok(old) = previous.vhost(&vhost.name) else {
+                continue;
+            };
+            if vhost.health.is_none() {
+                continue;
+            }
+            for server in &mut vhost.servers {
+                if let Some(before) = old.servers.iter().find(|s| s.address == server.address)
+                    && before.health != HealthState::Unchecked
+                {
+                    server.health = before.health;
+                }
+            }
+        }
     }
 
     pub fn set_weight(
@@ -234,10 +278,11 @@ impl Vhosts {
                 default: v.default,
                 balance: v.balance,
                 hash_on: v.hash_on.clone(),
+                all_down: v.health.as_ref().map_or(AllDown::Refuse, |h| h.all_down),
                 servers: v
                     .servers
                     .iter()
-                    .map(|s| (s.address, s.weight, s.state))
+                    .map(|s| (s.address, s.weight, s.state, s.health))
                     .collect(),
             })
             .collect();

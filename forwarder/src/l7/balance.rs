@@ -155,10 +155,14 @@ mod tests {
             default: false,
             balance,
             hash_on,
+            all_down: weir_config::AllDown::Refuse,
             servers: weights
                 .iter()
                 .enumerate()
-                .map(|(i, &(w, s))| (SocketAddr::from(([127, 0, 0, 10 + i as u8], 80)), w, s))
+                .map(|(i, &(w, s))| {
+                    let address = SocketAddr::from(([127, 0, 0, 10 + i as u8], 80));
+                    (address, w, s, weir_config::control::HealthState::Unchecked)
+                })
                 .collect(),
         };
         L7Snapshot::build(1, L7Config::default(), &listen, &[spec], None)

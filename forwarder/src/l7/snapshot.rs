@@ -16,9 +16,15 @@ use std::{
     },
 };
 
-use weir_config::{Balance, HashOn, L7Config, control::AdminState};
+use weir_config::{
+    AllDown, Balance, HashOn, L7Config,
+    control::{AdminState, HealthState},
+};
 
-use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable};
+use crate::{
+    maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable},
+    pool::in_rotation,
+};
 
 /// Counters of one server of one vhost, shared by all workers.
 #[derive(Debug, Default)]
@@ -113,8 +119,9 @@ pub struct VhostSpec<'a> {
     pub default: bool,
     pub balance: Balance,
     pub hash_on: Option<HashOn>,
-    /// (address, weight, state)
-    pub servers: Vec<(SocketAddr, u32, AdminState)>,
+    pub all_down: AllDown,
+    /// (address, weight, admin state, health)
+    pub servers: Vec<(SocketAddr, u32, AdminState, HealthState)>,
 }
 
 impl L7Snapshot {
@@ -157,7 +164,7 @@ impl L7Snapshot {
             let servers: Vec<PoolServer> = spec
                 .servers
                 .iter()
-                .map(|&(address, weight, state)| PoolServer {
+                .map(|&(address, weight, state, _)| PoolServer {
                     address,
                     weight,
                     state,
@@ -166,9 +173,8 @@ impl L7Snapshot {
                         .map_or_else(Arc::default, |s| Arc::clone(&s.stats)),
                 })
                 .collect();
-            let ready: Vec<usize> = (0..servers.len())
-                .filter(|&i| servers[i].state == AdminState::Ready)
-                .collect();
+            let states: Vec<_> = spec.servers.iter().map(|s| (s.2, s.3)).collect();
+            let ready = in_rotation(&states, spec.all_down);
             let hash_table = if spec.balance == Balance::Hash {
                 let members: Vec<MaglevServer> = ready
                     .iter()
@@ -238,7 +244,13 @@ mod tests {
             default,
             balance: Balance::RoundRobin,
             hash_on: None,
-            servers: vec![("127.0.0.2:80".parse().unwrap(), 1, AdminState::Ready)],
+            all_down: AllDown::Refuse,
+            servers: vec![(
+                "127.0.0.2:80".parse().unwrap(),
+                1,
+                AdminState::Ready,
+                HealthState::Unchecked,
+            )],
         }
     }
 
