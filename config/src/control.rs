@@ -66,6 +66,11 @@ pub enum Request {
     },
     /// Re-reads the config file and applies all of it or none of it.
     Reload,
+    /// State changes (admin and health) with a sequence number above `after`, oldest first.
+    Events {
+        #[serde(default)]
+        after: u64,
+    },
 }
 
 /// A response with its protocol version.
@@ -86,6 +91,7 @@ pub enum Response {
     Stats(StatsReport),
     /// A change (or reload) took effect; what changed, one line each (empty: nothing to do).
     Changed(Vec<String>),
+    Events(Vec<Event>),
     Error(ControlError),
 }
 
@@ -145,6 +151,14 @@ pub struct ServerReport {
     pub active_flows: usize,
     /// Packets the datapath sent it (client to server direction).
     pub traffic: Traffic,
+    /// The last health check's result and how long ago it ran, when the pool is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<String>,
+    /// Since when (Unix ms) and why the server has its current health, once it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_since_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
     /// For a server of an L7 vhost: its requests (then `active_flows` counts requests in
     /// flight and `traffic` is zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +176,17 @@ pub struct L7Traffic {
     pub failures: u64,
     /// Connections opened to it.
     pub connections: u64,
+}
+
+/// One state change of a server or pool, as the daemon recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event; `weirctl events --follow` asks for those after the last.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// What changed and, for health, why.
+    pub text: String,
 }
 
 /// A server's health as checks see it; independent of its admin state.

@@ -11,10 +11,11 @@
 //! pinned and forwarding; `weir detach` takes it down.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
@@ -23,17 +24,19 @@ use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::{
     Config, DEFAULT_WEIGHT,
     control::{
-        ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, HealthState, L7Traffic,
-        Request, Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
+        AdminState, ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Event,
+        L7Traffic, Request, Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
     },
 };
 
 use crate::{
     control,
     datapath::{Datapath, DatapathOptions},
+    health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services},
     l7::L7Workers,
     pins::PinDir,
+    pool::health_name,
     state::RuntimeState,
     vhosts::{VhostError, Vhosts},
 };
@@ -54,6 +57,20 @@ struct Inner {
     l4: L4Services,
     l7: L7Workers,
     vhosts: Vhosts,
+    health: HealthChecker,
+    /// Why each server has the health it has, and since when (Unix ms).
+    health_reasons: HashMap<(String, SocketAddr), (u64, String)>,
+    /// The last [`MAX_EVENTS`] state changes.
+    events: VecDeque<Event>,
+    next_event: u64,
+}
+
+/// Events kept for `weirctl events`.
+const MAX_EVENTS: usize = 1000;
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl State {
@@ -110,6 +127,14 @@ impl State {
                 weight,
             } => inner.change(|l4| l4.set_weight(&vip, address, weight)),
             Request::Reload => inner.reload(&self.config_path),
+            Request::Events { after } => Ok(Response::Events(
+                inner
+                    .events
+                    .iter()
+                    .filter(|e| e.seq > after)
+                    .cloned()
+                    .collect(),
+            )),
         };
         result.unwrap_or_else(Response::Error)
     }
@@ -218,6 +243,7 @@ impl Inner {
         }
         for line in &changes {
             tracing::info!(change = %line, "applied");
+            self.record(line.clone());
         }
         self.l4 = next;
         if let Some(config) = config {
@@ -228,7 +254,88 @@ impl Inner {
             self.l7.publish(snapshot);
             self.vhosts = next_vhosts;
         }
+        self.health.set_targets(self.health_targets());
         Ok(changes)
+    }
+
+    fn record(&mut self, text: String) {
+        self.next_event += 1;
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event {
+            seq: self.next_event,
+            unix_ms: unix_ms(SystemTime::now()),
+            text,
+        });
+    }
+
+    /// Every server of a checked pool that is not disabled (maintenance is not checked).
+    fn health_targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        for service in self.l4.services() {
+            let Some(check) = &service.health else {
+                continue;
+            };
+            for server in service
+                .servers
+                .iter()
+                .filter(|s| s.state != AdminState::Disabled)
+            {
+                targets.push(Target {
+                    pool: service.name.clone(),
+                    address: server.address,
+                    check: check.clone(),
+                    health: server.health,
+                });
+            }
+        }
+        for vhost in self.vhosts.iter() {
+            let Some(check) = &vhost.health else { continue };
+            for server in vhost
+                .servers
+                .iter()
+                .filter(|s| s.state != AdminState::Disabled)
+            {
+                targets.push(Target {
+                    pool: vhost.name.clone(),
+                    address: server.address,
+                    check: check.clone(),
+                    health: server.health,
+                });
+            }
+        }
+        targets
+    }
+
+    /// Applies what a health check decided, as a change like any other.
+    fn apply_health(&mut self, transition: Transition) {
+        let Transition {
+            pool,
+            address,
+            health,
+            reason,
+        } = transition;
+        let result = if self.vhosts.contains(&pool) {
+            self.change_vhosts(|v| v.set_health(&pool, address, health))
+        } else {
+            self.change(|l4| l4.set_health(&pool, address, health))
+        };
+        match result {
+            Ok(_) => {
+                tracing::warn!(pool, %address, health = health_name(health), reason, "health changed");
+                self.record(format!(
+                    "{pool}: server {address} is {}: {reason}",
+                    health_name(health)
+                ));
+                self.health_reasons
+                    .insert((pool, address), (unix_ms(SystemTime::now()), reason));
+            }
+            // The server left the pool since the check ran.
+            Err(err) => {
+                tracing::debug!(pool, %address, err = %err.message, "health transition dropped")
+            }
+        }
     }
 
     /// Removes a server, unless that would cut flows or empty the pool (without `force`).
@@ -298,8 +405,10 @@ impl Inner {
             ));
         }
         let previous = Inner::runtime_state(&self.l4, &self.vhosts);
-        let next = L4Services::plan(&config, Some(&previous)).map_err(refusal)?;
-        let next_vhosts = Vhosts::plan(&config, Some(&previous)).map_err(vhost_refusal)?;
+        let mut next = L4Services::plan(&config, Some(&previous)).map_err(refusal)?;
+        next.carry_health(&self.l4).map_err(refusal)?;
+        let mut next_vhosts = Vhosts::plan(&config, Some(&previous)).map_err(vhost_refusal)?;
+        next_vhosts.carry_health(&self.vhosts);
         self.commit(next, next_vhosts, Some(config))
             .map(Response::Changed)
     }
@@ -387,12 +496,17 @@ impl Inner {
                 let traffic = maps
                     .server_traffic(server.id)
                     .map_err(|err| internal(err.to_string()))?;
+                let (last_check, health_since_unix_ms, health_reason) =
+                    self.health_detail(&service.name, server.address);
                 reports.push(ServerReport {
                     vip: service.name.clone(),
                     address: server.address,
                     weight: server.weight,
                     admin: server.state,
-                    health: HealthState::Unchecked,
+                    health: server.health,
+                    last_check,
+                    health_since_unix_ms,
+                    health_reason,
                     active_flows: flows.get(&server.id).copied().unwrap_or(0),
                     traffic: traffic_report(traffic),
                     l7: None,
@@ -419,12 +533,17 @@ impl Inner {
                         }
                     })
                     .unwrap_or_default();
+                let (last_check, health_since_unix_ms, health_reason) =
+                    self.health_detail(&vhost.name, server.address);
                 reports.push(ServerReport {
                     vip: vhost.name.clone(),
                     address: server.address,
                     weight: server.weight,
                     admin: server.state,
-                    health: HealthState::Unchecked,
+                    health: server.health,
+                    last_check,
+                    health_since_unix_ms,
+                    health_reason,
                     active_flows: l7.in_flight as usize,
                     traffic: Traffic::default(),
                     l7: Some(l7),
@@ -432,6 +551,33 @@ impl Inner {
             }
         }
         Ok(reports)
+    }
+
+    /// The last check, and since when and why the health is what it is.
+    fn health_detail(
+        &self,
+        pool: &str,
+        address: SocketAddr,
+    ) -> (Option<String>, Option<u64>, Option<String>) {
+        let key = (pool.to_string(), address);
+        let last = self
+            .health
+            .last_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .map(|check| {
+                let ago = check.at.elapsed().unwrap_or_default().as_secs_f64();
+                let verdict = if check.ok { "ok" } else { "failed" };
+                format!("{verdict}: {} ({ago:.1} s ago)", check.result)
+            });
+        let (since, reason) = self
+            .health_reasons
+            .get(&key)
+            .map_or((None, None), |(since, reason)| {
+                (Some(*since), Some(reason.clone()))
+            });
+        (last, since, reason)
     }
 
     fn stats(&self) -> Result<StatsReport, ControlError> {
@@ -560,6 +706,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
     }
+    let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
+    let health = HealthChecker::start(transitions_tx).context("cannot start the health checker")?;
     let socket_path = config.daemon.control_socket.clone();
     let state = Arc::new(State {
         config_path: config_path.to_path_buf(),
@@ -570,8 +718,15 @@ pub fn run(config_path: &Path) -> Result<()> {
             l4,
             l7,
             vhosts,
+            health,
+            health_reasons: HashMap::new(),
+            events: VecDeque::new(),
+            next_event: 0,
         }),
     });
+    if let Ok(inner) = state.inner.lock() {
+        inner.health.set_targets(inner.health_targets());
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -598,6 +753,11 @@ pub fn run(config_path: &Path) -> Result<()> {
                 () = &mut serve => break,
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, the datapath stays pinned"); break }
                 _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
+                Some(transition) = transitions.recv() => {
+                    if let Ok(mut inner) = state.inner.lock() {
+                        inner.apply_health(transition);
+                    }
+                }
                 _ = sighup.recv() => match state.handle(Request::Reload) {
                     Response::Changed(changes) => {
                         tracing::info!(changes = changes.len(), "SIGHUP: config reloaded");

@@ -4,6 +4,7 @@
 //! - [`l4`]: the L4 services model (VIPs, pools, server states) and how changes reach the maps.
 //! - [`l7`]: the HTTP/1.1 reverse proxy: io_uring workers (one thread per core), Host routing.
 //! - [`vhosts`]: the L7 virtual hosts and pools model, and the snapshot the workers route with.
+//! - [`health`]: active health checks on a thread of their own, reporting transitions.
 //! - [`pool`]: what L4 and L7 pools share (config merge, change lines).
 //! - [`maglev`]: Maglev lookup-table builder (weights, deterministic across nodes).
 //! - [`pins`]: the bpffs directory that keeps the datapath running between daemons.
@@ -15,6 +16,7 @@
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod l4;
 pub mod l7;
 pub mod maglev;

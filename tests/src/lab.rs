@@ -40,16 +40,8 @@ impl Lab {
         fs::create_dir_all(dir)?;
         mount_bpffs(&dir.join("bpf"))?;
         let mut backends = Vec::with_capacity(servers);
-        for (i, ns) in topology.servers.iter().enumerate() {
-            let i = i + 1;
-            let name = format!("srv{i}");
-            backends.push(Process::spawn(
-                &name,
-                ns.command(workspace_bin("weir-demo-backend"))
-                    .args(topology::backend_args(&name))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null()),
-            )?);
+        for i in 1..=servers {
+            backends.push(spawn_backend(&topology, i)?);
         }
         fs::write(
             dir.join("weir.toml"),
@@ -67,6 +59,18 @@ impl Lab {
             server.wait_for_listener(topology::server_socket(i + 1), Duration::from_secs(5))?;
         }
         Ok(lab)
+    }
+
+    /// Stops demo backend `i` (1-based), as a crashed server would: its sockets close.
+    pub fn stop_backend(&mut self, i: usize) {
+        self.backends[i - 1].kill();
+    }
+
+    /// Starts demo backend `i` again; returns once it accepts connections.
+    pub fn start_backend(&mut self, i: usize) -> Result<()> {
+        self.backends[i - 1] = spawn_backend(&self.topology, i)?;
+        self.topology.servers[i - 1]
+            .wait_for_listener(topology::server_socket(i), Duration::from_secs(5))
     }
 
     /// Kills `weir` with SIGKILL (no clean-up of any kind) and waits until it is gone.
@@ -166,6 +170,19 @@ fn spawn_weir(topology: &Topology, dir: &Path, env: &[(&str, &Path)]) -> Result<
 }
 
 /// Mounts a fresh bpffs on `dir` (replacing a leftover one from a killed run).
+/// Demo backend `i` (1-based) in its server namespace.
+fn spawn_backend(topology: &Topology, i: usize) -> Result<Process> {
+    let name = format!("srv{i}");
+    Process::spawn(
+        &name,
+        topology.servers[i - 1]
+            .command(workspace_bin("weir-demo-backend"))
+            .args(topology::backend_args(&name))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
 pub fn mount_bpffs(dir: &Path) -> Result<()> {
     unmount_bpffs(dir);
     fs::create_dir_all(dir)?;

@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "procps",
     "bpftool",
+    // The health-check tests black-hole a server with a firewall rule.
+    "nftables",
 ];
 
 /// What setup found, for commands that run tools afterwards.

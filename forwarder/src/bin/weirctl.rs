@@ -12,15 +12,15 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
-    time::{Duration, Instant},
+    time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use clap::{CommandFactory, Parser, Subcommand};
 use weir_config::{
     Config, DEFAULT_CONTROL_SOCKET,
     control::{
-        AdminState, ControlError, ControlErrorKind, Request, Response, ServerReport, StatsReport,
-        StatusReport, VipReport,
+        AdminState, ControlError, ControlErrorKind, Event, Request, Response, ServerReport,
+        StatsReport, StatusReport, VipReport,
     },
 };
 use weir_forwarder::control::{Client, ClientError};
@@ -55,6 +55,12 @@ enum Command {
     Config(ConfigCommand),
     /// Re-read the daemon's config file and apply all of it or none of it.
     Reload,
+    /// State changes of servers (admin and health, with reasons), oldest first.
+    Events {
+        /// Keep printing new events as they happen (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+    },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -164,6 +170,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         }
         Command::Config(ConfigCommand::Check { file }) => return check_config(file, args.json),
         Command::Vip(VipCommand::Show { vip }) => return show_vip(args, vip),
+        Command::Events { follow } => return events(args, *follow),
         Command::Server(ServerCommand::Remove {
             vip,
             address,
@@ -372,7 +379,47 @@ fn print_response(response: &Response, json: bool) {
         }
         Response::Changed(changes) if changes.is_empty() => println!("no change"),
         Response::Changed(changes) => changes.iter().for_each(|line| println!("{line}")),
+        Response::Events(events) if json => print_json(events),
+        Response::Events(events) => events.iter().for_each(print_event),
         Response::Error(err) => print_json(err),
+    }
+}
+
+fn print_event(event: &Event) {
+    let at = UNIX_EPOCH + Duration::from_millis(event.unix_ms);
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    println!(
+        "{h:02}:{m:02}:{s:02}.{:03} UTC  {}",
+        event.unix_ms % 1000,
+        event.text
+    );
+}
+
+/// `weirctl events [--follow]`: the recorded events, then (with --follow) new ones as they
+/// come, asking for those after the last one seen.
+fn events(args: &Args, follow: bool) -> Result<(), Failure> {
+    let mut client = connect(args)?;
+    let mut after = 0;
+    loop {
+        let Response::Events(events) = ask(&mut client, Request::Events { after })? else {
+            return Err(unexpected());
+        };
+        for event in &events {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(event).expect("events serialize")
+                );
+            } else {
+                print_event(event);
+            }
+            after = event.seq;
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -486,6 +533,12 @@ fn print_servers(servers: &[ServerReport]) {
             packets,
             new
         );
+        if let Some(check) = &s.last_check {
+            println!("    last check {check}");
+        }
+        if let Some(reason) = &s.health_reason {
+            println!("    {} because {reason}", lower(&s.health));
+        }
     }
 }
 

@@ -1,0 +1,308 @@
+//! Health checks end to end: the daemon in the lab checks its pools; a server that dies or
+//! black-holes packets leaves the pool within the bound its check settings give, clients see
+//! no error (L7) or only the connections that were on it break (L4), and it comes back after
+//! `rise` good checks.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weir_tests::{
+    client::{EchoConnection, http_get},
+    http_client::{Body, HttpConn},
+    lab::Lab,
+    topology::{ECHO_PORT, L4_VIP, L7_VIP, SERVER_PORT, server_addr},
+};
+
+const INTERVAL_MS: u64 = 200;
+const TIMEOUT_MS: u64 = 200;
+const FALL: u64 = 2;
+const RISE: u64 = 2;
+const JITTER_PERCENT: u64 = 10;
+
+fn prefix(tag: &str) -> String {
+    format!("weirt-{}-{tag}-", std::process::id())
+}
+
+fn health_table(kind: &str, table: &str) -> String {
+    format!(
+        "[{table}.health]\nkind = \"{kind}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nfall = {FALL}\nrise = {RISE}\njitter_percent = {JITTER_PERCENT}\n\n"
+    )
+}
+
+/// The longest a transition may take: `fall` (or `rise`) checks, each up to interval +
+/// jitter apart, the last taking up to the timeout, plus time to apply and to observe it.
+fn bound(checks: u64) -> Duration {
+    Duration::from_millis(checks * INTERVAL_MS * (100 + JITTER_PERCENT) / 100 + TIMEOUT_MS + 400)
+}
+
+/// Starts a lab whose `demo-echo` VIP (TCP checks) and `demo-l7` vhost (HTTP checks) are
+/// checked, applied by a reload.
+fn checked_lab(tag: &str) -> Lab {
+    let dir = std::env::temp_dir().join(format!("weirt-{}-{tag}", std::process::id()));
+    let lab = Lab::start(&prefix(tag), 3, &dir, "native").expect("lab starts");
+    let config = fs::read_to_string(lab.config()).unwrap();
+    let checked = config.replace(
+        "[[vhost]]",
+        &format!("{}[[vhost]]", health_table("tcp", "l4_vip")),
+    ) + "\n"
+        + &health_table("http", "vhost");
+    fs::write(lab.config(), checked).unwrap();
+    weirctl_ok(&lab, &["reload"]);
+    lab
+}
+
+fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
+    let out = lab.weirctl().args(args).output().expect("weirctl runs");
+    assert!(
+        out.status.success(),
+        "weirctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// (health, last check, requests sent to it by L7) of `server` in `pool`.
+fn server_state(lab: &Lab, pool: &str, server: SocketAddr) -> (String, String, u64) {
+    let json: Value =
+        serde_json::from_str(&weirctl_ok(lab, &["server", "list", pool, "--json"])).unwrap();
+    let s = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"].as_str() == Some(&server.to_string()))
+        .unwrap_or_else(|| panic!("{server} not in {pool}"))
+        .clone();
+    (
+        s["health"].as_str().unwrap().to_string(),
+        s["last_check"].as_str().unwrap_or_default().to_string(),
+        s["l7"]["requests"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Waits until `server`'s health in `pool` is `health`; returns how long that took.
+fn wait_for_health(
+    lab: &Lab,
+    pool: &str,
+    server: SocketAddr,
+    health: &str,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    while server_state(lab, pool, server).0 != health {
+        assert!(
+            started.elapsed() < limit * 3,
+            "{server} in {pool} not {health} after {:?}",
+            started.elapsed()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+fn http_server(i: usize) -> SocketAddr {
+    SocketAddr::new(server_addr(i).into(), SERVER_PORT)
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_stopped_server_leaves_the_pool_in_bound_with_no_client_error_and_returns_after_rise() {
+    let mut lab = checked_lab("hstop");
+    let l7_server = http_server(2);
+    let echo_server = SocketAddr::new(server_addr(2).into(), ECHO_PORT);
+    // Checks run and pass.
+    thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    let (health, last, _) = server_state(&lab, "demo-l7", l7_server);
+    assert_eq!(health, "healthy");
+    assert!(last.starts_with("ok: status 200"), "{last}");
+    assert!(
+        server_state(&lab, "demo-echo", echo_server)
+            .1
+            .starts_with("ok: connected")
+    );
+
+    // GET load through the L7 VIP, keep-alive and new connections.
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let netns = format!("/run/netns/{}", lab.topology.client.name());
+    let vip = SocketAddr::new(L7_VIP.into(), 80);
+    let load: Vec<_> = (0..4)
+        .map(|client| {
+            let (stop, served, errors, netns) =
+                (stop.clone(), served.clone(), errors.clone(), netns.clone());
+            thread::spawn(move || {
+                let file = fs::File::open(&netns).unwrap();
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let mut conn: Option<HttpConn> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let result = conn
+                        .take()
+                        .map_or_else(|| HttpConn::connect(vip), Ok)
+                        .and_then(|mut c| {
+                            let r = c.request("GET", "/", "demo.weir.test", "", Body::None)?;
+                            Ok((c, r))
+                        });
+                    match result {
+                        Ok((c, r)) if r.status == 200 => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                            if client % 2 == 0 {
+                                conn = Some(c);
+                            }
+                        }
+                        Ok((_, r)) => errors.lock().unwrap().push(format!("status {}", r.status)),
+                        Err(err) => errors.lock().unwrap().push(err.to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+
+    lab.stop_backend(2);
+    let l7_took = wait_for_health(&lab, "demo-l7", l7_server, "unhealthy", bound(FALL));
+    let l4_took = wait_for_health(&lab, "demo-echo", echo_server, "unhealthy", bound(FALL));
+    assert!(
+        l7_took <= bound(FALL),
+        "L7 exclusion took {l7_took:?}, bound {:?}",
+        bound(FALL)
+    );
+    assert!(
+        l4_took <= bound(FALL),
+        "L4 exclusion took {l4_took:?}, bound {:?}",
+        bound(FALL)
+    );
+    // New L4 connections all reach a live server.
+    for _ in 0..20 {
+        let name = lab
+            .topology
+            .client
+            .run(|| {
+                EchoConnection::open(SocketAddr::new(L4_VIP.into(), ECHO_PORT)).map(|c| c.server)
+            })
+            .unwrap();
+        assert_ne!(name.expect("a new echo connection succeeds"), "srv2");
+    }
+    let (_, _, requests_down) = server_state(&lab, "demo-l7", l7_server);
+
+    lab.start_backend(2).unwrap();
+    let back = wait_for_health(&lab, "demo-l7", l7_server, "healthy", bound(RISE));
+    assert!(back <= bound(RISE), "recovery took {back:?}");
+    let before = served.load(Ordering::Relaxed);
+    while served.load(Ordering::Relaxed) < before + 200 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        server_state(&lab, "demo-l7", l7_server).2 > requests_down,
+        "the recovered server gets requests again"
+    );
+
+    // Admin state wins over health: disabled and healthy gets nothing.
+    weirctl_ok(
+        &lab,
+        &["server", "disable", "demo-l7", &l7_server.to_string()],
+    );
+    let (_, _, at_disable) = server_state(&lab, "demo-l7", l7_server);
+    let before = served.load(Ordering::Relaxed);
+    while served.load(Ordering::Relaxed) < before + 200 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(server_state(&lab, "demo-l7", l7_server).2, at_disable);
+
+    stop.store(true, Ordering::Relaxed);
+    for thread in load {
+        thread.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let events = weirctl_ok(&lab, &["events"]);
+    for wanted in [
+        format!(
+            "demo-l7: server {l7_server} is unhealthy: {FALL} failed checks in a row, last: connect:"
+        ),
+        format!(
+            "demo-l7: server {l7_server} is healthy: {RISE} good checks in a row, last: status 200"
+        ),
+        format!("demo-echo: server {echo_server} is unhealthy"),
+        format!("vhost demo-l7: server {l7_server} ready -> disabled"),
+    ] {
+        assert!(
+            events.contains(&wanted),
+            "no {wanted:?} in events:\n{events}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_black_holed_server_is_excluded_and_only_its_connections_break() {
+    let lab = checked_lab("hhole");
+    let echo_vip = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+    let hole = SocketAddr::new(server_addr(3).into(), ECHO_PORT);
+    thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    // Long-lived connections spread over the three servers.
+    let mut connections: Vec<EchoConnection> = (0..24)
+        .map(|_| {
+            lab.topology
+                .client
+                .run(|| EchoConnection::open(echo_vip))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let on_hole = connections.iter().filter(|c| c.server == "srv3").count();
+    assert!(on_hole > 0, "some connections are on srv3");
+    // srv3 stops answering on the echo port: packets vanish.
+    let ns = &lab.topology.servers[2];
+    for rule in [
+        "add table inet weirt",
+        "add chain inet weirt input { type filter hook input priority 0; }",
+        &format!("add rule inet weirt input tcp dport {ECHO_PORT} drop"),
+    ] {
+        let status = ns.command("nft").args(rule.split(' ')).status().unwrap();
+        assert!(status.success(), "nft {rule}");
+    }
+    let took = wait_for_health(&lab, "demo-echo", hole, "unhealthy", bound(FALL));
+    assert!(took <= bound(FALL), "exclusion took {took:?}");
+    // With down_flows = "repick", a connection that was on srv3 now reaches another server,
+    // which resets it at once; every other connection goes on.
+    let mut broken = Vec::new();
+    for connection in &mut connections {
+        let result = lab.topology.client.run(|| connection.exchange()).unwrap();
+        if result.is_err() {
+            broken.push(connection.server.clone());
+        }
+    }
+    assert_eq!(broken.len(), on_hole, "broken: {broken:?}");
+    assert!(broken.iter().all(|s| s == "srv3"));
+    // New connections avoid it; HTTP on srv3 still works (the hole is the echo port only).
+    for _ in 0..20 {
+        let server = lab
+            .topology
+            .client
+            .run(|| EchoConnection::open(echo_vip).map(|c| c.server))
+            .unwrap()
+            .unwrap();
+        assert_ne!(server, "srv3");
+    }
+    assert!(
+        lab.topology
+            .client
+            .run(|| http_get(SocketAddr::new(L4_VIP.into(), 80)))
+            .unwrap()
+            .is_ok()
+    );
+}
