@@ -176,6 +176,9 @@ pub struct L7Traffic {
     pub failures: u64,
     /// Connections opened to it.
     pub connections: u64,
+    /// Milliseconds left of an outlier-detection ejection (0: not ejected).
+    #[serde(default)]
+    pub ejected_ms: u64,
 }
 
 /// One state change of a server or pool, as the daemon recorded it.

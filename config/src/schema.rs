@@ -327,7 +327,36 @@ pub struct VirtualHost {
     /// Active health checks of the pool (none without this table).
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// Passive checks: servers failing requests are ejected for a while (none without).
+    #[serde(default)]
+    pub outlier: Option<OutlierDetection>,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// Passive health checking in the L7 workers (outlier detection, as Envoy calls it): a
+/// server whose requests fail `consecutive_failures` times in a row — connect failures,
+/// resets, timeouts, invalid responses or 5xx — is ejected from selection for a while; each
+/// further ejection lasts longer. No more than `max_ejection_percent` of the pool's ready
+/// servers is ejected at once, so a bad deploy of half the pool cannot empty it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times this, up to `max_ejection_ms`.
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_failures: 5,
+            base_ejection_ms: 10_000,
+            max_ejection_ms: 300_000,
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 /// How an L7 pool picks a server for a request.
@@ -626,6 +655,17 @@ impl Config {
             if let Some(health) = &vhost.health {
                 let at = vhost.name.span().start;
                 problems.extend(health.problems().into_iter().map(|p| (at, p)));
+            }
+            if let Some(outlier) = &vhost.outlier
+                && (outlier.consecutive_failures == 0
+                    || outlier.base_ejection_ms == 0
+                    || outlier.max_ejection_ms < outlier.base_ejection_ms
+                    || outlier.max_ejection_percent > 100)
+            {
+                problems.push((
+                    vhost.name.span().start,
+                    "outlier: consecutive_failures and base_ejection_ms must be positive, max_ejection_ms at least base_ejection_ms, max_ejection_percent at most 100".to_string(),
+                ));
             }
         }
         check_listeners(&self.vhosts, &mut problems);

@@ -530,6 +530,10 @@ impl Inner {
                             responses: stats.responses.each_ref().map(load),
                             failures: load(&stats.failures),
                             connections: load(&stats.connections),
+                            ejected_ms: stats
+                                .ejected_until_ms
+                                .load(Ordering::Relaxed)
+                                .saturating_sub(crate::l7::snapshot::now_ms()),
                         }
                     })
                     .unwrap_or_default();

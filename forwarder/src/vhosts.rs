@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use weir_config::{
-    AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, ServerSpec,
+    AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
     control::{AdminState, HealthState},
 };
 
@@ -54,6 +54,7 @@ pub struct Vhost {
     pub hash_on: Option<HashOn>,
     /// How its servers are checked, if they are.
     pub health: Option<HealthCheck>,
+    pub outlier: Option<OutlierDetection>,
     pub servers: Vec<VhostServer>,
     /// The config file's pool as last applied.
     pub config_servers: Vec<ServerSpec>,
@@ -118,6 +119,7 @@ impl Vhosts {
                 balance: spec.balance,
                 hash_on: spec.hash_key(),
                 health: spec.health.clone(),
+                outlier: spec.outlier.clone(),
                 servers,
                 config_servers: Vec::new(),
             });
@@ -279,6 +281,7 @@ impl Vhosts {
                 balance: v.balance,
                 hash_on: v.hash_on.clone(),
                 all_down: v.health.as_ref().map_or(AllDown::Refuse, |h| h.all_down),
+                outlier: v.outlier.clone(),
                 servers: v
                     .servers
                     .iter()

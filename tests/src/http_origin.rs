@@ -76,6 +76,7 @@ pub struct HttpOrigin {
     connections: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
+    failing: Arc<AtomicBool>,
 }
 
 impl HttpOrigin {
@@ -90,12 +91,14 @@ impl HttpOrigin {
             connections: Arc::default(),
             stopped: Arc::default(),
             open: Arc::default(),
+            failing: Arc::default(),
         };
-        let (seen, connections, stopped, open) = (
+        let (seen, connections, stopped, open, failing) = (
             Arc::clone(&origin.seen),
             Arc::clone(&origin.connections),
             Arc::clone(&origin.stopped),
             Arc::clone(&origin.open),
+            Arc::clone(&origin.failing),
         );
         let name = name.to_string();
         thread::spawn(move || {
@@ -109,11 +112,12 @@ impl HttpOrigin {
                     open.lock().unwrap().push(clone);
                 }
                 let seen = Arc::clone(&seen);
+                let failing = Arc::clone(&failing);
                 let name = name.clone();
                 thread::spawn(move || {
                     // The clone kept in `open` holds the socket: close it explicitly.
                     let closer = stream.try_clone();
-                    let _ = serve(stream, &name, id, &seen);
+                    let _ = serve(stream, &name, id, &seen, &failing);
                     if let Ok(closer) = closer {
                         let _ = closer.shutdown(Shutdown::Both);
                     }
@@ -121,6 +125,11 @@ impl HttpOrigin {
             }
         });
         Ok(origin)
+    }
+
+    /// From now on, answer every request with `503` (a broken deploy), or stop doing so.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
     }
 
     /// Every request received so far.
@@ -181,7 +190,13 @@ pub(crate) fn read_line(reader: &mut impl BufRead) -> io::Result<Option<String>>
         .map_err(|_| bad("not UTF-8"))
 }
 
-fn serve(stream: TcpStream, name: &str, id: u64, seen: &Mutex<Vec<SeenRequest>>) -> io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    name: &str,
+    id: u64,
+    seen: &Mutex<Vec<SeenRequest>>,
+    failing: &AtomicBool,
+) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -270,7 +285,14 @@ fn serve(stream: TcpStream, name: &str, id: u64, seen: &Mutex<Vec<SeenRequest>>)
             }
         }
         let connection = if keep { "keep-alive" } else { "close" };
-        if let Some(n) = path
+        if failing.load(Ordering::Relaxed) {
+            let body = format!("{name} failing\n");
+            write!(
+                writer,
+                "HTTP/1.1 503 Service Unavailable\r\nX-Served-By: {name}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+                body.len()
+            )?;
+        } else if let Some(n) = path
             .strip_prefix("/bytes/")
             .and_then(|n| n.parse::<u64>().ok())
         {

@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_config::{Config, control::AdminState};
+use weir_config::{
+    Config,
+    control::{AdminState, HealthState},
+};
 use weir_forwarder::{l7::L7Workers, vhosts::Vhosts};
 use weir_tests::{
     http_client::{Body, HttpConn, is_pattern, raw_exchange},
@@ -1050,4 +1053,87 @@ servers = [{ address = "SERVER1" }]
             .status,
         200
     );
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_server_and_never_more_than_the_cap() {
+    let o = origins(4);
+    // Two of four servers break; the cap (25%) lets only one be ejected.
+    o[0].set_failing(true);
+    o[1].set_failing(true);
+    let proxy = Proxy::start(
+        "workers = 1\n",
+        r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }, { address = "SERVER4" }]
+
+[vhost.outlier]
+consecutive_failures = 3
+base_ejection_ms = 60000
+max_ejection_percent = 25
+"#,
+        &refs(&o),
+    );
+    let mut conn = proxy.conn();
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    for _ in 0..100 {
+        let response = conn
+            .request("GET", "/", "app.test", "", Body::None)
+            .unwrap();
+        if response.status == 503 {
+            *failures
+                .entry(response.header("x-served-by").unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    // Round robin over four servers: s1 fails requests 1, 5 and 9, and is then ejected for
+    // the rest of the test. s2 reaches three failures next, but one of four is the cap.
+    assert_eq!(failures.get("s1"), Some(&3), "{failures:?}");
+    assert!(failures.get("s2").is_some_and(|&n| n > 25), "{failures:?}");
+    assert_eq!(
+        o[0].requests().len(),
+        3,
+        "the ejected server got no more requests"
+    );
+}
+
+#[test]
+fn when_every_server_is_down_the_pool_refuses_or_fails_open_as_configured() {
+    let o = origins(2);
+    let config = |policy: &str| {
+        format!(
+            r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+servers = [{{ address = "SERVER1" }}, {{ address = "SERVER2" }}]
+
+[vhost.health]
+all_down = "{policy}"
+"#
+        )
+    };
+    for (policy, status) in [("refuse", 503), ("fail_open", 200)] {
+        let mut proxy = Proxy::start("", &config(policy), &refs(&o));
+        assert_eq!(proxy.get("app.test", "/").status, 200);
+        let (a, b) = (o[0].address, o[1].address);
+        proxy.change(|v| v.set_health("app", a, HealthState::Unhealthy).unwrap());
+        // One down: the other serves.
+        for _ in 0..4 {
+            assert_eq!(proxy.get("app.test", "/").text(), "s2\n");
+        }
+        proxy.change(|v| v.set_health("app", b, HealthState::Unhealthy).unwrap());
+        assert_eq!(proxy.get("app.test", "/").status, status, "{policy}");
+        // Admin state still wins when failing open.
+        proxy.change(|v| v.set_state("app", a, AdminState::Disabled).unwrap());
+        if policy == "fail_open" {
+            for _ in 0..4 {
+                assert_eq!(proxy.get("app.test", "/").text(), "s2\n");
+            }
+        }
+    }
 }

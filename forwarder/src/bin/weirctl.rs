@@ -539,6 +539,12 @@ fn print_servers(servers: &[ServerReport]) {
         if let Some(reason) = &s.health_reason {
             println!("    {} because {reason}", lower(&s.health));
         }
+        if let Some(l7) = s.l7.filter(|l7| l7.ejected_ms > 0) {
+            println!(
+                "    ejected by outlier detection for {:.1} s more",
+                l7.ejected_ms as f64 / 1000.0
+            );
+        }
     }
 }
 

@@ -12,7 +12,10 @@ use std::sync::atomic::Ordering;
 use weir_config::{Balance, HashOn};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{http::RequestHead, snapshot::L7Snapshot};
+use super::{
+    http::RequestHead,
+    snapshot::{L7Snapshot, now_ms},
+};
 
 /// A worker's selection state.
 #[derive(Debug, Default)]
@@ -45,6 +48,14 @@ impl Balancer {
                 .collect();
         }
         let pool = &snapshot.vhosts[vhost];
+        // Servers ejected by outlier detection are skipped while another choice remains.
+        let now = now_ms();
+        let ejected = |i: usize| pool.servers[i].stats.is_ejected(now);
+        let any_left = pool
+            .ready
+            .iter()
+            .any(|&i| !exclude.contains(&i) && !ejected(i));
+        let skip = |i: usize| exclude.contains(&i) || (any_left && ejected(i));
         match pool.balance {
             Balance::Hash => {
                 let key = pool
@@ -56,11 +67,11 @@ impl Balancer {
                 {
                     let slot = (xxh3_64(&key) % pool.hash_table.len() as u64) as usize;
                     let server = pool.hash_table[slot] as usize;
-                    if !exclude.contains(&server) {
+                    if !skip(server) {
                         return Some(server);
                     }
                 }
-                self.round_robin(snapshot, vhost, exclude)
+                self.round_robin(snapshot, vhost, &skip)
             }
             Balance::LeastConnections => {
                 // Ties go round the pool, so an idle pool is not all sent to its first server.
@@ -75,14 +86,14 @@ impl Balancer {
                 };
                 (0..n)
                     .map(|k| pool.ready[(self.cursor + k) % n])
-                    .filter(|i| !exclude.contains(i))
+                    .filter(|&i| !skip(i))
                     // Fewest in flight per unit of weight: a/wa < b/wb as a·wb < b·wa.
                     .min_by(|&a, &b| {
                         let ((la, wa), (lb, wb)) = (load(a), load(b));
                         (la * wb).cmp(&(lb * wa))
                     })
             }
-            Balance::RoundRobin => self.round_robin(snapshot, vhost, exclude),
+            Balance::RoundRobin => self.round_robin(snapshot, vhost, &skip),
         }
     }
 
@@ -91,14 +102,14 @@ impl Balancer {
         &mut self,
         snapshot: &L7Snapshot,
         vhost: usize,
-        exclude: &[usize],
+        skip: &impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let pool = &snapshot.vhosts[vhost];
         let current = &mut self.current[vhost];
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for &i in &pool.ready {
-            if exclude.contains(&i) {
+            if skip(i) {
                 continue;
             }
             let weight = i64::from(pool.servers[i].weight);
@@ -156,6 +167,7 @@ mod tests {
             balance,
             hash_on,
             all_down: weir_config::AllDown::Refuse,
+            outlier: None,
             servers: weights
                 .iter()
                 .enumerate()

@@ -34,7 +34,7 @@ use super::{
         parse_request, parse_response, write_client_head, write_server_head,
     },
     io::Conn,
-    snapshot::{L7Snapshot, PoolServer, ServerStats},
+    snapshot::{L7Snapshot, PoolServer, ServerStats, VhostPool},
     upstream::UpstreamPool,
 };
 
@@ -271,6 +271,28 @@ async fn read_request(
     }
 }
 
+/// Counts a failed request to server `index` of `pool`, for its counters and for outlier
+/// detection.
+fn server_failed(pool: &VhostPool, index: usize) {
+    pool.servers[index]
+        .stats
+        .failures
+        .fetch_add(1, Ordering::Relaxed);
+    note_outcome(pool, index, false);
+}
+
+/// Feeds outlier detection with how a request to server `index` ended.
+fn note_outcome(pool: &VhostPool, index: usize, ok: bool) {
+    if let Some(ms) = pool.record_outcome(index, ok) {
+        tracing::warn!(
+            vhost = pool.name,
+            server = %pool.servers[index].address,
+            ms,
+            "server ejected by outlier detection"
+        );
+    }
+}
+
 /// Counts a request in flight on a server for as long as it lives.
 struct InFlight<'a>(&'a ServerStats);
 
@@ -332,7 +354,7 @@ async fn exchange(
                     conn
                 }
                 Err(err) => {
-                    server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    server_failed(pool, index);
                     tracing::debug!(server = %server.address, %err, "cannot connect");
                     tried.push(index);
                     failure = if err.kind() == std::io::ErrorKind::TimedOut {
@@ -356,7 +378,7 @@ async fn exchange(
         let BufResult(written, back) = upstream.write_all(head).await;
         head = back;
         if written.is_err() {
-            server.stats.failures.fetch_add(1, Ordering::Relaxed);
+            server_failed(pool, index);
             if !(reused && request.retryable()) {
                 tried.push(index);
             }
@@ -381,12 +403,13 @@ async fn exchange(
             Err(RelayError::From) => return Err(Failure::Close),
             Err(RelayError::Malformed(err)) => return Err(Failure::Respond(400, err.0)),
             Err(RelayError::To) => {
-                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                server_failed(pool, index);
                 return Err(Failure::Respond(502, "server connection failed"));
             }
         }
         match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
             Ok((status, keep_alive)) => {
+                note_outcome(pool, index, status < 500);
                 worker.recycle(head);
                 return Ok(Exchanged {
                     status,
@@ -395,7 +418,7 @@ async fn exchange(
                 });
             }
             Err(ResponseFailure::Nothing(err)) => {
-                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                server_failed(pool, index);
                 tracing::debug!(server = %server.address, %err, reused, "no response");
                 let timed_out = err.kind() == std::io::ErrorKind::TimedOut;
                 if timed_out {
@@ -415,7 +438,7 @@ async fn exchange(
                 return Err(failure);
             }
             Err(ResponseFailure::Invalid(reason)) => {
-                server.stats.failures.fetch_add(1, Ordering::Relaxed);
+                server_failed(pool, index);
                 return Err(Failure::Respond(502, reason));
             }
             Err(ResponseFailure::Cut) => return Err(Failure::Close),

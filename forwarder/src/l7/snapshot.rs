@@ -11,13 +11,14 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
+    time::Instant,
 };
 
 use weir_config::{
-    AllDown, Balance, HashOn, L7Config,
+    AllDown, Balance, HashOn, L7Config, OutlierDetection,
     control::{AdminState, HealthState},
 };
 
@@ -38,9 +39,26 @@ pub struct ServerStats {
     pub failures: AtomicU64,
     /// Connections opened to the server.
     pub connections: AtomicU64,
+    /// Failed requests in a row (outlier detection).
+    pub consecutive_failures: AtomicU32,
+    /// Until when ([`now_ms`]) outlier detection keeps the server out of selection.
+    pub ejected_until_ms: AtomicU64,
+    /// Times it was ejected (each ejection lasts longer).
+    pub ejections: AtomicU32,
+}
+
+/// Milliseconds on a monotonic clock shared by all workers (since the first call).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl ServerStats {
+    /// Whether outlier detection has it out of selection at `now` ([`now_ms`]).
+    pub fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
     pub fn response(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
@@ -70,6 +88,43 @@ pub struct VhostPool {
     /// Maglev table over `ready` (for `Balance::Hash`): slot → index into `servers`.
     pub hash_table: Vec<u32>,
     pub requests: Arc<AtomicU64>,
+    pub outlier: Option<OutlierDetection>,
+}
+
+impl VhostPool {
+    /// Records how a request to server `index` ended, for outlier detection: a failure
+    /// that completes a run of `consecutive_failures` ejects it, unless that would put more
+    /// than `max_ejection_percent` of the ready servers out at once. Returns the ejection's
+    /// length when it ejects.
+    pub fn record_outcome(&self, index: usize, ok: bool) -> Option<u64> {
+        let outlier = self.outlier.as_ref()?;
+        let stats = &self.servers[index].stats;
+        if ok {
+            stats.consecutive_failures.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = now_ms();
+        if failures < outlier.consecutive_failures || stats.is_ejected(now) {
+            return None;
+        }
+        let ejected = self
+            .ready
+            .iter()
+            .filter(|&&i| self.servers[i].stats.is_ejected(now))
+            .count();
+        let cap = self.ready.len() * outlier.max_ejection_percent as usize / 100;
+        if ejected >= cap {
+            return None;
+        }
+        let times = u64::from(stats.ejections.fetch_add(1, Ordering::Relaxed)) + 1;
+        let length = (outlier.base_ejection_ms * times).min(outlier.max_ejection_ms);
+        stats
+            .ejected_until_ms
+            .store(now + length, Ordering::Relaxed);
+        stats.consecutive_failures.store(0, Ordering::Relaxed);
+        Some(length)
+    }
 }
 
 /// How one listener maps a Host to a vhost.
@@ -120,6 +175,7 @@ pub struct VhostSpec<'a> {
     pub balance: Balance,
     pub hash_on: Option<HashOn>,
     pub all_down: AllDown,
+    pub outlier: Option<OutlierDetection>,
     /// (address, weight, admin state, health)
     pub servers: Vec<(SocketAddr, u32, AdminState, HealthState)>,
 }
@@ -205,6 +261,7 @@ impl L7Snapshot {
                 ready,
                 hash_table,
                 requests: old.map_or_else(Arc::default, |o| Arc::clone(&o.requests)),
+                outlier: spec.outlier.clone(),
             });
         }
         for listener in &mut routes {
@@ -245,6 +302,7 @@ mod tests {
             balance: Balance::RoundRobin,
             hash_on: None,
             all_down: AllDown::Refuse,
+            outlier: None,
             servers: vec![(
                 "127.0.0.2:80".parse().unwrap(),
                 1,
