@@ -262,6 +262,11 @@ pub struct L4Vip {
     /// Active health checks of the pool (none without this table).
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// Milliseconds over which a server entering the rotation (added, enabled, healthy
+    /// again) ramps from a sliver to its full weight; 0 = at once. L4 tables step once a
+    /// second.
+    #[serde(default)]
+    pub slow_start_ms: u64,
     pub servers: Spanned<Vec<ServerSpec>>,
 }
 
@@ -330,6 +335,10 @@ pub struct VirtualHost {
     /// Passive checks: servers failing requests are ejected for a while (none without).
     #[serde(default)]
     pub outlier: Option<OutlierDetection>,
+    /// Milliseconds over which a server entering the rotation ramps to its full weight (round
+    /// robin and least connections; hash pools keep full weights); 0 = at once.
+    #[serde(default)]
+    pub slow_start_ms: u64,
     pub servers: Spanned<Vec<ServerSpec>>,
 }
 

@@ -308,6 +308,20 @@ impl Inner {
         targets
     }
 
+    /// Moves L4 slow starts one step: rebuilds the tables of VIPs with a ramping server and
+    /// writes those that changed (each an atomic switch).
+    fn step_slow_starts(&mut self) {
+        let mut next = self.l4.clone();
+        match next.step_slow_starts() {
+            Ok(false) => {}
+            Ok(true) => match next.sync(self.datapath.maps_mut(), Some(&self.l4)) {
+                Ok(()) => self.l4 = next,
+                Err(err) => tracing::error!(%err, "slow start step not written"),
+            },
+            Err(err) => tracing::error!(%err, "slow start step failed"),
+        }
+    }
+
     /// Applies what a health check decided, as a change like any other.
     fn apply_health(&mut self, transition: Transition) {
         let Transition {
@@ -750,6 +764,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
+        let mut slow_starts = tokio::time::interval(std::time::Duration::from_secs(1));
         let serve = control::serve(listener, handler);
         tokio::pin!(serve);
         loop {
@@ -757,6 +772,11 @@ pub fn run(config_path: &Path) -> Result<()> {
                 () = &mut serve => break,
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, the datapath stays pinned"); break }
                 _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
+                _ = slow_starts.tick() => {
+                    if let Ok(mut inner) = state.inner.lock() {
+                        inner.step_slow_starts();
+                    }
+                }
                 Some(transition) = transitions.recv() => {
                     if let Ok(mut inner) = state.inner.lock() {
                         inner.apply_health(transition);

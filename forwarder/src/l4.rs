@@ -23,6 +23,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt,
     net::SocketAddr,
+    time::Instant,
 };
 
 use weir_common::{
@@ -42,7 +43,10 @@ use weir_config::{
 use crate::{
     datapath::{DatapathError, DatapathMaps},
     maglev::{MaglevError, MaglevServer, MaglevTable},
-    pool::{PoolEdit, ServerLine, in_rotation, initial_health, merge_config_pool, server_changes},
+    pool::{
+        PoolEdit, ServerLine, eligible, in_rotation, initial_health, merge_config_pool,
+        ramped_weight, ramping, server_changes,
+    },
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
 };
 
@@ -83,6 +87,8 @@ pub struct L4Server {
     pub state: AdminState,
     /// As health checks see it; runtime only (a restarted daemon checks again).
     pub health: HealthState,
+    /// When it last entered the rotation, for slow start; runtime only.
+    pub ramp_since: Option<Instant>,
     /// Index in the datapath's server array.
     pub id: u32,
 }
@@ -103,6 +109,7 @@ pub struct L4Service {
     pub config_servers: Vec<ServerSpec>,
     /// How its servers are checked, if they are.
     pub health: Option<HealthCheck>,
+    pub slow_start_ms: u64,
     /// The Maglev table of the ready servers, as server ids: what the datapath holds.
     table: Vec<u32>,
 }
@@ -135,8 +142,16 @@ impl L4Service {
             servers: Vec::new(),
             config_servers: Vec::new(),
             health: spec.health.clone(),
+            slow_start_ms: spec.slow_start_ms,
             table: Vec::new(),
         }
+    }
+
+    /// Whether a server of this VIP is part-way through its slow start at `now`.
+    pub fn ramping(&self, now: Instant) -> bool {
+        self.servers
+            .iter()
+            .any(|s| ramping(s.ramp_since, self.slow_start_ms, now))
     }
 
     fn all_down(&self) -> AllDown {
@@ -211,11 +226,12 @@ impl L4Service {
             .into_iter()
             .map(|i| &self.servers[i])
             .collect();
+        let now = Instant::now();
         let input: Vec<MaglevServer> = ready
             .iter()
             .map(|s| MaglevServer {
                 address: s.address,
-                weight: s.weight,
+                weight: ramped_weight(s.weight, s.ramp_since, self.slow_start_ms, now),
             })
             .collect();
         Ok(
@@ -377,6 +393,7 @@ impl L4Services {
                             weight: s.weight,
                             state: s.state,
                             health: initial_health(spec.health.is_some()),
+                            ramp_since: None,
                             id: s.id,
                         })
                         .collect();
@@ -483,6 +500,10 @@ impl L4Services {
         let seed = self.seed;
         let service = self.service_mut(&name)?;
         service.config_servers = spec.servers.get_ref().clone();
+        // A new VIP's pool starts whole: slow start is for servers joining a running pool.
+        for server in &mut service.servers {
+            server.ramp_since = None;
+        }
         service.table = service.build_table(seed)?;
         Ok(())
     }
@@ -512,6 +533,7 @@ impl L4Services {
             weight,
             state: AdminState::Ready,
             health,
+            ramp_since: Some(Instant::now()),
             id,
         });
         service.table = service.build_table(seed)?;
@@ -540,23 +562,22 @@ impl L4Services {
         self.change_server(vip, address, |server| server.health = health)
     }
 
-    /// Takes over the health `previous` knows for servers that are in both (a reload or a
-    /// runtime change must not forget that a server is down).
+    /// Takes over the health (and slow starts) `previous` knows for servers that are in both:
+    /// a reload must not forget that a server is down.
     pub fn carry_health(&mut self, previous: &L4Services) -> Result<(), L4Error> {
         let seed = self.seed;
         for service in self.services.values_mut() {
             let Some(old) = previous.services.get(&service.name) else {
                 continue;
             };
-            if service.health.is_none() {
-                continue;
-            }
             for server in &mut service.servers {
-                if let Some(before) = old.find_server(server.address)
-                    && before.health != HealthState::Unchecked
-                {
+                let Some(before) = old.find_server(server.address) else {
+                    continue;
+                };
+                if service.health.is_some() && before.health != HealthState::Unchecked {
                     server.health = before.health;
                 }
+                server.ramp_since = server.ramp_since.or(before.ramp_since);
             }
             service.table = service.build_table(seed)?;
         }
@@ -595,9 +616,33 @@ impl L4Services {
         let seed = self.seed;
         let service = self.service_mut(vip)?;
         let index = service.server(address)?;
-        apply(&mut service.servers[index]);
+        let server = &mut service.servers[index];
+        let was = eligible(server.state, server.health);
+        apply(server);
+        if !was && eligible(server.state, server.health) {
+            server.ramp_since = Some(Instant::now());
+        }
         service.table = service.build_table(seed)?;
         Ok(())
+    }
+
+    /// Rebuilds the tables of VIPs with a server in slow start (the daemon calls it once a
+    /// second and writes what changed).
+    pub fn step_slow_starts(&mut self) -> Result<bool, L4Error> {
+        let (seed, now) = (self.seed, Instant::now());
+        let mut changed = false;
+        for service in self.services.values_mut() {
+            // One step past the end, so the table reaches full weights.
+            let recent = now
+                .checked_sub(std::time::Duration::from_secs(2))
+                .unwrap_or(now);
+            if service.ramping(now) || service.ramping(recent) {
+                let table = service.build_table(seed)?;
+                changed |= table != service.table;
+                service.table = table;
+            }
+        }
+        Ok(changed)
     }
 
     /// Writes these services into `maps`, which mirror `old` (`None`: unknown contents, e.g.
@@ -860,7 +905,37 @@ mod tests {
         );
 
         // The same config again is no change; the state is a fixed point.
+        // (Runtime-only marks such as a slow start's beginning are not part of the state.)
         let again = L4Services::plan(&edited, Some(&merged.runtime_state())).unwrap();
-        assert_eq!(again, merged);
+        assert_eq!(again.runtime_state(), merged.runtime_state());
+        assert!(merged.diff(&again).is_empty());
+        for (a, b) in again.services().zip(merged.services()) {
+            assert_eq!(a.table, b.table);
+        }
+    }
+
+    #[test]
+    fn a_server_added_at_run_time_starts_with_a_sliver_of_the_table_and_ramps() {
+        let source = "[[l4_vip]]\nname = \"web\"\naddress = \"198.18.100.10\"\nport = 80\nprotocol = \"tcp\"\nslow_start_ms = 1500\nservers = [{ address = \"198.18.11.1:80\" }, { address = \"198.18.11.2:80\" }]\n";
+        let config = Config::parse(std::path::Path::new("weir.toml"), source).unwrap();
+        let mut services = L4Services::plan(&config, None).unwrap();
+        let share = |services: &L4Services, last: u8| {
+            let service = services.service("web").unwrap();
+            let id = service.find_server(addr(last)).unwrap().id;
+            service.table.iter().filter(|&&s| s == id).count() as f64 / service.table.len() as f64
+        };
+        // The initial pool is whole from the start.
+        assert!((share(&services, 1) - 0.5).abs() < 0.01);
+        assert!(!services.step_slow_starts().unwrap());
+        services.add_server("web", addr(3), 100).unwrap();
+        // Weight 1 of 201 at first.
+        assert!(share(&services, 3) < 0.02, "{}", share(&services, 3));
+        std::thread::sleep(std::time::Duration::from_millis(750));
+        assert!(services.step_slow_starts().unwrap());
+        let halfway = share(&services, 3);
+        assert!((0.15..0.4).contains(&halfway), "{halfway}");
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        assert!(services.step_slow_starts().unwrap());
+        assert!((share(&services, 3) - 1.0 / 3.0).abs() < 0.01);
     }
 }

@@ -2,7 +2,7 @@
 //! config file's pool with the changes operators made at run time, and the change lines
 //! operators read.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Instant};
 
 use weir_config::{
     AllDown, ServerSpec,
@@ -26,6 +26,28 @@ pub fn in_rotation(servers: &[(AdminState, HealthState)], all_down: AllDown) -> 
     } else {
         healthy
     }
+}
+
+/// Whether a server with this admin state and health may take new traffic (before the
+/// all-down policy): entering this is what starts a slow start.
+pub fn eligible(state: AdminState, health: HealthState) -> bool {
+    state == AdminState::Ready && health.is_up()
+}
+
+/// A server's weight `since` it entered the rotation, over a slow start of `period_ms`: a
+/// straight ramp from 1 to `weight`, full weight once the period is over (or without one).
+pub fn ramped_weight(weight: u32, since: Option<Instant>, period_ms: u64, now: Instant) -> u32 {
+    let Some(since) = since else { return weight };
+    let elapsed = now.saturating_duration_since(since).as_millis() as u64;
+    if period_ms == 0 || elapsed >= period_ms {
+        return weight;
+    }
+    ((u64::from(weight) * elapsed).div_ceil(period_ms) as u32).clamp(1, weight)
+}
+
+/// Whether a slow start begun `since` is still under way at `now`.
+pub fn ramping(since: Option<Instant>, period_ms: u64, now: Instant) -> bool {
+    since.is_some_and(|since| (now.saturating_duration_since(since).as_millis() as u64) < period_ms)
 }
 
 /// The health a server starts with: checked pools start their servers up (and take them
@@ -95,6 +117,21 @@ mod tests {
     use super::*;
     use AdminState::*;
     use HealthState::*;
+
+    #[test]
+    fn slow_start_ramps_from_one_to_the_full_weight() {
+        let start = Instant::now();
+        let at = |ms| start + std::time::Duration::from_millis(ms);
+        assert_eq!(ramped_weight(100, Some(start), 10_000, at(0)), 1);
+        assert_eq!(ramped_weight(100, Some(start), 10_000, at(2_500)), 25);
+        assert_eq!(ramped_weight(100, Some(start), 10_000, at(9_999)), 100);
+        assert_eq!(ramped_weight(100, Some(start), 10_000, at(20_000)), 100);
+        assert_eq!(ramped_weight(100, None, 10_000, at(0)), 100);
+        assert_eq!(ramped_weight(100, Some(start), 0, at(0)), 100);
+        assert!(
+            ramping(Some(start), 10_000, at(9_000)) && !ramping(Some(start), 10_000, at(10_000))
+        );
+    }
 
     #[test]
     fn admin_state_wins_and_all_down_follows_the_policy() {

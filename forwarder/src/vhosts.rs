@@ -7,7 +7,7 @@
 //! removed at once; its in-flight requests are counted (`weirctl server list`) so
 //! `remove --wait` can wait for them.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use weir_config::{
     AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
@@ -16,7 +16,7 @@ use weir_config::{
 
 use crate::{
     l7::{L7Snapshot, VhostSpec},
-    pool::{PoolEdit, ServerLine, initial_health, merge_config_pool, server_changes},
+    pool::{PoolEdit, ServerLine, eligible, initial_health, merge_config_pool, server_changes},
     state::{RuntimeState, VhostServerState, VhostState},
 };
 
@@ -41,6 +41,8 @@ pub struct VhostServer {
     pub state: AdminState,
     /// As health checks see it; runtime only.
     pub health: HealthState,
+    /// When it last entered the rotation, for slow start; runtime only.
+    pub ramp_since: Option<Instant>,
 }
 
 /// A virtual host: how requests reach it, and its pool.
@@ -55,6 +57,7 @@ pub struct Vhost {
     /// How its servers are checked, if they are.
     pub health: Option<HealthCheck>,
     pub outlier: Option<OutlierDetection>,
+    pub slow_start_ms: u64,
     pub servers: Vec<VhostServer>,
     /// The config file's pool as last applied.
     pub config_servers: Vec<ServerSpec>,
@@ -107,6 +110,7 @@ impl Vhosts {
                         weight: s.weight,
                         state: s.state,
                         health: initial_health(spec.health.is_some()),
+                        ramp_since: None,
                     })
                     .collect(),
                 None => Vec::new(),
@@ -120,6 +124,7 @@ impl Vhosts {
                 hash_on: spec.hash_key(),
                 health: spec.health.clone(),
                 outlier: spec.outlier.clone(),
+                slow_start_ms: spec.slow_start_ms,
                 servers,
                 config_servers: Vec::new(),
             });
@@ -127,7 +132,15 @@ impl Vhosts {
                 .map(|s| s.config_servers.as_slice())
                 .unwrap_or_default();
             merge_config_pool(&mut vhosts, &name, base, spec.servers.get_ref())?;
-            vhosts.vhost_mut(&name)?.config_servers = spec.servers.get_ref().clone();
+            let vhost = vhosts.vhost_mut(&name)?;
+            vhost.config_servers = spec.servers.get_ref().clone();
+            if kept.is_none() {
+                // A new vhost's pool starts whole: slow start is for servers joining a
+                // running pool.
+                for server in &mut vhost.servers {
+                    server.ramp_since = None;
+                }
+            }
         }
         Ok(vhosts)
     }
@@ -175,6 +188,7 @@ impl Vhosts {
             weight,
             state: AdminState::Ready,
             health,
+            ramp_since: Some(Instant::now()),
         });
         Ok(())
     }
@@ -186,10 +200,7 @@ impl Vhosts {
         address: SocketAddr,
         state: AdminState,
     ) -> Result<(), VhostError> {
-        let pool = self.vhost_mut(vhost)?;
-        let index = pool.server_index(address)?;
-        pool.servers[index].state = state;
-        Ok(())
+        self.change_server(vhost, address, |server| server.state = state)
     }
 
     /// Records what health checks say of a server.
@@ -199,9 +210,24 @@ impl Vhosts {
         address: SocketAddr,
         health: HealthState,
     ) -> Result<(), VhostError> {
+        self.change_server(vhost, address, |server| server.health = health)
+    }
+
+    /// Applies `apply` to a server; one that enters the rotation by it starts its slow start.
+    fn change_server(
+        &mut self,
+        vhost: &str,
+        address: SocketAddr,
+        apply: impl FnOnce(&mut VhostServer),
+    ) -> Result<(), VhostError> {
         let pool = self.vhost_mut(vhost)?;
         let index = pool.server_index(address)?;
-        pool.servers[index].health = health;
+        let server = &mut pool.servers[index];
+        let was = eligible(server.state, server.health);
+        apply(server);
+        if !was && eligible(server.state, server.health) {
+            server.ramp_since = Some(Instant::now());
+        }
         Ok(())
     }
 
@@ -211,15 +237,15 @@ impl Vhosts {
             let Ok(old) = previous.vhost(&vhost.name) else {
                 continue;
             };
-            if vhost.health.is_none() {
-                continue;
-            }
+            let checked = vhost.health.is_some();
             for server in &mut vhost.servers {
-                if let Some(before) = old.servers.iter().find(|s| s.address == server.address)
-                    && before.health != HealthState::Unchecked
-                {
+                let Some(before) = old.servers.iter().find(|s| s.address == server.address) else {
+                    continue;
+                };
+                if checked && before.health != HealthState::Unchecked {
                     server.health = before.health;
                 }
+                server.ramp_since = server.ramp_since.or(before.ramp_since);
             }
         }
     }
@@ -282,10 +308,11 @@ impl Vhosts {
                 hash_on: v.hash_on.clone(),
                 all_down: v.health.as_ref().map_or(AllDown::Refuse, |h| h.all_down),
                 outlier: v.outlier.clone(),
+                slow_start_ms: v.slow_start_ms,
                 servers: v
                     .servers
                     .iter()
-                    .map(|s| (s.address, s.weight, s.state, s.health))
+                    .map(|s| (s.address, s.weight, s.state, s.health, s.ramp_since))
                     .collect(),
             })
             .collect();

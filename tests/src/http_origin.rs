@@ -198,7 +198,9 @@ fn serve(
     failing: &AtomicBool,
 ) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
+    // Responses go out in one write each (flushed below): no Nagle stalls on small pieces.
+    stream.set_nodelay(true)?;
+    let mut writer = io::BufWriter::with_capacity(64 * 1024, stream);
     loop {
         let Some(request_line) = read_line(&mut reader)? else {
             return Ok(());
@@ -274,6 +276,7 @@ fn serve(
             // Echo what the reader already buffered, then the rest of the stream.
             let buffered = reader.buffer().to_vec();
             writer.write_all(&buffered)?;
+            writer.flush()?;
             reader.consume(buffered.len());
             let mut buf = [0u8; 16 * 1024];
             loop {
@@ -282,6 +285,7 @@ fn serve(
                     return Ok(());
                 }
                 writer.write_all(&buf[..n])?;
+                writer.flush()?;
             }
         }
         let connection = if keep { "keep-alive" } else { "close" };

@@ -1137,3 +1137,62 @@ all_down = "{policy}"
         }
     }
 }
+
+#[test]
+fn a_server_joining_the_pool_ramps_up_over_its_slow_start() {
+    let o = origins(2);
+    let mut proxy = Proxy::start(
+        "workers = 1\n",
+        r#"
+[[vhost]]
+name = "app"
+listen = "LISTEN"
+hosts = ["app.test"]
+slow_start_ms = 2000
+servers = [{ address = "SERVER1" }]
+"#,
+        &refs(&o),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, address) = (Arc::clone(&stop), proxy.address);
+        thread::spawn(move || {
+            let mut conn = HttpConn::connect(address).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let response = conn
+                    .request("GET", "/", "app.test", "", Body::None)
+                    .unwrap();
+                assert_eq!(response.status, 200);
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(200));
+    let added = o[1].address;
+    proxy.change(|v| v.add_server("app", added, 100).unwrap());
+    let started = Instant::now();
+    // Requests each server received, counted on the servers, at moments of the ramp.
+    let counts_at = |ms: u64| {
+        let at = started + Duration::from_millis(ms);
+        thread::sleep(at.saturating_duration_since(Instant::now()));
+        (o[0].requests().len() as f64, o[1].requests().len() as f64)
+    };
+    let marks: Vec<(f64, f64)> = [0, 500, 1500, 2000, 2500, 3500]
+        .into_iter()
+        .map(counts_at)
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let share = |from: usize, to: usize| {
+        let (a, b) = (marks[to].0 - marks[from].0, marks[to].1 - marks[from].1);
+        b / (a + b)
+    };
+    let (early, late, after) = (share(0, 1), share(2, 3), share(4, 5));
+    // Weight ramps 1 → 100 over 2 s against a peer at 100: about 6% of requests in the first
+    // half second, about 46% in the last, half once it is over.
+    assert!(early < 0.15, "first 0.5 s: {early:.2}");
+    assert!(
+        late > 0.35 && late > early * 3.0,
+        "last 0.5 s: {late:.2}, first {early:.2}"
+    );
+    assert!((0.4..0.6).contains(&after), "after the ramp: {after:.2}");
+}

@@ -6,8 +6,7 @@
 //! Hashing uses the pool's Maglev table: a key keeps its server while the pool is unchanged
 //! and a change moves about 1/N of keys.
 
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Instant};
 
 use weir_config::{Balance, HashOn};
 use xxhash_rust::xxh3::xxh3_64;
@@ -77,11 +76,12 @@ impl Balancer {
                 // Ties go round the pool, so an idle pool is not all sent to its first server.
                 self.cursor = self.cursor.wrapping_add(1);
                 let n = pool.ready.len();
+                let instant = Instant::now();
                 let load = |i: usize| {
                     let server = &pool.servers[i];
                     (
                         u128::from(server.stats.in_flight.load(Ordering::Relaxed)),
-                        u128::from(server.weight.max(1)),
+                        u128::from(pool.weight(i, instant).max(1)),
                     )
                 };
                 (0..n)
@@ -106,13 +106,14 @@ impl Balancer {
     ) -> Option<usize> {
         let pool = &snapshot.vhosts[vhost];
         let current = &mut self.current[vhost];
+        let now = Instant::now();
         let mut total = 0i64;
         let mut best: Option<usize> = None;
         for &i in &pool.ready {
             if skip(i) {
                 continue;
             }
-            let weight = i64::from(pool.servers[i].weight);
+            let weight = i64::from(pool.weight(i, now));
             current[i] += weight;
             total += weight;
             if best.is_none_or(|b| current[i] > current[b]) {
@@ -168,12 +169,19 @@ mod tests {
             hash_on,
             all_down: weir_config::AllDown::Refuse,
             outlier: None,
+            slow_start_ms: 0,
             servers: weights
                 .iter()
                 .enumerate()
                 .map(|(i, &(w, s))| {
                     let address = SocketAddr::from(([127, 0, 0, 10 + i as u8], 80));
-                    (address, w, s, weir_config::control::HealthState::Unchecked)
+                    (
+                        address,
+                        w,
+                        s,
+                        weir_config::control::HealthState::Unchecked,
+                        None,
+                    )
                 })
                 .collect(),
         };
@@ -264,5 +272,68 @@ mod tests {
                 .pick(&snapshot, 0, &request(""), PEER.into(), &[])
                 .is_some()
         );
+    }
+}
+
+#[cfg(test)]
+mod slow_start_tests {
+    use super::*;
+    use crate::l7::{
+        http::{HeadLimits, parse_request},
+        snapshot::VhostSpec,
+    };
+    use weir_config::{
+        L7Config,
+        control::{AdminState, HealthState},
+    };
+
+    #[test]
+    fn a_ramping_server_gets_its_ramped_share() {
+        let listen = ["127.0.0.1:80".parse().unwrap()];
+        let spec = VhostSpec {
+            name: "a",
+            listen: listen[0],
+            hosts: vec!["a".into()],
+            default: false,
+            balance: weir_config::Balance::RoundRobin,
+            hash_on: None,
+            all_down: weir_config::AllDown::Refuse,
+            outlier: None,
+            slow_start_ms: 100_000,
+            servers: vec![
+                (
+                    "127.0.0.10:80".parse().unwrap(),
+                    100,
+                    AdminState::Ready,
+                    HealthState::Unchecked,
+                    None,
+                ),
+                (
+                    "127.0.0.11:80".parse().unwrap(),
+                    100,
+                    AdminState::Ready,
+                    HealthState::Unchecked,
+                    Some(Instant::now()),
+                ),
+            ],
+        };
+        let snapshot = L7Snapshot::build(1, L7Config::default(), &listen, &[spec], None);
+        let limits = HeadLimits {
+            max_request_line: 100,
+            max_header_bytes: 1000,
+            max_headers: 10,
+        };
+        let request = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &limits)
+            .unwrap()
+            .unwrap();
+        let mut balancer = Balancer::default();
+        let mut counts = [0; 2];
+        for _ in 0..1010 {
+            counts[balancer
+                .pick(&snapshot, 0, &request, "127.0.0.1:1".parse().unwrap(), &[])
+                .unwrap()] += 1;
+        }
+        // Weight 1 (of 100) at the start of a 100 s ramp: about 1 in 101.
+        assert!(counts[1] <= 15, "{counts:?}");
     }
 }

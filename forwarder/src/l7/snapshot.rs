@@ -24,7 +24,7 @@ use weir_config::{
 
 use crate::{
     maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable},
-    pool::in_rotation,
+    pool::{in_rotation, ramped_weight},
 };
 
 /// Counters of one server of one vhost, shared by all workers.
@@ -71,6 +71,8 @@ pub struct PoolServer {
     pub address: SocketAddr,
     pub weight: u32,
     pub state: AdminState,
+    /// When it entered the rotation, for slow start.
+    pub ramp_since: Option<Instant>,
     pub stats: Arc<ServerStats>,
 }
 
@@ -89,9 +91,16 @@ pub struct VhostPool {
     pub hash_table: Vec<u32>,
     pub requests: Arc<AtomicU64>,
     pub outlier: Option<OutlierDetection>,
+    pub slow_start_ms: u64,
 }
 
 impl VhostPool {
+    /// Server `index`'s weight at `now`, slow start applied.
+    pub fn weight(&self, index: usize, now: Instant) -> u32 {
+        let server = &self.servers[index];
+        ramped_weight(server.weight, server.ramp_since, self.slow_start_ms, now)
+    }
+
     /// Records how a request to server `index` ended, for outlier detection: a failure
     /// that completes a run of `consecutive_failures` ejects it, unless that would put more
     /// than `max_ejection_percent` of the ready servers out at once. Returns the ejection's
@@ -176,8 +185,9 @@ pub struct VhostSpec<'a> {
     pub hash_on: Option<HashOn>,
     pub all_down: AllDown,
     pub outlier: Option<OutlierDetection>,
-    /// (address, weight, admin state, health)
-    pub servers: Vec<(SocketAddr, u32, AdminState, HealthState)>,
+    pub slow_start_ms: u64,
+    /// (address, weight, admin state, health, in rotation since)
+    pub servers: Vec<(SocketAddr, u32, AdminState, HealthState, Option<Instant>)>,
 }
 
 impl L7Snapshot {
@@ -220,10 +230,11 @@ impl L7Snapshot {
             let servers: Vec<PoolServer> = spec
                 .servers
                 .iter()
-                .map(|&(address, weight, state, _)| PoolServer {
+                .map(|&(address, weight, state, _, ramp_since)| PoolServer {
                     address,
                     weight,
                     state,
+                    ramp_since,
                     stats: old
                         .and_then(|o| o.servers.iter().find(|s| s.address == address))
                         .map_or_else(Arc::default, |s| Arc::clone(&s.stats)),
@@ -262,6 +273,7 @@ impl L7Snapshot {
                 hash_table,
                 requests: old.map_or_else(Arc::default, |o| Arc::clone(&o.requests)),
                 outlier: spec.outlier.clone(),
+                slow_start_ms: spec.slow_start_ms,
             });
         }
         for listener in &mut routes {
@@ -303,11 +315,13 @@ mod tests {
             hash_on: None,
             all_down: AllDown::Refuse,
             outlier: None,
+            slow_start_ms: 0,
             servers: vec![(
                 "127.0.0.2:80".parse().unwrap(),
                 1,
                 AdminState::Ready,
                 HealthState::Unchecked,
+                None,
             )],
         }
     }
