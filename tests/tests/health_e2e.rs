@@ -32,9 +32,9 @@ fn prefix(tag: &str) -> String {
     format!("weirt-{}-{tag}-", std::process::id())
 }
 
-fn health_table(kind: &str, table: &str) -> String {
+fn health_table(kind: &str, table: &str, rise: u64, fall: u64) -> String {
     format!(
-        "[{table}.health]\nkind = \"{kind}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nfall = {FALL}\nrise = {RISE}\njitter_percent = {JITTER_PERCENT}\n\n"
+        "[{table}.health]\nkind = \"{kind}\"\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = {TIMEOUT_MS}\nfall = {fall}\nrise = {rise}\njitter_percent = {JITTER_PERCENT}\n\n"
     )
 }
 
@@ -47,14 +47,18 @@ fn bound(checks: u64) -> Duration {
 /// Starts a lab whose `demo-echo` VIP (TCP checks) and `demo-l7` vhost (HTTP checks) are
 /// checked, applied by a reload.
 fn checked_lab(tag: &str) -> Lab {
+    checked_lab_with(tag, RISE, FALL)
+}
+
+fn checked_lab_with(tag: &str, rise: u64, fall: u64) -> Lab {
     let dir = std::env::temp_dir().join(format!("weirt-{}-{tag}", std::process::id()));
     let lab = Lab::start(&prefix(tag), 3, &dir, "native").expect("lab starts");
     let config = fs::read_to_string(lab.config()).unwrap();
     let checked = config.replace(
         "[[vhost]]",
-        &format!("{}[[vhost]]", health_table("tcp", "l4_vip")),
+        &format!("{}[[vhost]]", health_table("tcp", "l4_vip", rise, fall)),
     ) + "\n"
-        + &health_table("http", "vhost");
+        + &health_table("http", "vhost", rise, fall);
     fs::write(lab.config(), checked).unwrap();
     weirctl_ok(&lab, &["reload"]);
     lab
@@ -305,4 +309,93 @@ fn a_black_holed_server_is_excluded_and_only_its_connections_break() {
             .unwrap()
             .is_ok()
     );
+}
+
+/// Health transitions of `server` in `pool` recorded in `weirctl events`.
+fn transitions(lab: &Lab, pool: &str, server: SocketAddr) -> usize {
+    weirctl_ok(lab, &["events"])
+        .lines()
+        .filter(|l| l.contains(&format!("{pool}: server {server} is ")))
+        .count()
+}
+
+/// Makes `server`'s echo port drop packets and let them through again, every 300 ms, for
+/// `duration`; returns the transitions recorded meanwhile.
+fn flap(lab: &Lab, duration: Duration) -> usize {
+    let server = SocketAddr::new(server_addr(1).into(), ECHO_PORT);
+    let ns = &lab.topology.servers[0];
+    let nft = |rule: &str| {
+        let status = ns.command("nft").args(rule.split(' ')).status().unwrap();
+        assert!(status.success(), "nft {rule}");
+    };
+    nft("add table inet weirt");
+    nft("add chain inet weirt input { type filter hook input priority 0; }");
+    let before = transitions(lab, "demo-echo", server);
+    let started = Instant::now();
+    let mut down = false;
+    while started.elapsed() < duration {
+        if down {
+            nft("flush chain inet weirt input");
+        } else {
+            nft(&format!(
+                "add rule inet weirt input tcp dport {ECHO_PORT} drop"
+            ));
+        }
+        down = !down;
+        thread::sleep(Duration::from_millis(300));
+    }
+    nft("delete table inet weirt");
+    transitions(lab, "demo-echo", server) - before
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_flapping_server_does_not_flap_the_pool_beyond_what_rise_and_fall_allow() {
+    // The same flapping server, checked without hysteresis and with rise = fall = 3.
+    let eager = checked_lab_with("hflap1", 1, 1);
+    thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    let eager_transitions = flap(&eager, Duration::from_secs(6));
+    drop(eager);
+    let steady = checked_lab_with("hflap3", 3, 3);
+    thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    let steady_transitions = flap(&steady, Duration::from_secs(6));
+    eprintln!("transitions: eager {eager_transitions}, steady {steady_transitions}");
+    // Each up or down phase lasts 300 ms, shorter than 3 checks: a transition needs three
+    // results alike in a row, which the phases do not give (edges of timing aside).
+    assert!(
+        eager_transitions >= 6,
+        "rise = fall = 1 follows the flaps: {eager_transitions}"
+    );
+    assert!(
+        steady_transitions <= 2,
+        "rise = fall = 3: {steady_transitions} transitions"
+    );
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
+    let mut lab = checked_lab("hdrain");
+    let server = http_server(3);
+    thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    weirctl_ok(&lab, &["server", "drain", "demo-l7", &server.to_string()]);
+    lab.stop_backend(3);
+    wait_for_health(&lab, "demo-l7", server, "unhealthy", bound(FALL));
+    let json: Value =
+        serde_json::from_str(&weirctl_ok(&lab, &["server", "list", "demo-l7", "--json"])).unwrap();
+    let entry = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"].as_str() == Some(&server.to_string()))
+        .unwrap();
+    assert_eq!(entry["admin"], "draining");
+    assert_eq!(entry["health"], "unhealthy");
+    assert!(
+        entry["health_reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed checks in a row")
+    );
+    assert!(entry["health_since_unix_ms"].as_u64().unwrap() > 0);
 }
