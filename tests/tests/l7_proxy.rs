@@ -1180,8 +1180,24 @@ servers = [{ address = "SERVER1" }]
         .into_iter()
         .map(counts_at)
         .collect();
+    // Down and healthy again (as health checks would report it): the ramp starts over.
+    proxy.change(|v| v.set_health("app", added, HealthState::Unhealthy).unwrap());
+    thread::sleep(Duration::from_millis(200));
+    proxy.change(|v| v.set_health("app", added, HealthState::Healthy).unwrap());
+    let recovered = Instant::now();
+    let recovery_counts = |ms: u64| {
+        let at = recovered + Duration::from_millis(ms);
+        thread::sleep(at.saturating_duration_since(Instant::now()));
+        (o[0].requests().len() as f64, o[1].requests().len() as f64)
+    };
+    let (r0, r1) = (recovery_counts(0), recovery_counts(500));
     stop.store(true, Ordering::Relaxed);
     load.join().unwrap();
+    let recovery_share = (r1.1 - r0.1) / ((r1.0 - r0.0) + (r1.1 - r0.1));
+    assert!(
+        recovery_share < 0.15,
+        "first 0.5 s after recovery: {recovery_share:.2}"
+    );
     let share = |from: usize, to: usize| {
         let (a, b) = (marks[to].0 - marks[from].0, marks[to].1 - marks[from].1);
         b / (a + b)
