@@ -422,7 +422,8 @@ impl VirtualHost {
 }
 
 /// How a pool's servers are checked. With the defaults a dead server is out within
-/// `fall × interval + timeout` = 3 × 500 + 400 = 1.9 s, and back after 2 good checks.
+/// `fall × interval × (1 + jitter) + timeout` = 3 × 550 + 300 = 1.95 s, and back after 2
+/// good checks.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheck {
@@ -464,7 +465,7 @@ impl Default for HealthCheck {
             expect_status: (200, 399),
             body_contains: None,
             interval_ms: 500,
-            timeout_ms: 400,
+            timeout_ms: 300,
             rise: 2,
             fall: 3,
             jitter_percent: 10,

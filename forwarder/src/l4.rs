@@ -938,4 +938,29 @@ mod tests {
         assert!(services.step_slow_starts().unwrap());
         assert!((share(&services, 3) - 1.0 / 3.0).abs() < 0.01);
     }
+
+    #[test]
+    fn when_every_server_is_down_the_table_is_empty_or_fails_open() {
+        for (policy, expected) in [("refuse", 0), ("fail_open", 2)] {
+            let source = format!(
+                "[[l4_vip]]\nname = \"web\"\naddress = \"198.18.100.10\"\nport = 80\nprotocol = \"tcp\"\nservers = [{{ address = \"198.18.11.1:80\" }}, {{ address = \"198.18.11.2:80\" }}, {{ address = \"198.18.11.3:80\" }}]\n[l4_vip.health]\nall_down = \"{policy}\"\n"
+            );
+            let config = Config::parse(std::path::Path::new("weir.toml"), &source).unwrap();
+            let mut services = L4Services::plan(&config, None).unwrap();
+            services
+                .set_state("web", addr(3), AdminState::Disabled)
+                .unwrap();
+            for last in [1, 2, 3] {
+                services
+                    .set_health("web", addr(last), HealthState::Unhealthy)
+                    .unwrap();
+            }
+            let service = services.service("web").unwrap();
+            let in_table: HashSet<u32> = service.table.iter().copied().collect();
+            assert_eq!(in_table.len(), expected, "{policy}");
+            // Fail open never brings back a disabled server.
+            let disabled = service.find_server(addr(3)).unwrap().id;
+            assert!(!in_table.contains(&disabled));
+        }
+    }
 }

@@ -378,9 +378,51 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
     let mut lab = checked_lab("hdrain");
     let server = http_server(3);
     thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    // `weirctl events --follow` streams the changes as they happen.
+    let mut follow = lab
+        .weirctl()
+        .args(["events", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = {
+        let stdout = follow.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    };
     weirctl_ok(&lab, &["server", "drain", "demo-l7", &server.to_string()]);
     lab.stop_backend(3);
     wait_for_health(&lab, "demo-l7", server, "unhealthy", bound(FALL));
+    let mut streamed = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        streamed.push(line);
+        if streamed.iter().any(|l| l.contains("is unhealthy")) {
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        streamed
+            .iter()
+            .any(|l| l.contains(&format!("vhost demo-l7: server {server} ready -> draining"))),
+        "{streamed:#?}"
+    );
+    assert!(
+        streamed
+            .iter()
+            .any(|l| l.contains(&format!("demo-l7: server {server} is unhealthy"))),
+        "{streamed:#?}"
+    );
     let json: Value =
         serde_json::from_str(&weirctl_ok(&lab, &["server", "list", "demo-l7", "--json"])).unwrap();
     let entry = json
