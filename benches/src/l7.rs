@@ -402,7 +402,7 @@ fn start_upstream(ns: &Netns, dir: &Path) -> Result<Process> {
     fs::create_dir_all(&www)?;
     fs::write(www.join("small"), "srv1\n")?;
     fs::write(www.join("64k"), vec![b'x'; LARGE_BYTES])?;
-    let conf = nginx_config(
+    let conf = crate::nginx::config(
         dir,
         &format!(
             "server {{ {} location / {{ root {}; }} }}",
@@ -421,40 +421,10 @@ fn start_upstream(ns: &Netns, dir: &Path) -> Result<Process> {
     Ok(nginx)
 }
 
-/// An nginx config in `dir` (one process, one worker, no logs) around `server`.
-fn nginx_config(dir: &Path, server: &str) -> Result<PathBuf> {
-    let temp = dir.join("temp");
-    fs::create_dir_all(&temp)?;
-    let conf = dir.join("nginx.conf");
-    fs::write(
-        &conf,
-        format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log stderr crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  sendfile on;
-  keepalive_requests 1000000;
-  client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
-  uwsgi_temp_path {temp}; scgi_temp_path {temp};
-  {server}
-}}
-"#,
-            dir = dir.display(),
-            temp = temp.display()
-        ),
-    )?;
-    Ok(conf)
-}
-
 /// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream.
 fn write_nginx_proxy_config(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
-    nginx_config(
+    crate::nginx::config(
         dir,
         &format!(
             r#"upstream app {{ server {UPSTREAM}; keepalive 64; }}

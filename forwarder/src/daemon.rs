@@ -272,40 +272,38 @@ impl Inner {
 
     /// Every server of a checked pool that is not disabled (maintenance is not checked).
     fn health_targets(&self) -> Vec<Target> {
-        let mut targets = Vec::new();
-        for service in self.l4.services() {
-            let Some(check) = &service.health else {
-                continue;
-            };
-            for server in service
-                .servers
-                .iter()
-                .filter(|s| s.state != AdminState::Disabled)
-            {
-                targets.push(Target {
-                    pool: service.name.clone(),
-                    address: server.address,
-                    check: check.clone(),
-                    health: server.health,
-                });
-            }
-        }
-        for vhost in self.vhosts.iter() {
-            let Some(check) = &vhost.health else { continue };
-            for server in vhost
-                .servers
-                .iter()
-                .filter(|s| s.state != AdminState::Disabled)
-            {
-                targets.push(Target {
-                    pool: vhost.name.clone(),
-                    address: server.address,
-                    check: check.clone(),
-                    health: server.health,
-                });
-            }
-        }
-        targets
+        let l4 = self.l4.services().map(|service| {
+            let servers = service.servers.iter();
+            (
+                &service.name,
+                &service.health,
+                servers
+                    .map(|s| (s.address, s.state, s.health))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let l7 = self.vhosts.iter().map(|vhost| {
+            let servers = vhost.servers.iter();
+            (
+                &vhost.name,
+                &vhost.health,
+                servers.map(|s| (s.address, s.state, s.health)).collect(),
+            )
+        });
+        l4.chain(l7)
+            .filter_map(|(pool, check, servers)| Some((pool, check.as_ref()?, servers)))
+            .flat_map(|(pool, check, servers)| {
+                servers
+                    .into_iter()
+                    .filter(|(_, state, _)| *state != AdminState::Disabled)
+                    .map(|(address, _, health)| Target {
+                        pool: pool.clone(),
+                        address,
+                        check: check.clone(),
+                        health,
+                    })
+            })
+            .collect()
     }
 
     /// Moves L4 slow starts one step: rebuilds the tables of VIPs with a ramping server and

@@ -10,7 +10,7 @@ use std::{
 
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::http_origin::{bad, pattern, read_line, write_pattern};
+use crate::http_origin::{bad, pattern, read_fields, read_line, write_pattern};
 
 /// How long the client waits for an answer before calling it a failure.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,17 +140,7 @@ impl HttpConn {
             .and_then(|rest| rest.get(..3))
             .and_then(|code| code.parse::<u16>().ok())
             .ok_or_else(|| bad("bad status line"))?;
-        let mut headers = Vec::new();
-        loop {
-            let line = read_line(&mut self.reader)?.ok_or_else(|| bad("end of file in head"))?;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| bad("header without colon"))?;
-            headers.push((name.to_string(), value.trim().to_string()));
-        }
+        let headers = read_fields(&mut self.reader)?;
         let mut response = Response {
             status,
             headers,

@@ -190,6 +190,21 @@ pub(crate) fn read_line(reader: &mut impl BufRead) -> io::Result<Option<String>>
         .map_err(|_| bad("not UTF-8"))
 }
 
+/// Reads header field lines up to the blank line that ends a head.
+pub(crate) fn read_fields(reader: &mut impl BufRead) -> io::Result<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    loop {
+        let line = read_line(reader)?.ok_or_else(|| bad("end of file in head"))?;
+        if line.is_empty() {
+            return Ok(fields);
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad("header without colon"))?;
+        fields.push((name.to_string(), value.trim().to_string()));
+    }
+}
+
 fn serve(
     stream: TcpStream,
     name: &str,
@@ -211,17 +226,7 @@ fn serve(
         else {
             return Err(bad("bad request line"));
         };
-        let mut headers = Vec::new();
-        loop {
-            let line = read_line(&mut reader)?.ok_or_else(|| bad("end of file in head"))?;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| bad("header without colon"))?;
-            headers.push((name.to_string(), value.trim().to_string()));
-        }
+        let headers = read_fields(&mut reader)?;
         let mut request = SeenRequest {
             method: method.to_string(),
             target: target.to_string(),

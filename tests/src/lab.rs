@@ -61,6 +61,19 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Runs `weirctl ARGS` against the lab's daemon and fails the test unless it succeeds;
+    /// returns what it printed.
+    pub fn weirctl_ok(&self, args: &[&str]) -> String {
+        let out = self.weirctl().args(args).output().expect("weirctl runs");
+        assert!(
+            out.status.success(),
+            "weirctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Stops demo backend `i` (1-based), as a crashed server would: its sockets close.
     pub fn stop_backend(&mut self, i: usize) {
         self.backends[i - 1].kill();

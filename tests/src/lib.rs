@@ -9,6 +9,7 @@ pub mod client;
 pub mod http_client;
 pub mod http_origin;
 pub mod lab;
+pub mod load;
 pub mod netns;
 pub mod origin;
 pub mod packet_bed;

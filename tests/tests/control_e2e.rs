@@ -49,22 +49,10 @@ fn weirctl(lab: &Lab, args: &[&str]) -> Output {
     lab.weirctl().args(args).output().expect("weirctl runs")
 }
 
-/// Runs `weirctl` and fails the test unless it succeeds.
-fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
-    let out = weirctl(lab, args);
-    assert!(
-        out.status.success(),
-        "weirctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The pools as `weirctl server list --json` shows them, without the live figures (flows,
 /// counters) that move with traffic: (vip, server) → (weight, admin, health).
 fn pools(lab: &Lab) -> BTreeMap<(String, String), (u64, String, String)> {
-    let json: Value = serde_json::from_str(&weirctl_ok(lab, &["server", "list", "--json"]))
+    let json: Value = serde_json::from_str(&lab.weirctl_ok(&["server", "list", "--json"]))
         .expect("server list --json is JSON");
     json.as_array()
         .expect("a list of servers")
@@ -88,7 +76,7 @@ fn pools(lab: &Lab) -> BTreeMap<(String, String), (u64, String, String)> {
 /// Active flows of one server, from `weirctl server list VIP --json`.
 fn active_flows(lab: &Lab, vip: &str, server: SocketAddr) -> u64 {
     let json: Value =
-        serde_json::from_str(&weirctl_ok(lab, &["server", "list", vip, "--json"])).expect("JSON");
+        serde_json::from_str(&lab.weirctl_ok(&["server", "list", vip, "--json"])).expect("JSON");
     json.as_array()
         .unwrap()
         .iter()
@@ -189,7 +177,7 @@ fn server_churn_and_a_daemon_kill_under_load_drop_no_connection() {
 
     let mut changes = 0;
     let mut change = |lab: &Lab, args: &[&str]| {
-        weirctl_ok(lab, args);
+        lab.weirctl_ok(args);
         changes += 1;
     };
     let mut restart_checked = false;
@@ -231,8 +219,8 @@ fn server_churn_and_a_daemon_kill_under_load_drop_no_connection() {
 
         if cycle == 8 {
             // Mid-churn, with one server disabled, the daemon dies without any clean-up.
-            weirctl_ok(&lab, &["server", "disable", HTTP_VIP, &http]);
-            weirctl_ok(&lab, &["server", "weight", ECHO_VIP, &echo, "300"]);
+            lab.weirctl_ok(&["server", "disable", HTTP_VIP, &http]);
+            lab.weirctl_ok(&["server", "weight", ECHO_VIP, &echo, "300"]);
             let before = pools(&lab);
             lab.kill_weir();
             let served = load.report.short_ok.load(Ordering::Relaxed);
@@ -249,7 +237,7 @@ fn server_churn_and_a_daemon_kill_under_load_drop_no_connection() {
                 status.daemon.adopted_datapath,
                 "the pinned datapath was not adopted"
             );
-            weirctl_ok(&lab, &["server", "enable", HTTP_VIP, &http]);
+            lab.weirctl_ok(&["server", "enable", HTTP_VIP, &http]);
             restart_checked = true;
         }
     }
@@ -313,10 +301,7 @@ fn a_drained_server_accepts_no_new_connection_and_its_own_finish() {
         .unwrap()
         .expect("exchange");
 
-    weirctl_ok(
-        &lab,
-        &["server", "drain", ECHO_VIP, &echo_server(owner).to_string()],
-    );
+    lab.weirctl_ok(&["server", "drain", ECHO_VIP, &echo_server(owner).to_string()]);
     // weirctl has returned: the drain is live, so from here on the owner accepts nothing.
     let accepted_before = passive_opens(owner_ns);
     let servers: Vec<String> = client
@@ -347,15 +332,12 @@ fn a_drained_server_accepts_no_new_connection_and_its_own_finish() {
         || active_flows(&lab, ECHO_VIP, echo_server(owner)) == 0,
     )
     .unwrap();
-    weirctl_ok(
-        &lab,
-        &[
-            "server",
-            "remove",
-            ECHO_VIP,
-            &echo_server(owner).to_string(),
-        ],
-    );
+    lab.weirctl_ok(&[
+        "server",
+        "remove",
+        ECHO_VIP,
+        &echo_server(owner).to_string(),
+    ]);
 }
 
 /// What must not change when a request is refused: the state file's bytes and the contents of
@@ -451,7 +433,7 @@ fn bad_requests_and_bad_configs_change_nothing() {
         .run(|| EchoConnection::open(echo))
         .unwrap()
         .unwrap();
-    weirctl_ok(&lab, &["server", "add", ECHO_VIP, "198.18.11.2:7001"]);
+    lab.weirctl_ok(&["server", "add", ECHO_VIP, "198.18.11.2:7001"]);
     let before = Snapshot::take(&lab);
     let pools_before = pools(&lab);
 
@@ -577,7 +559,7 @@ fn bad_requests_and_bad_configs_change_nothing() {
     );
     fs::remove_dir(&blocker).unwrap();
 
-    assert_eq!(weirctl_ok(&lab, &["reload"]).trim(), "no change");
+    assert_eq!(lab.weirctl_ok(&["reload"]).trim(), "no change");
     assert!(Snapshot::take(&lab).same_contents(&before));
     assert_eq!(pools(&lab), pools_before);
     // Throughout, the established connection kept working.
@@ -673,7 +655,7 @@ fn the_control_socket_is_for_root_only() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("permission denied"), "{stderr}");
     // Root, on the same socket, is served.
-    weirctl_ok(&lab, &["server", "list"]);
+    lab.weirctl_ok(&["server", "list"]);
 }
 
 #[test]
@@ -682,21 +664,15 @@ fn reload_applies_config_edits_and_keeps_runtime_changes() {
     let dir = lab_dir("reload");
     let mut lab = Lab::start(&prefix("reload"), 3, &dir, "native").expect("lab starts");
     // Runtime changes: a server added by hand, another drained.
-    weirctl_ok(
-        &lab,
-        &[
-            "server",
-            "add",
-            HTTP_VIP,
-            "198.18.13.2:9999",
-            "--weight",
-            "5",
-        ],
-    );
-    weirctl_ok(
-        &lab,
-        &["server", "drain", HTTP_VIP, &http_server(1).to_string()],
-    );
+    lab.weirctl_ok(&[
+        "server",
+        "add",
+        HTTP_VIP,
+        "198.18.13.2:9999",
+        "--weight",
+        "5",
+    ]);
+    lab.weirctl_ok(&["server", "drain", HTTP_VIP, &http_server(1).to_string()]);
     // Config edits: srv2 leaves the HTTP pool, srv3 weighs 250, a new VIP appears. The lab's
     // vhost has the same pool in the file, so the edit changes it too.
     let config = fs::read_to_string(lab.config()).unwrap();
@@ -708,7 +684,7 @@ fn reload_applies_config_edits_and_keeps_runtime_changes() {
         )
         + "\n[[l4_vip]]\nname = \"extra\"\naddress = \"198.18.100.12\"\nport = 80\nprotocol = \"tcp\"\nservers = [{ address = \"198.18.11.2:8080\" }]\n";
     fs::write(lab.config(), &edited).unwrap();
-    let diff = weirctl_ok(&lab, &["reload"]);
+    let diff = lab.weirctl_ok(&["reload"]);
     for line in [
         "vip extra: added",
         &format!("vip {HTTP_VIP}: server {} removed", http_server(2)),
@@ -819,5 +795,5 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_serves() {
     let message = String::from_utf8_lossy(&message[..n]);
     assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
     // READY came after the socket: weirctl is served at once.
-    weirctl_ok(&lab, &["status"]);
+    lab.weirctl_ok(&["status"]);
 }

@@ -6,10 +6,6 @@
 use std::{
     fs,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -17,8 +13,8 @@ use std::{
 use serde_json::Value;
 use weir_tests::{
     client::{EchoConnection, http_get},
-    http_client::{Body, HttpConn},
     lab::Lab,
+    load::HttpLoad,
     topology::{ECHO_PORT, L4_VIP, L7_VIP, SERVER_PORT, server_addr},
 };
 
@@ -60,24 +56,14 @@ fn checked_lab_with(tag: &str, rise: u64, fall: u64) -> Lab {
     ) + "\n"
         + &health_table("http", "vhost", rise, fall);
     fs::write(lab.config(), checked).unwrap();
-    weirctl_ok(&lab, &["reload"]);
+    lab.weirctl_ok(&["reload"]);
     lab
-}
-
-fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
-    let out = lab.weirctl().args(args).output().expect("weirctl runs");
-    assert!(
-        out.status.success(),
-        "weirctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// (health, last check, requests sent to it by L7) of `server` in `pool`.
 fn server_state(lab: &Lab, pool: &str, server: SocketAddr) -> (String, String, u64) {
     let json: Value =
-        serde_json::from_str(&weirctl_ok(lab, &["server", "list", pool, "--json"])).unwrap();
+        serde_json::from_str(&lab.weirctl_ok(&["server", "list", pool, "--json"])).unwrap();
     let s = json
         .as_array()
         .unwrap()
@@ -134,41 +120,8 @@ fn a_stopped_server_leaves_the_pool_in_bound_with_no_client_error_and_returns_af
     );
 
     // GET load through the L7 VIP, keep-alive and new connections.
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let netns = format!("/run/netns/{}", lab.topology.client.name());
     let vip = SocketAddr::new(L7_VIP.into(), 80);
-    let load: Vec<_> = (0..4)
-        .map(|client| {
-            let (stop, served, errors, netns) =
-                (stop.clone(), served.clone(), errors.clone(), netns.clone());
-            thread::spawn(move || {
-                let file = fs::File::open(&netns).unwrap();
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                let mut conn: Option<HttpConn> = None;
-                while !stop.load(Ordering::Relaxed) {
-                    let result = conn
-                        .take()
-                        .map_or_else(|| HttpConn::connect(vip), Ok)
-                        .and_then(|mut c| {
-                            let r = c.request("GET", "/", "demo.weir.test", "", Body::None)?;
-                            Ok((c, r))
-                        });
-                    match result {
-                        Ok((c, r)) if r.status == 200 => {
-                            served.fetch_add(1, Ordering::Relaxed);
-                            if client % 2 == 0 {
-                                conn = Some(c);
-                            }
-                        }
-                        Ok((_, r)) => errors.lock().unwrap().push(format!("status {}", r.status)),
-                        Err(err) => errors.lock().unwrap().push(err.to_string()),
-                    }
-                }
-            })
-        })
-        .collect();
+    let load = HttpLoad::start(vip, "demo.weir.test", 4, Some(lab.topology.client.name()));
     thread::sleep(Duration::from_millis(300));
 
     lab.stop_backend(2);
@@ -200,39 +153,26 @@ fn a_stopped_server_leaves_the_pool_in_bound_with_no_client_error_and_returns_af
     lab.start_backend(2).unwrap();
     let back = wait_for_health(&lab, "demo-l7", l7_server, "healthy", bound(RISE));
     assert!(back <= bound(RISE), "recovery took {back:?}");
-    let before = served.load(Ordering::Relaxed);
-    while served.load(Ordering::Relaxed) < before + 200 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    load.wait_for(200);
     assert!(
         server_state(&lab, "demo-l7", l7_server).2 > requests_down,
         "the recovered server gets requests again"
     );
 
     // Admin state wins over health: disabled and healthy gets nothing.
-    weirctl_ok(
-        &lab,
-        &["server", "disable", "demo-l7", &l7_server.to_string()],
-    );
+    lab.weirctl_ok(&["server", "disable", "demo-l7", &l7_server.to_string()]);
     let (_, _, at_disable) = server_state(&lab, "demo-l7", l7_server);
-    let before = served.load(Ordering::Relaxed);
-    while served.load(Ordering::Relaxed) < before + 200 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    load.wait_for(200);
     assert_eq!(server_state(&lab, "demo-l7", l7_server).2, at_disable);
 
-    stop.store(true, Ordering::Relaxed);
-    for thread in load {
-        thread.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
+    let (_, errors) = load.finish();
     assert!(
         errors.is_empty(),
         "{} client errors, first {:?}",
         errors.len(),
         errors.first()
     );
-    let events = weirctl_ok(&lab, &["events"]);
+    let events = lab.weirctl_ok(&["events"]);
     for wanted in [
         format!(
             "demo-l7: server {l7_server} is unhealthy: {FALL} failed checks in a row, last: connect:"
@@ -313,7 +253,7 @@ fn a_black_holed_server_is_excluded_and_only_its_connections_break() {
 
 /// Health transitions of `server` in `pool` recorded in `weirctl events`.
 fn transitions(lab: &Lab, pool: &str, server: SocketAddr) -> usize {
-    weirctl_ok(lab, &["events"])
+    lab.weirctl_ok(&["events"])
         .lines()
         .filter(|l| l.contains(&format!("{pool}: server {server} is ")))
         .count()
@@ -399,7 +339,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
         });
         rx
     };
-    weirctl_ok(&lab, &["server", "drain", "demo-l7", &server.to_string()]);
+    lab.weirctl_ok(&["server", "drain", "demo-l7", &server.to_string()]);
     lab.stop_backend(3);
     wait_for_health(&lab, "demo-l7", server, "unhealthy", bound(FALL));
     let mut streamed = Vec::new();
@@ -424,7 +364,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
         "{streamed:#?}"
     );
     let json: Value =
-        serde_json::from_str(&weirctl_ok(&lab, &["server", "list", "demo-l7", "--json"])).unwrap();
+        serde_json::from_str(&lab.weirctl_ok(&["server", "list", "demo-l7", "--json"])).unwrap();
     let entry = json
         .as_array()
         .unwrap()

@@ -2,23 +2,13 @@
 //! demo backends through the L7 VIP while `weirctl` changes the vhost's pool, exactly as an
 //! operator would; the pool survives a daemon restart.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    net::SocketAddr,
-    process::Output,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fs, net::SocketAddr};
 
 use serde_json::Value;
 use weir_tests::{
     http_client::{Body, HttpConn},
     lab::Lab,
+    load::HttpLoad,
     topology::{L7_VIP, SERVER_PORT, server_addr},
 };
 
@@ -33,26 +23,11 @@ fn server(i: usize) -> String {
     SocketAddr::new(server_addr(i).into(), SERVER_PORT).to_string()
 }
 
-fn weirctl(lab: &Lab, args: &[&str]) -> Output {
-    lab.weirctl().args(args).output().expect("weirctl runs")
-}
-
-fn weirctl_ok(lab: &Lab, args: &[&str]) -> String {
-    let out = weirctl(lab, args);
-    assert!(
-        out.status.success(),
-        "weirctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The vhost's pool as `weirctl server list demo-l7 --json` shows it: server → (weight,
 /// admin), and the requests each server was sent.
 fn pool(lab: &Lab) -> (BTreeMap<String, (u64, String)>, BTreeMap<String, u64>) {
     let json: Value =
-        serde_json::from_str(&weirctl_ok(lab, &["server", "list", VHOST, "--json"])).unwrap();
+        serde_json::from_str(&lab.weirctl_ok(&["server", "list", VHOST, "--json"])).unwrap();
     let mut pool = BTreeMap::new();
     let mut requests = BTreeMap::new();
     for s in json.as_array().unwrap() {
@@ -82,53 +57,11 @@ fn weirctl_changes_a_vhost_pool_under_load_with_no_client_error_and_the_pool_per
     let (initial, _) = pool(&lab);
     assert_eq!(initial.len(), 4, "{initial:?}");
     // Server 4 leaves the pool now and comes back at run time later.
-    weirctl_ok(&lab, &["server", "remove", VHOST, &server(4)]);
+    lab.weirctl_ok(&["server", "remove", VHOST, &server(4)]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let netns = format!("/run/netns/{}", lab.topology.client.name());
     let vip = SocketAddr::new(L7_VIP.into(), 80);
-    let mut load = Vec::new();
-    for client in 0..4 {
-        let (stop, served, errors, netns) =
-            (stop.clone(), served.clone(), errors.clone(), netns.clone());
-        load.push(thread::spawn(move || {
-            let file = fs::File::open(&netns).expect("client netns");
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let keep = client % 2 == 0;
-            let mut conn: Option<HttpConn> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let result = conn
-                    .take()
-                    .map_or_else(|| HttpConn::connect(vip), Ok)
-                    .and_then(|mut c| {
-                        let response = c.request("GET", "/", HOST, "", Body::None)?;
-                        Ok((c, response))
-                    });
-                match result {
-                    Ok((c, r)) if r.status == 200 && r.text().starts_with("srv") => {
-                        served.fetch_add(1, Ordering::Relaxed);
-                        if keep {
-                            conn = Some(c);
-                        }
-                    }
-                    Ok((_, r)) => errors
-                        .lock()
-                        .unwrap()
-                        .push(format!("{} {}", r.status, r.text())),
-                    Err(err) => errors.lock().unwrap().push(err.to_string()),
-                }
-            }
-        }));
-    }
-
-    let wait_for_traffic = |served: &AtomicU64| {
-        let before = served.load(Ordering::Relaxed);
-        while served.load(Ordering::Relaxed) < before + 30 {
-            thread::sleep(Duration::from_millis(2));
-        }
-    };
+    let load = HttpLoad::start(vip, HOST, 4, Some(lab.topology.client.name()));
+    let wait_for_traffic = || load.wait_for(30);
     let mut changes = 0;
     for cycle in 0..6 {
         let i = cycle % 3 + 1;
@@ -139,25 +72,21 @@ fn weirctl_changes_a_vhost_pool_under_load_with_no_client_error_and_the_pool_per
             vec!["server", "add", VHOST, &s, "--weight", "150"],
             vec!["server", "weight", VHOST, &s, "100"],
         ] {
-            weirctl_ok(&lab, &args);
+            lab.weirctl_ok(&args);
             changes += 1;
-            wait_for_traffic(&served);
+            wait_for_traffic();
         }
     }
     // Server 4 in, then disabled: it gets requests, then none.
-    weirctl_ok(&lab, &["server", "add", VHOST, &server(4)]);
-    wait_for_traffic(&served);
-    weirctl_ok(&lab, &["server", "disable", VHOST, &server(4)]);
+    lab.weirctl_ok(&["server", "add", VHOST, &server(4)]);
+    wait_for_traffic();
+    lab.weirctl_ok(&["server", "disable", VHOST, &server(4)]);
     changes += 2;
     let (_, requests) = pool(&lab);
     let to_four = requests[&server(4)];
-    wait_for_traffic(&served);
-    wait_for_traffic(&served);
-    stop.store(true, Ordering::Relaxed);
-    for thread in load {
-        thread.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
+    wait_for_traffic();
+    wait_for_traffic();
+    let (_, errors) = load.finish();
     assert!(
         errors.is_empty(),
         "{} client errors over {changes} changes, first: {:?}",

@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     thread,
@@ -23,6 +23,7 @@ use weir_forwarder::{l7::L7Workers, vhosts::Vhosts};
 use weir_tests::{
     http_client::{Body, HttpConn, is_pattern, raw_exchange},
     http_origin::{HttpOrigin, pattern_digest},
+    load::HttpLoad,
 };
 
 static NEXT_NET: AtomicU8 = AtomicU8::new(10);
@@ -116,6 +117,25 @@ fn origins(count: usize) -> Vec<HttpOrigin> {
         .collect()
 }
 
+/// One vhost `name` answering for `name.test`, with servers `SERVER1`..`SERVERn`; `more`
+/// holds further keys of the vhost and its sub-tables (`[vhost.outlier]`, …).
+fn vhost(name: &str, servers: usize, more: &str) -> String {
+    let pool: Vec<String> = (1..=servers)
+        .map(|i| format!("{{ address = \"SERVER{i}\" }}"))
+        .collect();
+    // Keys of the vhost go before `servers`, its sub-tables after.
+    let split = if more.starts_with('[') {
+        0
+    } else {
+        more.find("\n[").map_or(more.len(), |at| at + 1)
+    };
+    let (keys, tables) = more.split_at(split);
+    format!(
+        "[[vhost]]\nname = \"{name}\"\nlisten = \"LISTEN\"\nhosts = [\"{name}.test\"]\n{keys}servers = [{}]\n{tables}",
+        pool.join(", ")
+    )
+}
+
 fn refs(origins: &[HttpOrigin]) -> Vec<&HttpOrigin> {
     origins.iter().collect()
 }
@@ -187,17 +207,7 @@ servers = [{ address = "SERVER3" }]
 #[test]
 fn a_listener_without_a_default_answers_404_for_unknown_hosts() {
     let o = origins(1);
-    let proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "only"
-listen = "LISTEN"
-hosts = ["only.test"]
-servers = [{ address = "SERVER1" }]
-"#,
-        &refs(&o),
-    );
+    let proxy = Proxy::start("", &vhost("only", 1, ""), &refs(&o));
     let mut conn = proxy.conn();
     let response = conn
         .request("GET", "/", "other.test", "", Body::None)
@@ -311,17 +321,7 @@ servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER
 #[test]
 fn large_bodies_stream_both_ways_intact_in_both_framings() {
     let o = origins(1);
-    let proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "files"
-listen = "LISTEN"
-hosts = ["files.test"]
-servers = [{ address = "SERVER1" }]
-"#,
-        &refs(&o),
-    );
+    let proxy = Proxy::start("", &vhost("files", 1, ""), &refs(&o));
     const SIZE: u64 = 100 * 1024 * 1024;
     let (_, digest) = pattern_digest(SIZE);
     let mut conn = proxy.conn();
@@ -374,17 +374,7 @@ servers = [{ address = "SERVER1" }]
 #[test]
 fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let o = origins(1);
-    let proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "up"
-listen = "LISTEN"
-hosts = ["up.test"]
-servers = [{ address = "SERVER1" }]
-"#,
-        &refs(&o),
-    );
+    let proxy = Proxy::start("", &vhost("up", 1, ""), &refs(&o));
     let mut conn = proxy.conn();
     conn.send_raw(b"PUT /upload HTTP/1.1\r\nHost: up.test\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n")
         .unwrap();
@@ -403,17 +393,7 @@ servers = [{ address = "SERVER1" }]
 #[test]
 fn a_websocket_upgrade_is_tunnelled_both_ways() {
     let o = origins(1);
-    let proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "ws"
-listen = "LISTEN"
-hosts = ["ws.test"]
-servers = [{ address = "SERVER1" }]
-"#,
-        &refs(&o),
-    );
+    let proxy = Proxy::start("", &vhost("ws", 1, ""), &refs(&o));
     let mut conn = proxy.conn();
     conn.send_raw(
         b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -461,13 +441,7 @@ fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
     let o = origins(1);
     let proxy = Proxy::start(
         "[l7.forwarded]\nforwarded = true\n",
-        r#"
-[[vhost]]
-name = "fw"
-listen = "LISTEN"
-hosts = ["fw.test"]
-servers = [{ address = "SERVER1" }]
-"#,
+        &vhost("fw", 1, ""),
         &refs(&o),
     );
     let mut conn = proxy.conn();
@@ -754,13 +728,7 @@ fn slow_clients_get_408_and_do_not_starve_others() {
     let o = origins(1);
     let proxy = Proxy::start(
         "header_timeout_ms = 1000\n",
-        r#"
-[[vhost]]
-name = "app"
-listen = "LISTEN"
-hosts = ["app.test"]
-servers = [{ address = "SERVER1" }]
-"#,
+        &vhost("app", 1, ""),
         &refs(&o),
     );
     // 200 clients each trickle a byte of their head every 100 ms.
@@ -858,56 +826,8 @@ servers = [{{ address = "SERVER2" }}]
 #[test]
 fn fifty_pool_changes_under_load_cause_no_client_error() {
     let o = origins(8);
-    let mut proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "live"
-listen = "LISTEN"
-hosts = ["live.test"]
-servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }]
-"#,
-        &refs(&o),
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
-    let served = Arc::new(AtomicU64::new(0));
-    let mut load = Vec::new();
-    for client in 0..4 {
-        let (stop, errors, served, address) = (
-            Arc::clone(&stop),
-            Arc::clone(&errors),
-            Arc::clone(&served),
-            proxy.address,
-        );
-        load.push(thread::spawn(move || {
-            // Half the clients keep their connection, half open one per request.
-            let keep = client % 2 == 0;
-            let mut conn: Option<HttpConn> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let result = conn
-                    .take()
-                    .map_or_else(|| HttpConn::connect(address), Ok)
-                    .and_then(|mut c| {
-                        let r = c.request("GET", "/", "live.test", "", Body::None)?;
-                        Ok((c, r))
-                    });
-                match result {
-                    Ok((c, response)) if response.status == 200 => {
-                        served.fetch_add(1, Ordering::Relaxed);
-                        if keep {
-                            conn = Some(c);
-                        }
-                    }
-                    Ok((_, response)) => errors
-                        .lock()
-                        .unwrap()
-                        .push(format!("status {}", response.status)),
-                    Err(err) => errors.lock().unwrap().push(err.to_string()),
-                }
-            }
-        }));
-    }
+    let mut proxy = Proxy::start("", &vhost("live", 3, ""), &refs(&o));
+    let load = HttpLoad::start(proxy.address, "live.test", 4, None);
     // 50 changes: cycle servers through add → drain → remove (the removed server then
     // stops, as in a real deploy), keeping at least two in rotation.
     let mut origins: Vec<Option<HttpOrigin>> = o.into_iter().map(Some).collect();
@@ -917,7 +837,6 @@ servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER
     let mut next_new = 3;
     let mut changes = 0;
     while changes < 50 {
-        let before = served.load(Ordering::Relaxed);
         if next_new < origins.len() {
             let new = next_new;
             next_new += 1;
@@ -949,42 +868,22 @@ servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER
             next_new = old;
         }
         // Let traffic flow between changes.
-        while served.load(Ordering::Relaxed) < before + 100 {
-            thread::sleep(Duration::from_millis(1));
-        }
+        load.wait_for(100);
     }
-    stop.store(true, Ordering::Relaxed);
-    for handle in load {
-        handle.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
+    let (served, errors) = load.finish();
     assert!(
         errors.is_empty(),
         "{} client errors, first: {:?}",
         errors.len(),
         errors.first()
     );
-    assert!(
-        served.load(Ordering::Relaxed) > 1000,
-        "load ran: {}",
-        served.load(Ordering::Relaxed)
-    );
+    assert!(served > 1000, "load ran: {served}");
 }
 
 #[test]
 fn draining_a_server_closes_its_idle_connections_and_sends_it_nothing_new() {
     let o = origins(2);
-    let mut proxy = Proxy::start(
-        "",
-        r#"
-[[vhost]]
-name = "d"
-listen = "LISTEN"
-hosts = ["d.test"]
-servers = [{ address = "SERVER1" }, { address = "SERVER2" }]
-"#,
-        &refs(&o),
-    );
+    let mut proxy = Proxy::start("", &vhost("d", 2, ""), &refs(&o));
     for _ in 0..10 {
         assert_eq!(proxy.get("d.test", "/").status, 200);
     }
@@ -1009,13 +908,7 @@ fn a_worker_at_its_connection_limit_leaves_new_connections_waiting() {
     let o = origins(1);
     let proxy = Proxy::start(
         "workers = 1\nmax_connections_per_worker = 2\n",
-        r#"
-[[vhost]]
-name = "app"
-listen = "LISTEN"
-hosts = ["app.test"]
-servers = [{ address = "SERVER1" }]
-"#,
+        &vhost("app", 1, ""),
         &refs(&o),
     );
     let mut first = proxy.conn();
@@ -1063,18 +956,11 @@ fn outlier_detection_ejects_a_failing_server_and_never_more_than_the_cap() {
     o[1].set_failing(true);
     let proxy = Proxy::start(
         "workers = 1\n",
-        r#"
-[[vhost]]
-name = "app"
-listen = "LISTEN"
-hosts = ["app.test"]
-servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER3" }, { address = "SERVER4" }]
-
-[vhost.outlier]
-consecutive_failures = 3
-base_ejection_ms = 60000
-max_ejection_percent = 25
-"#,
+        &vhost(
+            "app",
+            4,
+            "[vhost.outlier]\nconsecutive_failures = 3\nbase_ejection_ms = 60000\nmax_ejection_percent = 25\n",
+        ),
         &refs(&o),
     );
     let mut conn = proxy.conn();
@@ -1143,14 +1029,7 @@ fn a_server_joining_the_pool_ramps_up_over_its_slow_start() {
     let o = origins(2);
     let mut proxy = Proxy::start(
         "workers = 1\n",
-        r#"
-[[vhost]]
-name = "app"
-listen = "LISTEN"
-hosts = ["app.test"]
-slow_start_ms = 2000
-servers = [{ address = "SERVER1" }]
-"#,
+        &vhost("app", 1, "slow_start_ms = 2000\n"),
         &refs(&o),
     );
     let stop = Arc::new(AtomicBool::new(false));
