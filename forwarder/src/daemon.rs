@@ -25,7 +25,8 @@ use weir_config::{
     Config, DEFAULT_WEIGHT,
     control::{
         AdminState, ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Event,
-        L7Traffic, Request, Response, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
+        HealthState, L7Traffic, Request, Response, ServerReport, StatsReport, StatusReport,
+        Traffic, VipReport,
     },
 };
 
@@ -508,20 +509,16 @@ impl Inner {
                 let traffic = maps
                     .server_traffic(server.id)
                     .map_err(|err| internal(err.to_string()))?;
-                let (last_check, health_since_unix_ms, health_reason) =
-                    self.health_detail(&service.name, server.address);
                 reports.push(ServerReport {
-                    vip: service.name.clone(),
-                    address: server.address,
-                    weight: server.weight,
-                    admin: server.state,
-                    health: server.health,
-                    last_check,
-                    health_since_unix_ms,
-                    health_reason,
                     active_flows: flows.get(&server.id).copied().unwrap_or(0),
                     traffic: traffic_report(traffic),
-                    l7: None,
+                    ..self.server_report(
+                        &service.name,
+                        server.address,
+                        server.weight,
+                        server.state,
+                        server.health,
+                    )
                 });
             }
         }
@@ -549,24 +546,45 @@ impl Inner {
                         }
                     })
                     .unwrap_or_default();
-                let (last_check, health_since_unix_ms, health_reason) =
-                    self.health_detail(&vhost.name, server.address);
                 reports.push(ServerReport {
-                    vip: vhost.name.clone(),
-                    address: server.address,
-                    weight: server.weight,
-                    admin: server.state,
-                    health: server.health,
-                    last_check,
-                    health_since_unix_ms,
-                    health_reason,
                     active_flows: l7.in_flight as usize,
-                    traffic: Traffic::default(),
                     l7: Some(l7),
+                    ..self.server_report(
+                        &vhost.name,
+                        server.address,
+                        server.weight,
+                        server.state,
+                        server.health,
+                    )
                 });
             }
         }
         Ok(reports)
+    }
+
+    /// A server's report without its traffic (which L4 and L7 count differently).
+    fn server_report(
+        &self,
+        pool: &str,
+        address: SocketAddr,
+        weight: u32,
+        admin: AdminState,
+        health: HealthState,
+    ) -> ServerReport {
+        let (last_check, health_since_unix_ms, health_reason) = self.health_detail(pool, address);
+        ServerReport {
+            vip: pool.to_string(),
+            address,
+            weight,
+            admin,
+            health,
+            last_check,
+            health_since_unix_ms,
+            health_reason,
+            active_flows: 0,
+            traffic: Traffic::default(),
+            l7: None,
+        }
     }
 
     /// The last check, and since when and why the health is what it is.
