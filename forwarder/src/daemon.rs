@@ -137,6 +137,13 @@ impl State {
                     .collect(),
             )),
         };
+        // What operators changed is an event; a health transition records its own, with
+        // its reason (`apply_health`).
+        if let Ok(Response::Changed(lines)) = &result {
+            for line in lines {
+                inner.record(line.clone());
+            }
+        }
         result.unwrap_or_else(Response::Error)
     }
 
@@ -244,7 +251,6 @@ impl Inner {
         }
         for line in &changes {
             tracing::info!(change = %line, "applied");
-            self.record(line.clone());
         }
         self.l4 = next;
         if let Some(config) = config {
@@ -335,12 +341,13 @@ impl Inner {
             self.change(|l4| l4.set_health(&pool, address, health))
         };
         match result {
-            Ok(_) => {
+            Ok(response) => {
                 tracing::warn!(pool, %address, health = health_name(health), reason, "health changed");
-                self.record(format!(
-                    "{pool}: server {address} is {}: {reason}",
-                    health_name(health)
-                ));
+                if let Response::Changed(lines) = response {
+                    for line in lines {
+                        self.record(format!("{line}: {reason}"));
+                    }
+                }
                 self.health_reasons
                     .insert((pool, address), (unix_ms(SystemTime::now()), reason));
             }

@@ -175,12 +175,12 @@ fn a_stopped_server_leaves_the_pool_in_bound_with_no_client_error_and_returns_af
     let events = lab.weirctl_ok(&["events"]);
     for wanted in [
         format!(
-            "demo-l7: server {l7_server} is unhealthy: {FALL} failed checks in a row, last: connect:"
+            "vhost demo-l7: server {l7_server} healthy -> unhealthy: {FALL} failed checks in a row, last: connect:"
         ),
         format!(
-            "demo-l7: server {l7_server} is healthy: {RISE} good checks in a row, last: status 200"
+            "vhost demo-l7: server {l7_server} unhealthy -> healthy: {RISE} good checks in a row, last: status 200"
         ),
-        format!("demo-echo: server {echo_server} is unhealthy"),
+        format!("vip demo-echo: server {echo_server} healthy -> unhealthy: "),
         format!("vhost demo-l7: server {l7_server} ready -> disabled"),
     ] {
         assert!(
@@ -255,7 +255,10 @@ fn a_black_holed_server_is_excluded_and_only_its_connections_break() {
 fn transitions(lab: &Lab, pool: &str, server: SocketAddr) -> usize {
     lab.weirctl_ok(&["events"])
         .lines()
-        .filter(|l| l.contains(&format!("{pool}: server {server} is ")))
+        .filter(|l| {
+            l.contains(&format!("{pool}: server {server} healthy -> unhealthy"))
+                || l.contains(&format!("{pool}: server {server} unhealthy -> healthy"))
+        })
         .count()
 }
 
@@ -345,7 +348,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
     let mut streamed = Vec::new();
     while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
         streamed.push(line);
-        if streamed.iter().any(|l| l.contains("is unhealthy")) {
+        if streamed.iter().any(|l| l.contains("healthy -> unhealthy")) {
             break;
         }
     }
@@ -360,7 +363,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
     assert!(
         streamed
             .iter()
-            .any(|l| l.contains(&format!("demo-l7: server {server} is unhealthy"))),
+            .any(|l| l.contains(&format!("demo-l7: server {server} healthy -> unhealthy: "))),
         "{streamed:#?}"
     );
     let json: Value =
