@@ -60,7 +60,7 @@ pub struct RequestHead {
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     /// Header fields as received, minus the hop-by-hop ones.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Fields,
     /// Host name the request is for (lower case, no port, no trailing dot), from the
     /// absolute target or `Host`; `None` only for an HTTP/1.0 request without `Host`.
     pub host: Option<String>,
@@ -91,7 +91,7 @@ impl RequestHead {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .map(|(_, v)| v)
     }
 
     /// The value of cookie `name`, from any `Cookie` header.
@@ -105,6 +105,66 @@ impl RequestHead {
                 let eq = pair.iter().position(|&b| b == b'=')?;
                 (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
             })
+    }
+}
+
+/// The header fields of a head, kept in one buffer: parsing a head costs two allocations,
+/// not two per field (measured by the `http_parse` bench).
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    bytes: Vec<u8>,
+    /// (name end, value end) in `bytes`; each field starts where the previous one ended.
+    ends: Vec<(u32, u32)>,
+}
+
+impl Fields {
+    fn with_capacity(fields: usize, bytes: usize) -> Fields {
+        Fields {
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(fields),
+        }
+    }
+
+    fn push(&mut self, name: &str, value: &[u8]) {
+        self.bytes.extend_from_slice(name.as_bytes());
+        let name_end = self.bytes.len() as u32;
+        self.bytes.extend_from_slice(value);
+        self.ends.push((name_end, self.bytes.len() as u32));
+    }
+
+    /// The fields in order, as (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(name_end, value_end)| {
+            let (name_end, value_end) = (name_end as usize, value_end as usize);
+            // Names were `&str` (tokens) when pushed.
+            let name = std::str::from_utf8(&self.bytes[start..name_end]).unwrap_or_default();
+            let value = &self.bytes[name_end..value_end];
+            start = value_end;
+            (name, value)
+        })
+    }
+
+    /// Keeps the fields for which `keep(name)` holds.
+    fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        if self.iter().all(|(name, _)| keep(name)) {
+            return;
+        }
+        let mut kept = Fields::with_capacity(self.ends.len(), self.bytes.len());
+        for (name, value) in self.iter() {
+            if keep(name) {
+                kept.push(name, value);
+            }
+        }
+        *self = kept;
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
     }
 }
 
@@ -196,7 +256,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     let mut connection_tokens: Vec<String> = Vec::new();
     let mut upgrade: Option<Vec<u8>> = None;
     let mut expect_continue = false;
-    let mut kept: Vec<(String, Vec<u8>)> = Vec::with_capacity(request.headers.len());
+    let mut kept = Fields::with_capacity(request.headers.len(), end);
     for header in request.headers.iter() {
         let name = header.name;
         let value = header.value;
@@ -230,7 +290,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
             }
             return Err(refuse(417, "unsupported expectation"));
         }
-        kept.push((name.to_string(), value.to_vec()));
+        kept.push(name, value);
     }
     if chunked && content_length.is_some() {
         return Err(refuse(400, "both Content-Length and Transfer-Encoding"));
@@ -270,7 +330,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     };
 
     // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-    kept.retain(|(name, _)| !is_hop_by_hop(name, &connection_tokens));
+    kept.retain(|name| !is_hop_by_hop(name, &connection_tokens));
     let has = |token: &str| connection_tokens.iter().any(|t| t == token);
     let keep_alive = if minor_version == 1 {
         !has("close")
@@ -384,7 +444,7 @@ pub struct ResponseHead {
     pub reason: String,
     pub minor_version: u8,
     /// Header fields as received, minus hop-by-hop ones (`Transfer-Encoding` kept).
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Fields,
     pub body: BodyLength,
     /// The server keeps the connection open after this response.
     pub keep_alive: bool,
@@ -427,7 +487,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
     let mut other_coding = false;
     let mut connection_tokens: Vec<String> = Vec::new();
     let mut upgrade = None;
-    let mut kept = Vec::with_capacity(response.headers.len());
+    let mut kept = Fields::with_capacity(response.headers.len(), end);
     for header in response.headers.iter() {
         let (name, value) = (header.name, header.value);
         if name.eq_ignore_ascii_case("content-length") {
@@ -438,7 +498,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
             }
             if kept
                 .iter()
-                .any(|(n, _): &(String, Vec<u8>)| n.eq_ignore_ascii_case("content-length"))
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
             {
                 continue;
             }
@@ -454,12 +514,12 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
             upgrade = Some(value.to_vec());
             continue;
         }
-        kept.push((name.to_string(), value.to_vec()));
+        kept.push(name, value);
     }
     if (chunked || other_coding) && content_length.is_some() {
         return Err(ResponseError("both Content-Length and Transfer-Encoding"));
     }
-    kept.retain(|(name, _)| !is_hop_by_hop(name, &connection_tokens));
+    kept.retain(|name| !is_hop_by_hop(name, &connection_tokens));
     let has = |token: &str| connection_tokens.iter().any(|t| t == token);
     let no_body =
         method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
@@ -516,7 +576,7 @@ pub fn write_server_head(
     let mut prior_xff: Vec<&[u8]> = Vec::new();
     let mut prior_forwarded: Vec<&[u8]> = Vec::new();
     let mut prior_via: Vec<&[u8]> = Vec::new();
-    for (name, value) in &request.headers {
+    for (name, value) in request.headers.iter() {
         if name.eq_ignore_ascii_case("host") {
             // The target's authority wins over Host (they agree, or the request was refused).
             saw_host = true;
@@ -602,7 +662,7 @@ pub fn write_client_head(
     out.extend_from_slice(response.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut prior_via: Vec<&[u8]> = Vec::new();
-    for (name, value) in &response.headers {
+    for (name, value) in response.headers.iter() {
         if name.eq_ignore_ascii_case("via") {
             prior_via.push(value);
             continue;
