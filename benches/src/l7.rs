@@ -225,14 +225,7 @@ impl L7Bench {
             .collect::<Vec<_>>()
             .join(", ");
         let config = write_weir_config(tag, &dir.join("weir"), &servers)?;
-        let _weir = Process::spawn(
-            "weir",
-            ns.command(&self.weir)
-                .arg("--config")
-                .arg(&config)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null()),
-        )?;
+        let _weir = self.spawn_weir(&ns, &config)?;
         wait_for(&ns, PROXY)?;
         let socket = dir.join("weir").join("weir.sock");
         let args = wrk::args(
@@ -314,6 +307,18 @@ impl L7Bench {
         })
     }
 
+    /// The `weir` daemon in `ns` with the config at `config`.
+    fn spawn_weir(&self, ns: &Netns, config: &Path) -> Result<Process> {
+        Process::spawn(
+            "weir",
+            ns.command(&self.weir)
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null()),
+        )
+    }
+
     fn start(
         &self,
         ns: &Netns,
@@ -329,14 +334,7 @@ impl L7Bench {
                     &dir.join("weir"),
                     &format!("{{ address = \"{UPSTREAM}\" }}"),
                 )?;
-                Process::spawn(
-                    "weir",
-                    ns.command(&self.weir)
-                        .arg("--config")
-                        .arg(&config)
-                        .env("RUST_LOG", "warn")
-                        .stdout(Stdio::null()),
-                )?
+                self.spawn_weir(ns, &config)?
             }
             L7System::Haproxy => {
                 let conf = write_haproxy_config(&dir.join("haproxy"))?;

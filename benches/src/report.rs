@@ -9,7 +9,7 @@ use crate::{
     l4::{L4Result, System},
     l7::{ChurnResult, L7Result, L7System},
     l7_runtime::RuntimeResult,
-    stats::ratio,
+    stats::{Sample, ratio},
     xdp::XdpResult,
 };
 
@@ -125,88 +125,124 @@ pub fn xdp_table(results: &[XdpResult]) -> String {
     md
 }
 
-/// One table per case: each system's rate and latency, with ratios to direct and nftables.
-pub fn l4_tables(results: &[L4Result]) -> String {
+/// A row of a per-case table: the system, its rate, and the cells between them and the
+/// ratio columns.
+struct Row<'a, S> {
+    system: S,
+    name: &'static str,
+    rate: &'a Sample,
+    cells: String,
+}
+
+/// One Markdown table per case (in order of first appearance): `columns` names the cells
+/// after the system, then a ratio column per system in `peers`.
+fn per_case_tables<'a, C: PartialEq + Copy, S: PartialEq + Copy>(
+    rows: &[(C, String, Row<'a, S>)],
+    columns: &str,
+    peers: &[(S, &str)],
+) -> String {
     let mut md = String::new();
-    let mut cases: Vec<_> = results.iter().map(|r| r.case).collect();
+    let mut cases: Vec<C> = rows.iter().map(|(case, _, _)| *case).collect();
     cases.dedup();
     for case in cases {
-        let rows: Vec<&L4Result> = results.iter().filter(|r| r.case == case).collect();
-        let find = |system| rows.iter().find(|r| r.system == system);
+        let in_case: Vec<&(C, String, Row<'a, S>)> =
+            rows.iter().filter(|(c, _, _)| *c == case).collect();
+        let title = &in_case[0].1;
+        let peer_columns: String = peers
+            .iter()
+            .map(|(_, name)| format!(" × {name} |"))
+            .collect();
+        let alignment = "---:|".repeat(columns.matches('|').count() + peers.len());
         let _ = write!(
             md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | machine CPU µs/req | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-            case.name()
+            "\n### {title}\n\n| system | req/s, median (min–max) |{columns}{peer_columns}\n|---|---:|{alignment}\n"
         );
-        for row in &rows {
-            let versus = |system| {
-                find(system).map_or("–".to_string(), |peer| {
-                    format!(
-                        "{:.2}×",
-                        ratio(&row.requests_per_sec, &peer.requests_per_sec)
-                    )
+        for (_, _, row) in &in_case {
+            let ratios: String = peers
+                .iter()
+                .map(|(peer, _)| {
+                    let cell = in_case
+                        .iter()
+                        .find(|(_, _, r)| r.system == *peer)
+                        .map_or("–".to_string(), |(_, _, p)| {
+                            format!("{:.2}×", ratio(row.rate, p.rate))
+                        });
+                    format!(" {cell} |")
                 })
-            };
+                .collect();
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} | {} | {} | {} |",
-                row.system.name(),
-                row.requests_per_sec.display(0),
-                row.p50_us.median,
-                row.p99_us.median,
-                row.p999_us.median,
-                row.machine_cpu_us_per_request.median,
-                row.errors,
-                row.syn_retransmits,
-                versus(System::Direct),
-                versus(System::NftablesDnat),
-                versus(System::HaproxyTcp)
+                "| {} | {} |{}{ratios}",
+                row.name,
+                row.rate.display(0),
+                row.cells
             );
         }
     }
     md
 }
 
+/// One table per case: each system's rate and latency, with ratios to direct and nftables.
+pub fn l4_tables(results: &[L4Result]) -> String {
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let cells = format!(
+                " {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
+                r.p50_us.median,
+                r.p99_us.median,
+                r.p999_us.median,
+                r.machine_cpu_us_per_request.median,
+                r.errors,
+                r.syn_retransmits
+            );
+            let row = Row {
+                system: r.system,
+                name: r.system.name(),
+                rate: &r.requests_per_sec,
+                cells,
+            };
+            (r.case, r.case.name(), row)
+        })
+        .collect();
+    per_case_tables(
+        &rows,
+        " p50 µs | p99 µs | p99.9 µs | machine CPU µs/req | errors | SYN retransmits |",
+        &[
+            (System::Direct, "direct"),
+            (System::NftablesDnat, "nftables DNAT"),
+            (System::HaproxyTcp, "HAProxy TCP"),
+        ],
+    )
+}
+
 /// One table per L7 case: rate, latency and CPU per request, with ratios to HAProxy and nginx.
 pub fn l7_tables(results: &[L7Result]) -> String {
-    let mut md = String::new();
-    let mut cases: Vec<_> = results.iter().map(|r| r.case).collect();
-    cases.dedup();
-    for case in cases {
-        let rows: Vec<&L7Result> = results.iter().filter(|r| r.case == case).collect();
-        let find = |system| rows.iter().find(|r| r.system == system);
-        let _ = write!(
-            md,
-            "\n### {}\n\n| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors | × HAProxy | × nginx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-            case.name()
-        );
-        for row in &rows {
-            let versus = |system| {
-                find(system).map_or("–".to_string(), |peer| {
-                    format!(
-                        "{:.2}×",
-                        ratio(&row.requests_per_sec, &peer.requests_per_sec)
-                    )
-                })
-            };
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
-                row.system.name(),
-                row.requests_per_sec.display(0),
-                row.p50_us.median,
-                row.p99_us.median,
-                row.p999_us.median,
-                row.cpu_us_per_request
-                    .as_ref()
-                    .map_or("–".to_string(), |c| format!("{:.1}", c.median)),
-                row.errors,
-                versus(L7System::Haproxy),
-                versus(L7System::Nginx)
+    let rows: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let cpu = r
+                .cpu_us_per_request
+                .as_ref()
+                .map_or("–".to_string(), |c| format!("{:.1}", c.median));
+            let cells = format!(
+                " {:.0} | {:.0} | {:.0} | {cpu} | {} |",
+                r.p50_us.median, r.p99_us.median, r.p999_us.median, r.errors
             );
-        }
-    }
-    md
+            let row = Row {
+                system: r.system,
+                name: r.system.name(),
+                rate: &r.requests_per_sec,
+                cells,
+            };
+            (r.case, r.case.name(), row)
+        })
+        .collect();
+    per_case_tables(
+        &rows,
+        " p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors |",
+        &[(L7System::Haproxy, "HAProxy"), (L7System::Nginx, "nginx")],
+    )
 }
 
 /// The change-under-load run: rates steady and changing, errors, and the dip.
@@ -308,6 +344,10 @@ mod tests {
             "{table}"
         );
         assert!(
+            table.contains("| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors | × HAProxy | × nginx |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"),
+            "{table}"
+        );
+        assert!(
             table.contains(
                 "| weir L7 | 2600 (2340–2860) | 100 | 300 | 900 | 12.5 | 0 | 1.30× | 2.00× |"
             ),
@@ -375,6 +415,10 @@ mod tests {
         ]);
         assert!(
             table.contains("### IPv4, new connection per request, 5-byte responses"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| system | req/s, median (min–max) | p50 µs | p99 µs | p99.9 µs | machine CPU µs/req | errors | SYN retransmits | × direct | × nftables DNAT | × HAProxy TCP |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"),
             "{table}"
         );
         assert!(

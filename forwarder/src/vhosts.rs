@@ -257,10 +257,7 @@ impl Vhosts {
         weight: u32,
     ) -> Result<(), VhostError> {
         check_weight(weight)?;
-        let pool = self.vhost_mut(vhost)?;
-        let index = pool.server_index(address)?;
-        pool.servers[index].weight = weight;
-        Ok(())
+        self.change_server(vhost, address, |server| server.weight = weight)
     }
 
     /// Removes a server: it gets no new request; those in flight finish.
