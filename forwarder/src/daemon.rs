@@ -316,6 +316,9 @@ impl Inner {
     /// Moves L4 slow starts one step: rebuilds the tables of VIPs with a ramping server and
     /// writes those that changed (each an atomic switch).
     fn step_slow_starts(&mut self) {
+        if !self.l4.slow_starts_pending() {
+            return;
+        }
         let mut next = self.l4.clone();
         match next.step_slow_starts() {
             Ok(false) => {}

@@ -147,6 +147,16 @@ impl L4Service {
         }
     }
 
+    /// Whether the VIP's table needs slow-start steps at `now`: a server is ramping, or
+    /// finished within the last two seconds (one step past the end, so the table reaches
+    /// full weights).
+    fn stepping(&self, now: Instant) -> bool {
+        let recent = now
+            .checked_sub(std::time::Duration::from_secs(2))
+            .unwrap_or(now);
+        self.ramping(now) || self.ramping(recent)
+    }
+
     /// Whether a server of this VIP is part-way through its slow start at `now`.
     pub fn ramping(&self, now: Instant) -> bool {
         self.servers
@@ -626,17 +636,19 @@ impl L4Services {
         Ok(())
     }
 
+    /// Whether any VIP needs a slow-start step now (checked before copying the model).
+    pub fn slow_starts_pending(&self) -> bool {
+        let now = Instant::now();
+        self.services.values().any(|s| s.stepping(now))
+    }
+
     /// Rebuilds the tables of VIPs with a server in slow start (the daemon calls it once a
     /// second and writes what changed).
     pub fn step_slow_starts(&mut self) -> Result<bool, L4Error> {
         let (seed, now) = (self.seed, Instant::now());
         let mut changed = false;
         for service in self.services.values_mut() {
-            // One step past the end, so the table reaches full weights.
-            let recent = now
-                .checked_sub(std::time::Duration::from_secs(2))
-                .unwrap_or(now);
-            if service.ramping(now) || service.ramping(recent) {
+            if service.stepping(now) {
                 let table = service.build_table(seed)?;
                 changed |= table != service.table;
                 service.table = table;
@@ -926,8 +938,10 @@ mod tests {
         };
         // The initial pool is whole from the start.
         assert!((share(&services, 1) - 0.5).abs() < 0.01);
+        assert!(!services.slow_starts_pending());
         assert!(!services.step_slow_starts().unwrap());
         services.add_server("web", addr(3), 100).unwrap();
+        assert!(services.slow_starts_pending());
         // Weight 1 of 201 at first.
         assert!(share(&services, 3) < 0.02, "{}", share(&services, 3));
         std::thread::sleep(std::time::Duration::from_millis(750));
