@@ -159,6 +159,17 @@ mod tests {
         hash_on: Option<HashOn>,
         weights: &[(u32, AdminState)],
     ) -> L7Snapshot {
+        let servers: Vec<_> = weights.iter().map(|&(w, s)| (w, s, None)).collect();
+        snapshot_ramping(balance, hash_on, 0, &servers)
+    }
+
+    /// One vhost `a` with servers 127.0.0.10, .11, … of (weight, state, in rotation since).
+    fn snapshot_ramping(
+        balance: Balance,
+        hash_on: Option<HashOn>,
+        slow_start_ms: u64,
+        servers: &[(u32, AdminState, Option<Instant>)],
+    ) -> L7Snapshot {
         let listen = ["127.0.0.1:80".parse().unwrap()];
         let spec = VhostSpec {
             name: "a",
@@ -169,18 +180,18 @@ mod tests {
             hash_on,
             all_down: weir_config::AllDown::Refuse,
             outlier: None,
-            slow_start_ms: 0,
-            servers: weights
+            slow_start_ms,
+            servers: servers
                 .iter()
                 .enumerate()
-                .map(|(i, &(w, s))| {
+                .map(|(i, &(w, s, since))| {
                     let address = SocketAddr::from(([127, 0, 0, 10 + i as u8], 80));
                     (
                         address,
                         w,
                         s,
                         weir_config::control::HealthState::Unchecked,
-                        None,
+                        since,
                     )
                 })
                 .collect(),
@@ -273,64 +284,23 @@ mod tests {
                 .is_some()
         );
     }
-}
-
-#[cfg(test)]
-mod slow_start_tests {
-    use super::*;
-    use crate::l7::{
-        http::{HeadLimits, parse_request},
-        snapshot::VhostSpec,
-    };
-    use weir_config::{
-        L7Config,
-        control::{AdminState, HealthState},
-    };
 
     #[test]
     fn a_ramping_server_gets_its_ramped_share() {
-        let listen = ["127.0.0.1:80".parse().unwrap()];
-        let spec = VhostSpec {
-            name: "a",
-            listen: listen[0],
-            hosts: vec!["a".into()],
-            default: false,
-            balance: weir_config::Balance::RoundRobin,
-            hash_on: None,
-            all_down: weir_config::AllDown::Refuse,
-            outlier: None,
-            slow_start_ms: 100_000,
-            servers: vec![
-                (
-                    "127.0.0.10:80".parse().unwrap(),
-                    100,
-                    AdminState::Ready,
-                    HealthState::Unchecked,
-                    None,
-                ),
-                (
-                    "127.0.0.11:80".parse().unwrap(),
-                    100,
-                    AdminState::Ready,
-                    HealthState::Unchecked,
-                    Some(Instant::now()),
-                ),
+        let snapshot = snapshot_ramping(
+            Balance::RoundRobin,
+            None,
+            100_000,
+            &[
+                (100, AdminState::Ready, None),
+                (100, AdminState::Ready, Some(Instant::now())),
             ],
-        };
-        let snapshot = L7Snapshot::build(1, L7Config::default(), &listen, &[spec], None);
-        let limits = HeadLimits {
-            max_request_line: 100,
-            max_header_bytes: 1000,
-            max_headers: 10,
-        };
-        let request = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &limits)
-            .unwrap()
-            .unwrap();
+        );
         let mut balancer = Balancer::default();
         let mut counts = [0; 2];
         for _ in 0..1010 {
             counts[balancer
-                .pick(&snapshot, 0, &request, "127.0.0.1:1".parse().unwrap(), &[])
+                .pick(&snapshot, 0, &request(""), PEER.into(), &[])
                 .unwrap()] += 1;
         }
         // Weight 1 (of 100) at the start of a 100 s ramp: about 1 in 101.
