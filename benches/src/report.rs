@@ -10,7 +10,7 @@ use crate::{
     l7::{ChurnResult, L7Result, L7System},
     l7_runtime::RuntimeResult,
     stats::{Sample, ratio},
-    xdp::XdpResult,
+    xdp::{TableSwitch, XdpResult},
 };
 
 /// Everything one run measured, with where it ran.
@@ -19,6 +19,7 @@ pub struct Report {
     pub machine: String,
     pub quick: bool,
     pub xdp: Vec<XdpResult>,
+    pub table_switch: Option<TableSwitch>,
     pub l4: Vec<L4Result>,
     pub l7_runtime: Vec<RuntimeResult>,
     pub l7: Vec<L7Result>,
@@ -83,6 +84,14 @@ impl Report {
         let mut md = format!("Machine: {}\n", self.machine);
         if !self.xdp.is_empty() {
             md.push_str(&xdp_table(&self.xdp));
+        }
+        if let Some(switch) = &self.table_switch {
+            let _ = write!(
+                md,
+                "\nA weight change (Maglev table of {} slots rebuilt and switched in): {} ms.\n",
+                switch.slots,
+                switch.ms.display(2)
+            );
         }
         if !self.l4.is_empty() {
             md.push_str(&l4_tables(&self.l4));

@@ -18,7 +18,10 @@
 //! Each case checks that the counter of its verdict moved once per run: a benchmark of the
 //! wrong path fails instead of reporting.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
 
 use anyhow::{Context, Result, ensure};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -89,6 +92,14 @@ pub struct XdpResult {
     pub ns_per_packet: Sample,
 }
 
+/// What an operator's weight change costs the datapath: the Maglev table rebuilt and switched
+/// in (`L4Services::set_weight` then `sync`), in ms, one value per change.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableSwitch {
+    pub slots: u32,
+    pub ms: Sample,
+}
+
 /// What to run.
 #[derive(Debug, Clone, Copy)]
 pub struct XdpBench {
@@ -124,16 +135,40 @@ struct Case {
 }
 
 impl XdpBench {
-    /// Builds the bed, loads the program and runs every case; the bed is removed on return.
-    pub fn run(&self, bed_name: &str) -> Result<Vec<XdpResult>> {
+    /// Builds the bed, loads the program and runs every case, then times table switches; the
+    /// bed is removed on return.
+    pub fn run(&self, bed_name: &str) -> Result<(Vec<XdpResult>, TableSwitch)> {
         let bed = PacketBed::new(bed_name, 2)?;
         bed.ns
-            .run(|| self.run_in_bed())
+            .run(|| {
+                let mut balancer = Balancer::load()?;
+                let packets = self.packet_cases(&mut balancer)?;
+                Ok((packets, self.table_switches(&mut balancer)?))
+            })
             .context("the packet bed's namespace")?
     }
 
-    fn run_in_bed(&self) -> Result<Vec<XdpResult>> {
-        let mut balancer = Balancer::load()?;
+    /// Changes a server's weight back and forth, timing each rebuild and switch of the VIP's
+    /// table (the default 65 537 slots).
+    fn table_switches(&self, balancer: &mut Balancer) -> Result<TableSwitch> {
+        let server: SocketAddr = "198.18.1.10:8080".parse()?;
+        let mut values = Vec::with_capacity(self.repetitions);
+        for weight in (0..self.repetitions).map(|i| 2 + (i % 2) as u32) {
+            let before = balancer.services.clone();
+            balancer.services.set_weight("nat4", server, weight)?;
+            let started = Instant::now();
+            balancer
+                .services
+                .sync(balancer.datapath.maps_mut(), Some(&before))?;
+            values.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(TableSwitch {
+            slots: balancer.services.service("nat4")?.table_size,
+            ms: Sample::new(values),
+        })
+    }
+
+    fn packet_cases(&self, balancer: &mut Balancer) -> Result<Vec<XdpResult>> {
         let client = |port| SocketAddr::new(IpAddr::from([198, 18, 0, 1]), port);
         let client6 = |port| SocketAddr::new("fd00::1".parse().unwrap(), port);
         let vip4 = |last: u8| SocketAddr::new(IpAddr::from([198, 18, 100, last]), 80);
@@ -328,7 +363,7 @@ fn new_client(n: u64, ipv6: bool) -> SocketAddr {
 /// The datapath loaded in the bed (not attached: test runs do not need it).
 struct Balancer {
     datapath: Datapath,
-    _services: L4Services,
+    services: L4Services,
     uplink: u32,
 }
 
@@ -345,7 +380,7 @@ impl Balancer {
         let services = L4Services::from_config(&config, datapath.maps_mut())?;
         Ok(Balancer {
             datapath,
-            _services: services,
+            services,
             uplink: nix::net::if_::if_nametoindex(UPLINK)?,
         })
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, Xdp,
         links::{FdLink, LinkError, PinnedLink},
@@ -28,7 +28,10 @@ use weir_common::{
 };
 use weir_config::{Config, XdpMode, control::XdpAttachment};
 
-use crate::pins::{PinDir, PinError};
+use crate::{
+    map_batch,
+    pins::{PinDir, PinError},
+};
 
 /// The eBPF object built from the `ebpf` crate.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
@@ -58,6 +61,8 @@ pub enum DatapathError {
     TxPort(String, #[source] aya::maps::xdp::XdpMapError),
     #[error("map `{0}`: {1}")]
     Map(&'static str, #[source] MapError),
+    #[error("map `{0}`: batched update: {1}")]
+    MapBatch(&'static str, #[source] std::io::Error),
     #[error("pinning the datapath: {0}")]
     Pin(#[from] PinError),
     #[error("cannot pin the XDP link of `{0}`: {1}")]
@@ -379,12 +384,12 @@ impl DatapathMaps {
     pub fn install_table(&mut self, vip_id: u32, slots: &[u32]) -> Result<(), DatapathError> {
         let map_err = |e| DatapathError::Map(names::MAGLEV_MAP, e);
         let size = slots.len() as u32;
-        let mut table =
-            Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP).map_err(map_err)?;
-        table.set(0, size, 0).map_err(map_err)?;
-        for (i, server) in slots.iter().enumerate() {
-            table.set(i as u32 + 1, server, 0).map_err(map_err)?;
-        }
+        let table = Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP).map_err(map_err)?;
+        // Slot 0 holds the size, then the table; written in one batch (see `map_batch`).
+        let keys: Vec<u32> = (0..=size).collect();
+        let values: Vec<u32> = std::iter::once(size).chain(slots.iter().copied()).collect();
+        map_batch::update(table.map(), &keys, &values)
+            .map_err(|e| DatapathError::MapBatch(names::MAGLEV_MAP, e))?;
         self.maglev.set(vip_id, &table, 0).map_err(map_err)
     }
 

@@ -20,6 +20,7 @@ pub mod health;
 pub mod l4;
 pub mod l7;
 pub mod maglev;
+mod map_batch;
 pub mod pins;
 pub mod pool;
 pub mod state;

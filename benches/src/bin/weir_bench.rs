@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         machine: machine(),
         quick: args.quick,
         xdp: Vec::new(),
+        table_switch: None,
         l4: Vec::new(),
         l7_runtime: Vec::new(),
         l7: Vec::new(),
@@ -62,7 +63,9 @@ fn main() -> Result<()> {
             runs: if args.quick { 20_000 } else { 200_000 },
             repetitions: if args.quick { 3 } else { 7 },
         };
-        report.xdp = bench.run(&format!("{tag}bed"))?;
+        (report.xdp, report.table_switch) = bench
+            .run(&format!("{tag}bed"))
+            .map(|(packets, switch)| (packets, Some(switch)))?;
     }
     if wanted(Scenario::L4) {
         eprintln!("l4: wrk through the VIP, direct and nftables DNAT, interleaved");
