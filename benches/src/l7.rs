@@ -1,6 +1,6 @@
 //! L7 end to end: weir's reverse proxy (the `weir` daemon, its L7 workers only) against
-//! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream
-//! on loopback, with direct-to-upstream as the ceiling. One worker thread for every proxy;
+//! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream (one
+//! process per CPU) on loopback, with direct-to-upstream as the ceiling. One worker thread for every proxy;
 //! keep-alive to the upstream on for all; access logs off; each adds `X-Forwarded-For`.
 //! Cases: keep-alive and a new connection per request, × a 5-byte and a 64 KiB response.
 //! Systems run interleaved within each repetition. CPU time per request is the proxy
@@ -394,29 +394,38 @@ fn wait_for(ns: &Netns, address: &str) -> Result<()> {
     ns.wait_for_listener(address, Duration::from_secs(10))
 }
 
-/// The upstream: nginx serving a 5-byte and a 64 KiB file, keep-alive without a limit.
-fn start_upstream(ns: &Netns, dir: &Path) -> Result<Process> {
+/// The upstream: nginx serving a 5-byte and a 64 KiB file, keep-alive without a limit, one
+/// single-process nginx per CPU sharing the ports (`SO_REUSEPORT`). An upstream is a fleet of
+/// servers in production, never the bottleneck; one nginx process here was: it serialised
+/// every proxy behind it, and hid the proxies' own differences (decision 0009).
+fn start_upstream(ns: &Netns, dir: &Path) -> Result<Vec<Process>> {
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
     fs::write(www.join("small"), "srv1\n")?;
     fs::write(www.join("64k"), vec![b'x'; LARGE_BYTES])?;
-    let conf = crate::nginx::config(
-        dir,
-        &format!(
-            "server {{ {} location / {{ root {}; }} }}",
-            CHURN_SERVERS.map(|s| format!("listen {s};")).join(" "),
-            www.display()
-        ),
-    )?;
-    let nginx = Process::spawn(
-        "nginx",
-        ns.command("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null()),
-    )?;
+    let processes = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut upstream = Vec::with_capacity(processes);
+    for i in 0..processes {
+        let conf = crate::nginx::config(
+            &dir.join(format!("nginx-{i}")),
+            &format!(
+                "server {{ {} location / {{ root {}; }} }}",
+                CHURN_SERVERS
+                    .map(|s| format!("listen {s} reuseport;"))
+                    .join(" "),
+                www.display()
+            ),
+        )?;
+        upstream.push(Process::spawn(
+            "nginx",
+            ns.command("nginx")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null()),
+        )?);
+    }
     wait_for(ns, UPSTREAM)?;
-    Ok(nginx)
+    Ok(upstream)
 }
 
 /// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream.
