@@ -38,8 +38,12 @@ use super::{
     upstream::UpstreamPool,
 };
 
-/// Bytes read from a socket at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from a socket at a time. 16 KiB (HAProxy's buffer size too): against 32 and
+/// 64 KiB it relayed 64 KiB keep-alive responses faster (18.7k vs 15.3k/15.8k req/s), with a
+/// lower p99 (7 vs 10/9 ms) and less CPU per request (37 vs 44/40 µs), and was level
+/// elsewhere; smaller reads keep each connection's turn on the worker short and its buffers
+/// in cache (decision 0009).
+const READ_CHUNK: usize = 16 * 1024;
 /// Servers tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
 /// How long a refused client may keep sending before its connection is closed, so the
