@@ -212,7 +212,7 @@ impl L4Service {
             })
     }
 
-    /// The server `address`, if it is in the pool.
+    /// The pool as the lines `pool::server_changes` compares.
     fn server_lines(&self) -> Vec<ServerLine> {
         self.servers
             .iter()
@@ -225,6 +225,7 @@ impl L4Service {
             .collect()
     }
 
+    /// The server `address`, if it is in the pool.
     pub fn find_server(&self, address: SocketAddr) -> Option<&L4Server> {
         self.servers.iter().find(|s| s.address == address)
     }
