@@ -1,9 +1,9 @@
 //! L7 end to end: weir's reverse proxy (the `weir` daemon, its L7 workers only) against
-//! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream (one
-//! process per CPU) on loopback, with direct-to-upstream as the ceiling. One worker thread for every proxy;
-//! keep-alive to the upstream on for all; access logs off; each adds `X-Forwarded-For`.
-//! Cases: keep-alive and a new connection per request, × a 5-byte and a 64 KiB response.
-//! Systems run interleaved within each repetition. CPU time per request is the proxy
+//! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream
+//! (one process per CPU) on loopback, with direct-to-upstream as the ceiling. One worker thread
+//! for every proxy; keep-alive to the upstream on for all; access logs off; each adds
+//! `X-Forwarded-For`. Cases: keep-alive and a new connection per request, × a 5-byte and a
+//! 64 KiB response. Systems run interleaved within each repetition. CPU time per request is the proxy
 //! process's user + system time (from /proc) over the requests wrk completed.
 //!
 //! Everything runs on the loopback of one namespace of its own (removed with every process

@@ -13,7 +13,7 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, Xdp,
         links::{FdLink, LinkError, PinnedLink},
@@ -386,9 +386,8 @@ impl DatapathMaps {
         let size = slots.len() as u32;
         let table = Array::<MapData, u32>::create(size + 1, BPF_F_INNER_MAP).map_err(map_err)?;
         // Slot 0 holds the size, then the table; written in one batch (see `map_batch`).
-        let keys: Vec<u32> = (0..=size).collect();
         let values: Vec<u32> = std::iter::once(size).chain(slots.iter().copied()).collect();
-        map_batch::update(table.map(), &keys, &values)
+        map_batch::fill_array(&table, &values)
             .map_err(|e| DatapathError::MapBatch(names::MAGLEV_MAP, e))?;
         self.maglev.set(vip_id, &table, 0).map_err(map_err)
     }
