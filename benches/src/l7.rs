@@ -3,8 +3,8 @@
 //! (one process per CPU) on loopback, with direct-to-upstream as the ceiling. One worker thread
 //! for every proxy; keep-alive to the upstream on for all; access logs off; each adds
 //! `X-Forwarded-For`. Cases: keep-alive and a new connection per request, × a 5-byte and a
-//! 64 KiB response. Systems run interleaved within each repetition. CPU time per request is the proxy
-//! process's user + system time (from /proc) over the requests wrk completed.
+//! 64 KiB response. Systems run interleaved within each repetition. CPU time per request is
+//! the proxy process's user + system time (from /proc) over the requests wrk completed.
 //!
 //! Everything runs on the loopback of one namespace of its own (removed with every process
 //! in it, even after an interrupted run). wrk, the upstream and the proxy share the CPUs, so
