@@ -221,6 +221,7 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         upstreams: Default::default(),
         connections: Default::default(),
         buffers: Default::default(),
+        pipes: Default::default(),
     });
     runtime.block_on(async move {
         let sweeper = {

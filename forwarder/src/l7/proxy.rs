@@ -33,7 +33,7 @@ use super::{
         BodyLength, ClientInfo, HeadLimits, RequestHead, ResponseHead, local_response,
         parse_request, parse_response, write_client_head, write_server_head,
     },
-    io::Conn,
+    io::{Conn, Pipe},
     snapshot::{L7Snapshot, PoolServer, ServerStats, VhostPool},
     upstream::UpstreamPool,
 };
@@ -60,11 +60,18 @@ pub struct Worker {
     pub connections: std::cell::Cell<usize>,
     /// Spare I/O buffers, so a request does not allocate its own.
     pub buffers: RefCell<Vec<Vec<u8>>>,
+    /// Spare (empty) pipes for spliced bodies.
+    pub pipes: RefCell<Vec<Pipe>>,
 }
 
 /// Buffers a worker keeps for reuse, and the largest it keeps.
 const SPARE_BUFFERS: usize = 256;
 const MAX_SPARE_CAPACITY: usize = 256 * 1024;
+/// Pipes a worker keeps for reuse (two descriptors each).
+const SPARE_PIPES: usize = 64;
+/// Bodies with at least this much left after the bytes read with the head are spliced
+/// (decision 0012); below it a pipe costs more system calls than the copy it saves.
+const SPLICE_MIN: u64 = READ_CHUNK as u64;
 
 impl Worker {
     /// An empty buffer, reused when one is spare.
@@ -79,6 +86,25 @@ impl Worker {
         {
             buf.clear();
             spare.push(buf);
+        }
+    }
+
+    /// An empty pipe, reused when one is spare; `None` when none can be made (descriptors
+    /// exhausted), and the body is copied instead.
+    fn pipe(&self) -> Option<Pipe> {
+        if let Some(pipe) = self.pipes.borrow_mut().pop() {
+            return Some(pipe);
+        }
+        Pipe::new()
+            .inspect_err(|err| tracing::debug!(%err, "no pipe for splicing; copying instead"))
+            .ok()
+    }
+
+    /// Gives back a pipe that a splice emptied.
+    fn recycle_pipe(&self, pipe: Pipe) {
+        let mut spare = self.pipes.borrow_mut();
+        if spare.len() < SPARE_PIPES {
+            spare.push(pipe);
         }
     }
 }
@@ -392,17 +418,13 @@ async fn exchange(
             }
             return Err(failure);
         }
-        match relay_body(
-            client,
-            &upstream,
-            request.body,
-            buf,
-            Vec::new(),
-            false,
-            settings,
-        )
-        .await
-        {
+        let relay = Relay {
+            from: client,
+            to: &upstream,
+            idle: ms(settings.body_idle_timeout_ms),
+            worker,
+        };
+        match relay_body(&relay, request.body, buf, Vec::new(), false).await {
             Ok(spare) => worker.recycle(spare),
             Err(RelayError::From) => return Err(Failure::Close),
             Err(RelayError::Malformed(err)) => return Err(Failure::Respond(400, err.0)),
@@ -553,16 +575,13 @@ async fn relay_response(
         settings.forwarded.via,
         &mut out,
     );
-    let relayed = relay_body(
-        &upstream,
-        client,
-        response.body,
-        &mut rbuf,
-        out,
-        dechunk,
-        settings,
-    )
-    .await;
+    let relay = Relay {
+        from: &upstream,
+        to: client,
+        idle: ms(settings.body_idle_timeout_ms),
+        worker,
+    };
+    let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
     match relayed {
         Ok(spare) => worker.recycle(spare),
         Err(_) => return Err(ResponseFailure::Cut),
@@ -587,19 +606,27 @@ async fn relay_response(
     Ok((response.status, !close))
 }
 
-/// Relays a body of `length` from `from` to `to`, after writing `prefix` (a response head,
-/// sent in the same write as the first body bytes). `pending` holds bytes already read from
-/// `from`; on return it holds those read past the body (the next pipelined request).
+/// The two ends of a body relay.
+struct Relay<'a> {
+    from: &'a Conn,
+    to: &'a Conn,
+    /// How long either end may stall the body.
+    idle: Duration,
+    worker: &'a Worker,
+}
+
+/// Relays a body of `length` from `relay.from` to `relay.to`, after writing `prefix` (a
+/// response head, sent in the same write as the first body bytes). `pending` holds bytes
+/// already read from `from`; on return it holds those read past the body (the next
+/// pipelined request). What is left of a long fixed-length body is spliced.
 async fn relay_body(
-    from: &Conn,
-    to: &Conn,
+    relay: &Relay<'_>,
     length: BodyLength,
     pending: &mut Vec<u8>,
     prefix: Vec<u8>,
     dechunk: bool,
-    settings: &L7Config,
 ) -> Result<Vec<u8>, RelayError> {
-    let idle = ms(settings.body_idle_timeout_ms);
+    let Relay { from, to, idle, .. } = *relay;
     let mut out = prefix;
     let mut remaining = match length {
         BodyLength::Fixed(n) => n,
@@ -640,12 +667,21 @@ async fn relay_body(
             }
         };
         if !out.is_empty() {
-            let BufResult(written, back) = to.write_all(out).await;
+            let BufResult(written, back) = to.write_all_within(out, idle).await;
             out = back;
             written.map_err(|_| RelayError::To)?;
             out.clear();
         }
         if done {
+            return Ok(out);
+        }
+        if matches!(length, BodyLength::Fixed(_))
+            && remaining >= SPLICE_MIN
+            && from.spliceable()
+            && to.spliceable()
+            && let Some(pipe) = relay.worker.pipe()
+        {
+            splice_body(relay, remaining, pipe).await?;
             return Ok(out);
         }
         let BufResult(read, back) = from
@@ -658,6 +694,27 @@ async fn relay_body(
             Ok(_) => {}
         }
     }
+}
+
+/// Moves the last `remaining` bytes of a fixed-length body through `pipe`, never copying
+/// them into user space.
+async fn splice_body(relay: &Relay<'_>, mut remaining: u64, pipe: Pipe) -> Result<(), RelayError> {
+    while remaining > 0 {
+        let want = usize::try_from(remaining).unwrap_or(usize::MAX);
+        // On failure the pipe may hold bytes: it is dropped with the connection.
+        let moved = match relay.from.splice_into(&pipe, want, relay.idle).await {
+            Ok(0) | Err(_) => return Err(RelayError::From),
+            Ok(n) => n,
+        };
+        relay
+            .to
+            .splice_from(&pipe, moved, relay.idle)
+            .await
+            .map_err(|_| RelayError::To)?;
+        remaining -= moved as u64;
+    }
+    relay.worker.recycle_pipe(pipe);
+    Ok(())
 }
 
 /// Relays bytes both ways after `101 Switching Protocols` (WebSocket and other upgrades)
