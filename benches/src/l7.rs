@@ -450,7 +450,9 @@ fn write_nginx_proxy_config(dir: &Path) -> Result<PathBuf> {
     )
 }
 
-/// HAProxy in http mode, one thread, connection reuse to the upstream (its default `safe`).
+/// HAProxy in http mode, one thread, connection reuse to the upstream (its default `safe`),
+/// and splicing bodies both ways as weir does (`option splice-request`/`splice-response`; off
+/// by default in HAProxy, measured faster here with 64 KiB responses: decision 0012).
 fn write_haproxy_config(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let conf = dir.join("haproxy.cfg");
@@ -465,6 +467,8 @@ defaults
   option http-keep-alive
   option forwardfor
   http-reuse safe
+  option splice-request
+  option splice-response
   timeout connect 5s
   timeout client 30s
   timeout server 30s
