@@ -718,6 +718,47 @@ fn vhost_refusal(err: VhostError) -> ControlError {
     ControlError::new(kind, err.to_string())
 }
 
+/// Descriptors one L7 connection may hold: the client's, the server's and a pipe's two ends
+/// while a body is spliced.
+const DESCRIPTORS_PER_CONNECTION: u64 = 4;
+/// Descriptors for everything else: listeners, maps, the control socket, health checks.
+const DESCRIPTORS_SPARE: u64 = 1024;
+
+/// Raises the soft limit on open descriptors to the hard limit, as a proxy must (a service
+/// manager's default soft limit, 1024, would refuse connections long before the configured
+/// maximum), and warns when even the hard limit is below what the L7 limits can need.
+fn raise_descriptor_limit(config: &Config) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain get/setrlimit calls with a valid struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(err = %std::io::Error::last_os_error(), "cannot raise the descriptor limit");
+        return;
+    }
+    let workers = match config.l7.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    } as u64;
+    let needed = workers * config.l7.max_connections_per_worker as u64 * DESCRIPTORS_PER_CONNECTION
+        + DESCRIPTORS_SPARE;
+    if !config.l7_listen_addresses().is_empty() && limit.rlim_max < needed {
+        tracing::warn!(
+            limit = limit.rlim_max,
+            needed,
+            "the descriptor limit is below what the L7 connection limits can use; raise \
+             LimitNOFILE (systemd) or lower [l7] max_connections_per_worker"
+        );
+    }
+}
+
 /// Runs the daemon with the config at `config_path` until it is told to stop.
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
@@ -744,6 +785,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         );
     }
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
+    raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
     let l7 = L7Workers::start(vhosts.snapshot(&config, None), config.l7.workers)
         .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;

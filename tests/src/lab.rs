@@ -9,6 +9,7 @@
 
 use std::{
     fs,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -47,7 +48,7 @@ impl Lab {
             dir.join("weir.toml"),
             topology::weir_config(&topology, dir, xdp_mode),
         )?;
-        let weir = spawn_weir(&topology, dir, &[])?;
+        let weir = spawn_weir(&topology, dir, &[], None)?;
         let mut lab = Lab {
             weir,
             backends,
@@ -98,8 +99,20 @@ impl Lab {
 
     /// Like [`Lab::restart_weir`], with extra environment variables for the daemon.
     pub fn restart_weir_with_env(&mut self, env: &[(&str, &Path)]) -> Result<()> {
-        self.weir = spawn_weir(&self.topology, &self.dir, env)?;
+        self.weir = spawn_weir(&self.topology, &self.dir, env, None)?;
         self.wait_for_weir()
+    }
+
+    /// Starts weir again with its open-descriptor limit (soft, hard) set to `limit`, as a
+    /// service manager would.
+    pub fn restart_weir_with_descriptor_limit(&mut self, limit: (u64, u64)) -> Result<()> {
+        self.weir = spawn_weir(&self.topology, &self.dir, &[], Some(limit))?;
+        self.wait_for_weir()
+    }
+
+    /// The running daemon's process id.
+    pub fn weir_pid(&self) -> u32 {
+        self.weir.pid()
     }
 
     fn wait_for_weir(&mut self) -> Result<()> {
@@ -164,25 +177,41 @@ impl Drop for Lab {
 }
 
 /// Starts `weir` in the balancer namespace with the lab's config, appending to its log.
-fn spawn_weir(topology: &Topology, dir: &Path, env: &[(&str, &Path)]) -> Result<Process> {
+fn spawn_weir(
+    topology: &Topology,
+    dir: &Path,
+    env: &[(&str, &Path)],
+    descriptor_limit: Option<(u64, u64)>,
+) -> Result<Process> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("weir.log"))?;
-    Process::spawn(
-        "weir",
-        topology
-            .balancer
-            .command(workspace_bin("weir"))
-            .arg("--config")
-            .arg(dir.join("weir.toml"))
-            .envs(env.iter().copied())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-    )
+    let mut command = topology.balancer.command(workspace_bin("weir"));
+    command
+        .arg("--config")
+        .arg(dir.join("weir.toml"))
+        .envs(env.iter().copied())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some((soft, hard)) = descriptor_limit {
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    Process::spawn("weir", &mut command)
 }
 
-/// Mounts a fresh bpffs on `dir` (replacing a leftover one from a killed run).
 /// Demo backend `i` (1-based) in its server namespace.
 fn spawn_backend(topology: &Topology, i: usize) -> Result<Process> {
     let name = format!("srv{i}");

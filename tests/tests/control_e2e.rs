@@ -797,3 +797,29 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_serves() {
     // READY came after the socket: weirctl is served at once.
     lab.weirctl_ok(&["status"]);
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn the_daemon_raises_its_descriptor_limit_and_warns_when_it_is_short() {
+    let dir = lab_dir("nofile");
+    let mut lab = Lab::start(&prefix("nofile"), 1, &dir, "generic").expect("lab starts");
+    lab.kill_weir();
+    // A service manager's usual soft limit under a hard limit too low for the L7 defaults
+    // (10 000 connections per worker, four descriptors each).
+    lab.restart_weir_with_descriptor_limit((1024, 4096))
+        .expect("weir restarts");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", lab.weir_pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(open_files[3..5], ["4096", "4096"], "{limits}");
+    assert!(
+        lab.log()
+            .contains("the descriptor limit is below what the L7 connection limits"),
+        "{}",
+        lab.log()
+    );
+}
