@@ -44,8 +44,8 @@ use crate::{
     datapath::{DatapathError, DatapathMaps},
     maglev::{MaglevError, MaglevServer, MaglevTable},
     pool::{
-        PoolEdit, ServerLine, eligible, in_rotation, initial_health, merge_config_pool,
-        ramped_weight, ramping, server_changes,
+        self, PoolEdit, ServerLine, in_rotation, merge_config_pool, ramped_weight, ramping,
+        server_changes,
     },
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
 };
@@ -79,19 +79,8 @@ pub enum L4Error {
     Datapath(#[from] DatapathError),
 }
 
-/// A server in an L4 pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct L4Server {
-    pub address: SocketAddr,
-    pub weight: u32,
-    pub state: AdminState,
-    /// As health checks see it; runtime only (a restarted daemon checks again).
-    pub health: HealthState,
-    /// When it last entered the rotation, for slow start; runtime only.
-    pub ramp_since: Option<Instant>,
-    /// Index in the datapath's server array.
-    pub id: u32,
-}
+/// A server in an L4 pool; its id is its index in the datapath's server array.
+pub type L4Server = pool::Server<u32>;
 
 /// An L4 VIP and its pool.
 #[derive(Clone, PartialEq, Eq)]
@@ -203,26 +192,15 @@ impl L4Service {
     }
 
     fn server(&self, address: SocketAddr) -> Result<usize, L4Error> {
-        self.servers
-            .iter()
-            .position(|s| s.address == address)
-            .ok_or_else(|| L4Error::UnknownServer {
-                vip: self.name.clone(),
-                server: address,
-            })
+        pool::position(&self.servers, address).ok_or_else(|| L4Error::UnknownServer {
+            vip: self.name.clone(),
+            server: address,
+        })
     }
 
     /// The pool as the lines `pool::server_changes` compares.
     fn server_lines(&self) -> Vec<ServerLine> {
-        self.servers
-            .iter()
-            .map(|s| ServerLine {
-                address: s.address,
-                weight: s.weight,
-                state: s.state,
-                health: s.health,
-            })
-            .collect()
+        self.servers.iter().map(L4Server::line).collect()
     }
 
     /// The server `address`, if it is in the pool.
@@ -399,13 +377,9 @@ impl L4Services {
                     service.servers = state
                         .servers
                         .iter()
-                        .map(|s| L4Server {
-                            address: s.address,
-                            weight: s.weight,
-                            state: s.state,
-                            health: initial_health(spec.health.is_some()),
-                            ramp_since: None,
-                            id: s.id,
+                        .map(|s| {
+                            let checked = spec.health.is_some();
+                            L4Server::restored(s.address, s.weight, s.state, checked, s.id)
                         })
                         .collect();
                     services.services.insert(name.clone(), service);
@@ -538,15 +512,10 @@ impl L4Services {
         self.server_ids.take(id);
         let seed = self.seed;
         let service = self.service_mut(vip)?;
-        let health = initial_health(service.health.is_some());
-        service.servers.push(L4Server {
-            address,
-            weight,
-            state: AdminState::Ready,
-            health,
-            ramp_since: Some(Instant::now()),
-            id,
-        });
+        let checked = service.health.is_some();
+        service
+            .servers
+            .push(L4Server::added(address, weight, checked, id));
         service.table = service.build_table(seed)?;
         Ok(())
     }
@@ -581,14 +550,11 @@ impl L4Services {
             let Some(old) = previous.services.get(&service.name) else {
                 continue;
             };
+            let checked = service.health.is_some();
             for server in &mut service.servers {
-                let Some(before) = old.find_server(server.address) else {
-                    continue;
-                };
-                if service.health.is_some() && before.health != HealthState::Unchecked {
-                    server.health = before.health;
+                if let Some(before) = old.find_server(server.address) {
+                    server.carry_runtime(before, checked);
                 }
-                server.ramp_since = server.ramp_since.or(before.ramp_since);
             }
             service.table = service.build_table(seed)?;
         }
@@ -627,12 +593,7 @@ impl L4Services {
         let seed = self.seed;
         let service = self.service_mut(vip)?;
         let index = service.server(address)?;
-        let server = &mut service.servers[index];
-        let was = eligible(server.state, server.health);
-        apply(server);
-        if !was && eligible(server.state, server.health) {
-            server.ramp_since = Some(Instant::now());
-        }
+        service.servers[index].change(apply);
         service.table = service.build_table(seed)?;
         Ok(())
     }

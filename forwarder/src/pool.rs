@@ -30,7 +30,7 @@ pub fn in_rotation(servers: &[(AdminState, HealthState)], all_down: AllDown) -> 
 
 /// Whether a server with this admin state and health may take new traffic (before the
 /// all-down policy): entering this is what starts a slow start.
-pub fn eligible(state: AdminState, health: HealthState) -> bool {
+fn eligible(state: AdminState, health: HealthState) -> bool {
     state == AdminState::Ready && health.is_up()
 }
 
@@ -152,6 +152,88 @@ mod tests {
         assert_eq!(in_rotation(&down, AllDown::FailOpen), vec![0, 2]);
         assert_eq!(in_rotation(&[(Ready, Unchecked)], AllDown::Refuse), vec![0]);
     }
+}
+
+/// A server in a pool, as the control plane keeps it for L4 VIPs and L7 vhosts alike. `Id` is
+/// the data plane's name for it: the index in the L4 datapath's server array; L7 needs none
+/// (its snapshot is rebuilt on every change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server<Id = ()> {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub state: AdminState,
+    /// As health checks see it; runtime only (a restarted daemon checks again).
+    pub health: HealthState,
+    /// When it last entered the rotation, for slow start; runtime only.
+    pub ramp_since: Option<Instant>,
+    pub id: Id,
+}
+
+impl<Id> Server<Id> {
+    /// A server operators just added: ready, ramping up from now, with the health a fresh
+    /// server of its pool starts with.
+    pub fn added(address: SocketAddr, weight: u32, checked: bool, id: Id) -> Server<Id> {
+        Server {
+            address,
+            weight,
+            state: AdminState::Ready,
+            health: initial_health(checked),
+            ramp_since: Some(Instant::now()),
+            id,
+        }
+    }
+
+    /// A server as a previous daemon left it: its admin state kept, its health checked
+    /// again, no slow start (it was serving).
+    pub fn restored(
+        address: SocketAddr,
+        weight: u32,
+        state: AdminState,
+        checked: bool,
+        id: Id,
+    ) -> Server<Id> {
+        Server {
+            address,
+            weight,
+            state,
+            health: initial_health(checked),
+            ramp_since: None,
+            id,
+        }
+    }
+
+    /// Applies `apply`; a server that enters the rotation by it starts its slow start.
+    pub fn change(&mut self, apply: impl FnOnce(&mut Self)) {
+        let was = eligible(self.state, self.health);
+        apply(self);
+        if !was && eligible(self.state, self.health) {
+            self.ramp_since = Some(Instant::now());
+        }
+    }
+
+    /// Takes over what `before`, this server in the model being replaced, knew at run time:
+    /// its health (when the pool is `checked` and it had been checked) and its slow start.
+    /// A reload must not forget that a server is down.
+    pub fn carry_runtime<Old>(&mut self, before: &Server<Old>, checked: bool) {
+        if checked && before.health != HealthState::Unchecked {
+            self.health = before.health;
+        }
+        self.ramp_since = self.ramp_since.or(before.ramp_since);
+    }
+
+    pub fn line(&self) -> ServerLine {
+        ServerLine {
+            address: self.address,
+            weight: self.weight,
+            state: self.state,
+            health: self.health,
+        }
+    }
+}
+
+/// Where the server `address` is in `servers`.
+pub fn position<Id>(servers: &[Server<Id>], address: SocketAddr) -> Option<usize> {
+    servers.iter().position(|s| s.address == address)
 }
 
 /// A server as change lines describe it.

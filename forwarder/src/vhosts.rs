@@ -7,7 +7,7 @@
 //! removed at once; its in-flight requests are counted (`weirctl server list`) so
 //! `remove --wait` can wait for them.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use weir_config::{
     AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
@@ -16,7 +16,7 @@ use weir_config::{
 
 use crate::{
     l7::{L7Snapshot, VhostSpec},
-    pool::{PoolEdit, ServerLine, eligible, initial_health, merge_config_pool, server_changes},
+    pool::{self, PoolEdit, ServerLine, merge_config_pool, server_changes},
     state::{RuntimeState, VhostServerState, VhostState},
 };
 
@@ -34,16 +34,7 @@ pub enum VhostError {
 }
 
 /// A server of a vhost's pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VhostServer {
-    pub address: SocketAddr,
-    pub weight: u32,
-    pub state: AdminState,
-    /// As health checks see it; runtime only.
-    pub health: HealthState,
-    /// When it last entered the rotation, for slow start; runtime only.
-    pub ramp_since: Option<Instant>,
-}
+pub type VhostServer = pool::Server;
 
 /// A virtual host: how requests reach it, and its pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,25 +56,15 @@ pub struct Vhost {
 
 impl Vhost {
     fn server_index(&self, address: SocketAddr) -> Result<usize, VhostError> {
-        self.servers
-            .iter()
-            .position(|s| s.address == address)
-            .ok_or_else(|| VhostError::UnknownServer {
-                vhost: self.name.clone(),
-                server: address,
-            })
+        pool::position(&self.servers, address).ok_or_else(|| VhostError::UnknownServer {
+            vhost: self.name.clone(),
+            server: address,
+        })
     }
 
+    /// The pool as the lines `pool::server_changes` compares.
     fn lines(&self) -> Vec<ServerLine> {
-        self.servers
-            .iter()
-            .map(|s| ServerLine {
-                address: s.address,
-                weight: s.weight,
-                state: s.state,
-                health: s.health,
-            })
-            .collect()
+        self.servers.iter().map(VhostServer::line).collect()
     }
 }
 
@@ -105,12 +86,9 @@ impl Vhosts {
                 Some(state) => state
                     .servers
                     .iter()
-                    .map(|s| VhostServer {
-                        address: s.address,
-                        weight: s.weight,
-                        state: s.state,
-                        health: initial_health(spec.health.is_some()),
-                        ramp_since: None,
+                    .map(|s| {
+                        let checked = spec.health.is_some();
+                        VhostServer::restored(s.address, s.weight, s.state, checked, ())
                     })
                     .collect(),
                 None => Vec::new(),
@@ -182,14 +160,9 @@ impl Vhosts {
                 server: address,
             });
         }
-        let health = initial_health(pool.health.is_some());
-        pool.servers.push(VhostServer {
-            address,
-            weight,
-            state: AdminState::Ready,
-            health,
-            ramp_since: Some(Instant::now()),
-        });
+        let checked = pool.health.is_some();
+        pool.servers
+            .push(VhostServer::added(address, weight, checked, ()));
         Ok(())
     }
 
@@ -222,12 +195,7 @@ impl Vhosts {
     ) -> Result<(), VhostError> {
         let pool = self.vhost_mut(vhost)?;
         let index = pool.server_index(address)?;
-        let server = &mut pool.servers[index];
-        let was = eligible(server.state, server.health);
-        apply(server);
-        if !was && eligible(server.state, server.health) {
-            server.ramp_since = Some(Instant::now());
-        }
+        pool.servers[index].change(apply);
         Ok(())
     }
 
@@ -239,13 +207,9 @@ impl Vhosts {
             };
             let checked = vhost.health.is_some();
             for server in &mut vhost.servers {
-                let Some(before) = old.servers.iter().find(|s| s.address == server.address) else {
-                    continue;
-                };
-                if checked && before.health != HealthState::Unchecked {
-                    server.health = before.health;
+                if let Some(i) = pool::position(&old.servers, server.address) {
+                    server.carry_runtime(&old.servers[i], checked);
                 }
-                server.ramp_since = server.ramp_since.or(before.ramp_since);
             }
         }
     }
