@@ -201,10 +201,6 @@ pub struct Pipe {
     capacity: usize,
 }
 
-/// The pipe size asked for: 64 buffer slots instead of the default 16, since one slot holds
-/// one fragment of a received packet, which over a 1500-byte MTU is one segment (~1.4 KiB).
-const PIPE_BYTES: usize = 256 * 1024;
-
 impl Pipe {
     pub fn new() -> io::Result<Pipe> {
         let mut fds = [0; 2];
@@ -214,16 +210,12 @@ impl Pipe {
         }
         // SAFETY: both descriptors were just created and are owned by nothing else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: plain fcntl calls on a descriptor we own. The size may be refused (a user
-        // over its pipe-page allowance): the pipe then keeps the size it has.
-        let capacity = unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_BYTES as libc::c_int,
-            );
-            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
-        };
+        // The kernel's default size (16 buffer slots, 64 KiB with 4 KiB pages) is kept: what a
+        // pipe holds is read from the server but not yet taken by the client, on top of the
+        // socket buffers, so a larger one costs memory per slow client. One slot holds one
+        // received fragment, so a splice moves 16 segments or more (~23 KiB at a 1500-byte MTU).
+        // SAFETY: a plain fcntl call on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         if capacity <= 0 {
             return Err(io::Error::last_os_error());
         }

@@ -222,6 +222,7 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         connections: Default::default(),
         buffers: Default::default(),
         pipes: Default::default(),
+        pipes_lent: Default::default(),
     });
     runtime.block_on(async move {
         let sweeper = {

@@ -62,6 +62,8 @@ pub struct Worker {
     pub buffers: RefCell<Vec<Vec<u8>>>,
     /// Spare (empty) pipes for spliced bodies.
     pub pipes: RefCell<Vec<Pipe>>,
+    /// Pipes lent to bodies being spliced.
+    pub pipes_lent: std::cell::Cell<usize>,
 }
 
 /// Buffers a worker keeps for reuse, and the largest it keeps.
@@ -89,22 +91,54 @@ impl Worker {
         }
     }
 
-    /// An empty pipe, reused when one is spare; `None` when none can be made (descriptors
-    /// exhausted), and the body is copied instead.
-    fn pipe(&self) -> Option<Pipe> {
-        if let Some(pipe) = self.pipes.borrow_mut().pop() {
-            return Some(pipe);
+    /// An empty pipe for one body, reused when one is spare; `None` when the worker already
+    /// lends a quarter of its connection limit (each pipe holds up to 64 KiB of a body in
+    /// flight, HAProxy's `maxpipes` default bound) or none can be made (descriptors
+    /// exhausted): the body is then copied.
+    fn lend_pipe(&self, max_connections: usize) -> Option<LentPipe<'_>> {
+        if self.pipes_lent.get() >= (max_connections / 4).max(1) {
+            return None;
         }
-        Pipe::new()
-            .inspect_err(|err| tracing::debug!(%err, "no pipe for splicing; copying instead"))
-            .ok()
+        let pipe = match self.pipes.borrow_mut().pop() {
+            Some(pipe) => pipe,
+            None => Pipe::new()
+                .inspect_err(|err| tracing::debug!(%err, "no pipe for splicing; copying instead"))
+                .ok()?,
+        };
+        self.pipes_lent.set(self.pipes_lent.get() + 1);
+        Some(LentPipe {
+            worker: self,
+            pipe: Some(pipe),
+            emptied: false,
+        })
     }
+}
 
-    /// Gives back a pipe that a splice emptied.
-    fn recycle_pipe(&self, pipe: Pipe) {
-        let mut spare = self.pipes.borrow_mut();
-        if spare.len() < SPARE_PIPES {
-            spare.push(pipe);
+/// A pipe lent to one body relay. It goes back to the worker's spares if the relay marked
+/// it emptied; one that may hold bytes (a failed relay) is closed.
+struct LentPipe<'a> {
+    worker: &'a Worker,
+    pipe: Option<Pipe>,
+    emptied: bool,
+}
+
+impl std::ops::Deref for LentPipe<'_> {
+    type Target = Pipe;
+
+    fn deref(&self) -> &Pipe {
+        self.pipe
+            .as_ref()
+            .expect("a lent pipe is there until dropped")
+    }
+}
+
+impl Drop for LentPipe<'_> {
+    fn drop(&mut self) {
+        let worker = self.worker;
+        worker.pipes_lent.set(worker.pipes_lent.get() - 1);
+        let mut spare = worker.pipes.borrow_mut();
+        if self.emptied && spare.len() < SPARE_PIPES {
+            spare.extend(self.pipe.take());
         }
     }
 }
@@ -423,6 +457,7 @@ async fn exchange(
             to: &upstream,
             idle: ms(settings.body_idle_timeout_ms),
             worker,
+            max_connections: settings.max_connections_per_worker,
         };
         match relay_body(&relay, request.body, buf, Vec::new(), false).await {
             Ok(spare) => worker.recycle(spare),
@@ -580,6 +615,7 @@ async fn relay_response(
         to: client,
         idle: ms(settings.body_idle_timeout_ms),
         worker,
+        max_connections: settings.max_connections_per_worker,
     };
     let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
     match relayed {
@@ -613,6 +649,8 @@ struct Relay<'a> {
     /// How long either end may stall the body.
     idle: Duration,
     worker: &'a Worker,
+    /// The worker's connection limit, which bounds the pipes it lends.
+    max_connections: usize,
 }
 
 /// Relays a body of `length` from `relay.from` to `relay.to`, after writing `prefix` (a
@@ -679,7 +717,7 @@ async fn relay_body(
             && remaining >= SPLICE_MIN
             && from.spliceable()
             && to.spliceable()
-            && let Some(pipe) = relay.worker.pipe()
+            && let Some(pipe) = relay.worker.lend_pipe(relay.max_connections)
         {
             splice_body(relay, remaining, pipe).await?;
             return Ok(out);
@@ -698,10 +736,13 @@ async fn relay_body(
 
 /// Moves the last `remaining` bytes of a fixed-length body through `pipe`, never copying
 /// them into user space.
-async fn splice_body(relay: &Relay<'_>, mut remaining: u64, pipe: Pipe) -> Result<(), RelayError> {
+async fn splice_body(
+    relay: &Relay<'_>,
+    mut remaining: u64,
+    mut pipe: LentPipe<'_>,
+) -> Result<(), RelayError> {
     while remaining > 0 {
         let want = usize::try_from(remaining).unwrap_or(usize::MAX);
-        // On failure the pipe may hold bytes: it is dropped with the connection.
         let moved = match relay.from.splice_into(&pipe, want, relay.idle).await {
             Ok(0) | Err(_) => return Err(RelayError::From),
             Ok(n) => n,
@@ -713,7 +754,7 @@ async fn splice_body(relay: &Relay<'_>, mut remaining: u64, pipe: Pipe) -> Resul
             .map_err(|_| RelayError::To)?;
         remaining -= moved as u64;
     }
-    relay.worker.recycle_pipe(pipe);
+    pipe.emptied = true;
     Ok(())
 }
 
