@@ -718,8 +718,9 @@ fn vhost_refusal(err: VhostError) -> ControlError {
     ControlError::new(kind, err.to_string())
 }
 
-/// Descriptors one L7 connection may hold: the client's, the server's and a pipe's two ends
-/// while a body is spliced.
+/// Descriptors budgeted per L7 connection: the client's and its server's, and room for a
+/// share of the pipes (a quarter of the connections may splice at once, two descriptors
+/// each) and of the idle server connections kept for reuse.
 const DESCRIPTORS_PER_CONNECTION: u64 = 4;
 /// Descriptors for everything else: listeners, maps, the control socket, health checks.
 const DESCRIPTORS_SPARE: u64 = 1024;
