@@ -184,6 +184,10 @@ pub struct L7Config {
     /// Milliseconds an upgraded connection (WebSocket) may carry nothing either way before
     /// it is closed.
     pub tunnel_idle_timeout_ms: u64,
+    /// Milliseconds a stopping daemon gives client connections to finish the exchange under
+    /// way (idle kept-alive connections close at once, responses carry `Connection: close`);
+    /// what is still open then is cut. 0 cuts at once.
+    pub shutdown_grace_ms: u64,
     /// Headers added to requests sent to servers.
     pub forwarded: ForwardedHeaders,
     /// One structured log line per request (target `weir::access`).
@@ -206,6 +210,7 @@ impl Default for L7Config {
             upstream_idle_timeout_ms: 10_000,
             upstream_max_idle_per_server: 64,
             tunnel_idle_timeout_ms: 600_000,
+            shutdown_grace_ms: 30_000,
             forwarded: ForwardedHeaders::default(),
             access_log: false,
         }

@@ -861,8 +861,20 @@ pub fn run(config_path: &Path) -> Result<()> {
             }
         }
         let _ = std::fs::remove_file(&socket_path);
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The control socket is gone; L7 exchanges under way may finish.
+    if let Ok(mut inner) = state.inner.lock() {
+        let grace = std::time::Duration::from_millis(inner.config.l7.shutdown_grace_ms);
+        let started = Instant::now();
+        let open = inner.l7.shut_down(grace);
+        tracing::info!(
+            open,
+            ms = started.elapsed().as_millis() as u64,
+            "L7 workers stopped"
+        );
+    }
+    Ok(())
 }
 
 /// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every

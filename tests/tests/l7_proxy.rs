@@ -1091,3 +1091,75 @@ fn a_server_joining_the_pool_ramps_up_over_its_slow_start() {
     );
     assert!((0.4..0.6).contains(&after), "after the ramp: {after:.2}");
 }
+
+#[test]
+fn a_graceful_shutdown_finishes_exchanges_under_way_and_closes_idle_connections() {
+    let o = origins(1);
+    let mut proxy = Proxy::start("workers = 1", &vhost("g", 1, ""), &refs(&o));
+    // A kept-alive connection between requests, and one that has sent nothing yet.
+    let mut idle = proxy.conn();
+    assert_eq!(
+        idle.request("GET", "/", "g.test", "", Body::None)
+            .unwrap()
+            .status,
+        200
+    );
+    let mut silent = proxy.conn();
+    // A request under way: its server answers after 700 ms.
+    let mut busy = proxy.conn();
+    busy.send_raw(b"GET /slow/700 HTTP/1.1\r\nHost: g.test\r\n\r\n")
+        .unwrap();
+    wait_until_requests(&o[0], 2);
+    let started = Instant::now();
+    let open = proxy.workers.shut_down(Duration::from_secs(20));
+    let took = started.elapsed();
+    assert_eq!(open, 3);
+    // The exchange under way finished, and told its client the connection ends.
+    let response = busy
+        .read_response(false)
+        .expect("the slow response arrives whole");
+    assert_eq!(
+        (response.status, response.text()),
+        (200, "s1\n".to_string())
+    );
+    assert_eq!(response.header("connection"), Some("close"));
+    // The idle ones were closed without waiting for their keep-alive timeout (60 s) or the
+    // grace period: shutting down took about the slow response's time.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for (name, conn) in [("idle", &mut idle), ("silent", &mut silent)] {
+        assert!(
+            conn.read_response(false).is_err(),
+            "{name} connection still open"
+        );
+    }
+    assert!(
+        HttpConn::connect(proxy.address).is_err(),
+        "a stopped proxy still accepts"
+    );
+}
+
+#[test]
+fn a_graceful_shutdown_cuts_what_outlasts_its_grace() {
+    let o = origins(1);
+    let mut proxy = Proxy::start("workers = 1", &vhost("c", 1, ""), &refs(&o));
+    let mut busy = proxy.conn();
+    busy.send_raw(b"GET /slow/5000 HTTP/1.1\r\nHost: c.test\r\n\r\n")
+        .unwrap();
+    wait_until_requests(&o[0], 1);
+    let started = Instant::now();
+    assert_eq!(proxy.workers.shut_down(Duration::from_millis(200)), 1);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        busy.read_response(false).is_err(),
+        "the exchange was cut, not answered"
+    );
+}
+
+/// Waits until `origin` has received `count` requests.
+fn wait_until_requests(origin: &HttpOrigin, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.requests().len() < count {
+        assert!(Instant::now() < deadline, "the origin got no request");
+        thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -137,6 +137,12 @@ fn daemon_stops_on_sigterm_and_removes_its_socket() {
     let status = lab.weir.terminate().unwrap();
     assert!(status.success(), "weir exited with {status}");
     assert!(!lab.socket().exists(), "socket left behind");
+    // The L7 workers were shut down gracefully (nothing open here, so at once).
+    let log = lab.log();
+    assert!(
+        log.contains("L7 workers stopped") && log.contains("open=0"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -46,6 +46,11 @@ impl Conn {
         Conn { stream, spliceable }
     }
 
+    /// The socket's descriptor, to shut it down from outside its task.
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
     /// Whether bodies may be spliced to or from this connection.
     pub fn spliceable(&self) -> bool {
         self.spliceable

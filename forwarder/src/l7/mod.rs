@@ -42,6 +42,8 @@ use proxy::Worker;
 /// How often a worker closes idle server connections that expired or whose server left
 /// the rotation: the bound on how long a drain leaves idle connections open.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a stopping worker looks at its remaining connections.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// How long a worker at its connection limit waits before looking again.
 const FULL_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -51,6 +53,8 @@ const FULL_BACKOFF: Duration = Duration::from_millis(5);
 #[repr(align(64))]
 pub struct WorkerCounters {
     connections: AtomicU64,
+    /// Connections that have ended (for the count still open at shutdown).
+    closed: AtomicU64,
     requests: AtomicU64,
 }
 
@@ -61,12 +65,15 @@ struct Listener {
 }
 
 /// The running workers, their listeners and the snapshot they route with. Dropping it stops
-/// the workers (their connections end with them).
+/// the workers at once (their connections end with them); [`L7Workers::shut_down`] lets the
+/// exchanges under way finish first.
 pub struct L7Workers {
     listeners: Arc<[Listener]>,
     workers: usize,
     snapshot: Arc<ArcSwap<L7Snapshot>>,
     stopping: Arc<AtomicBool>,
+    /// How long stopping workers wait for their connections, in milliseconds.
+    grace_ms: Arc<AtomicU64>,
     /// The listening sockets, to wake the accept loops when stopping.
     listen_fds: Vec<RawFd>,
     threads: Vec<thread::JoinHandle<()>>,
@@ -98,6 +105,7 @@ impl L7Workers {
         }
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let stopping = Arc::new(AtomicBool::new(false));
+        let grace_ms = Arc::new(AtomicU64::new(0));
         let listen_fds = sockets.iter().flatten().map(AsRawFd::as_raw_fd).collect();
         let mut threads = Vec::new();
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
@@ -105,6 +113,7 @@ impl L7Workers {
                 listeners: Arc::clone(&listeners),
                 snapshot: Arc::clone(&snapshot),
                 stopping: Arc::clone(&stopping),
+                grace_ms: Arc::clone(&grace_ms),
             };
             threads.push(
                 thread::Builder::new()
@@ -117,6 +126,7 @@ impl L7Workers {
             workers,
             snapshot,
             stopping,
+            grace_ms,
             listen_fds,
             threads,
         })
@@ -157,8 +167,33 @@ impl L7Workers {
     }
 }
 
-impl Drop for L7Workers {
-    fn drop(&mut self) {
+impl L7Workers {
+    /// Stops gracefully: no new connection is accepted, idle kept-alive connections close at
+    /// once, and each exchange under way may finish (its response says `Connection: close`)
+    /// for up to `grace`; what is still open then is cut. Returns the connections that were
+    /// still open when the workers stopped accepting.
+    pub fn shut_down(&mut self, grace: Duration) -> u64 {
+        let open = self.status().iter().map(|l| l.connections).sum::<u64>();
+        let open = open.saturating_sub(self.closed_connections());
+        self.stop(grace);
+        open
+    }
+
+    /// Client connections closed so far, over every listener and worker.
+    fn closed_connections(&self) -> u64 {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.counters.iter())
+            .map(|c| c.closed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        if self.threads.is_empty() {
+            return;
+        }
+        self.grace_ms
+            .store(grace.as_millis() as u64, Ordering::Relaxed);
         self.stopping.store(true, Ordering::Relaxed);
         for &fd in &self.listen_fds {
             // SAFETY: the fds are open until their worker thread ends, which is joined below;
@@ -171,11 +206,18 @@ impl Drop for L7Workers {
     }
 }
 
+impl Drop for L7Workers {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
 /// What every worker thread shares with the others and with the daemon.
 struct Shared {
     listeners: Arc<[Listener]>,
     snapshot: Arc<ArcSwap<L7Snapshot>>,
     stopping: Arc<AtomicBool>,
+    grace_ms: Arc<AtomicU64>,
 }
 
 fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
@@ -213,10 +255,13 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         listeners,
         snapshot,
         stopping,
+        grace_ms,
     } = shared;
     let worker = Rc::new(Worker {
         index,
         snapshot,
+        stopping: Arc::clone(&stopping),
+        idle_clients: Default::default(),
         balancer: Default::default(),
         upstreams: Default::default(),
         connections: Default::default(),
@@ -252,8 +297,21 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
+        let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
+        drain(&worker, grace).await;
         drop(sweeper);
     });
+}
+
+/// A stopping worker's last duty: wait, up to `grace`, for its client connections to end,
+/// telling idle ones to close (they take no new request once stopping is set) each time it
+/// looks. Runs on the worker's thread, so the descriptors it shuts down are open.
+async fn drain(worker: &Worker, grace: Duration) {
+    let deadline = std::time::Instant::now() + grace;
+    while worker.connections.get() > 0 && std::time::Instant::now() < deadline {
+        worker.close_idle_clients();
+        compio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 async fn accept_loop(
@@ -297,6 +355,7 @@ async fn accept_loop(
                 counters,
             )
             .await;
+            counters.closed.fetch_add(1, Ordering::Relaxed);
             worker.connections.set(worker.connections.get() - 1);
         })
         .detach();

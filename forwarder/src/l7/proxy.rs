@@ -15,9 +15,14 @@
 
 use std::{
     cell::RefCell,
+    collections::HashSet,
     net::SocketAddr,
+    os::fd::RawFd,
     rc::Rc,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -64,6 +69,10 @@ pub struct Worker {
     pub pipes: RefCell<Vec<Pipe>>,
     /// Pipes lent to bodies being spliced.
     pub pipes_lent: std::cell::Cell<usize>,
+    /// Set when the workers stop: connections take no new request.
+    pub stopping: Arc<AtomicBool>,
+    /// Client connections waiting for a request to begin (see [`IdleClient`]).
+    pub idle_clients: RefCell<HashSet<RawFd>>,
 }
 
 /// Buffers a worker keeps for reuse, and the largest it keeps.
@@ -91,6 +100,21 @@ impl Worker {
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Shuts the receiving side of every client connection that is waiting for a request to
+    /// begin: its read ends with end of file and the connection closes. For a stopping
+    /// worker, on its own thread (so each descriptor is still the connection's).
+    pub fn close_idle_clients(&self) {
+        for &fd in self.idle_clients.borrow().iter() {
+            // SAFETY: the fd belongs to a connection that is open: it leaves the set (its
+            // `IdleClient` drops) before its socket can close.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+    }
+
     /// An empty pipe for one body, reused when one is spare; `None` when the worker already
     /// lends a quarter of its connection limit (each pipe holds up to 64 KiB of a body in
     /// flight, HAProxy's `maxpipes` default bound) or none can be made (descriptors
@@ -111,6 +135,27 @@ impl Worker {
             pipe: Some(pipe),
             emptied: false,
         })
+    }
+}
+
+/// Marks a client connection idle (waiting for a request to begin) for as long as it lives,
+/// so a stopping worker can close it.
+struct IdleClient<'a> {
+    worker: &'a Worker,
+    fd: RawFd,
+}
+
+impl<'a> IdleClient<'a> {
+    fn new(worker: &'a Worker, client: &Conn) -> Self {
+        let fd = client.raw_fd();
+        worker.idle_clients.borrow_mut().insert(fd);
+        IdleClient { worker, fd }
+    }
+}
+
+impl Drop for IdleClient<'_> {
+    fn drop(&mut self) {
+        self.worker.idle_clients.borrow_mut().remove(&self.fd);
     }
 }
 
@@ -176,20 +221,24 @@ pub async fn serve_client(
     let mut buf = worker.buffer();
     let mut first = true;
     loop {
+        if worker.stopping() {
+            return;
+        }
         let head_snapshot = worker.snapshot.load_full();
-        let request = match read_request(&client, buf, &head_snapshot.settings, first).await {
-            Ok((Some(request), rest)) => {
-                buf = rest;
-                request
-            }
-            Ok((None, _)) => return,
-            Err(status) => {
-                if let Some((status, reason)) = status {
-                    refuse(&client, status, reason).await;
+        let request =
+            match read_request(&worker, &client, buf, &head_snapshot.settings, first).await {
+                Ok((Some(request), rest)) => {
+                    buf = rest;
+                    request
                 }
-                return;
-            }
-        };
+                Ok((None, _)) => return,
+                Err(status) => {
+                    if let Some((status, reason)) = status {
+                        refuse(&client, status, reason).await;
+                    }
+                    return;
+                }
+            };
         first = false;
         counters.requests.fetch_add(1, Ordering::Relaxed);
         // Routing uses the snapshot as of now, not as of when the client went quiet: a
@@ -283,6 +332,7 @@ async fn refuse(client: &Conn, status: u16, reason: &str) {
 /// between requests; `Err(Some(status))` when it must be refused; `Err(None)` when it
 /// failed mid-head in a way not worth answering.
 async fn read_request(
+    worker: &Worker,
     client: &Conn,
     mut buf: Vec<u8>,
     settings: &L7Config,
@@ -311,7 +361,9 @@ async fn read_request(
             None => ms(settings.keepalive_timeout_ms),
         };
         let had = buf.len();
+        let idle = (had == 0).then(|| IdleClient::new(worker, client));
         let BufResult(read, back) = client.read_more(buf, READ_CHUNK, wait).await;
+        drop(idle);
         buf = back;
         match read {
             Ok(0) => return Ok((None, buf)),
@@ -601,7 +653,10 @@ async fn relay_response(
     }
 
     let dechunk = request.minor_version == 0 && response.body == BodyLength::Chunked;
-    let close = !request.keep_alive || response.body == BodyLength::UntilClose || dechunk;
+    let close = !request.keep_alive
+        || response.body == BodyLength::UntilClose
+        || dechunk
+        || worker.stopping();
     write_client_head(
         &response,
         request.minor_version,
