@@ -504,13 +504,7 @@ async fn exchange(
             }
             return Err(failure);
         }
-        let relay = Relay {
-            from: client,
-            to: &upstream,
-            idle: ms(settings.body_idle_timeout_ms),
-            worker,
-            max_connections: settings.max_connections_per_worker,
-        };
+        let relay = Relay::new(client, &upstream, worker, settings);
         match relay_body(&relay, request.body, buf, Vec::new(), false).await {
             Ok(spare) => worker.recycle(spare),
             Err(RelayError::From) => return Err(Failure::Close),
@@ -665,13 +659,7 @@ async fn relay_response(
         settings.forwarded.via,
         &mut out,
     );
-    let relay = Relay {
-        from: &upstream,
-        to: client,
-        idle: ms(settings.body_idle_timeout_ms),
-        worker,
-        max_connections: settings.max_connections_per_worker,
-    };
+    let relay = Relay::new(&upstream, client, worker, settings);
     let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
     match relayed {
         Ok(spare) => worker.recycle(spare),
@@ -706,6 +694,18 @@ struct Relay<'a> {
     worker: &'a Worker,
     /// The worker's connection limit, which bounds the pipes it lends.
     max_connections: usize,
+}
+
+impl<'a> Relay<'a> {
+    fn new(from: &'a Conn, to: &'a Conn, worker: &'a Worker, settings: &L7Config) -> Self {
+        Relay {
+            from,
+            to,
+            idle: ms(settings.body_idle_timeout_ms),
+            worker,
+            max_connections: settings.max_connections_per_worker,
+        }
+    }
 }
 
 /// Relays a body of `length` from `relay.from` to `relay.to`, after writing `prefix` (a
