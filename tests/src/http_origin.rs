@@ -8,7 +8,8 @@
 //!
 //! Paths:
 //! - `/bytes/N`: N bytes of [`pattern`], with `Content-Length`; `/chunked/N`: the same
-//!   chunked; `/close/N`: the same, delimited by closing the connection.
+//!   chunked; `/close/N`: the same, delimited by closing the connection; `/truncated/N`:
+//!   announces N bytes, sends half, closes (a server dying mid-response).
 //! - `/upload` (any method with a body): answers `<length> <xxh3 hex>` of the body it read.
 //! - `/ws` with `Upgrade`: `101`, then echoes every byte.
 //! - `/status/NNN`: answers that status; `/slow/MS`: waits, then answers.
@@ -319,6 +320,18 @@ fn serve(
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: {connection}\r\n\r\n"
             )?;
             write_pattern(&mut writer, n, true)?;
+        } else if let Some(n) = path
+            .strip_prefix("/truncated/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            // Announces `n` bytes, sends half, and closes: a server dying mid-response.
+            write!(
+                writer,
+                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: keep-alive\r\n\r\n"
+            )?;
+            write_pattern(&mut writer, n / 2, false)?;
+            writer.flush()?;
+            return Ok(());
         } else if let Some(n) = path
             .strip_prefix("/close/")
             .and_then(|n| n.parse::<u64>().ok())

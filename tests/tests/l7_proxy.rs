@@ -1163,3 +1163,36 @@ fn wait_until_requests(origin: &HttpOrigin, count: usize) {
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_server_dying_mid_body_closes_the_client_connection_and_the_proxy_serves_on() {
+    let o = origins(1);
+    // One worker, and a connection limit that lets it lend a single pipe: a relay that fails
+    // must give its pipe back, or the next long body could not be spliced.
+    let proxy = Proxy::start(
+        "workers = 1\nmax_connections_per_worker = 4",
+        &vhost("t", 1, ""),
+        &refs(&o),
+    );
+    const SIZE: u64 = 4 << 20;
+    for _ in 0..3 {
+        // Long enough to be spliced after the head: the cut comes in the middle of it.
+        let mut conn = proxy.conn();
+        conn.send_raw(format!("GET /truncated/{SIZE} HTTP/1.1\r\nHost: t.test\r\n\r\n").as_bytes())
+            .unwrap();
+        let err = conn
+            .read_response(false)
+            .expect_err("a truncated body cannot complete");
+        // Closed by the proxy (not left hanging until a timeout) after half the body.
+        assert!(err.to_string().contains("body cut short"), "{err}");
+        // Whole bodies still go through, spliced.
+        let response = proxy
+            .conn()
+            .request("GET", &format!("/bytes/{SIZE}"), "t.test", "", Body::None)
+            .unwrap();
+        assert_eq!(
+            (response.body_length, response.body_xxh3),
+            pattern_digest(SIZE)
+        );
+    }
+}
