@@ -1167,8 +1167,8 @@ fn wait_until_requests(origin: &HttpOrigin, count: usize) {
 #[test]
 fn a_server_dying_mid_body_closes_the_client_connection_and_the_proxy_serves_on() {
     let o = origins(1);
-    // One worker, and a connection limit that lets it lend a single pipe: a relay that fails
-    // must give its pipe back, or the next long body could not be spliced.
+    // One worker, lending a single pipe (a quarter of its connection limit): the cut relay's
+    // pipe is closed, the next body gets a fresh one.
     let proxy = Proxy::start(
         "workers = 1\nmax_connections_per_worker = 4",
         &vhost("t", 1, ""),

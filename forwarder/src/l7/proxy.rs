@@ -851,3 +851,54 @@ async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> Worker {
+        let snapshot = L7Snapshot {
+            generation: 0,
+            settings: L7Config::default(),
+            listeners: Vec::new(),
+            vhosts: Vec::new(),
+        };
+        Worker {
+            index: 0,
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            balancer: Default::default(),
+            upstreams: Default::default(),
+            connections: Default::default(),
+            buffers: Default::default(),
+            pipes: Default::default(),
+            pipes_lent: Default::default(),
+            stopping: Default::default(),
+            idle_clients: Default::default(),
+        }
+    }
+
+    #[test]
+    fn pipes_are_lent_within_a_quarter_of_the_connection_limit_and_reused_only_when_emptied() {
+        let worker = worker();
+        let max_connections = 8;
+        let failed = worker.lend_pipe(max_connections).unwrap();
+        let in_use = worker.lend_pipe(max_connections).unwrap();
+        assert!(worker.lend_pipe(max_connections).is_none(), "two at most");
+        // A relay that failed may have left bytes in its pipe: closed, not kept.
+        drop(failed);
+        assert_eq!(worker.pipes.borrow().len(), 0);
+        // Its loan is over all the same.
+        let mut emptied = worker
+            .lend_pipe(max_connections)
+            .expect("the failed loan ended");
+        emptied.emptied = true;
+        drop(emptied);
+        assert_eq!(worker.pipes.borrow().len(), 1, "an emptied pipe is kept");
+        drop(in_use);
+        assert_eq!(worker.pipes_lent.get(), 0);
+        // The kept one is lent again rather than a new one made.
+        let again = worker.lend_pipe(max_connections).unwrap();
+        assert_eq!(worker.pipes.borrow().len(), 0);
+        drop(again);
+    }
+}
