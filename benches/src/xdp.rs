@@ -109,11 +109,16 @@ pub struct XdpBench {
     pub repetitions: usize,
 }
 
+/// `xdp_action::XDP_TX` (uapi `linux/bpf.h`).
+const XDP_TX: u32 = 3;
+
 /// Which program a case runs.
 enum Program {
     Balancer,
     FloorPass,
     FloorTx,
+    /// Parse and one flow-table lookup (`weir_floor_flow_lookup`).
+    FlowLookup,
 }
 
 /// Which packets a case sends.
@@ -176,7 +181,7 @@ impl XdpBench {
         let same = |src, dst| Packets::Same(segment(src, dst, false));
         let new = |dst| Packets::NewFlows { dst };
         use Mode::{PerCall, Repeated};
-        use Program::{Balancer as Weir, FloorPass, FloorTx};
+        use Program::{Balancer as Weir, FloorPass, FloorTx, FlowLookup};
         let pass = "floor: XDP_PASS, repeated";
         let pass_per_call = "floor: XDP_PASS, per call";
         let tx = "floor: XDP_TX, per call";
@@ -227,6 +232,23 @@ impl XdpBench {
                 Repeated,
                 same(client6(2), vip6("fd00:100::20")),
                 Some(Stat::ForwardDsr),
+                pass,
+            ),
+            // The flows the two cases above recorded, looked up once and nothing else.
+            case(
+                "reference: parse + one flow lookup, IPv4",
+                FlowLookup,
+                Repeated,
+                same(client(2), vip4(20)),
+                None,
+                pass,
+            ),
+            case(
+                "reference: parse + one flow lookup, IPv6",
+                FlowLookup,
+                Repeated,
+                same(client6(2), vip6("fd00:100::20")),
+                None,
                 pass,
             ),
             case(
@@ -388,10 +410,18 @@ impl Balancer {
     /// Runs `program` `repeat` times on `packet`; the kernel's mean ns per run.
     fn run(&mut self, program: &Program, packet: &[u8], repeat: u32) -> Result<f64> {
         let ctx = xdp_context(self.uplink, packet.len());
-        let program: &Xdp = match program {
-            Program::Balancer => self.datapath.program()?,
-            Program::FloorPass => self.datapath.floor_program(names::FLOOR_PASS_PROGRAM)?,
-            Program::FloorTx => self.datapath.floor_program(names::FLOOR_TX_PROGRAM)?,
+        let (program, must_hit): (&Xdp, bool) = match program {
+            Program::Balancer => (self.datapath.program()?, false),
+            Program::FloorPass => (
+                self.datapath.floor_program(names::FLOOR_PASS_PROGRAM)?,
+                false,
+            ),
+            Program::FloorTx => (self.datapath.floor_program(names::FLOOR_TX_PROGRAM)?, false),
+            Program::FlowLookup => (
+                self.datapath
+                    .floor_program(names::FLOOR_FLOW_LOOKUP_PROGRAM)?,
+                true,
+            ),
         };
         let result = program
             .test_run(TestRunOptions {
@@ -401,6 +431,11 @@ impl Balancer {
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
+        // The lookup reference answers XDP_TX on a hit: a run that missed measured nothing.
+        ensure!(
+            !must_hit || result.return_value == XDP_TX,
+            "the flow lookup reference missed its flow"
+        );
         Ok(result.duration.as_nanos() as f64)
     }
 

@@ -30,6 +30,8 @@ pub mod names {
     /// Trivial programs (`XDP_PASS`, `XDP_TX`): the benchmarks' floor, never attached.
     pub const FLOOR_PASS_PROGRAM: &str = "weir_floor_pass";
     pub const FLOOR_TX_PROGRAM: &str = "weir_floor_tx";
+    /// Reference program: parse, one flow-table lookup, nothing else (benchmarks only).
+    pub const FLOOR_FLOW_LOOKUP_PROGRAM: &str = "weir_floor_flow_lookup";
     /// Per-CPU array of [`crate::Counter`], indexed by [`crate::Stat`].
     pub const STATS_MAP: &str = "WEIR_STATS";
     /// Hash of [`crate::l4::VipKey`] → [`crate::l4::VipInfo`].

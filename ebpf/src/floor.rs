@@ -1,7 +1,13 @@
-//! Trivial XDP programs: the floor the benchmarks hold `weir_xdp` against — what running any
-//! XDP program at all costs on this kernel. The daemon never attaches them.
+//! Reference XDP programs the benchmarks hold `weir_xdp` against: trivial ones (the floor —
+//! what running any XDP program at all costs on this kernel) and the least an L4 balancer does
+//! for an established packet. The daemon never attaches them.
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+use crate::{
+    maps::WEIR_FLOWS,
+    parse::{self, Parsed},
+};
 
 /// Passes every packet to the kernel: the floor for packets weir passes.
 #[xdp]
@@ -14,4 +20,18 @@ pub fn weir_floor_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn weir_floor_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+/// Parses the packet and looks its flow up once in the flow table, nothing more: the least
+/// any balancer with a flow table does for an established packet. Sends a hit back out and
+/// passes the rest, so a benchmark can check it measured hits.
+#[xdp]
+pub fn weir_floor_flow_lookup(ctx: XdpContext) -> u32 {
+    match parse::parse(&ctx) {
+        // SAFETY: only whether the entry exists is read.
+        Parsed::Transport(packet) if unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some() => {
+            xdp_action::XDP_TX
+        }
+        _ => xdp_action::XDP_PASS,
+    }
 }
