@@ -257,18 +257,7 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         stopping,
         grace_ms,
     } = shared;
-    let worker = Rc::new(Worker {
-        index,
-        snapshot,
-        stopping: Arc::clone(&stopping),
-        idle_clients: Default::default(),
-        balancer: Default::default(),
-        upstreams: Default::default(),
-        connections: Default::default(),
-        buffers: Default::default(),
-        pipes: Default::default(),
-        pipes_lent: Default::default(),
-    });
+    let worker = Rc::new(Worker::new(index, snapshot, Arc::clone(&stopping)));
     runtime.block_on(async move {
         let sweeper = {
             let worker = Rc::clone(&worker);

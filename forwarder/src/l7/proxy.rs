@@ -85,6 +85,26 @@ const SPARE_PIPES: usize = 64;
 const SPLICE_MIN: u64 = READ_CHUNK as u64;
 
 impl Worker {
+    /// Worker `index`'s state, routing with `snapshot`, stopping when `stopping` is set.
+    pub fn new(
+        index: usize,
+        snapshot: Arc<ArcSwap<L7Snapshot>>,
+        stopping: Arc<AtomicBool>,
+    ) -> Worker {
+        Worker {
+            index,
+            snapshot,
+            balancer: Default::default(),
+            upstreams: Default::default(),
+            connections: Default::default(),
+            buffers: Default::default(),
+            pipes: Default::default(),
+            pipes_lent: Default::default(),
+            stopping,
+            idle_clients: Default::default(),
+        }
+    }
+
     /// An empty buffer, reused when one is spare.
     fn buffer(&self) -> Vec<u8> {
         self.buffers.borrow_mut().pop().unwrap_or_default()
@@ -863,18 +883,11 @@ mod tests {
             listeners: Vec::new(),
             vhosts: Vec::new(),
         };
-        Worker {
-            index: 0,
-            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
-            balancer: Default::default(),
-            upstreams: Default::default(),
-            connections: Default::default(),
-            buffers: Default::default(),
-            pipes: Default::default(),
-            pipes_lent: Default::default(),
-            stopping: Default::default(),
-            idle_clients: Default::default(),
-        }
+        Worker::new(
+            0,
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            Default::default(),
+        )
     }
 
     #[test]
