@@ -42,7 +42,9 @@ impl Conn {
         // Heads and small bodies go out as soon as they are written.
         let _ = stream.set_nodelay(true);
         // For splices (see the module docs); a socket left blocking is never spliced.
-        let spliceable = set_nonblocking(stream.as_raw_fd()).is_ok();
+        let spliceable = socket2::SockRef::from(&stream)
+            .set_nonblocking(true)
+            .is_ok();
         Conn { stream, spliceable }
     }
 
@@ -58,10 +60,9 @@ impl Conn {
 
     /// Connects to `address`, giving up after `timeout`.
     pub async fn connect(address: SocketAddr, timeout: Duration) -> io::Result<Conn> {
-        match compio::time::timeout(timeout, TcpStream::connect(address)).await {
-            Ok(stream) => Ok(Conn::new(stream?)),
-            Err(_) => Err(timed_out()),
-        }
+        within(timeout, TcpStream::connect(address))
+            .await
+            .map(Conn::new)
     }
 
     /// Appends what the peer sent next to `buf`, at most `at_most` bytes (the buffer grows
@@ -131,7 +132,8 @@ impl Conn {
         loop {
             match splice(self.stream.as_raw_fd(), pipe.write.as_raw_fd(), len) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    self.ready(Interest::Readable, timeout).await?
+                    let poll = self.stream.to_poll_fd()?;
+                    within(timeout, poll.read_ready()).await?
                 }
                 done => return done,
             }
@@ -151,26 +153,13 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => len -= n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    self.ready(Interest::Writable, timeout).await?
+                    let poll = self.stream.to_poll_fd()?;
+                    within(timeout, poll.write_ready()).await?
                 }
                 Err(err) => return Err(err),
             }
         }
         Ok(())
-    }
-
-    /// Waits until the socket is readable or writable (one io_uring poll), at most `timeout`.
-    async fn ready(&self, interest: Interest, timeout: Duration) -> io::Result<()> {
-        let poll = self.stream.to_poll_fd()?;
-        let ready = async {
-            match interest {
-                Interest::Readable => poll.read_ready().await,
-                Interest::Writable => poll.write_ready().await,
-            }
-        };
-        compio::time::timeout(timeout, ready)
-            .await
-            .unwrap_or_else(|_| Err(timed_out()))
     }
 
     /// Whether an idle pooled connection can carry another request: the server has neither
@@ -191,9 +180,14 @@ impl Conn {
     }
 }
 
-enum Interest {
-    Readable,
-    Writable,
+/// `operation`'s result, or a timed-out error once `timeout` has passed.
+async fn within<T>(
+    timeout: Duration,
+    operation: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    compio::time::timeout(timeout, operation)
+        .await
+        .unwrap_or_else(|_| Err(timed_out()))
 }
 
 /// A pipe that splices pass through: what was moved in from one socket and not yet out to
@@ -250,20 +244,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
-    }
-}
-
-/// Sets `O_NONBLOCK` on `fd`.
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain fcntl calls on a descriptor the caller owns.
-    let set = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-    };
-    if set {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
