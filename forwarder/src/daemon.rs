@@ -744,10 +744,7 @@ fn raise_descriptor_limit(config: &Config) {
         tracing::warn!(err = %std::io::Error::last_os_error(), "cannot raise the descriptor limit");
         return;
     }
-    let workers = match config.l7.workers {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    } as u64;
+    let workers = crate::l7::worker_count(config.l7.workers) as u64;
     let needed = workers * config.l7.max_connections_per_worker as u64 * DESCRIPTORS_PER_CONNECTION
         + DESCRIPTORS_SPARE;
     if !config.l7_listen_addresses().is_empty() && limit.rlim_max < needed {

@@ -53,8 +53,6 @@ const FULL_BACKOFF: Duration = Duration::from_millis(5);
 #[repr(align(64))]
 pub struct WorkerCounters {
     connections: AtomicU64,
-    /// Connections that have ended (for the count still open at shutdown).
-    closed: AtomicU64,
     requests: AtomicU64,
 }
 
@@ -76,7 +74,8 @@ pub struct L7Workers {
     grace_ms: Arc<AtomicU64>,
     /// The listening sockets, to wake the accept loops when stopping.
     listen_fds: Vec<RawFd>,
-    threads: Vec<thread::JoinHandle<()>>,
+    /// Each returns the connections its worker had open when it stopped accepting.
+    threads: Vec<thread::JoinHandle<usize>>,
 }
 
 impl L7Workers {
@@ -84,11 +83,7 @@ impl L7Workers {
     /// here, before the daemon reports ready), then starts the worker threads.
     /// `workers == 0` means one per CPU.
     pub fn start(snapshot: L7Snapshot, workers: usize) -> std::io::Result<L7Workers> {
-        let workers = if workers == 0 {
-            thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            workers
-        };
+        let workers = worker_count(workers);
         let addresses: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.address).collect();
         let listeners: Arc<[Listener]> = addresses
             .iter()
@@ -172,25 +167,15 @@ impl L7Workers {
     /// once, and each exchange under way may finish (its response says `Connection: close`)
     /// for up to `grace`; what is still open then is cut. Returns the connections that were
     /// still open when the workers stopped accepting.
-    pub fn shut_down(&mut self, grace: Duration) -> u64 {
-        let open = self.status().iter().map(|l| l.connections).sum::<u64>();
-        let open = open.saturating_sub(self.closed_connections());
-        self.stop(grace);
-        open
+    pub fn shut_down(&mut self, grace: Duration) -> usize {
+        self.stop(grace)
     }
 
-    /// Client connections closed so far, over every listener and worker.
-    fn closed_connections(&self) -> u64 {
-        self.listeners
-            .iter()
-            .flat_map(|l| l.counters.iter())
-            .map(|c| c.closed.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    fn stop(&mut self, grace: Duration) {
+    /// Stops the workers (see [`L7Workers::shut_down`]); the connections they had open when
+    /// they stopped accepting.
+    fn stop(&mut self, grace: Duration) -> usize {
         if self.threads.is_empty() {
-            return;
+            return 0;
         }
         self.grace_ms
             .store(grace.as_millis() as u64, Ordering::Relaxed);
@@ -200,15 +185,24 @@ impl L7Workers {
             // shutdown wakes a pending accept with an error, which the loop takes as "stop".
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
+        self.threads
+            .drain(..)
+            .map(|thread| thread.join().unwrap_or(0))
+            .sum()
     }
 }
 
 impl Drop for L7Workers {
     fn drop(&mut self) {
-        self.stop(Duration::ZERO);
+        let _ = self.stop(Duration::ZERO);
+    }
+}
+
+/// The worker threads `[l7] workers` asks for: 0 means one per CPU.
+pub fn worker_count(configured: usize) -> usize {
+    match configured {
+        0 => thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     }
 }
 
@@ -235,7 +229,9 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
+/// Runs worker `index` until it is stopped; returns the connections it had open when it
+/// stopped accepting.
+fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) -> usize {
     // Cooperative task running: completions are processed when the worker next enters the
     // kernel instead of interrupting it with an IPI (measured: without it, reschedule IPIs
     // and socket-lock contention took about a fifth of a worker's CPU under keep-alive load).
@@ -248,7 +244,7 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         Ok(runtime) => runtime,
         Err(err) => {
             tracing::error!(worker = index, %err, "cannot create the io_uring runtime");
-            return;
+            return 0;
         }
     };
     let Shared {
@@ -286,10 +282,12 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) {
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
         }
+        let open = worker.connections.get();
         let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
         drain(&worker, grace).await;
         drop(sweeper);
-    });
+        open
+    })
 }
 
 /// A stopping worker's last duty: wait, up to `grace`, for its client connections to end,
@@ -344,7 +342,6 @@ async fn accept_loop(
                 counters,
             )
             .await;
-            counters.closed.fetch_add(1, Ordering::Relaxed);
             worker.connections.set(worker.connections.get() - 1);
         })
         .detach();
