@@ -1196,3 +1196,24 @@ fn a_server_dying_mid_body_closes_the_client_connection_and_the_proxy_serves_on(
         );
     }
 }
+
+#[test]
+fn a_client_that_stops_reading_a_body_is_cut_after_the_body_idle_timeout() {
+    let o = origins(1);
+    let proxy = Proxy::start("body_idle_timeout_ms = 300", &vhost("r", 1, ""), &refs(&o));
+    // Far more than the socket buffers between the proxy and the client hold.
+    const SIZE: u64 = 256 << 20;
+    let mut conn = proxy.conn();
+    conn.send_raw(format!("GET /bytes/{SIZE} HTTP/1.1\r\nHost: r.test\r\n\r\n").as_bytes())
+        .unwrap();
+    // Not reading: the proxy's writes stall, and after 300 ms it gives up on the client.
+    thread::sleep(Duration::from_millis(1500));
+    let err = conn
+        .read_response(false)
+        .expect_err("a stalled client cannot get the whole body");
+    assert!(
+        err.to_string().contains("body cut short")
+            || err.kind() == std::io::ErrorKind::ConnectionReset,
+        "{err}"
+    );
+}

@@ -13,7 +13,6 @@
 use std::{
     io,
     net::SocketAddr,
-    ops::Range,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
@@ -88,30 +87,14 @@ impl Conn {
         }
     }
 
-    /// Writes all of `buf`.
-    pub async fn write_all(&self, buf: Vec<u8>) -> BufResult<(), Vec<u8>> {
+    /// Writes all of `buf`, giving up (the connection is then cut) when that takes longer
+    /// than `timeout`: a peer that stops reading cannot hold a connection.
+    pub async fn write_all(&self, buf: Vec<u8>, timeout: Duration) -> BufResult<(), Vec<u8>> {
         let mut stream = &self.stream;
-        stream.write_all(buf).await
-    }
-
-    /// Writes all of `buf`, giving up (the connection is cut) when that takes longer than
-    /// `timeout`: a peer that stops reading a body does not hold the worker's connection.
-    pub async fn write_all_within(
-        &self,
-        buf: Vec<u8>,
-        timeout: Duration,
-    ) -> BufResult<(), Vec<u8>> {
-        match compio::time::timeout(timeout, self.write_all(buf)).await {
+        match compio::time::timeout(timeout, stream.write_all(buf)).await {
             Ok(result) => result,
             Err(_) => BufResult(Err(timed_out()), Vec::new()),
         }
-    }
-
-    /// Writes `buf[range]`.
-    pub async fn write_range(&self, buf: Vec<u8>, range: Range<usize>) -> BufResult<(), Vec<u8>> {
-        let mut stream = &self.stream;
-        let BufResult(result, slice) = stream.write_all(buf.slice(range)).await;
-        BufResult(result, slice.into_inner())
     }
 
     /// Closes the sending side (the peer reads end of file), keeping the receiving side.

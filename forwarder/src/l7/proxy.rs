@@ -327,7 +327,7 @@ fn log_access(
 /// Sends a local error response, then closes once the client stops sending (briefly).
 async fn refuse(client: &Conn, status: u16, reason: &str) {
     let BufResult(written, _) = client
-        .write_all(local_response(status, reason, false))
+        .write_all(local_response(status, reason, false), LINGER)
         .await;
     if written.is_err() {
         return;
@@ -506,12 +506,17 @@ async fn exchange(
             // weir answers the expectation itself once it holds a server connection: the
             // client sends its body only when there is somewhere to send it.
             let BufResult(written, _) = client
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec())
+                .write_all(
+                    b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+                    ms(settings.body_idle_timeout_ms),
+                )
                 .await;
             written.map_err(|_| Failure::Close)?;
             sent_continue = true;
         }
-        let BufResult(written, back) = upstream.write_all(head).await;
+        let BufResult(written, back) = upstream
+            .write_all(head, ms(settings.body_idle_timeout_ms))
+            .await;
         head = back;
         if written.is_err() {
             server_failed(pool, index);
@@ -607,7 +612,9 @@ async fn relay_response(
                 let length = response.head_len;
                 if request.minor_version == 1 {
                     let interim = rbuf[..length].to_vec();
-                    let BufResult(written, _) = client.write_all(interim).await;
+                    let BufResult(written, _) = client
+                        .write_all(interim, ms(settings.body_idle_timeout_ms))
+                        .await;
                     written.map_err(|_| ResponseFailure::Cut)?;
                     relayed_interim = true;
                 }
@@ -653,7 +660,9 @@ async fn relay_response(
             settings.forwarded.via,
             &mut out,
         );
-        let BufResult(written, _) = client.write_all(out).await;
+        let BufResult(written, _) = client
+            .write_all(out, ms(settings.body_idle_timeout_ms))
+            .await;
         written.map_err(|_| ResponseFailure::Cut)?;
         tunnel(
             client,
@@ -780,7 +789,7 @@ async fn relay_body(
             }
         };
         if !out.is_empty() {
-            let BufResult(written, back) = to.write_all_within(out, idle).await;
+            let BufResult(written, back) = to.write_all(out, idle).await;
             out = back;
             written.map_err(|_| RelayError::To)?;
             out.clear();
@@ -853,7 +862,7 @@ async fn tunnel(
 async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
     loop {
         if !buf.is_empty() {
-            let BufResult(written, back) = to.write_all(buf).await;
+            let BufResult(written, back) = to.write_all(buf, idle).await;
             buf = back;
             if written.is_err() {
                 return;
