@@ -27,6 +27,8 @@ pub use stats::{Counter, Stat, TrafficCounter};
 pub mod names {
     /// The XDP entry point: parse, look up, pick, rewrite, forward.
     pub const XDP_PROGRAM: &str = "weir_xdp";
+    /// The NAT return path at TC ingress: server replies rewritten back to their VIP.
+    pub const TC_NAT_RETURN_PROGRAM: &str = "weir_tc_nat_return";
     /// Trivial programs (`XDP_PASS`, `XDP_TX`): the benchmarks' floor, never attached.
     pub const FLOOR_PASS_PROGRAM: &str = "weir_floor_pass";
     pub const FLOOR_TX_PROGRAM: &str = "weir_floor_tx";

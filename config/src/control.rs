@@ -259,6 +259,9 @@ pub struct XdpAttachment {
     pub mode: XdpMode,
     /// The kernel's id of the loaded program (as `bpftool prog` shows it).
     pub program_id: u32,
+    /// The id of the NAT return program attached at TC ingress of the same interface.
+    #[serde(default)]
+    pub tc_program_id: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

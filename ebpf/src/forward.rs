@@ -26,11 +26,11 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+pub const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 /// The route exists but the next hop's MAC is not resolved yet.
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+pub const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 /// The packet is larger than the egress MTU.
-const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
+pub const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// How the packet is passed on.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     });
     let next = match cached {
         Some(entry) => entry,
-        None => match fib_next_hop(ctx, packet, src, dst, ip_len) {
+        None => match fib_next_hop(ctx, ctx.ingress_ifindex() as u32, packet, src, dst, ip_len) {
             Ok(next) => {
                 if let Some(entry) = cache {
                     // SAFETY: as above.
@@ -112,11 +112,14 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     }
 }
 
-/// Asks the kernel's FIB for the next hop of a packet `src` → `dst` of IP length `ip_len`
-/// (the MTU check); the FIB's return code when it has no usable answer.
+/// Asks the kernel's FIB for the next hop of a packet `src` → `dst` that came in on
+/// `ifindex`; the FIB's return code when it has no usable answer. `ip_len` is the IP length
+/// the MTU check uses; 0 (TC only) lets the kernel check the buffer itself, which for a
+/// merged (GSO) buffer means the size of the segments it will be split into.
 #[inline(always)]
-fn fib_next_hop(
-    ctx: &XdpContext,
+pub fn fib_next_hop(
+    ctx: &impl EbpfContext,
+    ifindex: u32,
     packet: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
@@ -126,7 +129,7 @@ fn fib_next_hop(
     // integers).
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = packet.protocol;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
+    fib.ifindex = ifindex;
     fib.__bindgen_anon_1.tot_len = ip_len;
     if packet.family == FAMILY_IPV4 {
         fib.family = AF_INET;

@@ -1,9 +1,10 @@
-//! weir's XDP entry point: the L4 balancer.
+//! weir's entry points: the L4 balancer in XDP and its NAT return path at TC ingress.
 //!
-//! Reads top to bottom: parse → VIP lookup → flow lookup or Maglev pick (and record) →
-//! rewrite → forward. Packets that are not L4 VIP traffic — the host's own, L7 VIPs, ARP —
-//! are passed to the kernel untouched; replies from NAT servers are rewritten back to their
-//! VIP on the way out. Every packet is counted once under the reason for its verdict
+//! The XDP program reads top to bottom: parse → VIP lookup → flow lookup or Maglev pick (and
+//! record) → rewrite → forward. Packets that are not L4 VIP traffic — the host's own, L7 VIPs,
+//! ARP — are passed to the kernel untouched. Replies from NAT servers are passed up too, to the
+//! TC program, which rewrites them back to their VIP once the kernel's GRO has merged them
+//! (`nat_return`). Every packet is counted once under the reason for its verdict
 //! (`weir_common::Stat`). The edge policies (fragments, options, ICMP) are in
 //! `docs/datapath.md`.
 #![no_std]
@@ -14,11 +15,16 @@ mod flow;
 mod forward;
 mod icmp;
 mod maps;
+mod nat_return;
 mod parse;
 mod rewrite;
 mod verdict;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use weir_common::{
     Stat,
     flow::{FlowKey, NatReturn},
@@ -29,7 +35,6 @@ use crate::{
     forward::{Hop, Route},
     maps::{WEIR_NAT_RETURN, WEIR_VIPS},
     parse::{Packet, Parsed},
-    rewrite::End,
 };
 
 #[xdp]
@@ -57,8 +62,9 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         Parsed::Transport(packet) => {
             if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
                 balance(ctx, &packet, &vip, len)
-            } else if let Some(nat) = unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.copied() {
-                nat_return(ctx, &packet, &nat, len)
+            } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some() {
+                // A NAT server's reply: the TC program rewrites and counts it (`nat_return`).
+                xdp_action::XDP_PASS
             } else {
                 verdict::pass(Stat::PassNotVip, len)
             }
@@ -111,88 +117,27 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         };
         let _ = WEIR_NAT_RETURN.insert(reply, nat, 0);
     }
-    nat_send(
-        ctx,
-        packet,
-        End::Destination,
-        NatTarget {
-            addr: &server.addr,
-            port: server.port,
-            server: Some(pinned.server),
-        },
-        Stat::ForwardNat,
-        len,
-    )
-}
-
-/// Server → client in NAT mode: restore the VIP as the source and send the reply on.
-#[inline(always)]
-fn nat_return(ctx: &XdpContext, packet: &Packet, nat: &NatReturn, len: u64) -> u32 {
-    // The client → VIP direction of this reply's flow.
-    let forward = FlowKey {
-        dst: nat.vip,
-        dst_port: nat.vip_port,
-        ..packet.flow_key().reversed()
-    };
-    if !flow::owns_reply(&forward, nat.server, packet) {
-        // The entry outlived its flow: forget it, so the rest of this connection (one that
-        // never came through the VIP) no longer matches either.
-        let _ = WEIR_NAT_RETURN.remove(packet.flow_key());
-        return verdict::pass(Stat::PassStaleReturn, len);
-    }
-    if flow::ends_flow(packet) {
-        flow::mark_closing(&forward);
-    }
-    nat_send(
-        ctx,
-        packet,
-        End::Source,
-        NatTarget {
-            addr: &nat.vip,
-            port: nat.vip_port,
-            server: None,
-        },
-        Stat::ReturnNat,
-        len,
-    )
-}
-
-/// What a NAT rewrite writes into one end of a packet.
-struct NatTarget<'a> {
-    addr: &'a [u32; 4],
-    port: u16,
-    /// The server `addr` is, when the packet goes to one (its next hop may be cached).
-    server: Option<u32>,
-}
-
-/// NAT's last steps in both directions: refuse an expiring TTL, rewrite `end` of the packet to
-/// the target, route it as a router would, counted under `stat` when it leaves.
-#[inline(always)]
-fn nat_send(
-    ctx: &XdpContext,
-    packet: &Packet,
-    end: End,
-    target: NatTarget,
-    stat: Stat,
-    len: u64,
-) -> u32 {
     if packet.ttl <= 1 {
         return verdict::drop(Stat::DropTtlExceeded, len);
     }
-    if rewrite::endpoint(ctx, packet, end, target.addr, target.port).is_none() {
+    if rewrite::destination(ctx, packet, &server.addr, server.port).is_none() {
         return verdict::drop(Stat::DropMalformed, len);
     }
-    let (src, dst) = match end {
-        End::Destination => (&packet.src, target.addr),
-        End::Source => (target.addr, &packet.dst),
-    };
     let route = Route {
-        src,
-        dst,
+        src: &packet.src,
+        dst: &server.addr,
         hop: Hop::Routed,
-        server: target.server,
+        server: Some(pinned.server),
     };
-    forward::to_next_hop(ctx, packet, route, stat, len)
+    forward::to_next_hop(ctx, packet, route, Stat::ForwardNat, len)
+}
+
+/// Server → client in NAT mode, after GRO: the VIP restored as the source, the reply sent on.
+#[classifier]
+pub fn weir_tc_nat_return(ctx: TcContext) -> i32 {
+    match nat_return::try_nat_return(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
 #[cfg(not(test))]

@@ -1,4 +1,4 @@
-//! Every map the XDP program uses, with what it holds. The daemon writes all of them except
+//! Every map the programs use, with what it holds. The daemon writes all of them except
 //! the flow tables and counters, which the program writes. Userspace finds them by the names
 //! in `weir_common::names`.
 
@@ -78,11 +78,19 @@ static WEIR_SERVER_STATS: PerCpuArray<TrafficCounter> =
 /// Counts one packet of `len` bytes under `stat`.
 #[inline(always)]
 pub fn count(stat: Stat, len: u64) {
-    // The slot is per CPU and XDP runs with preemption disabled, so plain adds are race-free.
+    count_frames(stat, 1, len);
+}
+
+/// Counts `frames` packets of `len` bytes in all under `stat` (a merged TC buffer stands for
+/// as many wire frames as it will be split into).
+#[inline(always)]
+pub fn count_frames(stat: Stat, frames: u64, len: u64) {
+    // The slot is per CPU and XDP and TC programs run with migration disabled, so plain
+    // adds are race-free.
     if let Some(counter) = WEIR_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: the pointer comes from the map lookup and stays valid for this program run.
         unsafe {
-            (*counter).packets += 1;
+            (*counter).packets += frames;
             (*counter).bytes += len;
         }
     }

@@ -8,8 +8,11 @@
 //! Only the common shape is balanced: an IPv4 header without options or an IPv6 header whose
 //! next header is the transport. Everything else is classified so the caller can apply the
 //! edge policy (docs/datapath.md) when it is VIP traffic, and leave it alone when it is not.
+//!
+//! Both programs parse with it: XDP reads the frame as the driver received it, TC the linear
+//! head of a socket buffer (see [`Frame`]).
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use weir_common::{
     Stat,
     flow::FlowKey,
@@ -115,9 +118,41 @@ pub enum Parsed {
     OtherProtocol,
 }
 
+/// Packet bytes a program may read and write in place between two pointers: XDP's whole
+/// frame, or the linear head of a TC socket buffer (which holds at least the headers once
+/// the TC program pulled them in).
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+}
+
 /// Parses the packet in `ctx`.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Parsed {
+pub fn parse(ctx: &impl Frame) -> Parsed {
     let Some(ethertype) = read::<[u8; 2]>(ctx, 12) else {
         return Parsed::Malformed;
     };
@@ -129,7 +164,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext) -> Parsed {
+fn parse_ipv4(ctx: &impl Frame) -> Parsed {
     let Some(header) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
@@ -159,7 +194,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext) -> Parsed {
+fn parse_ipv6(ctx: &impl Frame) -> Parsed {
     let Some(header) = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
@@ -186,7 +221,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, mut packet: Packet, l4: usize) -> Parsed {
+fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize) -> Parsed {
     match packet.protocol {
         PROTO_TCP => {
             let Some(tcp) = read::<[u8; 20]>(ctx, l4) else {
@@ -243,7 +278,7 @@ fn word(bytes: &[u8], at: usize) -> u32 {
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` if it would run past the end.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -256,14 +291,15 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 /// integer; the read is unaligned because IP fields sit 2 bytes off a word boundary behind
 /// the 14-byte Ethernet header.
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &impl Frame, offset: usize) -> Option<T> {
     // SAFETY: `ptr_at` checked that the `T` lies inside the packet.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
 /// Writes `value` at `offset`; `None` (and nothing written) if it would run past the end.
 #[inline(always)]
-pub fn write<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
-    // SAFETY: `ptr_at` checked that the `T` lies inside the packet, which XDP may modify.
+pub fn write<T: Copy>(ctx: &impl Frame, offset: usize, value: T) -> Option<()> {
+    // SAFETY: `ptr_at` checked that the `T` lies inside the packet, which XDP may modify (and
+    // TC too: the verifier makes a cloned buffer private before a program that writes runs).
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.write_unaligned(value) })
 }

@@ -1,5 +1,5 @@
-//! NAT rewrites: one end (address and port) of a packet replaced, checksums fixed
-//! incrementally.
+//! NAT rewrites in XDP: the destination (address and port) of a client's packet replaced,
+//! checksums fixed incrementally.
 //!
 //! Only the fields that change are touched: the IPv4 header checksum covers the address; the
 //! TCP/UDP checksum covers the address (through the pseudo-header) and the port. A UDP/IPv4
@@ -10,55 +10,40 @@ use weir_common::{csum, l4::FAMILY_IPV4};
 
 use crate::parse::{ETH_HLEN, Packet, read, write};
 
-/// Which end of the packet a rewrite replaces.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    Source,
-    Destination,
-}
-
-/// Replaces `end` of the TCP/UDP packet `packet` with `addr`:`port` (raw values). Returns
-/// `None` if a field is out of bounds, which the parser's checks rule out; the caller drops
-/// the packet then, so a half-rewritten packet never leaves.
+/// Replaces the destination of the TCP/UDP packet `packet` with `addr`:`port` (raw values).
+/// Returns `None` if a field is out of bounds, which the parser's checks rule out; the caller
+/// drops the packet then, so a half-rewritten packet never leaves.
+///
+/// In place, with checksum arithmetic of our own: an XDP frame is as it came off the wire,
+/// its checksums complete. (The NAT return path, at TC, patches merged buffers through the
+/// kernel's helpers instead: see `nat_return`.)
 #[inline(always)]
-pub fn endpoint(
-    ctx: &XdpContext,
-    packet: &Packet,
-    end: End,
-    addr: &[u32; 4],
-    port: u16,
-) -> Option<()> {
+pub fn destination(ctx: &XdpContext, packet: &Packet, addr: &[u32; 4], port: u16) -> Option<()> {
     let v4 = packet.family == FAMILY_IPV4;
     let l4 = packet.l4_offset();
-    let (old_addr, old_port, port_at) = match end {
-        End::Source => (&packet.src, packet.src_port, l4),
-        End::Destination => (&packet.dst, packet.dst_port, l4 + 2),
-    };
     let check_at = if packet.is_tcp() { l4 + 16 } else { l4 + 6 };
     let check: u16 = read(ctx, check_at)?;
     if packet.is_tcp() || !v4 || check != 0 {
         // The pseudo-header sum over four words is right for IPv4 too: its unused words are
         // zero in both the old and the new address.
-        let mut check = csum::replace128(check, old_addr, addr);
-        check = csum::replace16(check, old_port, port);
+        let mut check = csum::replace128(check, &packet.dst, addr);
+        check = csum::replace16(check, packet.dst_port, port);
         if !packet.is_tcp() {
             check = csum::udp_nonzero(check);
         }
         write(ctx, check_at, check)?;
     }
-    write(ctx, port_at, port)?;
+    write(ctx, l4 + 2, port)?;
     if v4 {
-        let addr_at = ETH_HLEN + if end == End::Source { 12 } else { 16 };
-        write(ctx, addr_at, addr[0])?;
+        write(ctx, ETH_HLEN + 16, addr[0])?;
         let ip_check: u16 = read(ctx, ETH_HLEN + 10)?;
         write(
             ctx,
             ETH_HLEN + 10,
-            csum::replace32(ip_check, old_addr[0], addr[0]),
+            csum::replace32(ip_check, packet.dst[0], addr[0]),
         )?;
     } else {
-        let addr_at = ETH_HLEN + if end == End::Source { 8 } else { 24 };
-        write(ctx, addr_at, *addr)?;
+        write(ctx, ETH_HLEN + 24, *addr)?;
     }
     Some(())
 }

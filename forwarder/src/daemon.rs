@@ -779,7 +779,8 @@ pub fn run(config_path: &Path) -> Result<()> {
             interface = attachment.interface,
             mode = ?attachment.mode,
             program_id = attachment.program_id,
-            "XDP program attached"
+            tc_program_id = attachment.tc_program_id,
+            "XDP and TC programs attached"
         );
     }
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;

@@ -1,4 +1,5 @@
-//! The XDP datapath as userspace sees it: load the object, write its maps, attach it.
+//! The L4 datapath as userspace sees it: load the object, write its maps, attach its programs
+//! (the XDP balancer, and the NAT return path at TC ingress) to every configured interface.
 //!
 //! The object is embedded at build time from aya-build's output (`forwarder/build.rs`), so the
 //! daemon binary always carries the eBPF code it was built and tested with. Start-up writes
@@ -15,8 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        ProgramError, Xdp,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::{XdpLink, XdpMode as AyaXdpMode},
     },
 };
@@ -46,8 +48,14 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no `{0}` {1}")]
     Missing(&'static str, &'static str),
-    #[error("cannot load the XDP program into the kernel: {0}")]
+    #[error("cannot load a program of the datapath into the kernel: {0}")]
     Program(#[source] ProgramError),
+    #[error("cannot attach the NAT return program (TC ingress) to `{interface}`: {source}")]
+    AttachTc {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
     #[error("cannot attach XDP to `{interface}` in {mode:?} mode: {source}")]
     Attach {
         interface: String,
@@ -65,9 +73,9 @@ pub enum DatapathError {
     MapBatch(&'static str, #[source] std::io::Error),
     #[error("pinning the datapath: {0}")]
     Pin(#[from] PinError),
-    #[error("cannot pin the XDP link of `{0}`: {1}")]
+    #[error("cannot pin a link of `{0}`: {1}")]
     PinLink(String, #[source] aya::pin::PinError),
-    #[error("the pinned XDP link of `{0}`: {1}")]
+    #[error("a pinned link of `{0}`: {1}")]
     Link(String, #[source] LinkError),
 }
 
@@ -159,6 +167,15 @@ impl Datapath {
             .try_into()
             .map_err(DatapathError::Program)?;
         program.load().map_err(DatapathError::Program)?;
+        let nat_return: &mut SchedClassifier = ebpf
+            .program_mut(names::TC_NAT_RETURN_PROGRAM)
+            .ok_or(DatapathError::Missing(
+                names::TC_NAT_RETURN_PROGRAM,
+                "program",
+            ))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        nat_return.load().map_err(DatapathError::Program)?;
         Ok(Datapath {
             ebpf,
             maps,
@@ -173,13 +190,16 @@ impl Datapath {
         self.adopted
     }
 
-    /// Attaches the program to every interface in the options.
+    /// Attaches both programs to every interface in the options: the NAT return program
+    /// first, as the XDP program leaves NAT replies to it. (An adopted datapath's older XDP
+    /// program may still rewrite them itself; until it is replaced, TC never sees them.)
     ///
     /// Pinned: an interface with a pinned link gets the new program swapped into that link
     /// (atomic: each packet runs the old or the new program); one without gets a new link,
     /// pinned; pinned links of interfaces no longer configured are unpinned, which detaches
     /// them.
     pub fn attach(&mut self) -> Result<(), DatapathError> {
+        let tc_program_id = self.attach_nat_return()?;
         let mode = self.options.xdp_mode;
         let program: &mut Xdp = self
             .ebpf
@@ -200,7 +220,9 @@ impl Datapath {
                 source,
             };
             let replaced = match pins {
-                Some(pins) => replace_pinned(program, interface, &pins.link(interface))?,
+                Some(pins) => replace_pinned(interface, &pins.link(interface), |link: XdpLink| {
+                    program.attach_to_link(link).map(drop)
+                })?,
                 None => false,
             };
             if !replaced {
@@ -221,6 +243,7 @@ impl Datapath {
                 ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
                 mode,
                 program_id,
+                tc_program_id,
             });
         }
         if let Some(pins) = pins {
@@ -234,7 +257,65 @@ impl Datapath {
         Ok(())
     }
 
-    /// Where the program is attached.
+    /// Attaches the NAT return program at TC ingress (tcx) of every interface, pinned like the
+    /// XDP links; returns its program id.
+    fn attach_nat_return(&mut self) -> Result<u32, DatapathError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(names::TC_NAT_RETURN_PROGRAM)
+            .ok_or(DatapathError::Missing(
+                names::TC_NAT_RETURN_PROGRAM,
+                "program",
+            ))?
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        let program_id = program.info().map_err(DatapathError::Program)?.id();
+        let pins = self.options.pins.as_ref();
+        for interface in &self.options.interfaces {
+            let attach_error = |source| DatapathError::AttachTc {
+                interface: interface.clone(),
+                source,
+            };
+            let replaced = match pins {
+                Some(pins) => replace_pinned(
+                    interface,
+                    &pins.tc_link(interface),
+                    |link: SchedClassifierLink| program.attach_to_link(link).map(drop),
+                )?,
+                None => false,
+            };
+            if replaced {
+                continue;
+            }
+            let id = program
+                .attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(attach_error)?;
+            if let Some(pins) = pins {
+                let link: FdLink = program
+                    .take_link(id)
+                    .map_err(attach_error)?
+                    .try_into()
+                    .map_err(|e| DatapathError::Link(interface.clone(), e))?;
+                link.pin(pins.tc_link(interface))
+                    .map_err(|e| DatapathError::PinLink(interface.clone(), e))?;
+            }
+        }
+        if let Some(pins) = pins {
+            for interface in pins.tc_linked_interfaces()? {
+                if !self.options.interfaces.contains(&interface) {
+                    tracing::info!(interface, "detaching TC: interface no longer configured");
+                    let _ = std::fs::remove_file(pins.tc_link(&interface));
+                }
+            }
+        }
+        Ok(program_id)
+    }
+
+    /// Where the programs are attached.
     pub fn attachments(&self) -> &[XdpAttachment] {
         &self.attachments
     }
@@ -262,7 +343,7 @@ impl Datapath {
         Ok(program)
     }
 
-    /// The loaded program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
             .program(names::XDP_PROGRAM)
@@ -270,28 +351,40 @@ impl Datapath {
             .try_into()
             .map_err(DatapathError::Program)
     }
+
+    /// The loaded NAT return program (TC), for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn nat_return_program(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(names::TC_NAT_RETURN_PROGRAM)
+            .ok_or(DatapathError::Missing(
+                names::TC_NAT_RETURN_PROGRAM,
+                "program",
+            ))?
+            .try_into()
+            .map_err(DatapathError::Program)
+    }
 }
 
-/// Swaps `program` into the link pinned at `path`, if there is one that still works. A link
-/// whose interface went away (the kernel detached it) is unpinned and reported as absent, so
-/// the caller attaches afresh.
-fn replace_pinned(
-    program: &mut Xdp,
+/// Swaps a program into the link pinned at `path` with `attach_to_link`, if there is a link
+/// that still works. A link whose interface went away (the kernel detached it) is unpinned
+/// and reported as absent, so the caller attaches afresh.
+fn replace_pinned<L: TryFrom<FdLink, Error = LinkError>>(
     interface: &str,
     path: &std::path::Path,
+    attach_to_link: impl FnOnce(L) -> Result<(), ProgramError>,
 ) -> Result<bool, DatapathError> {
     if !path.exists() {
         return Ok(false);
     }
     let link_error = |e| DatapathError::Link(interface.to_string(), e);
-    let link = XdpLink::try_from(FdLink::from(
+    let link = L::try_from(FdLink::from(
         PinnedLink::from_pin(path).map_err(link_error)?,
     ))
     .map_err(link_error)?;
-    match program.attach_to_link(link) {
-        Ok(_) => Ok(true),
+    match attach_to_link(link) {
+        Ok(()) => Ok(true),
         Err(err) => {
-            tracing::warn!(interface, %err, "pinned XDP link is defunct: attaching afresh");
+            tracing::warn!(interface, path = %path.display(), %err, "pinned link is defunct: attaching afresh");
             let _ = std::fs::remove_file(path);
             Ok(false)
         }

@@ -1,4 +1,4 @@
-//! Where the datapath lives while no daemon runs: its maps and XDP links pinned on bpffs.
+//! Where the datapath lives while no daemon runs: its maps and program links pinned on bpffs.
 //!
 //! A pinned object outlives the process that created it, so a daemon that exits — cleanly, by
 //! `kill -9`, or for an upgrade — leaves the program attached and forwarding from its maps.
@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! <bpf_dir>/maps/<MAP NAME>    every map of the object (names::ALL_MAPS)
-//! <bpf_dir>/links/<interface>  the XDP link on that interface
+//! <bpf_dir>/links/<interface>     the XDP link on that interface
+//! <bpf_dir>/tc-links/<interface>  the TC (tcx ingress) link of the NAT return path there
 //! ```
 //!
 //! Removing the directory ([`PinDir::remove`]) detaches the program and frees the maps once no
@@ -74,7 +75,7 @@ impl PinDir {
         let dir = PinDir {
             root: root.to_path_buf(),
         };
-        for sub in [dir.maps_dir(), dir.links_dir()] {
+        for sub in [dir.maps_dir(), dir.links_dir(), dir.tc_links_dir()] {
             fs::create_dir_all(&sub).map_err(io_error(&sub))?;
         }
         Ok(dir)
@@ -95,17 +96,19 @@ impl PinDir {
         self.links_dir().join(interface)
     }
 
-    /// Interfaces that have a pinned link.
+    /// Where the TC link on `interface` is pinned.
+    pub fn tc_link(&self, interface: &str) -> PathBuf {
+        self.tc_links_dir().join(interface)
+    }
+
+    /// Interfaces that have a pinned XDP link.
     pub fn linked_interfaces(&self) -> Result<Vec<String>, PinError> {
-        let dir = self.links_dir();
-        let entries = fs::read_dir(&dir).map_err(io_error(&dir))?;
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(io_error(&dir))?;
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-        names.sort();
-        Ok(names)
+        entries_of(&self.links_dir())
+    }
+
+    /// Interfaces that have a pinned TC link.
+    pub fn tc_linked_interfaces(&self) -> Result<Vec<String>, PinError> {
+        entries_of(&self.tc_links_dir())
     }
 
     /// Whether any map is pinned here (a previous daemon left a datapath to adopt).
@@ -133,6 +136,22 @@ impl PinDir {
     fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
+
+    fn tc_links_dir(&self) -> PathBuf {
+        self.root.join("tc-links")
+    }
+}
+
+/// The names in `dir`, sorted.
+fn entries_of(dir: &Path) -> Result<Vec<String>, PinError> {
+    let entries = fs::read_dir(dir).map_err(io_error(dir))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error(dir))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, PinError> {

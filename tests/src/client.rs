@@ -56,6 +56,34 @@ impl EchoConnection {
         })
     }
 
+    /// Streams `bytes` of varied data to the echo server while reading the echo back, and
+    /// checks that every byte came back in order (by xxh3 of both streams): a bulk transfer
+    /// in both directions at once.
+    pub fn stream_through(&mut self, bytes: usize) -> io::Result<()> {
+        let data: Vec<u8> = (0..bytes as u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let sent = xxhash_rust::xxh3::xxh3_64(&data);
+        // A stalled transfer must fail, not hang: writes time out like reads, and a failed
+        // read shuts the socket so the sender stops too.
+        self.stream.set_write_timeout(Some(TIMEOUT))?;
+        let mut writer = self.stream.try_clone()?;
+        let sender = std::thread::spawn(move || writer.write_all(&data));
+        let mut back = vec![0u8; bytes];
+        let read = self.stream.read_exact(&mut back);
+        if read.is_err() {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        sender
+            .join()
+            .map_err(|_| io::Error::other("sender panicked"))??;
+        read?;
+        if xxhash_rust::xxh3::xxh3_64(&back) != sent {
+            return Err(io::Error::other("streamed data came back different"));
+        }
+        Ok(())
+    }
+
     /// Sends 4 KiB of round-specific data and checks it comes back intact.
     pub fn exchange(&mut self) -> io::Result<()> {
         self.round += 1;

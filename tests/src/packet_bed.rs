@@ -1,4 +1,4 @@
-//! A namespace for `BPF_PROG_TEST_RUN` packet tests and benchmarks of the XDP program.
+//! A namespace for `BPF_PROG_TEST_RUN` packet tests and benchmarks of the datapath's programs.
 //!
 //! `bpf_fib_lookup` answers from the routing and neighbour tables of the namespace the test
 //! runs in, so packet tests need a real one: two veth links (`up0` towards clients, `dn0`
@@ -90,5 +90,16 @@ pub fn xdp_context(ifindex: u32, len: usize) -> [u8; 24] {
     for (chunk, field) in ctx.chunks_exact_mut(4).zip(fields) {
         chunk.copy_from_slice(&field.to_ne_bytes());
     }
+    ctx
+}
+
+/// The `__sk_buff` context a TC test run starts from: a buffer received on `ifindex` (the
+/// kernel takes the device, and so the namespace its FIB lookups use, from it). Only the
+/// leading fields up to `ifindex` are given; the kernel reads the rest as zero. (Offsets are
+/// the kernel's UAPI `struct __sk_buff`: `ingress_ifindex` at 36, `ifindex` at 40.)
+pub fn skb_context(ifindex: u32) -> [u8; 44] {
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }

@@ -1,6 +1,8 @@
-//! Packet tests of the XDP balancer through BPF_PROG_TEST_RUN, in the style of Katran's
-//! fixtures: a table of input packet → expected action → expected output packet, and the one
-//! counter each packet must be accounted under.
+//! Packet tests of the L4 datapath through BPF_PROG_TEST_RUN, in the style of Katran's
+//! fixtures: a table of input packet → expected fate → expected output packet, and the one
+//! counter each packet must be accounted under. Each packet goes through the ingress pipeline
+//! as the kernel runs it: the XDP balancer, then, for what XDP passes, the NAT return program
+//! at TC.
 //!
 //! The program runs with its real maps, written by the real userspace (`Datapath`,
 //! `L4Services`) from a config, in a namespace whose routes and neighbours its FIB lookups
@@ -11,7 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::{TestRun, TestRunOptions, TestRunResult};
 use etherparse::{
     Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, PacketBuilderStep, TcpHeader,
     icmpv4::DestUnreachableHeader,
@@ -24,12 +26,30 @@ use weir_forwarder::{
     maglev::{MaglevServer, MaglevTable},
 };
 use weir_tests::packet_bed::{
-    CLIENT_MAC, DOWNLINK, DOWNLINK_MAC, PacketBed, UPLINK, UPLINK_MAC, server_mac, xdp_context,
+    CLIENT_MAC, DOWNLINK, DOWNLINK_MAC, PacketBed, UPLINK, UPLINK_MAC, server_mac, skb_context,
+    xdp_context,
 };
 
+const ETH_HLEN: usize = 14;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// What becomes of a packet after the ingress pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// To the kernel stack, as the host's own traffic.
+    Pass,
+    Drop,
+    /// Out of the interface it came in on (XDP_TX).
+    Bounce,
+    /// Out of another interface, rewritten (an XDP or a TC redirect).
+    Redirect,
+}
 
 const CONFIG: &str = r#"
 [datapath]
@@ -149,25 +169,32 @@ impl Balancer {
         }
     }
 
-    fn program(&self) -> &Xdp {
-        self.datapath.program().expect("program")
-    }
-
-    /// Runs `packet` as received on `ifindex`; returns the action and the packet after it.
-    fn run(&self, ifindex: u32, packet: &[u8]) -> (u32, Vec<u8>) {
-        let ctx = xdp_context(ifindex, packet.len());
-        let mut out = vec![0u8; packet.len() + 256];
-        let result = self
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("test_run");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+    /// Runs `packet` as received on `ifindex` through XDP and, if XDP passes it, TC; returns
+    /// its fate and the packet as it leaves.
+    fn run(&self, ifindex: u32, packet: &[u8]) -> (Fate, Vec<u8>) {
+        let xdp = self.datapath.program().expect("XDP program");
+        let (action, out) = test_run(xdp, packet, &xdp_context(ifindex, packet.len()));
+        let fate = match action {
+            XDP_DROP => Fate::Drop,
+            XDP_TX => Fate::Bounce,
+            XDP_REDIRECT => Fate::Redirect,
+            // The kernel's skb test run refuses a frame shorter than its IP header (or with
+            // nothing after its Ethernet header); the TC program's parser leaves those alone.
+            XDP_PASS if !holds_ip_header(&out) => Fate::Pass,
+            XDP_PASS => {
+                let tc = self.datapath.nat_return_program().expect("TC program");
+                let (action, out) = test_run(tc, &out, &skb_context(ifindex));
+                let fate = match action {
+                    TC_ACT_OK => Fate::Pass,
+                    TC_ACT_SHOT => Fate::Drop,
+                    TC_ACT_REDIRECT => Fate::Redirect,
+                    other => panic!("TC program returned {other}"),
+                };
+                return (fate, out);
+            }
+            other => panic!("XDP program returned {other}"),
+        };
+        (fate, out)
     }
 
     fn counters(&self) -> Vec<Counter> {
@@ -234,7 +261,7 @@ struct Case {
     name: String,
     ifindex: u32,
     packet: Vec<u8>,
-    action: u32,
+    action: Fate,
     /// `None`: the packet must come out unchanged.
     output: Option<Vec<u8>>,
     stat: Stat,
@@ -413,7 +440,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
             name: format!("{vip}: client → server {server}, NAT"),
             ifindex: lb.up,
             packet: forward_in,
-            action: XDP_REDIRECT,
+            action: Fate::Redirect,
             output: Some(forward_out),
             stat: Stat::ForwardNat,
         },
@@ -421,7 +448,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
             name: format!("{vip}: server {server} → client, NAT return"),
             ifindex: lb.down,
             packet: reply_in.clone(),
-            action: XDP_REDIRECT,
+            action: Fate::Redirect,
             output: Some(reply_out),
             stat: Stat::ReturnNat,
         },
@@ -434,7 +461,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
             name: format!("{vip}: client FIN → server {server}, NAT"),
             ifindex: lb.up,
             packet: tcp(IN, client, service.address, 64, Flags::Fin),
-            action: XDP_REDIRECT,
+            action: Fate::Redirect,
             output: Some(tcp(out_macs, client, server, 63, Flags::Fin)),
             stat: Stat::ForwardNat,
         });
@@ -442,7 +469,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
             name: format!("{vip}: server {server} SYN-ACK to a direct connection after a NAT flow"),
             ifindex: lb.down,
             packet: reply_in.clone(),
-            action: XDP_PASS,
+            action: Fate::Pass,
             output: None,
             stat: Stat::PassStaleReturn,
         });
@@ -457,7 +484,7 @@ fn nat_round_trip(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool)
                 64,
                 Flags::Ack,
             ),
-            action: XDP_PASS,
+            action: Fate::Pass,
             output: None,
             stat: Stat::PassNotVip,
         });
@@ -484,7 +511,7 @@ fn dsr(lb: &Balancer, vip: &str, client: SocketAddr, udp_proto: bool) -> Case {
         name: format!("{vip}: client → server {server}, DSR (MACs only)"),
         ifindex: lb.up,
         packet,
-        action: XDP_REDIRECT,
+        action: Fate::Redirect,
         output: Some(output),
         stat: Stat::ForwardDsr,
     }
@@ -505,7 +532,7 @@ fn icmp_error(lb: &Balancer, vip: &str, client: SocketAddr, router: IpAddr) -> C
         name: format!("{vip}: ICMP error about a flow → its server {server}"),
         ifindex: lb.up,
         packet: too_big(IN, router, service.address.ip(), 64, &original),
-        action: XDP_REDIRECT,
+        action: Fate::Redirect,
         output: Some(too_big(
             (DOWNLINK_MAC, mac_of(server.ip())),
             router,
@@ -517,7 +544,7 @@ fn icmp_error(lb: &Balancer, vip: &str, client: SocketAddr, router: IpAddr) -> C
     }
 }
 
-fn untouched(name: &str, ifindex: u32, packet: Vec<u8>, action: u32, stat: Stat) -> Case {
+fn untouched(name: &str, ifindex: u32, packet: Vec<u8>, action: Fate, stat: Stat) -> Case {
     Case {
         name: name.to_string(),
         ifindex,
@@ -613,14 +640,14 @@ fn packet_table() {
                 "arp is not IP",
                 lb.up,
                 arp_request(),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotIp,
             ),
             untouched(
                 "IPv4 TCP to a host address",
                 lb.up,
                 tcp(IN, client4(40000), addr("198.18.0.2:22"), 64, Flags::Syn),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
@@ -633,49 +660,49 @@ fn packet_table() {
                     64,
                     Flags::Syn,
                 ),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
                 "IPv6 UDP to a host address",
                 lb.up,
                 udp(IN, client6(40000), addr("[fd00::2]:53"), 64),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
                 "IPv4 header cut short",
                 lb.up,
                 tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..14 + 19].to_vec(),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassMalformed,
             ),
             untouched(
                 "IPv6 header cut short",
                 lb.up,
                 tcp(IN, client6(40000), vip6, 64, Flags::Syn)[..14 + 39].to_vec(),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassMalformed,
             ),
             untouched(
                 "only an Ethernet header",
                 lb.up,
                 arp_request()[..14].to_vec(),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotIp,
             ),
             untouched(
                 "TCP header cut short, to a VIP",
                 lb.up,
                 tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..34 + 10].to_vec(),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropMalformed,
             ),
             untouched(
                 "IPv4 first fragment to a VIP",
                 lb.up,
                 ipv4_fragment(tcp(IN, client4(40001), vip4, 64, Flags::Syn), 0x2000),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropFragment,
             ),
             untouched(
@@ -685,21 +712,21 @@ fn packet_table() {
                     udp(IN, client4(40001), addr("198.18.100.10:53"), 64),
                     0x0010,
                 ),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropFragment,
             ),
             untouched(
                 "IPv4 fragment to a host address",
                 lb.up,
                 ipv4_fragment(udp(IN, client4(40001), addr("198.18.0.2:53"), 64), 0x2000),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
                 "IPv4 options to a VIP",
                 lb.up,
                 ipv4_with_options(tcp(IN, client4(40002), vip4, 64, Flags::Syn)),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropIpOptions,
             ),
             untouched(
@@ -712,21 +739,21 @@ fn packet_table() {
                     64,
                     Flags::Syn,
                 )),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
                 "IPv6 fragment header to a VIP",
                 lb.up,
                 ipv6_with_extension(udp(IN, client6(40003), addr("[fd00:100::10]:53"), 64), 44),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropFragment,
             ),
             untouched(
                 "IPv6 hop-by-hop options to a VIP",
                 lb.up,
                 ipv6_with_extension(tcp(IN, client6(40003), vip6, 64, Flags::Syn), 0),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropIpv6Extension,
             ),
             untouched(
@@ -736,28 +763,28 @@ fn packet_table() {
                     tcp(IN, client6(40003), addr("[fd00::2]:22"), 64, Flags::Syn),
                     60,
                 ),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
             untouched(
                 "TTL 1 to a NAT VIP",
                 lb.up,
                 tcp(IN, client4(40004), vip4, 1, Flags::Syn),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropTtlExceeded,
             ),
             untouched(
                 "VIP whose servers are all disabled",
                 lb.up,
                 tcp(IN, client4(40005), addr("198.18.100.33:80"), 64, Flags::Syn),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropNoServer,
             ),
             untouched(
                 "VIP with a forwarding mode this program does not know",
                 lb.up,
                 tcp(IN, client4(40005), addr("198.18.100.34:80"), 64, Flags::Syn),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropUnsupportedMode,
             ),
             untouched(
@@ -766,14 +793,14 @@ fn packet_table() {
                 // The destination is rewritten before the route lookup fails; the packet is
                 // dropped, so its bytes do not matter, only that it never leaves.
                 tcp(IN, client4(40006), addr("198.18.100.30:80"), 64, Flags::Syn),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropNoRoute,
             ),
             untouched(
                 "DSR to a server whose MAC is unresolved",
                 lb.up,
                 tcp(IN, client4(40007), addr("198.18.100.32:80"), 64, Flags::Syn),
-                XDP_DROP,
+                Fate::Drop,
                 Stat::DropNoNeighbor,
             ),
             untouched(
@@ -787,7 +814,7 @@ fn packet_table() {
                         .unwrap();
                     packet
                 },
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassIcmp,
             ),
             untouched(
@@ -800,7 +827,7 @@ fn packet_table() {
                     64,
                     Flags::Ack,
                 ),
-                XDP_PASS,
+                Fate::Pass,
                 Stat::PassNotVip,
             ),
         ];
@@ -815,7 +842,7 @@ fn packet_table() {
                 .into(),
             ifindex: lb.up,
             packet: tcp(IN, client4(40008), addr("198.18.100.31:80"), 64, Flags::Syn),
-            action: XDP_PASS,
+            action: Fate::Pass,
             output: Some(tcp(
                 IN,
                 client4(40008),
@@ -829,7 +856,7 @@ fn packet_table() {
             name: "IPv6 NAT to a server whose MAC is unresolved: rewritten, then the kernel forwards it".into(),
             ifindex: lb.up,
             packet: tcp(IN, client6(40008), addr("[fd00:100::31]:80"), 64, Flags::Syn),
-            action: XDP_PASS,
+            action: Fate::Pass,
             output: Some(tcp(IN, client6(40008), addr("[fd00:1::99]:80"), 64, Flags::Syn)),
             stat: Stat::PassSlowPath,
         });
@@ -934,7 +961,7 @@ impl Balancer {
     /// Sends a client → VIP packet and returns the server it was sent to.
     fn send(&self, packet: Vec<u8>) -> SocketAddr {
         let (action, out) = self.run(self.up, &packet);
-        assert_eq!(action, XDP_REDIRECT, "packet was not forwarded");
+        assert_eq!(action, Fate::Redirect, "packet was not forwarded");
         destination(&out)
     }
 
@@ -1088,7 +1115,7 @@ fn cached_next_hops_follow_the_server_address_and_the_mtu() {
         let vip = lb.service("dsr4").address;
         let flow = client(43000);
         let (action, out) = lb.run(lb.up, &tcp(IN, flow, vip, 64, Flags::Syn));
-        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(action, Fate::Redirect);
         let first = lb.predicted_server("dsr4", flow);
         assert_eq!(
             out[..6],
@@ -1104,7 +1131,7 @@ fn cached_next_hops_follow_the_server_address_and_the_mtu() {
             .set_server(id, weir_common::l4::ServerInfo::new(other))
             .unwrap();
         let (action, out) = lb.run(lb.up, &tcp(IN, flow, vip, 64, Flags::Ack));
-        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(action, Fate::Redirect);
         assert_eq!(
             out[..6],
             mac_of(other.ip()),
@@ -1117,18 +1144,19 @@ fn cached_next_hops_follow_the_server_address_and_the_mtu() {
         let web = lb.service("web4").address;
         let flow = client(43001);
         let (action, _) = lb.run(lb.up, &tcp(IN, flow, web, 64, Flags::Syn));
-        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(action, Fate::Redirect);
         weir_tests::netns::run(
             std::process::Command::new("ip").args(["link", "set", "dn0", "mtu", "1000"]),
         )
         .unwrap();
         let (action, _) = lb.run(lb.up, &tcp_with_payload(flow, web, 1200));
         assert_eq!(
-            action, XDP_PASS,
+            action,
+            Fate::Pass,
             "an oversized packet went out from the cache"
         );
         let (action, _) = lb.run(lb.up, &tcp_with_payload(flow, web, 100));
-        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(action, Fate::Redirect);
     });
 }
 
@@ -1141,7 +1169,7 @@ fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
         let flow = client(43100);
         let server = lb.predicted_server("web4", flow);
         let (action, _) = lb.run(lb.up, &tcp(IN, flow, service.address, 64, Flags::Syn));
-        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(action, Fate::Redirect);
         // The client flow leaves the table as the LRU evicts it; its return entry stays.
         lb.datapath
             .maps_mut()
@@ -1156,7 +1184,8 @@ fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
         );
         let (action, out) = lb.run(lb.down, &reply);
         assert_eq!(
-            action, XDP_REDIRECT,
+            action,
+            Fate::Redirect,
             "a reply of an evicted flow was not un-NATed"
         );
         assert_eq!(
@@ -1170,4 +1199,34 @@ fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
             ))
         );
     });
+}
+
+/// One `BPF_PROG_TEST_RUN` of `program` on `packet` with context `ctx`: its return value and
+/// the packet after it.
+fn test_run<P>(program: &P, packet: &[u8], ctx: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(ctx),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test_run of {} bytes: {e}", packet.len()));
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Whether `frame` is long enough for the IP header its ethertype announces (any length
+/// beyond Ethernet for other ethertypes).
+fn holds_ip_header(frame: &[u8]) -> bool {
+    let needed = match frame.get(12..14) {
+        Some([0x08, 0x00]) => ETH_HLEN + 20,
+        Some([0x86, 0xdd]) => ETH_HLEN + 40,
+        _ => ETH_HLEN + 1,
+    };
+    frame.len() >= needed
 }

@@ -450,18 +450,19 @@ fn print_status(report: &StatusReport) {
             ""
         }
     );
-    println!("\nXDP");
+    println!("\nDATAPATH");
     println!(
-        "  {:<16} {:>7}  {:<8} {:>8}",
-        "INTERFACE", "IFINDEX", "MODE", "PROGRAM"
+        "  {:<16} {:>7}  {:<8} {:>8} {:>10}",
+        "INTERFACE", "IFINDEX", "XDP MODE", "XDP PROG", "TC PROG"
     );
     for x in &report.xdp {
         println!(
-            "  {:<16} {:>7}  {:<8} {:>8}",
+            "  {:<16} {:>7}  {:<8} {:>8} {:>10}",
             x.interface,
             x.ifindex,
             lower(&x.mode),
-            x.program_id
+            x.program_id,
+            x.tc_program_id
         );
     }
     print_counters(&report.counters);
