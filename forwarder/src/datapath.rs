@@ -161,20 +161,10 @@ impl Datapath {
         for ifindex in stale.into_iter().filter(|i| !wanted.contains(i)) {
             let _ = maps.tx_ports.remove(ifindex);
         }
-        let program: &mut Xdp = ebpf
-            .program_mut(names::XDP_PROGRAM)
-            .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
+        let program: &mut Xdp = program_mut(&mut ebpf, names::XDP_PROGRAM)?;
         program.load().map_err(DatapathError::Program)?;
-        let nat_return: &mut SchedClassifier = ebpf
-            .program_mut(names::TC_NAT_RETURN_PROGRAM)
-            .ok_or(DatapathError::Missing(
-                names::TC_NAT_RETURN_PROGRAM,
-                "program",
-            ))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
+        let nat_return: &mut SchedClassifier =
+            program_mut(&mut ebpf, names::TC_NAT_RETURN_PROGRAM)?;
         nat_return.load().map_err(DatapathError::Program)?;
         Ok(Datapath {
             ebpf,
@@ -201,12 +191,7 @@ impl Datapath {
     pub fn attach(&mut self) -> Result<(), DatapathError> {
         let tc_program_id = self.attach_nat_return()?;
         let mode = self.options.xdp_mode;
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(names::XDP_PROGRAM)
-            .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
+        let program: &mut Xdp = program_mut(&mut self.ebpf, names::XDP_PROGRAM)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
         let pins = self.options.pins.as_ref();
         for interface in &self.options.interfaces {
@@ -228,14 +213,8 @@ impl Datapath {
             if !replaced {
                 let id = program.attach(interface, aya_mode).map_err(attach_error)?;
                 if let Some(pins) = pins {
-                    let link: FdLink = program
-                        .take_link(id)
-                        .map_err(attach_error)?
-                        .try_into()
-                        .map_err(|e| DatapathError::Link(interface.clone(), e))?;
-                    // The pin keeps the link; our handle on it closes when dropped here.
-                    link.pin(pins.link(interface))
-                        .map_err(|e| DatapathError::PinLink(interface.clone(), e))?;
+                    let link = program.take_link(id).map_err(attach_error)?;
+                    pin_link(link, interface, &pins.link(interface))?;
                 }
             }
             self.attachments.push(XdpAttachment {
@@ -247,12 +226,8 @@ impl Datapath {
             });
         }
         if let Some(pins) = pins {
-            for interface in pins.linked_interfaces()? {
-                if !self.options.interfaces.contains(&interface) {
-                    tracing::info!(interface, "detaching XDP: interface no longer configured");
-                    let _ = std::fs::remove_file(pins.link(&interface));
-                }
-            }
+            let linked = pins.linked_interfaces()?;
+            unpin_unconfigured(linked, &self.options.interfaces, |i| pins.link(i), "XDP");
         }
         Ok(())
     }
@@ -260,15 +235,8 @@ impl Datapath {
     /// Attaches the NAT return program at TC ingress (tcx) of every interface, pinned like the
     /// XDP links; returns its program id.
     fn attach_nat_return(&mut self) -> Result<u32, DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(names::TC_NAT_RETURN_PROGRAM)
-            .ok_or(DatapathError::Missing(
-                names::TC_NAT_RETURN_PROGRAM,
-                "program",
-            ))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
+        let program: &mut SchedClassifier =
+            program_mut(&mut self.ebpf, names::TC_NAT_RETURN_PROGRAM)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
         let pins = self.options.pins.as_ref();
         for interface in &self.options.interfaces {
@@ -295,22 +263,13 @@ impl Datapath {
                 )
                 .map_err(attach_error)?;
             if let Some(pins) = pins {
-                let link: FdLink = program
-                    .take_link(id)
-                    .map_err(attach_error)?
-                    .try_into()
-                    .map_err(|e| DatapathError::Link(interface.clone(), e))?;
-                link.pin(pins.tc_link(interface))
-                    .map_err(|e| DatapathError::PinLink(interface.clone(), e))?;
+                let link = program.take_link(id).map_err(attach_error)?;
+                pin_link(link, interface, &pins.tc_link(interface))?;
             }
         }
         if let Some(pins) = pins {
-            for interface in pins.tc_linked_interfaces()? {
-                if !self.options.interfaces.contains(&interface) {
-                    tracing::info!(interface, "detaching TC: interface no longer configured");
-                    let _ = std::fs::remove_file(pins.tc_link(&interface));
-                }
-            }
+            let linked = pins.tc_linked_interfaces()?;
+            unpin_unconfigured(linked, &self.options.interfaces, |i| pins.tc_link(i), "TC");
         }
         Ok(program_id)
     }
@@ -331,12 +290,7 @@ impl Datapath {
     /// One of the object's trivial programs (`names::FLOOR_*`), loaded on first use: what the
     /// benchmarks measure the balancer against.
     pub fn floor_program(&mut self, name: &'static str) -> Result<&Xdp, DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name, "program"))?
-            .try_into()
-            .map_err(DatapathError::Program)?;
+        let program: &mut Xdp = program_mut(&mut self.ebpf, name)?;
         if program.fd().is_err() {
             program.load().map_err(DatapathError::Program)?;
         }
@@ -345,23 +299,65 @@ impl Datapath {
 
     /// The loaded XDP program, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
-        self.ebpf
-            .program(names::XDP_PROGRAM)
-            .ok_or(DatapathError::Missing(names::XDP_PROGRAM, "program"))?
-            .try_into()
-            .map_err(DatapathError::Program)
+        program(&self.ebpf, names::XDP_PROGRAM)
     }
 
     /// The loaded NAT return program (TC), for `BPF_PROG_TEST_RUN` in tests and benchmarks.
     pub fn nat_return_program(&self) -> Result<&SchedClassifier, DatapathError> {
-        self.ebpf
-            .program(names::TC_NAT_RETURN_PROGRAM)
-            .ok_or(DatapathError::Missing(
-                names::TC_NAT_RETURN_PROGRAM,
-                "program",
-            ))?
-            .try_into()
-            .map_err(DatapathError::Program)
+        program(&self.ebpf, names::TC_NAT_RETURN_PROGRAM)
+    }
+}
+
+/// The program `name` of the object as its kind `P` (`Xdp`, `SchedClassifier`).
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name, "program"))?
+        .try_into()
+        .map_err(DatapathError::Program)
+}
+
+/// The program `name` of the object as its kind `P`, read-only.
+fn program<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P, DatapathError>
+where
+    &'a P: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program(name)
+        .ok_or(DatapathError::Missing(name, "program"))?
+        .try_into()
+        .map_err(DatapathError::Program)
+}
+
+/// Pins a new link of `interface` at `path`. The pin keeps the link; our handle on it closes
+/// when dropped here.
+fn pin_link<L: TryInto<FdLink, Error = LinkError>>(
+    link: L,
+    interface: &str,
+    path: &std::path::Path,
+) -> Result<(), DatapathError> {
+    let link: FdLink = link
+        .try_into()
+        .map_err(|e| DatapathError::Link(interface.to_string(), e))?;
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| DatapathError::PinLink(interface.to_string(), e))
+}
+
+/// Unpins (and so detaches) the `kind` links of `linked` interfaces that are no longer in
+/// `configured`.
+fn unpin_unconfigured(
+    linked: Vec<String>,
+    configured: &[String],
+    path_of: impl Fn(&str) -> std::path::PathBuf,
+    kind: &str,
+) {
+    for interface in linked {
+        if !configured.contains(&interface) {
+            tracing::info!(interface, kind, "detaching: interface no longer configured");
+            let _ = std::fs::remove_file(path_of(&interface));
+        }
     }
 }
 
