@@ -88,10 +88,10 @@ fn send_to_client(ctx: &TcContext, packet: &Packet, nat: &NatReturn, tally: Tall
     if WEIR_TX_PORTS.get(next.ifindex).is_none() {
         return tally.count(Stat::PassSlowPath, TC_ACT_OK);
     }
-    if decrement_ttl(ctx, packet).is_err() || ctx.store(0, &next.dmac, 0).is_err() {
-        return tally.count(Stat::DropMalformed, TC_ACT_SHOT);
-    }
-    if ctx.store(6, &next.smac, 0).is_err() {
+    if decrement_ttl(ctx, packet).is_err()
+        || ctx.store(0, &next.dmac, 0).is_err()
+        || ctx.store(6, &next.smac, 0).is_err()
+    {
         return tally.count(Stat::DropMalformed, TC_ACT_SHOT);
     }
     // SAFETY: plain helper call; it only records the target for the verdict returned here.
