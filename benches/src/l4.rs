@@ -262,14 +262,17 @@ fn weir_config(topology: &Topology) -> Result<Config> {
         ),
     ]
     .concat();
-    let interfaces: Vec<String> = topology
-        .balancer_interfaces()
+    // Two-armed, as an operator would set this topology up: the balancer on the uplink, the
+    // NAT return program alone on the server links (decision 0014).
+    let server_links: Vec<String> = topology
+        .server_links()
         .iter()
         .map(|i| format!("\"{i}\""))
         .collect();
     let source = format!(
-        "[datapath]\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n{source}",
-        interfaces.join(", ")
+        "[datapath]\ninterfaces = [\"{}\"]\nserver_interfaces = [{}]\nxdp_mode = \"native\"\n\n{source}",
+        weir_tests::topology::BALANCER_UPLINK,
+        server_links.join(", ")
     );
     Ok(Config::parse("bench.toml".as_ref(), &source)?)
 }

@@ -394,6 +394,7 @@ impl Balancer {
         let config = Config::parse("bench.toml".as_ref(), CONFIG)?;
         let mut datapath = Datapath::load(DatapathOptions {
             interfaces: vec![UPLINK.into(), DOWNLINK.into()],
+            server_interfaces: Vec::new(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 1 << 20,
             settings: l4::settings(&config),

@@ -251,14 +251,16 @@ pub struct DaemonStatus {
     pub adopted_datapath: bool,
 }
 
-/// Where the XDP program is attached.
+/// The datapath's programs on one interface.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct XdpAttachment {
     pub interface: String,
     pub ifindex: u32,
     pub mode: XdpMode,
-    /// The kernel's id of the loaded program (as `bpftool prog` shows it).
-    pub program_id: u32,
+    /// The kernel's id of the XDP program (as `bpftool prog` shows it); `None` on a server
+    /// interface (`datapath.server_interfaces`), which has the NAT return program only.
+    #[serde(default)]
+    pub program_id: Option<u32>,
     /// The id of the NAT return program attached at TC ingress of the same interface.
     #[serde(default)]
     pub tc_program_id: u32,

@@ -80,9 +80,16 @@ fn default_state_file() -> PathBuf {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatapathConfig {
-    /// Interfaces the XDP program is attached to (where client traffic arrives).
+    /// Interfaces where client traffic arrives (and, in a one-armed setup, servers' too): the
+    /// XDP balancer and the NAT return program are attached to each.
     #[serde(default)]
     pub interfaces: Vec<Spanned<String>>,
+    /// Interfaces where only servers' traffic arrives — the server side of a two-armed
+    /// balancer. Only the NAT return program is attached there: XDP would cost every reply
+    /// frame a pass through the balancer for nothing (and on veth, the peer's GSO). Traffic
+    /// to a VIP arriving on one of them is not balanced.
+    #[serde(default)]
+    pub server_interfaces: Vec<Spanned<String>>,
     #[serde(default)]
     pub xdp_mode: XdpMode,
     /// Entries in the flow table (and in the NAT return table): how many concurrent L4 flows
@@ -103,10 +110,27 @@ pub struct DatapathConfig {
     pub closing_timeout_secs: u64,
 }
 
+impl DatapathConfig {
+    /// `interfaces`, without their places in the file.
+    pub fn interface_names(&self) -> Vec<String> {
+        names_of(&self.interfaces)
+    }
+
+    /// `server_interfaces`, without their places in the file.
+    pub fn server_interface_names(&self) -> Vec<String> {
+        names_of(&self.server_interfaces)
+    }
+}
+
+fn names_of(interfaces: &[Spanned<String>]) -> Vec<String> {
+    interfaces.iter().map(|i| i.get_ref().clone()).collect()
+}
+
 impl Default for DatapathConfig {
     fn default() -> Self {
         DatapathConfig {
             interfaces: Vec::new(),
+            server_interfaces: Vec::new(),
             xdp_mode: XdpMode::default(),
             flow_table_size: Spanned::new(0..0, DEFAULT_FLOW_TABLE_SIZE),
             hash_seed: 0,
@@ -698,7 +722,12 @@ impl Config {
             ));
         }
         let mut interfaces = HashSet::new();
-        for interface in &self.datapath.interfaces {
+        let datapath = &self.datapath;
+        for interface in datapath
+            .interfaces
+            .iter()
+            .chain(&datapath.server_interfaces)
+        {
             let name = interface.get_ref();
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
                 problems.push((
@@ -708,7 +737,9 @@ impl Config {
             } else if !interfaces.insert(name.as_str()) {
                 problems.push((
                     interface.span().start,
-                    format!("interface `{name}` listed twice"),
+                    format!(
+                        "interface `{name}` listed twice (in `interfaces` or `server_interfaces`)"
+                    ),
                 ));
             }
         }
@@ -979,6 +1010,34 @@ servers = [{ address = "198.18.1.11:8080" }]
         assert!(errs[2].contains("at least one server"), "{}", errs[2]);
         let line_of = |e: &str| e.split(':').nth(1).unwrap().parse::<usize>().unwrap();
         assert_eq!(line_of(&errs[1]), 17);
+    }
+
+    #[test]
+    fn server_interfaces_parse_and_an_interface_has_one_role() {
+        let config =
+            parse("[datapath]\ninterfaces = [\"eth0\"]\nserver_interfaces = [\"eth1\"]\n").unwrap();
+        let names = |list: &[Spanned<String>]| -> Vec<String> {
+            list.iter().map(|i| i.get_ref().clone()).collect()
+        };
+        assert_eq!(names(&config.datapath.interfaces), ["eth0"]);
+        assert_eq!(names(&config.datapath.server_interfaces), ["eth1"]);
+
+        let errs = errors(
+            "[datapath]\ninterfaces = [\"eth0\", \"eth1\"]\nserver_interfaces = [\"eth2\", \"eth1\", \"a/b\"]\n",
+        );
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("weir.toml:3:30:")
+                && errs[0].contains("interface `eth1` listed twice"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].starts_with("weir.toml:3:38:")
+                && errs[1].contains("`a/b` is not a valid interface name"),
+            "{}",
+            errs[1]
+        );
     }
 
     #[test]

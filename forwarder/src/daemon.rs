@@ -634,13 +634,6 @@ impl Inner {
 
 /// Config keys a reload cannot apply, named as in the file.
 fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
-    let interfaces = |c: &Config| -> Vec<String> {
-        c.datapath
-            .interfaces
-            .iter()
-            .map(|i| i.get_ref().clone())
-            .collect()
-    };
     let mut changed = Vec::new();
     let mut check = |differs: bool, key| {
         if differs {
@@ -648,8 +641,12 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
         }
     };
     check(
-        interfaces(running) != interfaces(next),
+        running.datapath.interface_names() != next.datapath.interface_names(),
         "datapath.interfaces",
+    );
+    check(
+        running.datapath.server_interface_names() != next.datapath.server_interface_names(),
+        "datapath.server_interfaces",
     );
     check(
         running.datapath.xdp_mode != next.datapath.xdp_mode,
@@ -780,7 +777,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             mode = ?attachment.mode,
             program_id = attachment.program_id,
             tc_program_id = attachment.tc_program_id,
-            "XDP and TC programs attached"
+            "datapath programs attached (no XDP program: a server interface)"
         );
     }
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;

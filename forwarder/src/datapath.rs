@@ -82,8 +82,11 @@ pub enum DatapathError {
 /// What the datapath is started with.
 #[derive(Debug, Clone)]
 pub struct DatapathOptions {
-    /// Interfaces the program is attached to and may redirect to.
+    /// Interfaces both programs are attached to (where client traffic arrives).
     pub interfaces: Vec<String>,
+    /// Interfaces that face only servers: the NAT return program alone is attached there.
+    /// The programs may redirect to interfaces of both lists.
+    pub server_interfaces: Vec<String>,
     pub xdp_mode: XdpMode,
     /// Entries in the flow table and in the NAT return table.
     pub flow_table_size: u32,
@@ -97,17 +100,18 @@ impl DatapathOptions {
     /// What `config`'s `[datapath]` asks for, pinned in `pins` (if any).
     pub fn from_config(config: &Config, pins: Option<PinDir>) -> DatapathOptions {
         DatapathOptions {
-            interfaces: config
-                .datapath
-                .interfaces
-                .iter()
-                .map(|interface| interface.get_ref().clone())
-                .collect(),
+            interfaces: config.datapath.interface_names(),
+            server_interfaces: config.datapath.server_interface_names(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: *config.datapath.flow_table_size.get_ref(),
             settings: crate::l4::settings(config),
             pins,
         }
+    }
+
+    /// Every interface the datapath uses: client-facing first, then server-facing.
+    pub fn all_interfaces(&self) -> impl Iterator<Item = &String> {
+        self.interfaces.iter().chain(&self.server_interfaces)
     }
 }
 
@@ -148,7 +152,7 @@ impl Datapath {
             .set(0, options.settings, 0)
             .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))?;
         let mut wanted = Vec::new();
-        for interface in &options.interfaces {
+        for interface in options.all_interfaces() {
             let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
                 .map_err(|_| DatapathError::NoInterface(interface.clone()))?;
             maps.tx_ports
@@ -180,20 +184,31 @@ impl Datapath {
         self.adopted
     }
 
-    /// Attaches both programs to every interface in the options: the NAT return program
-    /// first, as the XDP program leaves NAT replies to it. (An adopted datapath's older XDP
-    /// program may still rewrite them itself; until it is replaced, TC never sees them.)
+    /// Attaches the NAT return program to every interface in the options, then the XDP
+    /// program to the client-facing ones (`interfaces`) — in that order, as the XDP program
+    /// leaves NAT replies to TC. (An adopted datapath's older XDP program may still rewrite
+    /// them itself; until it is replaced, TC never sees them.)
     ///
     /// Pinned: an interface with a pinned link gets the new program swapped into that link
     /// (atomic: each packet runs the old or the new program); one without gets a new link,
-    /// pinned; pinned links of interfaces no longer configured are unpinned, which detaches
-    /// them.
+    /// pinned; pinned links the options no longer ask for are unpinned, which detaches them —
+    /// so an interface moved to `server_interfaces` loses its XDP program on restart.
     pub fn attach(&mut self) -> Result<(), DatapathError> {
         let tc_program_id = self.attach_nat_return()?;
         let mode = self.options.xdp_mode;
         let program: &mut Xdp = program_mut(&mut self.ebpf, names::XDP_PROGRAM)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
         let pins = self.options.pins.as_ref();
+        for interface in self.options.all_interfaces() {
+            let xdp = self.options.interfaces.contains(interface);
+            self.attachments.push(XdpAttachment {
+                interface: interface.clone(),
+                ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
+                mode,
+                program_id: xdp.then_some(program_id),
+                tc_program_id,
+            });
+        }
         for interface in &self.options.interfaces {
             let aya_mode = match mode {
                 XdpMode::Native => AyaXdpMode::Driver,
@@ -217,13 +232,6 @@ impl Datapath {
                     pin_link(link, interface, &pins.link(interface))?;
                 }
             }
-            self.attachments.push(XdpAttachment {
-                interface: interface.clone(),
-                ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
-                mode,
-                program_id,
-                tc_program_id,
-            });
         }
         if let Some(pins) = pins {
             let linked = pins.linked_interfaces()?;
@@ -239,7 +247,8 @@ impl Datapath {
             program_mut(&mut self.ebpf, names::TC_NAT_RETURN_PROGRAM)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
         let pins = self.options.pins.as_ref();
-        for interface in &self.options.interfaces {
+        let all: Vec<String> = self.options.all_interfaces().cloned().collect();
+        for interface in &all {
             let attach_error = |source| DatapathError::AttachTc {
                 interface: interface.clone(),
                 source,
@@ -269,7 +278,7 @@ impl Datapath {
         }
         if let Some(pins) = pins {
             let linked = pins.tc_linked_interfaces()?;
-            unpin_unconfigured(linked, &self.options.interfaces, |i| pins.tc_link(i), "TC");
+            unpin_unconfigured(linked, &all, |i| pins.tc_link(i), "TC");
         }
         Ok(program_id)
     }

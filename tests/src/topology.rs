@@ -142,8 +142,13 @@ impl Topology {
     /// The balancer's interfaces weir attaches to: the uplink and every server link.
     pub fn balancer_interfaces(&self) -> Vec<String> {
         let mut interfaces = vec![BALANCER_UPLINK.to_string()];
-        interfaces.extend((1..=self.servers.len()).map(server_link));
+        interfaces.extend(self.server_links());
         interfaces
+    }
+
+    /// The balancer's links to the servers, in server order.
+    pub fn server_links(&self) -> Vec<String> {
+        (1..=self.servers.len()).map(server_link).collect()
     }
 }
 

@@ -22,7 +22,7 @@ use weir_tests::{
     client::{EchoConnection, http_get},
     lab::Lab,
     netns::{Netns, wait_until},
-    topology::{ECHO_PORT, L4_VIP, SERVER_PORT, server_addr},
+    topology::{self, ECHO_PORT, L4_VIP, SERVER_PORT, server_addr},
 };
 
 const HTTP_VIP: &str = "demo-l4";
@@ -283,6 +283,84 @@ fn passive_opens(ns: &Netns) -> u64 {
         .unwrap()
 }
 
+/// An operator turns the lab's server links into `server_interfaces` (TC only) with a
+/// restart: their pinned XDP links are detached, the TC links stay, and an echo connection
+/// opened before the restart goes on through its NAT flow, whose replies now meet only TC.
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn server_links_moved_to_server_interfaces_lose_xdp_and_keep_their_flows() {
+    let dir = lab_dir("tconly");
+    let mut lab = Lab::start(&prefix("tconly"), 3, &dir, "native").expect("lab starts");
+    let xdp_on = |lab: &Lab, link: &str| {
+        let out = lab
+            .topology
+            .balancer
+            .command("ip")
+            .args(["-details", "link", "show", "dev", link])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    };
+    let links = lab.topology.server_links();
+    assert!(links.iter().all(|link| xdp_on(&lab, link)));
+    let echo_vip = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+    let mut connection = lab
+        .topology
+        .client
+        .run(|| EchoConnection::open(echo_vip))
+        .unwrap()
+        .expect("echo connection");
+
+    lab.kill_weir();
+    let config = fs::read_to_string(lab.config()).unwrap();
+    let quoted: Vec<String> = links.iter().map(|l| format!("\"{l}\"")).collect();
+    let two_armed = config.replace(
+        &format!(
+            "interfaces = [\"{}\", {}]",
+            topology::BALANCER_UPLINK,
+            quoted.join(", ")
+        ),
+        &format!(
+            "interfaces = [\"{}\"]\nserver_interfaces = [{}]",
+            topology::BALANCER_UPLINK,
+            quoted.join(", ")
+        ),
+    );
+    assert_ne!(two_armed, config);
+    fs::write(lab.config(), two_armed).unwrap();
+    lab.restart_weir().expect("weir restarts");
+
+    let status = lab.status().unwrap();
+    for link in &links {
+        assert!(!xdp_on(&lab, link), "{link} still has an XDP program");
+        let attachment = status.xdp.iter().find(|x| &x.interface == link).unwrap();
+        assert_eq!(attachment.program_id, None, "{attachment:?}");
+        assert!(attachment.tc_program_id > 0, "{attachment:?}");
+    }
+    assert!(xdp_on(&lab, topology::BALANCER_UPLINK));
+    let table = lab.weirctl_ok(&["status"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("s1 ") && l.contains(" - ")),
+        "{table}"
+    );
+    lab.topology
+        .client
+        .run(|| connection.exchange())
+        .unwrap()
+        .expect("the connection opened before the restart goes on");
+    assert_eq!(
+        lab.topology
+            .client
+            .run(|| http_get(SocketAddr::new(L4_VIP.into(), 80)))
+            .unwrap()
+            .map(|server| server.starts_with("srv"))
+            .ok(),
+        Some(true)
+    );
+}
+
 #[test]
 #[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
 fn a_drained_server_accepts_no_new_connection_and_its_own_finish() {
@@ -524,6 +602,10 @@ fn bad_requests_and_bad_configs_change_nothing() {
         (
             config.replace("xdp_mode = \"native\"", "xdp_mode = \"generic\""),
             "datapath.xdp_mode needs a restart",
+        ),
+        (
+            config.replace(", \"s1\"]", "]\nserver_interfaces = [\"s1\"]"),
+            "datapath.server_interfaces needs a restart",
         ),
     ] {
         assert_ne!(broken, config);

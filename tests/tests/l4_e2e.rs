@@ -38,6 +38,15 @@ struct L4Lab {
     topology: Topology,
 }
 
+/// What weir attaches to the balancer's links to the servers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServerLinks {
+    /// Both programs, as on the uplink (`datapath.interfaces`).
+    BothPrograms,
+    /// The NAT return program only (`datapath.server_interfaces`).
+    NatReturnOnly,
+}
+
 /// `[[l4_vip]]` of `name` on `vip` over the servers' `port`, with weights 100, 200, 300.
 fn vip_toml(
     name: &str,
@@ -77,6 +86,10 @@ fn sock(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
 
 impl L4Lab {
     fn start(tag: &str) -> L4Lab {
+        L4Lab::start_with(tag, ServerLinks::BothPrograms)
+    }
+
+    fn start_with(tag: &str, server_links: ServerLinks) -> L4Lab {
         let prefix = format!("weirt-{}-{tag}-", std::process::id());
         let topology = Topology::new(&prefix, 3).expect("topology");
         let backends: Vec<Process> = topology
@@ -101,14 +114,24 @@ impl L4Lab {
             })
             .unwrap();
         }
-        let mut toml = format!(
-            "[datapath]\ninterfaces = [{}]\nxdp_mode = \"native\"\n\n",
-            topology
-                .balancer_interfaces()
+        let quoted = |names: Vec<String>| {
+            names
                 .iter()
                 .map(|i| format!("\"{i}\""))
                 .collect::<Vec<_>>()
                 .join(", ")
+        };
+        let (interfaces, server_interfaces) = match server_links {
+            ServerLinks::BothPrograms => (topology.balancer_interfaces(), Vec::new()),
+            ServerLinks::NatReturnOnly => (
+                vec![topology::BALANCER_UPLINK.to_string()],
+                topology.server_links(),
+            ),
+        };
+        let mut toml = format!(
+            "[datapath]\ninterfaces = [{}]\nserver_interfaces = [{}]\nxdp_mode = \"native\"\nflow_table_size = 65536\n\n",
+            quoted(interfaces),
+            quoted(server_interfaces)
         );
         for (name, vip, protocol, mode, servers) in [
             (
@@ -183,14 +206,8 @@ impl L4Lab {
         let (datapath, services) = topology
             .balancer
             .run(|| {
-                let mut datapath = Datapath::load(DatapathOptions {
-                    interfaces: topology.balancer_interfaces(),
-                    xdp_mode: config.datapath.xdp_mode,
-                    flow_table_size: 65536,
-                    settings: l4::settings(&config),
-                    pins: None,
-                })
-                .expect("datapath loads");
+                let mut datapath = Datapath::load(DatapathOptions::from_config(&config, None))
+                    .expect("datapath loads");
                 let services =
                     L4Services::from_config(&config, datapath.maps_mut()).expect("services");
                 datapath.attach().expect("XDP attaches in native mode");
@@ -300,7 +317,50 @@ fn tcp_and_udp_spread_by_weight_in_nat_and_dsr() {
 #[test]
 #[ignore = "needs root: creates network namespaces and attaches XDP"]
 fn bulk_transfers_through_nat_arrive_intact_both_ways() {
-    let lab = L4Lab::start("bulk");
+    stream_both_ways_through_nat(&L4Lab::start("bulk"));
+}
+
+/// A two-armed balancer whose server links are `server_interfaces`: no XDP program there, only
+/// the NAT return program, which then meets the servers' replies as the server side sent them
+/// (no XDP pass, no GRO on the way). NAT carries bulk data intact both ways, and DSR and NAT
+/// still forward into those links.
+#[test]
+#[ignore = "needs root: creates network namespaces and attaches XDP"]
+fn server_interfaces_run_the_nat_return_program_alone() {
+    let lab = L4Lab::start_with("tconly", ServerLinks::NatReturnOnly);
+    let xdp_attached = |link: &str| {
+        let out = lab
+            .topology
+            .balancer
+            .command("ip")
+            .args(["-details", "link", "show", "dev", link])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    };
+    assert!(xdp_attached(topology::BALANCER_UPLINK));
+    for link in lab.topology.server_links() {
+        assert!(!xdp_attached(&link), "{link} has an XDP program");
+        let attachment = lab
+            .datapath
+            .attachments()
+            .iter()
+            .find(|a| a.interface == link)
+            .unwrap_or_else(|| panic!("{link} is not reported"));
+        assert_eq!(attachment.program_id, None);
+        assert!(attachment.tc_program_id > 0);
+    }
+    stream_both_ways_through_nat(&lab);
+    for vip in [sock(DSR_VIP, 80), sock(DSR_VIP6, 80)] {
+        lab.client(|| http_get(vip))
+            .unwrap_or_else(|e| panic!("GET through {vip}: {e}"));
+    }
+    assert!(counted(&lab, "forward_dsr").packets > 0);
+}
+
+/// Streams 16 MiB through the NAT echo VIP and back, IPv4 then IPv6, and checks that the NAT
+/// return path carried them and nothing was dropped as malformed.
+fn stream_both_ways_through_nat(lab: &L4Lab) {
     weir_tests::netns::run(lab.topology.balancer.command("ethtool").args([
         "-K",
         topology::BALANCER_UPLINK,
@@ -316,16 +376,20 @@ fn bulk_transfers_through_nat_arrive_intact_both_ways() {
         })
         .unwrap_or_else(|e| panic!("{BYTES} bytes through {vip} and back: {e}"));
     }
-    let report = lab.datapath.maps().counters().unwrap();
-    let count = |name: &str| report.iter().find(|(s, _)| s.name() == name).unwrap().1;
-    let returned = count("return_nat");
+    let returned = counted(lab, "return_nat");
     assert!(
         returned.bytes >= 2 * BYTES as u64,
         "the NAT return path carried {} bytes of the {} echoed",
         returned.bytes,
         2 * BYTES
     );
-    assert_eq!(count("drop_malformed").packets, 0);
+    assert_eq!(counted(lab, "drop_malformed").packets, 0);
+}
+
+/// The datapath counter `name`, summed over CPUs.
+fn counted(lab: &L4Lab, name: &str) -> weir_common::Counter {
+    let report = lab.datapath.maps().counters().unwrap();
+    report.iter().find(|(s, _)| s.name() == name).unwrap().1
 }
 
 #[test]

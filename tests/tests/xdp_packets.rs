@@ -152,6 +152,7 @@ impl Balancer {
         let config = Config::parse("packets.toml".as_ref(), CONFIG).expect("test config is valid");
         let mut datapath = Datapath::load(DatapathOptions {
             interfaces: vec![UPLINK.into(), DOWNLINK.into()],
+            server_interfaces: Vec::new(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 4096,
             settings: l4::settings(&config),

@@ -456,13 +456,14 @@ fn print_status(report: &StatusReport) {
         "INTERFACE", "IFINDEX", "XDP MODE", "XDP PROG", "TC PROG"
     );
     for x in &report.xdp {
+        // A server interface has the NAT return program only.
+        let (mode, program) = match x.program_id {
+            Some(id) => (lower(&x.mode), id.to_string()),
+            None => ("-".to_string(), "-".to_string()),
+        };
         println!(
             "  {:<16} {:>7}  {:<8} {:>8} {:>10}",
-            x.interface,
-            x.ifindex,
-            lower(&x.mode),
-            x.program_id,
-            x.tc_program_id
+            x.interface, x.ifindex, mode, program, x.tc_program_id
         );
     }
     print_counters(&report.counters);
