@@ -86,7 +86,7 @@ pub struct DatapathConfig {
     pub interfaces: Vec<Spanned<String>>,
     /// Interfaces where only servers' traffic arrives — the server side of a two-armed
     /// balancer. Only the NAT return program is attached there: XDP would cost every reply
-    /// frame a pass through the balancer for nothing (and on veth, the peer's GSO). Traffic
+    /// frame a pass through the balancer for nothing (and on veth, its peer's TSO). Traffic
     /// to a VIP arriving on one of them is not balanced.
     #[serde(default)]
     pub server_interfaces: Vec<Spanned<String>>,
