@@ -150,6 +150,18 @@ impl Topology {
     pub fn server_links(&self) -> Vec<String> {
         (1..=self.servers.len()).map(server_link).collect()
     }
+
+    /// Whether the kernel reports an XDP program on the balancer's interface `dev` (asked
+    /// with `ip link`, independently of what weir says it attached).
+    pub fn balancer_has_xdp(&self, dev: &str) -> Result<bool> {
+        let out = self
+            .balancer
+            .command("ip")
+            .args(["-details", "link", "show", "dev", dev])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ip link show dev {dev} failed");
+        Ok(String::from_utf8_lossy(&out.stdout).contains("prog/xdp"))
+    }
 }
 
 fn address(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {

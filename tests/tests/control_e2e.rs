@@ -291,16 +291,7 @@ fn passive_opens(ns: &Netns) -> u64 {
 fn server_links_moved_to_server_interfaces_lose_xdp_and_keep_their_flows() {
     let dir = lab_dir("tconly");
     let mut lab = Lab::start(&prefix("tconly"), 3, &dir, "native").expect("lab starts");
-    let xdp_on = |lab: &Lab, link: &str| {
-        let out = lab
-            .topology
-            .balancer
-            .command("ip")
-            .args(["-details", "link", "show", "dev", link])
-            .output()
-            .expect("ip link");
-        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
-    };
+    let xdp_on = |lab: &Lab, link: &str| lab.topology.balancer_has_xdp(link).unwrap();
     let links = lab.topology.server_links();
     assert!(links.iter().all(|link| xdp_on(&lab, link)));
     let echo_vip = SocketAddr::new(L4_VIP.into(), ECHO_PORT);

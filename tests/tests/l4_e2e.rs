@@ -328,16 +328,7 @@ fn bulk_transfers_through_nat_arrive_intact_both_ways() {
 #[ignore = "needs root: creates network namespaces and attaches XDP"]
 fn server_interfaces_run_the_nat_return_program_alone() {
     let lab = L4Lab::start_with("tconly", ServerLinks::NatReturnOnly);
-    let xdp_attached = |link: &str| {
-        let out = lab
-            .topology
-            .balancer
-            .command("ip")
-            .args(["-details", "link", "show", "dev", link])
-            .output()
-            .expect("ip link");
-        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
-    };
+    let xdp_attached = |link: &str| lab.topology.balancer_has_xdp(link).unwrap();
     assert!(xdp_attached(topology::BALANCER_UPLINK));
     for link in lab.topology.server_links() {
         assert!(!xdp_attached(&link), "{link} has an XDP program");
