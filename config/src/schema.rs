@@ -723,6 +723,16 @@ impl Config {
         }
         let mut interfaces = HashSet::new();
         let datapath = &self.datapath;
+        if datapath.interfaces.is_empty()
+            && let Some(first) = datapath.server_interfaces.first()
+        {
+            problems.push((
+                first.span().start,
+                "`server_interfaces` without `interfaces`: nothing would balance the clients' \
+                 traffic (list the client-facing interfaces in `interfaces`)"
+                    .to_string(),
+            ));
+        }
         for interface in datapath
             .interfaces
             .iter()
@@ -1037,6 +1047,14 @@ servers = [{ address = "198.18.1.11:8080" }]
                 && errs[1].contains("`a/b` is not a valid interface name"),
             "{}",
             errs[1]
+        );
+
+        let errs = errors("[datapath]\nserver_interfaces = [\"eth1\"]\n");
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("weir.toml:2:22:") && errs[0].contains("without `interfaces`"),
+            "{}",
+            errs[0]
         );
     }
 
