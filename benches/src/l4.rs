@@ -14,9 +14,17 @@
 //!   CPU, as XDP runs on every CPU) terminating TCP and opening its own connection to the
 //!   server (stopped and the address removed after).
 //!
-//! Cases: keep-alive and a new connection per request; IPv4 and IPv6.
+//! Cases: keep-alive and a new connection per request; IPv4 and IPv6. And UDP request/response
+//! (`crate::udp`: a closed loop of clients against echo servers on the server), one flow per
+//! client or a new flow per request, for every system but HAProxy, whose TCP mode has no UDP.
 
-use std::{fs, net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    fs,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -27,13 +35,23 @@ use weir_forwarder::{
 };
 use weir_tests::{
     netns::{Netns, Process, run},
-    topology::{Topology, server_addr, server_addr6},
+    topology::{DSR_VIP, DSR_VIP6, Topology, server_addr, server_addr6},
 };
 
-use crate::{stats::Sample, wrk};
+use crate::{
+    stats::Sample,
+    udp::{UdpEcho, UdpLoad},
+    wrk,
+};
 
 /// Where nginx listens on the server for NAT (DSR uses port 80 on the VIP).
 const NGINX_PORT: u16 = 8081;
+/// The UDP VIPs' port (and the DSR echo's: DSR keeps the port).
+const UDP_VIP_PORT: u16 = 5300;
+/// Where the UDP echo listens on the server for direct and NAT.
+const UDP_SERVER_PORT: u16 = 5301;
+/// Clients of a UDP run, each with one request in flight.
+const UDP_CLIENTS: u32 = 16;
 const NAT_VIP: &str = "198.18.100.12";
 const NAT_VIP6: &str = "fd00:100::12";
 
@@ -76,13 +94,24 @@ pub struct L4Case {
     pub close: bool,
     /// 64 KiB responses instead of 5 bytes.
     pub large: bool,
+    /// UDP request/response (32-byte datagrams) instead of HTTP over TCP; `close` then means
+    /// a new flow (source port) per request.
+    pub udp: bool,
 }
 
 impl L4Case {
     pub fn name(self) -> String {
+        let family = if self.ipv6 { "IPv6" } else { "IPv4" };
+        if self.udp {
+            let flows = if self.close {
+                "a new flow per request"
+            } else {
+                "one flow per client"
+            };
+            return format!("{family}, UDP, {flows}, 32-byte datagrams");
+        }
         format!(
-            "{}, {}, {} responses",
-            if self.ipv6 { "IPv6" } else { "IPv4" },
+            "{family}, {}, {} responses",
             if self.close {
                 "new connection per request"
             } else {
@@ -113,7 +142,7 @@ pub struct L4Result {
 
 /// One wrk run and the SYNs the client sent again during it.
 /// One repetition: wrk's report, SYN retransmits, machine CPU µs per request.
-type Run = (wrk::WrkReport, u64, f64);
+type Run = (wrk::LoadReport, u64, f64);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -130,11 +159,21 @@ impl L4Bench {
         let topology = Topology::new(prefix, 1)?;
         fs::create_dir_all(dir)?;
         let _nginx = start_nginx(&topology.servers[0], dir)?;
+        let _udp_echo = UdpEcho::start(
+            &topology.servers[0],
+            &[
+                SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), UDP_SERVER_PORT),
+                SocketAddr::new(DSR_VIP.into(), UDP_VIP_PORT),
+                SocketAddr::new(DSR_VIP6.into(), UDP_VIP_PORT),
+            ],
+        )?;
         // Per (case, system): each repetition's report and its SYN retransmits.
         let mut raw: Vec<(L4Case, System, Vec<Run>)> = Vec::new();
         for case in &self.cases {
             for system in System::ALL {
-                raw.push((*case, system, Vec::new()));
+                if !(case.udp && system == System::HaproxyTcp) {
+                    raw.push((*case, system, Vec::new()));
+                }
             }
         }
         let mut run_index = 0;
@@ -155,12 +194,22 @@ impl L4Bench {
                     }
                     System::Direct => None,
                 };
-                let url = url(*case, *system);
-                let args = wrk::args(&url, self.connections, self.seconds, case.close);
                 syn_retransmits(&topology.client)?;
                 let busy_before = crate::stats::machine_busy_seconds()?;
-                let report = wrk::run(wrk::command(Some(topology.client.name())).args(&args))
-                    .with_context(|| format!("{} / {}", case.name(), system.name()));
+                let report = if case.udp {
+                    UdpLoad {
+                        target: udp_target(*case, *system),
+                        clients: UDP_CLIENTS,
+                        seconds: self.seconds,
+                        new_flow_per_request: case.close,
+                    }
+                    .run(&topology.client)
+                } else {
+                    let url = url(*case, *system);
+                    let args = wrk::args(&url, self.connections, self.seconds, case.close);
+                    wrk::run(wrk::command(Some(topology.client.name())).args(&args))
+                }
+                .with_context(|| format!("{} / {}", case.name(), system.name()));
                 let busy = crate::stats::machine_busy_seconds()? - busy_before;
                 let retransmits = syn_retransmits(&topology.client)?;
                 if *system == System::NftablesDnat {
@@ -228,40 +277,103 @@ fn url(case: L4Case, system: System) -> String {
     }
 }
 
-/// The weir config of the benchmark: one NAT and one DSR VIP per family, the one server each.
+/// Where a UDP run sends its requests.
+fn udp_target(case: L4Case, system: System) -> SocketAddr {
+    let pick = |v4: IpAddr, v6: IpAddr| if case.ipv6 { v6 } else { v4 };
+    match system {
+        System::Direct => SocketAddr::new(
+            pick(server_addr(1).into(), server_addr6(1).into()),
+            UDP_SERVER_PORT,
+        ),
+        System::WeirNat | System::NftablesDnat | System::HaproxyTcp => SocketAddr::new(
+            pick(
+                NAT_VIP.parse().expect("NAT_VIP"),
+                NAT_VIP6.parse().expect("NAT_VIP6"),
+            ),
+            UDP_VIP_PORT,
+        ),
+        System::WeirDsr => SocketAddr::new(pick(DSR_VIP.into(), DSR_VIP6.into()), UDP_VIP_PORT),
+    }
+}
+
+/// The weir config of the benchmark: a NAT and a DSR VIP per family and protocol, the one
+/// server each.
 fn weir_config(topology: &Topology) -> Result<Config> {
-    let vip = |name: &str, address: &str, mode: &str, server: String| {
-        format!(
-            "[[l4_vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"{mode}\"\nservers = [{{ address = \"{server}\" }}]\n\n"
-        )
-    };
-    let source = [
-        vip(
+    let (server4, server6) = (server_addr(1), server_addr6(1));
+    let vips = [
+        (
             "nat4",
-            NAT_VIP,
+            NAT_VIP.to_string(),
+            80,
+            "tcp",
             "nat",
-            format!("{}:{NGINX_PORT}", server_addr(1)),
+            format!("{server4}:{NGINX_PORT}"),
         ),
-        vip(
+        (
             "nat6",
-            NAT_VIP6,
+            NAT_VIP6.to_string(),
+            80,
+            "tcp",
             "nat",
-            format!("[{}]:{NGINX_PORT}", server_addr6(1)),
+            format!("[{server6}]:{NGINX_PORT}"),
         ),
-        vip(
+        (
             "dsr4",
-            &weir_tests::topology::DSR_VIP.to_string(),
+            DSR_VIP.to_string(),
+            80,
+            "tcp",
             "dsr",
-            format!("{}:80", server_addr(1)),
+            format!("{server4}:80"),
         ),
-        vip(
+        (
             "dsr6",
-            &weir_tests::topology::DSR_VIP6.to_string(),
+            DSR_VIP6.to_string(),
+            80,
+            "tcp",
             "dsr",
-            format!("[{}]:80", server_addr6(1)),
+            format!("[{server6}]:80"),
         ),
-    ]
-    .concat();
+        (
+            "nat4-udp",
+            NAT_VIP.to_string(),
+            UDP_VIP_PORT,
+            "udp",
+            "nat",
+            format!("{server4}:{UDP_SERVER_PORT}"),
+        ),
+        (
+            "nat6-udp",
+            NAT_VIP6.to_string(),
+            UDP_VIP_PORT,
+            "udp",
+            "nat",
+            format!("[{server6}]:{UDP_SERVER_PORT}"),
+        ),
+        (
+            "dsr4-udp",
+            DSR_VIP.to_string(),
+            UDP_VIP_PORT,
+            "udp",
+            "dsr",
+            format!("{server4}:{UDP_VIP_PORT}"),
+        ),
+        (
+            "dsr6-udp",
+            DSR_VIP6.to_string(),
+            UDP_VIP_PORT,
+            "udp",
+            "dsr",
+            format!("[{server6}]:{UDP_VIP_PORT}"),
+        ),
+    ];
+    let source: String = vips
+        .iter()
+        .map(|(name, address, port, protocol, mode, server)| {
+            format!(
+                "[[l4_vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = {port}\nprotocol = \"{protocol}\"\nmode = \"{mode}\"\nservers = [{{ address = \"{server}\" }}]\n\n"
+            )
+        })
+        .collect();
     // Two-armed, as an operator would set this topology up: the balancer on the uplink, the
     // NAT return program alone on the server links (decision 0014).
     let server_links: Vec<String> = topology
@@ -345,9 +457,9 @@ fn syn_retransmits(client: &Netns) -> Result<u64> {
 fn nft_dnat(balancer: &Netns, on: bool) -> Result<()> {
     let ruleset = if on {
         format!(
-            "table inet weirbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NAT_VIP} tcp dport 80 dnat ip to {}:{NGINX_PORT}\n    ip6 daddr {NAT_VIP6} tcp dport 80 dnat ip6 to [{}]:{NGINX_PORT}\n  }}\n}}\n",
-            server_addr(1),
-            server_addr6(1)
+            "table inet weirbench {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NAT_VIP} tcp dport 80 dnat ip to {s4}:{NGINX_PORT}\n    ip6 daddr {NAT_VIP6} tcp dport 80 dnat ip6 to [{s6}]:{NGINX_PORT}\n    ip daddr {NAT_VIP} udp dport {UDP_VIP_PORT} dnat ip to {s4}:{UDP_SERVER_PORT}\n    ip6 daddr {NAT_VIP6} udp dport {UDP_VIP_PORT} dnat ip6 to [{s6}]:{UDP_SERVER_PORT}\n  }}\n}}\n",
+            s4 = server_addr(1),
+            s6 = server_addr6(1)
         )
     } else {
         "delete table inet weirbench\n".to_string()

@@ -144,7 +144,7 @@ impl L7Bench {
         fs::create_dir_all(dir)?;
         let ns = Netns::new(&format!("{tag}l7"))?;
         let _upstream = start_upstream(&ns, &dir.join("upstream"))?;
-        let mut samples: Vec<Vec<(wrk::WrkReport, Option<f64>)>> =
+        let mut samples: Vec<Vec<(wrk::LoadReport, Option<f64>)>> =
             vec![Vec::new(); self.cases.len() * L7System::ALL.len()];
         for repetition in 0..self.repetitions {
             for (c, case) in self.cases.iter().enumerate() {
@@ -294,7 +294,7 @@ impl L7Bench {
             );
             changing.push(report);
         }
-        let rate = |reports: &[wrk::WrkReport]| {
+        let rate = |reports: &[wrk::LoadReport]| {
             Sample::new(reports.iter().map(|r| r.requests_per_sec).collect())
         };
         Ok(ChurnResult {

@@ -47,7 +47,7 @@ impl RuntimeBench {
             .into_iter()
             .flat_map(|runtime| [1, 2].map(|workers| (runtime, workers)))
             .collect();
-        let mut reports: Vec<Vec<wrk::WrkReport>> = vec![Vec::new(); configurations.len()];
+        let mut reports: Vec<Vec<wrk::LoadReport>> = vec![Vec::new(); configurations.len()];
         for repetition in 0..self.repetitions {
             for (i, (runtime, workers)) in configurations.iter().enumerate() {
                 let _proxy = Process::spawn(

@@ -16,5 +16,6 @@ pub mod l7_runtime;
 pub mod nginx;
 pub mod report;
 pub mod stats;
+pub mod udp;
 pub mod wrk;
 pub mod xdp;

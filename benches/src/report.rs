@@ -405,6 +405,7 @@ mod tests {
             ipv6: false,
             close: true,
             large: false,
+            udp: false,
         };
         let row = |system, rate: f64| L4Result {
             case,

@@ -9,16 +9,17 @@ use std::{fs, path::PathBuf, process::Command, sync::OnceLock};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-/// What one `wrk --latency` run measured.
+/// What one load run measured: a `wrk --latency` run, or a UDP load (`crate::udp`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct WrkReport {
+pub struct LoadReport {
     pub requests_per_sec: f64,
     pub requests: u64,
     /// Latency percentiles, µs.
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// Socket errors (connect, read, write, timeout) plus non-2xx/3xx responses.
+    /// wrk: socket errors (connect, read, write, timeout) plus non-2xx/3xx responses. UDP:
+    /// requests left unanswered.
     pub errors: u64,
 }
 
@@ -69,7 +70,7 @@ pub fn command(netns: Option<&str>) -> Command {
 }
 
 /// Runs `cmd` (`wrk` with [`args`], possibly in a namespace) and parses its report.
-pub fn run(cmd: &mut Command) -> Result<WrkReport> {
+pub fn run(cmd: &mut Command) -> Result<LoadReport> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
@@ -83,8 +84,8 @@ pub fn run(cmd: &mut Command) -> Result<WrkReport> {
 }
 
 /// Parses the text `wrk --latency` prints.
-pub fn parse(text: &str) -> Result<WrkReport> {
-    let mut report = WrkReport {
+pub fn parse(text: &str) -> Result<LoadReport> {
+    let mut report = LoadReport {
         requests_per_sec: f64::NAN,
         requests: 0,
         p50_us: f64::NAN,
@@ -157,7 +158,7 @@ p99.9 2210us
         let report = parse(KEEPALIVE).unwrap();
         assert_eq!(
             report,
-            WrkReport {
+            LoadReport {
                 requests_per_sec: 123883.80,
                 requests: 136251,
                 p50_us: 50.0,

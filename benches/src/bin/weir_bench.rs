@@ -68,16 +68,27 @@ fn main() -> Result<()> {
             .map(|(packets, switch)| (packets, Some(switch)))?;
     }
     if wanted(Scenario::L4) {
-        eprintln!("l4: wrk through the VIP, direct and nftables DNAT, interleaved");
+        eprintln!("l4: wrk and UDP load through the VIP, direct and nftables DNAT, interleaved");
         let families: &[bool] = if args.quick { &[false] } else { &[false, true] };
-        let cases = families
-            .iter()
-            .flat_map(|&ipv6| {
-                [false, true]
-                    .into_iter()
-                    .flat_map(move |close| [false, true].map(|large| L4Case { ipv6, close, large }))
+        let tcp = families.iter().flat_map(|&ipv6| {
+            [false, true].into_iter().flat_map(move |close| {
+                [false, true].map(|large| L4Case {
+                    ipv6,
+                    close,
+                    large,
+                    udp: false,
+                })
             })
-            .collect();
+        });
+        let udp = families.iter().flat_map(|&ipv6| {
+            [false, true].map(|close| L4Case {
+                ipv6,
+                close,
+                large: false,
+                udp: true,
+            })
+        });
+        let cases = tcp.chain(udp).collect();
         let bench = L4Bench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
