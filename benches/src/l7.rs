@@ -208,7 +208,7 @@ impl L7Bench {
         Ok(results)
     }
 
-    /// weir in front of three of [`CHURN_SERVERS`] under keep-alive load (5-byte
+    /// weir in front of three of `CHURN_SERVERS` under keep-alive load (5-byte
     /// responses), measured steady and while `weirctl` makes one pool change a second:
     /// insert a server, drain one, remove it once drained (`--wait`), put it back, in turn.
     pub fn change_under_load(&self, tag: &str, dir: &Path) -> Result<ChurnResult> {

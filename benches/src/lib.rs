@@ -5,7 +5,8 @@
 //! - `cargo xtask bench` (root; runs the `weir-bench` binary of this crate): the L4 datapath in
 //!   ns/packet through `BPF_PROG_TEST_RUN` next to trivial programs ([`xdp`]), and end to end
 //!   through the VIP against direct-to-server and nftables DNAT on the same namespaces
-//!   ([`l4`]), interleaved, repeated, as Markdown and JSON ([`report`]); and the L7 runtime
+//!   ([`l4`], HTTP with wrk and UDP request/response with [`udp`]), interleaved, repeated, as
+//!   Markdown and JSON ([`report`]); and the L7 runtime
 //!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
 //!   proxy against HAProxy http mode and nginx ([`l7`]).
 
