@@ -42,38 +42,32 @@ pub struct UdpLoad {
 impl UdpLoad {
     /// Runs the load from namespace `client`; every answer is checked against its request.
     pub fn run(self, client: &Netns) -> Result<LoadReport> {
-        client.run(move || -> Result<LoadReport> {
-            let deadline = Instant::now() + Duration::from_secs(self.seconds.into());
-            // Threads spawned here inherit the namespace of this one.
-            let clients: Vec<_> = (0..self.clients)
-                .map(|id| thread::spawn(move || self.client_loop(id, deadline)))
-                .collect();
-            let mut latencies_us = Vec::new();
-            let mut errors = 0;
-            for client in clients {
-                let (latencies, lost) = client.join().expect("UDP client thread")?;
-                latencies_us.extend(latencies);
-                errors += lost;
-            }
-            latencies_us.sort_unstable();
-            let percentile = |p: f64| {
-                latencies_us
-                    .get(
-                        ((latencies_us.len() as f64 * p) as usize)
-                            .min(latencies_us.len().max(1) - 1),
-                    )
-                    .map_or(0.0, |&us| f64::from(us))
-            };
-            let requests = latencies_us.len() as u64;
-            Ok(LoadReport {
-                requests_per_sec: requests as f64 / f64::from(self.seconds),
-                requests,
-                p50_us: percentile(0.5),
-                p99_us: percentile(0.99),
-                p999_us: percentile(0.999),
-                errors,
-            })
-        })?
+        client.run(move || self.run_here())?
+    }
+
+    /// Runs the load from this thread's namespace (the client threads inherit it).
+    pub fn run_here(self) -> Result<LoadReport> {
+        let deadline = Instant::now() + Duration::from_secs(self.seconds.into());
+        let clients: Vec<_> = (0..self.clients)
+            .map(|id| thread::spawn(move || self.client_loop(id, deadline)))
+            .collect();
+        let mut latencies_us = Vec::new();
+        let mut errors = 0;
+        for client in clients {
+            let (latencies, lost) = client.join().expect("UDP client thread")?;
+            latencies_us.extend(latencies);
+            errors += lost;
+        }
+        latencies_us.sort_unstable();
+        let requests = latencies_us.len() as u64;
+        Ok(LoadReport {
+            requests_per_sec: requests as f64 / f64::from(self.seconds),
+            requests,
+            p50_us: quantile(&latencies_us, 0.5),
+            p99_us: quantile(&latencies_us, 0.99),
+            p999_us: quantile(&latencies_us, 0.999),
+            errors,
+        })
     }
 
     /// One client until `deadline`: the latency of each answered request (µs) and the number
@@ -155,12 +149,25 @@ pub struct UdpEcho {
 }
 
 impl UdpEcho {
+    /// Echo servers on `addresses`, bound in namespace `server`.
     pub fn start(server: &Netns, addresses: &[SocketAddr]) -> Result<UdpEcho> {
+        let sockets = addresses
+            .iter()
+            .map(|&address| {
+                server
+                    .run(move || UdpSocket::bind(address))?
+                    .with_context(|| format!("bind UDP {address}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        UdpEcho::serve(sockets)
+    }
+
+    /// Echoes every datagram on `sockets` back to its sender until dropped. A socket belongs
+    /// to the namespace it was created in, whichever thread serves it.
+    pub fn serve(sockets: Vec<UdpSocket>) -> Result<UdpEcho> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for &address in addresses {
-            // Bound inside the namespace; the socket belongs to it wherever it is served from.
-            let socket = server.run(move || UdpSocket::bind(address))??;
+        for socket in sockets {
             socket.set_read_timeout(Some(Duration::from_millis(100)))?;
             let stop = stop.clone();
             threads.push(thread::spawn(move || {
@@ -182,5 +189,64 @@ impl Drop for UdpEcho {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+/// The `p` quantile (0 to 1) of `sorted`; 0 when it is empty.
+fn quantile(sorted: &[u32], p: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
+    };
+    f64::from(sorted[((sorted.len() as f64 * p) as usize).min(last)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(target: SocketAddr, new_flow_per_request: bool) -> UdpLoad {
+        UdpLoad {
+            target,
+            clients: 2,
+            seconds: 1,
+            new_flow_per_request,
+        }
+    }
+
+    #[test]
+    fn every_request_to_an_echo_is_answered_and_timed() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = socket.local_addr().unwrap();
+        let _echo = UdpEcho::serve(vec![socket]).unwrap();
+        for new_flow_per_request in [false, true] {
+            let report = load(target, new_flow_per_request).run_here().unwrap();
+            assert!(report.requests > 100, "{report:?}");
+            assert_eq!(report.errors, 0, "{report:?}");
+            assert!(
+                report.p50_us > 0.0 && report.p50_us <= report.p99_us,
+                "{report:?}"
+            );
+            assert!(report.p99_us <= report.p999_us, "{report:?}");
+        }
+    }
+
+    #[test]
+    fn requests_nobody_answers_are_errors() {
+        // A bound socket that never answers: every request times out.
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let report = load(silent.local_addr().unwrap(), false)
+            .run_here()
+            .unwrap();
+        assert_eq!(report.requests, 0, "{report:?}");
+        assert!(report.errors >= 2, "{report:?}");
+    }
+
+    #[test]
+    fn quantiles_pick_from_the_sorted_values() {
+        let values: Vec<u32> = (1..=100).collect();
+        assert_eq!(quantile(&values, 0.5), 51.0);
+        assert_eq!(quantile(&values, 0.99), 100.0);
+        assert_eq!(quantile(&values, 0.999), 100.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
     }
 }
