@@ -140,8 +140,8 @@ pub struct L4Result {
     pub syn_retransmits: u64,
 }
 
-/// One wrk run and the SYNs the client sent again during it.
-/// One repetition: wrk's report, SYN retransmits, machine CPU µs per request.
+/// One repetition: the load's report (wrk's or the UDP load's), SYN retransmits, machine CPU
+/// µs per request.
 type Run = (wrk::LoadReport, u64, f64);
 
 /// What to run.

@@ -199,16 +199,6 @@ impl Datapath {
         let program: &mut Xdp = program_mut(&mut self.ebpf, names::XDP_PROGRAM)?;
         let program_id = program.info().map_err(DatapathError::Program)?.id();
         let pins = self.options.pins.as_ref();
-        for interface in self.options.all_interfaces() {
-            let xdp = self.options.interfaces.contains(interface);
-            self.attachments.push(XdpAttachment {
-                interface: interface.clone(),
-                ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
-                mode,
-                program_id: xdp.then_some(program_id),
-                tc_program_id,
-            });
-        }
         for interface in &self.options.interfaces {
             let aya_mode = match mode {
                 XdpMode::Native => AyaXdpMode::Driver,
@@ -232,6 +222,16 @@ impl Datapath {
                     pin_link(link, interface, &pins.link(interface))?;
                 }
             }
+        }
+        for interface in self.options.all_interfaces() {
+            let xdp = self.options.interfaces.contains(interface);
+            self.attachments.push(XdpAttachment {
+                interface: interface.clone(),
+                ifindex: nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0),
+                mode,
+                program_id: xdp.then_some(program_id),
+                tc_program_id,
+            });
         }
         if let Some(pins) = pins {
             let linked = pins.linked_interfaces()?;
