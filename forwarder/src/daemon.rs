@@ -775,9 +775,14 @@ pub fn run(config_path: &Path) -> Result<()> {
         tracing::info!(
             interface = attachment.interface,
             mode = ?attachment.mode,
+            role = if attachment.program_id.is_some() {
+                "interfaces: XDP and TC"
+            } else {
+                "server_interfaces: TC only"
+            },
             program_id = attachment.program_id,
             tc_program_id = attachment.tc_program_id,
-            "datapath programs attached (no XDP program: a server interface)"
+            "datapath programs attached"
         );
     }
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
