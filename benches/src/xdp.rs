@@ -397,7 +397,9 @@ impl Balancer {
             server_interfaces: Vec::new(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 1 << 20,
+            embryonic_table_size: 1 << 16,
             settings: l4::settings(&config),
+            edge: l4::edge_settings(&config),
             pins: None,
         })?;
         let services = L4Services::from_config(&config, datapath.maps_mut())?;

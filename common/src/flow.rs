@@ -4,6 +4,12 @@
 //! table by [`flow_hash`]; the pick is recorded so that the flow stays on its server when the
 //! table changes (servers added, drained, reweighted). In NAT mode a second entry, keyed by the
 //! server→client tuple, lets replies be rewritten back to the VIP.
+//!
+//! A flow is recorded there only once it has shown it is real: a TCP flow when the client's
+//! handshake ACK arrives, a UDP flow on its second packet. Until then it is *embryonic*: one
+//! entry in a table of its own ([`EmbryonicKey`] → [`Embryonic`]), with a short timeout. A
+//! flood of spoofed first packets then churns only that table; it never evicts an
+//! established flow (docs/datapath.md, "Embryonic flows and the flood guard").
 
 use crate::l4::HashFields;
 
@@ -68,6 +74,57 @@ pub struct NatReturn {
     pub vip_port: u16,
     pub _pad: u16,
     pub server: u32,
+}
+
+/// Key of the embryonic table: the client side of a flow, which both directions can name —
+/// the client's packets carry it as their source, a server's replies as their destination.
+/// Same conventions as [`FlowKey`]. Two embryonic flows from one client address and port (to
+/// two VIPs at once) share an entry; the later one wins and the earlier one's next packet
+/// picks from the Maglev table again, which gives the same server unless the table changed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EmbryonicKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+}
+
+impl EmbryonicKey {
+    /// The client side of the client→VIP flow `key`.
+    #[inline(always)]
+    pub const fn client_of(key: &FlowKey) -> EmbryonicKey {
+        EmbryonicKey {
+            addr: key.src,
+            port: key.src_port,
+            protocol: key.protocol,
+            family: key.family,
+        }
+    }
+
+    /// The client side of the server→client reply `key`.
+    #[inline(always)]
+    pub const fn client_of_reply(key: &FlowKey) -> EmbryonicKey {
+        EmbryonicKey {
+            addr: key.dst,
+            port: key.dst_port,
+            protocol: key.protocol,
+            family: key.family,
+        }
+    }
+}
+
+/// Value of the embryonic table: the server a flow's first packet picked and the VIP it was
+/// for. Replies of an embryonic NAT flow (a SYN-ACK) take their VIP from here, so a new NAT
+/// flow costs one insert, as a DSR one does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Embryonic {
+    /// The VIP, its port and the picked server, exactly as a NAT return entry holds them.
+    pub nat: NatReturn,
+    /// `bpf_ktime_get_coarse_ns` of the flow's last packet, refreshed like [`FlowState`]'s.
+    pub last_seen_ns: u64,
 }
 
 /// The hash that places a new flow in its VIP's Maglev table.

@@ -11,10 +11,12 @@
 //! - [`l4`]: VIPs, servers, settings — what the daemon writes.
 //! - [`flow`]: flow table and NAT return entries, and the flow hash.
 //! - [`stats`]: counters and the verdict reasons.
+//! - [`edge`]: the edge policy — self addresses, embryonic timeout, flood guard, flow events.
 //! - [`csum`]: checksum arithmetic the rewrite uses (and the tests check).
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod csum;
+pub mod edge;
 pub mod flow;
 pub mod l4;
 pub mod stats;
@@ -56,6 +58,17 @@ pub mod names {
     pub const SERVER_STATS_MAP: &str = "WEIR_SERVER_STATS";
     /// Per-CPU [`crate::l4::NextHop`] per server id: the program's next-hop cache.
     pub const NEXT_HOPS_MAP: &str = "WEIR_NEXT_HOPS";
+    /// LRU hash of [`crate::flow::EmbryonicKey`] → [`crate::flow::Embryonic`]: flows not
+    /// proven yet.
+    pub const EMBRYONIC_MAP: &str = "WEIR_EMBRYONIC";
+    /// Hash set of [`crate::edge::AddressKey`]: the balancer's VIPs and own addresses.
+    pub const SELF_ADDRESSES_MAP: &str = "WEIR_SELF_ADDRESSES";
+    /// One-slot array of [`crate::edge::EdgeSettings`].
+    pub const EDGE_SETTINGS_MAP: &str = "WEIR_EDGE_SETTINGS";
+    /// Per-CPU [`crate::edge::FloodWindow`] (one slot): the flood guard's count.
+    pub const FLOOD_WINDOW_MAP: &str = "WEIR_FLOOD_WINDOW";
+    /// Per-CPU `u64` per [`crate::edge::Event`].
+    pub const EVENTS_MAP: &str = "WEIR_EVENTS";
 
     /// Every map of the object: the daemon pins them all, so a restarted daemon (or a newer
     /// program) takes over the very maps the running program uses.
@@ -71,5 +84,10 @@ pub mod names {
         VIP_STATS_MAP,
         SERVER_STATS_MAP,
         NEXT_HOPS_MAP,
+        EMBRYONIC_MAP,
+        SELF_ADDRESSES_MAP,
+        EDGE_SETTINGS_MAP,
+        FLOOD_WINDOW_MAP,
+        EVENTS_MAP,
     ];
 }

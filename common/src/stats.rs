@@ -112,6 +112,21 @@ stats! {
     /// client reaching the server directly from a port a NAT flow used). The entry is
     /// forgotten and the packet handed to the kernel untouched.
     PassStaleReturn = 18 => "pass_stale_return",
+    /// A new flow to a VIP from a source that cannot be a client: unspecified, loopback,
+    /// multicast, limited broadcast or reserved (240.0.0.0/4); IPv6 `::`, `::1`, `ff00::/8`,
+    /// IPv4-mapped.
+    DropMartianSource = 19 => "drop_martian_source",
+    /// A new flow to a VIP whose source is one of the balancer's own addresses (a VIP or an
+    /// interface address): spoofed, and its server's answer would loop back.
+    DropSpoofedSource = 20 => "drop_spoofed_source",
+    /// VIP traffic whose IP length claims more than the frame holds, or whose TCP header is
+    /// longer than the IP packet.
+    DropBadLength = 21 => "drop_bad_length",
+    /// IPv4 VIP traffic whose header checksum is wrong.
+    DropBadChecksum = 22 => "drop_bad_ip_checksum",
+    /// TCP to a VIP with flags no connection sends: SYN with FIN or RST, or neither ACK, SYN
+    /// nor RST (null, FIN-only and "Xmas" scans).
+    DropBadTcpFlags = 23 => "drop_bad_tcp_flags",
 }
 
 impl Stat {

@@ -22,6 +22,23 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowState {}
 unsafe impl aya::Pod for NatReturn {}
 unsafe impl aya::Pod for crate::l4::NextHop {}
+unsafe impl aya::Pod for crate::flow::EmbryonicKey {}
+unsafe impl aya::Pod for crate::flow::Embryonic {}
+unsafe impl aya::Pod for crate::edge::AddressKey {}
+unsafe impl aya::Pod for crate::edge::EdgeSettings {}
+unsafe impl aya::Pod for crate::edge::FloodWindow {}
+
+impl crate::edge::AddressKey {
+    /// The key of `ip` in the self-address set.
+    pub fn of(ip: IpAddr) -> crate::edge::AddressKey {
+        let (addr, family) = addr_words(ip);
+        crate::edge::AddressKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// The raw words and family tag of an address, as the datapath stores it.
 pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {

@@ -225,6 +225,27 @@ pub struct StatsReport {
     /// Datapath counters summed over CPUs, one per verdict reason.
     pub counters: Vec<DatapathCounter>,
     pub vips: Vec<VipReport>,
+    /// Embryonic flows and flow events.
+    #[serde(default)]
+    pub flows: FlowTableReport,
+}
+
+/// What the flow tables hold beyond each server's active flows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowTableReport {
+    /// Flows whose first packet was seen and that have not proven themselves yet (within the
+    /// embryonic timeout): not counted as any server's active flows.
+    pub embryonic: usize,
+    /// Flow events summed over CPUs, by name (`embryonic_created`, `embryonic_promoted`,
+    /// `flood_deferred`).
+    pub events: Vec<FlowEvent>,
+}
+
+/// One flow-event counter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    pub event: String,
+    pub count: u64,
 }
 
 /// Answer to [`Request::Status`].
@@ -234,6 +255,9 @@ pub struct StatusReport {
     pub xdp: Vec<XdpAttachment>,
     /// Datapath counters summed over CPUs, one per verdict reason.
     pub counters: Vec<DatapathCounter>,
+    /// Embryonic flows and flow events.
+    #[serde(default)]
+    pub flows: FlowTableReport,
     pub listeners: Vec<ListenerStatus>,
 }
 

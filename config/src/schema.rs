@@ -108,6 +108,18 @@ pub struct DatapathConfig {
     /// Seconds a TCP flow that saw FIN or RST lingers for stragglers.
     #[serde(default = "default_closing_idle")]
     pub closing_timeout_secs: u64,
+    /// Entries in the embryonic table: flows whose first packet was seen and that have not
+    /// proven themselves yet (TCP: the handshake's ACK; UDP: a second packet). A flood of
+    /// spoofed SYNs churns this table, never the flow table.
+    #[serde(default = "default_embryonic_table_size")]
+    pub embryonic_table_size: Spanned<u32>,
+    /// Seconds an embryonic flow may be idle before it is forgotten.
+    #[serde(default = "default_embryonic_idle")]
+    pub embryonic_timeout_secs: Spanned<u64>,
+    /// The flood guard: flows one CPU may record in the flow table per second. Past it, new
+    /// flows stay embryonic (still forwarded) until the next second. 0 turns the guard off.
+    #[serde(default = "default_flows_per_cpu_per_sec")]
+    pub new_flows_per_cpu_per_sec: u32,
 }
 
 impl DatapathConfig {
@@ -137,6 +149,9 @@ impl Default for DatapathConfig {
             tcp_idle_timeout_secs: default_tcp_idle(),
             udp_idle_timeout_secs: default_udp_idle(),
             closing_timeout_secs: default_closing_idle(),
+            embryonic_table_size: default_embryonic_table_size(),
+            embryonic_timeout_secs: default_embryonic_idle(),
+            new_flows_per_cpu_per_sec: default_flows_per_cpu_per_sec(),
         }
     }
 }
@@ -148,6 +163,22 @@ pub const FLOW_TABLE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 26
 
 fn default_flow_table_size() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_FLOW_TABLE_SIZE)
+}
+/// Embryonic-table entries unless configured (about 7 MB of kernel memory).
+pub const DEFAULT_EMBRYONIC_TABLE_SIZE: u32 = 1 << 16;
+/// Bounds on `embryonic_table_size`.
+pub const EMBRYONIC_TABLE_SIZE_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 24);
+/// Bounds on `embryonic_timeout_secs`: a SYN retransmitted after 1 s and 3 s still finds it.
+pub const EMBRYONIC_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=60;
+
+fn default_embryonic_table_size() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_EMBRYONIC_TABLE_SIZE)
+}
+fn default_embryonic_idle() -> Spanned<u64> {
+    Spanned::new(0..0, 5)
+}
+fn default_flows_per_cpu_per_sec() -> u32 {
+    50_000
 }
 fn default_tcp_idle() -> u64 {
     900
@@ -679,6 +710,30 @@ impl Config {
                     size.get_ref(),
                     FLOW_TABLE_SIZE_RANGE.start(),
                     FLOW_TABLE_SIZE_RANGE.end()
+                ),
+            ));
+        }
+        let size = &self.datapath.embryonic_table_size;
+        if !EMBRYONIC_TABLE_SIZE_RANGE.contains(size.get_ref()) {
+            problems.push((
+                size.span().start,
+                format!(
+                    "embryonic_table_size {} is out of range: expected {} to {}",
+                    size.get_ref(),
+                    EMBRYONIC_TABLE_SIZE_RANGE.start(),
+                    EMBRYONIC_TABLE_SIZE_RANGE.end()
+                ),
+            ));
+        }
+        let timeout = &self.datapath.embryonic_timeout_secs;
+        if !EMBRYONIC_TIMEOUT_RANGE.contains(timeout.get_ref()) {
+            problems.push((
+                timeout.span().start,
+                format!(
+                    "embryonic_timeout_secs {} is out of range: expected {} to {}",
+                    timeout.get_ref(),
+                    EMBRYONIC_TIMEOUT_RANGE.start(),
+                    EMBRYONIC_TIMEOUT_RANGE.end()
                 ),
             ));
         }

@@ -1,23 +1,45 @@
-//! Flow-table policy: when an entry pins a packet to its server, when it is forgotten, when a
-//! new flow is recorded.
+//! Flow-table policy: when an entry pins a packet to its server, when a flow is recorded,
+//! when it is forgotten.
+//!
+//! A flow lives in one of two tables:
+//! - **Embryonic** (`WEIR_EMBRYONIC`): its first packet picked a server from the Maglev table
+//!   and nothing has proven the flow real yet. A spoofed SYN never gets further, so a flood of
+//!   them churns only this table. Its entries expire after the short embryonic timeout and do
+//!   not count as active flows of their server. An embryonic NAT flow's replies (the
+//!   SYN-ACK) take their VIP from this entry: a new NAT flow costs one insert, as a DSR one.
+//! - **Established** (`WEIR_FLOWS`, and for NAT `WEIR_NAT_RETURN`): the flow is promoted
+//!   there by the packet that proves it — TCP: the client's ACK (the handshake's third
+//!   packet); UDP: its second packet. A TCP packet that proves a flow neither table has (the
+//!   flow was evicted, or moved here from another node) is recorded at once.
+//!
+//! Every insert into the flow table goes through the flood guard (`flood`): past its per-CPU
+//! budget for the second, a flow stays embryonic — it is still forwarded, by its entry there
+//! or, if that was churned out, by the Maglev table — and is promoted by a later packet.
 //!
 //! - An entry is used while its server exists (a removed server's flows re-pick) and the flow
-//!   has not been idle longer than its protocol's timeout.
-//! - A FIN or RST marks the flow closing: it still forwards stragglers, expires after the
-//!   shorter closing timeout, and a SYN on it (the client reusing the port) picks afresh — so a
-//!   reconnect never sticks to a server that has since been drained.
+//!   has not been idle longer than its timeout.
+//! - A FIN or RST marks an established flow closing: it still forwards stragglers, expires
+//!   after the shorter closing timeout, and a SYN on it (the client reusing the port) forgets
+//!   it and starts an embryonic flow — so a reconnect never sticks to a server that has since
+//!   been drained.
 //! - Concurrent updates of one entry from two CPUs may race; both write the same kind of value
 //!   (a timestamp, a flag), so the worst outcome is a refresh lost by a second.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use weir_common::{
-    flow::{FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowState, flow_hash},
+    Stat,
+    edge::{DEFAULT_EMBRYONIC_IDLE_NS, EdgeSettings, Event},
+    flow::{
+        Embryonic, EmbryonicKey, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowState,
+        NatReturn, flow_hash,
+    },
     l4::{DatapathSettings, HashFields, VipInfo},
 };
 
 use crate::{
-    maps::{self, WEIR_FLOWS},
+    flood,
+    maps::{self, WEIR_EMBRYONIC, WEIR_FLOWS},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    source,
 };
 
 /// The server a packet goes to and how it got there.
@@ -25,34 +47,151 @@ pub struct Pinned {
     pub server: u32,
     /// The flow was picked from the Maglev table by this packet.
     pub new_flow: bool,
-    /// The entry was written or refreshed (the NAT return entry is refreshed with it).
+    /// The flow-table entry was written or refreshed (the NAT return entry is written with it).
     pub refreshed: bool,
 }
 
-/// The server for `packet` of flow `key` to `vip`: its pinned server, or a fresh pick that is
-/// then recorded. `None` when the flow is new and the VIP has no server for new flows.
+/// The server for `packet` of flow `key` to `vip`: its pinned server (established or
+/// embryonic), or a fresh pick that is then recorded. `Err` is the reason to drop the packet:
+/// a new flow from a source that cannot be a client, or a VIP with no server for new flows.
 #[inline(always)]
-pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey) -> Option<Pinned> {
+pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey, now: u64) -> Result<Pinned, Stat> {
     let settings = maps::settings();
-    let now = now_ns();
     if let Some(pinned) = established(packet, key, now, &settings) {
-        return Some(pinned);
+        return Ok(pinned);
     }
-    let server = pick(vip, key, &settings)?;
-    let flags = if ends_flow(packet) { FLOW_CLOSING } else { 0 };
+    let edge = maps::edge_settings();
+    let client = EmbryonicKey::client_of(key);
+    if let Some(embryo) = embryonic(&client, packet, now, &edge) {
+        return Ok(grow(embryo, &client, packet, key, now, &edge));
+    }
+    source::check(packet)?;
+    let server = pick(vip, key, &settings).ok_or(Stat::DropNoServer)?;
+    let refreshed = if packet.is_tcp() && proves_flow(packet) {
+        record(key, server, packet, now, &edge)
+    } else {
+        false
+    };
+    if !refreshed && !(packet.is_tcp() && packet.tcp_flags & TCP_RST != 0) {
+        conceive(&client, packet, server, now);
+    }
+    Ok(Pinned {
+        server,
+        new_flow: true,
+        refreshed,
+    })
+}
+
+/// An embryonic flow's next packet: promoted to the flow table if it proves the flow (and the
+/// flood guard allows), otherwise forwarded on the embryonic entry.
+#[inline(always)]
+fn grow(
+    embryo: *mut Embryonic,
+    client: &EmbryonicKey,
+    packet: &Packet,
+    key: &FlowKey,
+    now: u64,
+    edge: &EdgeSettings,
+) -> Pinned {
+    // SAFETY: the pointer is from the map lookup and valid for this run; see module docs on
+    // concurrent updates.
+    let embryo = unsafe { &mut *embryo };
+    let server = embryo.nat.server;
+    // A UDP flow's second packet proves it; a TCP flow needs the handshake's ACK.
+    let proves = !packet.is_tcp() || proves_flow(packet);
+    if proves && record(key, server, packet, now, edge) {
+        let _ = WEIR_EMBRYONIC.remove(client);
+        maps::count_event(Event::EmbryonicPromoted);
+        return Pinned {
+            server,
+            new_flow: false,
+            refreshed: true,
+        };
+    }
+    if now.saturating_sub(embryo.last_seen_ns) > FLOW_TOUCH_INTERVAL_NS {
+        embryo.last_seen_ns = now;
+    }
+    Pinned {
+        server,
+        new_flow: false,
+        refreshed: false,
+    }
+}
+
+/// Records the flow `key` → `server` in the flow table, if the flood guard allows.
+#[inline(always)]
+fn record(key: &FlowKey, server: u32, packet: &Packet, now: u64, edge: &EdgeSettings) -> bool {
+    if !flood::admits(now, edge) {
+        maps::count_event(Event::FloodDeferred);
+        return false;
+    }
     let state = FlowState {
         server,
-        flags,
+        flags: if ends_flow(packet) { FLOW_CLOSING } else { 0 },
         last_seen_ns: now,
     };
     // An insert into an LRU map only fails if the key is malformed; the packet still goes
     // out, and the next one of the flow tries again.
     let _ = WEIR_FLOWS.insert(key, state, 0);
-    Some(Pinned {
-        server,
-        new_flow: true,
-        refreshed: true,
-    })
+    true
+}
+
+/// Records a flow's first packet as embryonic.
+#[inline(always)]
+fn conceive(client: &EmbryonicKey, packet: &Packet, server: u32, now: u64) {
+    let embryo = Embryonic {
+        nat: NatReturn {
+            vip: packet.dst,
+            vip_port: packet.dst_port,
+            _pad: 0,
+            server,
+        },
+        last_seen_ns: now,
+    };
+    let _ = WEIR_EMBRYONIC.insert(client, embryo, 0);
+    maps::count_event(Event::EmbryonicCreated);
+}
+
+/// The live embryonic entry of `packet`'s flow: same VIP and port (not another flow of the
+/// same client port), not expired, its server still there.
+#[inline(always)]
+fn embryonic(
+    client: &EmbryonicKey,
+    packet: &Packet,
+    now: u64,
+    edge: &EdgeSettings,
+) -> Option<*mut Embryonic> {
+    let embryo = WEIR_EMBRYONIC.get_ptr_mut(client)?;
+    // SAFETY: as in `grow`; read only here.
+    let value = unsafe { &*embryo };
+    let live = value.nat.vip == packet.dst
+        && value.nat.vip_port == packet.dst_port
+        && !embryo_expired(value, now, edge)
+        && maps::server(value.nat.server).is_some();
+    live.then_some(embryo)
+}
+
+/// The VIP a server's reply belongs to when its flow is still embryonic (the SYN-ACK of a NAT
+/// flow, or a UDP answer to a first datagram): the entry of the reply's client side, if it
+/// picked the server that sent the reply.
+#[inline(always)]
+pub fn embryonic_reply(packet: &Packet, now: u64) -> Option<NatReturn> {
+    let client = EmbryonicKey::client_of_reply(&packet.flow_key());
+    // SAFETY: the value is copied out before the next helper call.
+    let embryo = unsafe { WEIR_EMBRYONIC.get(&client) }.copied()?;
+    let server = maps::server(embryo.nat.server)?;
+    let from_server = server.addr == packet.src && server.port == packet.src_port;
+    (from_server && !embryo_expired(&embryo, now, &maps::edge_settings())).then_some(embryo.nat)
+}
+
+#[inline(always)]
+fn embryo_expired(embryo: &Embryonic, now: u64, edge: &EdgeSettings) -> bool {
+    let timeout = if edge.embryonic_idle_ns != 0 {
+        edge.embryonic_idle_ns
+    } else {
+        DEFAULT_EMBRYONIC_IDLE_NS
+    };
+    now.saturating_sub(embryo.last_seen_ns) > timeout
 }
 
 /// The flow's server without recording anything (for ICMP errors about a flow).
@@ -65,6 +204,14 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     {
         return Some(state.server);
     }
+    // SAFETY: as above.
+    if let Some(embryo) = unsafe { WEIR_EMBRYONIC.get(EmbryonicKey::client_of(key)) }
+        && embryo.nat.vip == key.dst
+        && embryo.nat.vip_port == key.dst_port
+        && maps::server(embryo.nat.server).is_some()
+    {
+        return Some(embryo.nat.server);
+    }
     pick(vip, key, &settings)
 }
 
@@ -72,12 +219,12 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
 /// take the VIP's address. NAT return entries outlive their flows (they are only evicted),
 /// so the flow decides: one that is there must be pinned to that server and not have
 /// expired, and a SYN-ACK needs it not to be closing — a client reconnecting through the VIP
-/// clears the closing mark with its SYN, so a SYN-ACK that meets one answers a connection
-/// that never came through the VIP. A flow that is not there at all was evicted under
-/// pressure (expired entries stay until evicted): its return entry is trusted, as before the
-/// flow table was full, and the client's next packet records the flow again.
+/// forgets a closing flow with its SYN, so a SYN-ACK that meets one answers a connection that
+/// never came through the VIP. A flow that is not there at all was evicted under pressure
+/// (expired entries stay until evicted): its return entry is trusted, as before the flow
+/// table was full, and the client's next packet records the flow again.
 #[inline(always)]
-pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet) -> bool {
+pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet, now: u64) -> bool {
     // SAFETY: read-only use of the value for this program run.
     let Some(state) = (unsafe { WEIR_FLOWS.get(key) }) else {
         return true;
@@ -85,19 +232,19 @@ pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet) -> bool {
     let closing = state.flags & FLOW_CLOSING != 0;
     let syn_ack = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     state.server == server
-        && !expired(state, packet, now_ns(), &maps::settings())
+        && !expired(state, packet, now, &maps::settings())
         && !(closing && syn_ack)
 }
 
 /// Marks the client→VIP flow `key` closing (a FIN or RST seen on the NAT return path).
 #[inline(always)]
-pub fn mark_closing(key: &FlowKey) {
+pub fn mark_closing(key: &FlowKey, now: u64) {
     if let Some(state) = WEIR_FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer is from the map lookup and valid for this run; see module docs
         // on concurrent updates.
         unsafe {
             (*state).flags |= FLOW_CLOSING;
-            (*state).last_seen_ns = now_ns();
+            (*state).last_seen_ns = now;
         }
     }
 }
@@ -106,6 +253,14 @@ pub fn mark_closing(key: &FlowKey) {
 #[inline(always)]
 pub fn ends_flow(packet: &Packet) -> bool {
     packet.is_tcp() && packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Whether a TCP packet shows the client completed a handshake: an ACK without SYN or RST.
+/// (A blind spoofer can send one too; it then costs a flow-table entry within the flood
+/// guard's budget, which is what the budget bounds.)
+#[inline(always)]
+fn proves_flow(packet: &Packet) -> bool {
+    packet.tcp_flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
 }
 
 #[inline(always)]
@@ -122,7 +277,13 @@ fn established(
     let closing = state.flags & FLOW_CLOSING != 0;
     let idle = now.saturating_sub(state.last_seen_ns);
     let syn = packet.is_tcp() && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if expired(state, packet, now, settings) || (closing && syn) {
+    if closing && syn {
+        // The client reuses the port for a new connection: it starts embryonic, and the old
+        // entry must not catch the new connection's ACK.
+        let _ = WEIR_FLOWS.remove(key);
+        return None;
+    }
+    if expired(state, packet, now, settings) {
         return None;
     }
     maps::server(state.server)?;
@@ -165,10 +326,4 @@ fn pick(vip: &VipInfo, key: &FlowKey, settings: &DatapathSettings) -> Option<u32
         HashFields::FiveTuple
     };
     maps::maglev_pick(vip.id, flow_hash(key, fields, settings.hash_seed))
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: helper without arguments; coarse time is enough for idle timeouts (±1 tick).
-    unsafe { bpf_ktime_get_coarse_ns() }
 }

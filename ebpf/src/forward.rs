@@ -10,7 +10,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
 use weir_common::{
@@ -52,6 +52,8 @@ pub struct Route<'a> {
     /// The id of the server `dst` is, whose next hop may come from the cache; `None` towards
     /// clients.
     pub server: Option<u32>,
+    /// The packet's timestamp (`crate::clock`), for the next-hop cache.
+    pub now: u64,
 }
 
 /// Sends `packet` (already rewritten, addressed as `route` says) to its next hop, counting it
@@ -63,6 +65,7 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
         dst,
         hop,
         server,
+        now,
     } = route;
     let ip_len = (len as usize).saturating_sub(ETH_HLEN) as u16;
     let cache = server.and_then(|id| WEIR_NEXT_HOPS.get_ptr_mut(id));
@@ -72,11 +75,19 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
         entry.ifindex != 0
             && entry.addr == *dst
             && ip_len <= entry.ok_len
-            && now_ns().saturating_sub(entry.checked_ns) < NEXT_HOP_TTL_NS
+            && now.saturating_sub(entry.checked_ns) < NEXT_HOP_TTL_NS
     });
     let next = match cached {
         Some(entry) => entry,
-        None => match fib_next_hop(ctx, ctx.ingress_ifindex() as u32, packet, src, dst, ip_len) {
+        None => match fib_next_hop(
+            ctx,
+            ctx.ingress_ifindex() as u32,
+            packet,
+            src,
+            dst,
+            ip_len,
+            now,
+        ) {
             Ok(next) => {
                 if let Some(entry) = cache {
                     // SAFETY: as above.
@@ -124,6 +135,7 @@ pub fn fib_next_hop(
     src: &[u32; 4],
     dst: &[u32; 4],
     ip_len: u16,
+    now: u64,
 ) -> Result<NextHop, i64> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid value (plain integers and unions of
     // integers).
@@ -154,17 +166,11 @@ pub fn fib_next_hop(
     }
     Ok(NextHop {
         addr: *dst,
-        checked_ns: now_ns(),
+        checked_ns: now,
         ifindex: fib.ifindex,
         ok_len: ip_len,
         dmac: fib.dmac,
         smac: fib.smac,
         _pad: [0; 6],
     })
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }

@@ -34,7 +34,7 @@ const ICMP_HLEN: usize = 8;
 
 /// Handles an ICMP/ICMPv6 packet (its 8-byte header is known to be present).
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
+pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64, now: u64) -> u32 {
     let v4 = packet.family == FAMILY_IPV4;
     let Some(icmp_type) = read::<u8>(ctx, packet.l4_offset()) else {
         return verdict::drop(Stat::DropMalformed, len);
@@ -91,6 +91,7 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
                 dst: &server.addr,
                 hop: Hop::Bridged,
                 server: None,
+                now,
             },
             Stat::IcmpToServer,
             len,
@@ -113,6 +114,7 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64) -> u32 {
             dst: &server.addr,
             hop: Hop::Routed,
             server: None,
+            now,
         },
         Stat::IcmpToServer,
         len,

@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+mod clock;
+mod flood;
 mod floor;
 mod flow;
 mod forward;
@@ -18,6 +20,7 @@ mod maps;
 mod nat_return;
 mod parse;
 mod rewrite;
+mod source;
 mod verdict;
 
 use aya_ebpf::{
@@ -58,11 +61,14 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
                 verdict::pass(Stat::PassNotVip, len)
             }
         }
-        Parsed::Icmp(packet) => icmp::handle(ctx, &packet, len),
+        Parsed::Icmp(packet) => icmp::handle(ctx, &packet, len, clock::now_ns()),
         Parsed::Transport(packet) => {
+            let now = clock::now_ns();
             if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
-                balance(ctx, &packet, &vip, len)
-            } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some() {
+                balance(ctx, &packet, &vip, len, now)
+            } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some()
+                || flow::embryonic_reply(&packet, now).is_some()
+            {
                 // A NAT server's reply: the TC program rewrites and counts it (`nat_return`).
                 xdp_action::XDP_PASS
             } else {
@@ -75,14 +81,15 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
 
 /// Client → VIP: pin the flow to a server and send the packet there.
 #[inline(always)]
-fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
+fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64, now: u64) -> u32 {
     let nat = vip.mode == ForwardMode::Nat as u8;
     if !nat && vip.mode != ForwardMode::Dsr as u8 {
         return verdict::drop(Stat::DropUnsupportedMode, len);
     }
     let key = packet.flow_key();
-    let Some(pinned) = flow::pin(vip, packet, &key) else {
-        return verdict::drop(Stat::DropNoServer, len);
+    let pinned = match flow::pin(vip, packet, &key, now) {
+        Ok(pinned) => pinned,
+        Err(stat) => return verdict::drop(stat, len),
     };
     let Some(server) = maps::server(pinned.server) else {
         return verdict::drop(Stat::DropNoServer, len);
@@ -97,6 +104,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
                 dst: &server.addr,
                 hop: Hop::Bridged,
                 server: Some(pinned.server),
+                now,
             },
             Stat::ForwardDsr,
             len,
@@ -128,6 +136,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         dst: &server.addr,
         hop: Hop::Routed,
         server: Some(pinned.server),
+        now,
     };
     forward::to_next_hop(ctx, packet, route, Stat::ForwardNat, len)
 }

@@ -10,12 +10,17 @@ use aya_ebpf::{
 };
 use weir_common::{
     Counter, Stat, TrafficCounter,
-    flow::{FlowKey, FlowState, NatReturn},
+    edge::{AddressKey, EdgeSettings, Event, FloodWindow},
+    flow::{Embryonic, EmbryonicKey, FlowKey, FlowState, NatReturn},
     l4::{DatapathSettings, MAX_SERVERS, MAX_VIPS, NextHop, ServerInfo, VipInfo, VipKey},
 };
 
 /// Flow-table size compiled in; the daemon sets the real size from its config at load time.
 const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// Embryonic-table size compiled in; likewise set by the daemon.
+const DEFAULT_EMBRYONIC_ENTRIES: u32 = 1 << 16;
+/// Most addresses the self-address set holds (VIPs and interface addresses).
+const MAX_SELF_ADDRESSES: u32 = 1024;
 
 /// Per-CPU packet/byte counters, one slot per verdict reason (`weir_common::Stat`).
 #[map(name = "WEIR_STATS")]
@@ -47,6 +52,29 @@ pub static WEIR_MAGLEV: ArrayOfMaps<
 #[map(name = "WEIR_FLOWS")]
 pub static WEIR_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Flows not proven yet, client address and port → picked server and VIP (`crate::flow`).
+/// A table of their own, so a flood of them never evicts an established flow.
+#[map(name = "WEIR_EMBRYONIC")]
+pub static WEIR_EMBRYONIC: LruHashMap<EmbryonicKey, Embryonic> =
+    LruHashMap::with_max_entries(DEFAULT_EMBRYONIC_ENTRIES, 0);
+
+/// The balancer's own addresses (VIPs, interface addresses): no new flow may come from them.
+#[map(name = "WEIR_SELF_ADDRESSES")]
+pub static WEIR_SELF_ADDRESSES: HashMap<AddressKey, u8> =
+    HashMap::with_max_entries(MAX_SELF_ADDRESSES, 0);
+
+/// Embryonic timeout and the flood guard's budget (one slot).
+#[map(name = "WEIR_EDGE_SETTINGS")]
+static WEIR_EDGE_SETTINGS: Array<EdgeSettings> = Array::with_max_entries(1, 0);
+
+/// The flood guard's window, per CPU (one slot).
+#[map(name = "WEIR_FLOOD_WINDOW")]
+pub static WEIR_FLOOD_WINDOW: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU counts of flow events (`weir_common::edge::Event`).
+#[map(name = "WEIR_EVENTS")]
+static WEIR_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::SLOTS, 0);
 
 /// NAT replies, server→client tuple → the VIP to restore as their source.
 #[map(name = "WEIR_NAT_RETURN")]
@@ -113,6 +141,21 @@ pub fn count_traffic(vip: u32, server: u32, len: u64, new_flow: bool) {
             (*counter).new_flows += new_flow as u64;
         }
     }
+}
+
+/// Counts one flow event.
+#[inline(always)]
+pub fn count_event(event: Event) {
+    if let Some(counter) = WEIR_EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: as in `count`.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The edge settings, or all zeros (defaults, no flood budget) before the daemon wrote them.
+#[inline(always)]
+pub fn edge_settings() -> EdgeSettings {
+    WEIR_EDGE_SETTINGS.get(0).copied().unwrap_or_default()
 }
 
 /// The settings slot, or all zeros (no timeouts, seed 0) before the daemon wrote it.

@@ -24,7 +24,7 @@ use weir_common::{
 };
 
 use crate::{
-    flow,
+    clock, flow,
     forward::{self, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH},
     maps::{self, WEIR_NAT_RETURN, WEIR_TX_PORTS},
     parse::{self, ETH_HLEN, IPV6_HLEN, Packet, Parsed},
@@ -35,31 +35,40 @@ const HEADERS_LEN: u32 = (ETH_HLEN + IPV6_HLEN + 20) as u32;
 
 /// Rewrites and forwards a NAT reply; anything else is left to the kernel untouched (the XDP
 /// program has counted it already).
+///
+/// The VIP of a reply comes from its NAT return entry once the flow is established, or from
+/// the flow's embryonic entry before that (the SYN-ACK; a UDP answer to a first datagram).
 #[inline(always)]
 pub fn try_nat_return(ctx: &TcContext) -> Result<i32, i32> {
     pull_headers(ctx);
     let Parsed::Transport(packet) = parse::parse(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: the value is copied out before the next helper call.
-    let Some(nat) = unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.copied() else {
-        return Ok(TC_ACT_OK);
-    };
+    let now = clock::now_ns();
     let tally = Tally::of(ctx);
-    // The client → VIP direction of this reply's flow.
-    let forward = FlowKey {
-        dst: nat.vip,
-        dst_port: nat.vip_port,
-        ..packet.flow_key().reversed()
+    // SAFETY: the value is copied out before the next helper call.
+    let returning = unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.copied();
+    let mut stale = false;
+    let established = returning.filter(|nat| {
+        let owned = flow::owns_reply(&client_flow(&packet, nat), nat.server, &packet, now);
+        if !owned {
+            // The entry outlived its flow: forget it, so the rest of this connection (one
+            // that never came through the VIP) no longer matches either.
+            let _ = WEIR_NAT_RETURN.remove(packet.flow_key());
+            stale = true;
+        }
+        owned
+    });
+    let Some(nat) = established.or_else(|| flow::embryonic_reply(&packet, now)) else {
+        return Ok(if stale {
+            tally.count(Stat::PassStaleReturn, TC_ACT_OK)
+        } else {
+            TC_ACT_OK
+        });
     };
-    if !flow::owns_reply(&forward, nat.server, &packet) {
-        // The entry outlived its flow: forget it, so the rest of this connection (one that
-        // never came through the VIP) no longer matches either.
-        let _ = WEIR_NAT_RETURN.remove(packet.flow_key());
-        return Ok(tally.count(Stat::PassStaleReturn, TC_ACT_OK));
-    }
+    let forward = client_flow(&packet, &nat);
     if flow::ends_flow(&packet) {
-        flow::mark_closing(&forward);
+        flow::mark_closing(&forward, now);
     }
     if packet.ttl <= 1 {
         return Ok(tally.count(Stat::DropTtlExceeded, TC_ACT_SHOT));
@@ -67,7 +76,17 @@ pub fn try_nat_return(ctx: &TcContext) -> Result<i32, i32> {
     if restore_vip(ctx, &packet, &nat).is_err() {
         return Ok(tally.count(Stat::DropMalformed, TC_ACT_SHOT));
     }
-    Ok(send_to_client(ctx, &packet, &nat, tally))
+    Ok(send_to_client(ctx, &packet, &nat, tally, now))
+}
+
+/// The client → VIP direction of `packet`'s flow, a reply to the VIP in `nat`.
+#[inline(always)]
+fn client_flow(packet: &Packet, nat: &NatReturn) -> FlowKey {
+    FlowKey {
+        dst: nat.vip,
+        dst_port: nat.vip_port,
+        ..packet.flow_key().reversed()
+    }
 }
 
 /// Routes the rewritten reply as a router would: out of the FIB's interface to its next hop.
@@ -75,10 +94,16 @@ pub fn try_nat_return(ctx: &TcContext) -> Result<i32, i32> {
 /// egress weir is not attached to — goes to the kernel, already rewritten, which forwards it
 /// the slow way (and decrements the TTL itself).
 #[inline(always)]
-fn send_to_client(ctx: &TcContext, packet: &Packet, nat: &NatReturn, tally: Tally) -> i32 {
+fn send_to_client(
+    ctx: &TcContext,
+    packet: &Packet,
+    nat: &NatReturn,
+    tally: Tally,
+    now: u64,
+) -> i32 {
     // SAFETY: `skb` is the program's context pointer, valid for this run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let next = match forward::fib_next_hop(ctx, ifindex, packet, &nat.vip, &packet.dst, 0) {
+    let next = match forward::fib_next_hop(ctx, ifindex, packet, &nat.vip, &packet.dst, 0, now) {
         Ok(next) => next,
         Err(BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED) => {
             return tally.count(Stat::PassSlowPath, TC_ACT_OK);

@@ -25,8 +25,8 @@ use weir_config::{
     Config, DEFAULT_WEIGHT,
     control::{
         AdminState, ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Event,
-        HealthState, L7Traffic, Request, Response, ServerReport, StatsReport, StatusReport,
-        Traffic, VipReport,
+        FlowEvent, FlowTableReport, HealthState, L7Traffic, Request, Response, ServerReport,
+        StatsReport, StatusReport, Traffic, VipReport,
     },
 };
 
@@ -160,6 +160,7 @@ impl State {
             },
             xdp: inner.datapath.attachments().to_vec(),
             counters: inner.counters()?,
+            flows: inner.flow_table_report()?,
             listeners: inner.l7.status(),
         })
     }
@@ -219,11 +220,20 @@ impl Inner {
                 settings.tcp_idle_ns, settings.udp_idle_ns, settings.closing_idle_ns
             ));
         }
+        let edge = config.as_ref().map(l4::edge_settings);
+        let old_edge = l4::edge_settings(&self.config);
+        if let Some(edge) = edge.filter(|e| *e != old_edge) {
+            changes.push(format!(
+                "datapath edge: embryonic timeout {} ns, flood guard {} flows per CPU per second",
+                edge.embryonic_idle_ns, edge.flows_per_cpu_per_sec
+            ));
+        }
         let state = Inner::runtime_state(&next, &next_vhosts);
         if !changes.is_empty() || state != Inner::runtime_state(&self.l4, &self.vhosts) {
             let maps = self.datapath.maps_mut();
             let written = settings
                 .map_or(Ok(()), |s| maps.set_settings(s))
+                .and_then(|()| edge.map_or(Ok(()), |e| maps.set_edge_settings(e)))
                 .map_err(L4Error::from)
                 .and_then(|()| next.sync(maps, Some(&self.l4)))
                 .map_err(|err| internal(format!("{err}")))
@@ -235,6 +245,7 @@ impl Inner {
             if let Err(err) = written {
                 let undone = maps
                     .set_settings(old_settings)
+                    .and_then(|()| maps.set_edge_settings(old_edge))
                     .map_err(L4Error::from)
                     .and_then(|()| self.l4.sync(maps, Some(&next)));
                 tracing::error!(%err.message, undone = undone.is_ok(), "change failed");
@@ -451,6 +462,25 @@ impl Inner {
             .collect())
     }
 
+    /// Embryonic flows and flow events.
+    fn flow_table_report(&self) -> Result<FlowTableReport, ControlError> {
+        let maps = self.datapath.maps();
+        let idle = l4::edge_settings(&self.config).embryonic_idle_ns;
+        let events = maps
+            .events()
+            .map_err(|err| internal(err.to_string()))?
+            .into_iter()
+            .map(|(event, count)| FlowEvent {
+                event: event.name().to_string(),
+                count,
+            })
+            .collect();
+        Ok(FlowTableReport {
+            embryonic: maps.embryonic_flows(idle),
+            events,
+        })
+    }
+
     /// Active flows per server id.
     fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
         let settings = l4::settings(&self.config);
@@ -628,6 +658,7 @@ impl Inner {
         Ok(StatsReport {
             counters: self.counters()?,
             vips: self.vip_reports()?,
+            flows: self.flow_table_report()?,
         })
     }
 }
@@ -655,6 +686,11 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
     check(
         running.datapath.flow_table_size.get_ref() != next.datapath.flow_table_size.get_ref(),
         "datapath.flow_table_size",
+    );
+    check(
+        running.datapath.embryonic_table_size.get_ref()
+            != next.datapath.embryonic_table_size.get_ref(),
+        "datapath.embryonic_table_size",
     );
     check(
         running.daemon.control_socket != next.daemon.control_socket,

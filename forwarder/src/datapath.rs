@@ -10,7 +10,10 @@
 //! pinned datapath adopts it — its program is loaded against the pinned maps (flows, counters
 //! and tables carry over) and swapped into the pinned links atomically.
 
-use std::collections::HashMap as StdHashMap;
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    net::IpAddr,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -24,7 +27,8 @@ use aya::{
 };
 use weir_common::{
     Counter, Stat, TrafficCounter,
-    flow::{FLOW_CLOSING, FlowKey, FlowState},
+    edge::{AddressKey, EdgeSettings, Event},
+    flow::{Embryonic, EmbryonicKey, FLOW_CLOSING, FlowKey, FlowState},
     l4::{DatapathSettings, ServerInfo, VipInfo, VipKey},
     names,
 };
@@ -90,7 +94,11 @@ pub struct DatapathOptions {
     pub xdp_mode: XdpMode,
     /// Entries in the flow table and in the NAT return table.
     pub flow_table_size: u32,
+    /// Entries in the embryonic table.
+    pub embryonic_table_size: u32,
     pub settings: DatapathSettings,
+    /// Embryonic timeout and flood guard.
+    pub edge: EdgeSettings,
     /// Where maps and links are pinned. `None`: nothing is pinned and the datapath lives
     /// exactly as long as the [`Datapath`] value (tests, benchmarks).
     pub pins: Option<PinDir>,
@@ -104,7 +112,9 @@ impl DatapathOptions {
             server_interfaces: config.datapath.server_interface_names(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: *config.datapath.flow_table_size.get_ref(),
+            embryonic_table_size: *config.datapath.embryonic_table_size.get_ref(),
             settings: crate::l4::settings(config),
+            edge: crate::l4::edge_settings(config),
             pins,
         }
     }
@@ -139,7 +149,8 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::FLOWS_MAP, options.flow_table_size)
-            .map_max_entries(names::NAT_RETURN_MAP, options.flow_table_size);
+            .map_max_entries(names::NAT_RETURN_MAP, options.flow_table_size)
+            .map_max_entries(names::EMBRYONIC_MAP, options.embryonic_table_size);
         let adopted = options.pins.as_ref().is_some_and(PinDir::has_maps);
         if let Some(pins) = &options.pins {
             for &name in names::ALL_MAPS {
@@ -148,9 +159,8 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let mut maps = DatapathMaps::take(&mut ebpf)?;
-        maps.settings
-            .set(0, options.settings, 0)
-            .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))?;
+        maps.set_settings(options.settings)?;
+        maps.set_edge_settings(options.edge)?;
         let mut wanted = Vec::new();
         for interface in options.all_interfaces() {
             let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
@@ -407,6 +417,10 @@ pub struct DatapathMaps {
     tx_ports: DevMapHash<MapData>,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     server_stats: PerCpuArray<MapData, TrafficCounter>,
+    embryonic: HashMap<MapData, EmbryonicKey, Embryonic>,
+    self_addresses: HashMap<MapData, AddressKey, u8>,
+    edge_settings: Array<MapData, EdgeSettings>,
+    events: PerCpuArray<MapData, u64>,
 }
 
 /// Takes the map `name` out of `ebpf` as a typed handle.
@@ -432,7 +446,63 @@ impl DatapathMaps {
             tx_ports: take(ebpf, names::TX_PORTS_MAP)?,
             vip_stats: take(ebpf, names::VIP_STATS_MAP)?,
             server_stats: take(ebpf, names::SERVER_STATS_MAP)?,
+            embryonic: take(ebpf, names::EMBRYONIC_MAP)?,
+            self_addresses: take(ebpf, names::SELF_ADDRESSES_MAP)?,
+            edge_settings: take(ebpf, names::EDGE_SETTINGS_MAP)?,
+            events: take(ebpf, names::EVENTS_MAP)?,
         })
+    }
+
+    /// Replaces the edge settings (embryonic timeout, flood guard).
+    pub fn set_edge_settings(&mut self, edge: EdgeSettings) -> Result<(), DatapathError> {
+        self.edge_settings
+            .set(0, edge, 0)
+            .map_err(|e| DatapathError::Map(names::EDGE_SETTINGS_MAP, e))
+    }
+
+    /// Makes the self-address set exactly `addresses`: new flows from them are dropped as
+    /// spoofed.
+    pub fn set_self_addresses(
+        &mut self,
+        addresses: &BTreeSet<IpAddr>,
+    ) -> Result<(), DatapathError> {
+        let map_err = |e| DatapathError::Map(names::SELF_ADDRESSES_MAP, e);
+        let wanted: BTreeSet<AddressKey> = addresses.iter().map(|&ip| AddressKey::of(ip)).collect();
+        let present: Vec<AddressKey> = self.self_addresses.keys().filter_map(Result::ok).collect();
+        for key in present.iter().filter(|k| !wanted.contains(k)) {
+            match self.self_addresses.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        for key in wanted.iter().filter(|k| !present.contains(k)) {
+            self.self_addresses.insert(key, 1, 0).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    /// The flow events (`Event`), summed over CPUs, in index order.
+    pub fn events(&self) -> Result<Vec<(Event, u64)>, DatapathError> {
+        Event::ALL
+            .iter()
+            .map(|&event| {
+                let per_cpu = self
+                    .events
+                    .get(&(event as u32), 0)
+                    .map_err(|e| DatapathError::Map(names::EVENTS_MAP, e))?;
+                Ok((event, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)))
+            })
+            .collect()
+    }
+
+    /// Embryonic flows that have not expired: first packets seen, not proven yet.
+    pub fn embryonic_flows(&self, idle_ns: u64) -> usize {
+        let now = coarse_now_ns();
+        self.embryonic
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, embryo)| now.saturating_sub(embryo.last_seen_ns) <= idle_ns)
+            .count()
     }
 
     /// Adds or replaces a VIP entry (a service, or an address-level entry).

@@ -20,13 +20,14 @@
 //! ([`crate::state`]), so a restarted daemon keeps them.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     fmt,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::Instant,
 };
 
 use weir_common::{
+    edge::EdgeSettings,
     flow::FlowKey,
     l4::{
         DatapathSettings, ForwardMode, HashFields, MAX_SERVERS, MAX_VIPS, PROTO_TCP, PROTO_UDP,
@@ -259,6 +260,39 @@ pub fn settings(config: &Config) -> DatapathSettings {
         udp_idle_ns: ns(config.datapath.udp_idle_timeout_secs),
         closing_idle_ns: ns(config.datapath.closing_timeout_secs),
     }
+}
+
+/// The edge settings the config asks for (embryonic timeout, flood guard).
+pub fn edge_settings(config: &Config) -> EdgeSettings {
+    EdgeSettings {
+        embryonic_idle_ns: config
+            .datapath
+            .embryonic_timeout_secs
+            .get_ref()
+            .saturating_mul(1_000_000_000),
+        flows_per_cpu_per_sec: config.datapath.new_flows_per_cpu_per_sec,
+        _pad: 0,
+    }
+}
+
+/// The addresses no new flow may come from: every L4 VIP's, and every address of this host's
+/// interfaces (in the daemon's network namespace), which include the L7 VIPs.
+fn self_addresses<'a>(vips: impl Iterator<Item = &'a L4Service>) -> BTreeSet<IpAddr> {
+    let mut addresses: BTreeSet<IpAddr> = vips.map(|vip| vip.address.ip()).collect();
+    match nix::ifaddrs::getifaddrs() {
+        Ok(interfaces) => addresses.extend(interfaces.filter_map(|i| {
+            let address = i.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })),
+        Err(err) => {
+            tracing::warn!(%err, "cannot list this host's addresses: only VIPs are refused as sources")
+        }
+    }
+    addresses
 }
 
 /// Lowest-first ids for new entries, FIFO reuse of freed ones.
@@ -684,6 +718,7 @@ impl L4Services {
         for id in gone {
             maps.set_server(id, ServerInfo::default())?;
         }
+        maps.set_self_addresses(&self_addresses(self.services.values()))?;
         Ok(())
     }
 

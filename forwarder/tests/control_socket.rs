@@ -45,6 +45,7 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                             },
                             xdp: vec![],
                             counters: vec![],
+                            flows: Default::default(),
                             listeners: vec![],
                         }),
                         _ => Response::Changed(vec![]),

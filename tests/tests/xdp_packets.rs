@@ -18,7 +18,12 @@ use etherparse::{
     Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, PacketBuilderStep, TcpHeader,
     icmpv4::DestUnreachableHeader,
 };
-use weir_common::{Counter, Stat, flow::flow_hash, l4::HashFields};
+use weir_common::{
+    Counter, Stat,
+    edge::{EdgeSettings, Event},
+    flow::flow_hash,
+    l4::HashFields,
+};
 use weir_config::{Config, control::AdminState};
 use weir_forwarder::{
     datapath::{Datapath, DatapathOptions},
@@ -155,7 +160,9 @@ impl Balancer {
             server_interfaces: Vec::new(),
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 4096,
+            embryonic_table_size: 4096,
             settings: l4::settings(&config),
+            edge: l4::edge_settings(&config),
             pins: None,
         })
         .expect("verifier accepts the program and maps load");
@@ -693,9 +700,12 @@ fn packet_table() {
                 Stat::PassNotIp,
             ),
             untouched(
-                "TCP header cut short, to a VIP",
+                "TCP header cut short (IP length consistent), to a VIP",
                 lb.up,
-                tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..34 + 10].to_vec(),
+                ipv4_total_len(
+                    tcp(IN, client4(40000), vip4, 64, Flags::Syn)[..34 + 10].to_vec(),
+                    30,
+                ),
                 Fate::Drop,
                 Stat::DropMalformed,
             ),
@@ -1169,8 +1179,14 @@ fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
         let service = lb.service("web4").clone();
         let flow = client(43100);
         let server = lb.predicted_server("web4", flow);
-        let (action, _) = lb.run(lb.up, &tcp(IN, flow, service.address, 64, Flags::Syn));
-        assert_eq!(action, Fate::Redirect);
+        for flags in [Flags::Syn, Flags::Ack] {
+            let (action, _) = lb.run(lb.up, &tcp(IN, flow, service.address, 64, flags));
+            assert_eq!(action, Fate::Redirect);
+        }
+        assert!(
+            lb.datapath.maps().flow(&service.flow_key(flow)).is_some(),
+            "the handshake's ACK records the flow"
+        );
         // The client flow leaves the table as the LRU evicts it; its return entry stays.
         lb.datapath
             .maps_mut()
@@ -1200,6 +1216,338 @@ fn replies_of_a_flow_evicted_under_pressure_still_take_the_vip() {
             ))
         );
     });
+}
+
+/// `packet` (IPv4) with its total length set to `len`, the header checksum fixed.
+fn ipv4_total_len(mut packet: Vec<u8>, len: u16) -> Vec<u8> {
+    packet[14 + 2..14 + 4].copy_from_slice(&len.to_be_bytes());
+    fix_ipv4_checksum(&mut packet);
+    packet
+}
+
+/// `packet` (IPv6) with its payload length set to `len`.
+fn ipv6_payload_len(mut packet: Vec<u8>, len: u16) -> Vec<u8> {
+    packet[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+    packet
+}
+
+/// `packet` (IPv4) with its header checksum off by one.
+fn bad_ipv4_checksum(mut packet: Vec<u8>) -> Vec<u8> {
+    packet[14 + 11] ^= 1;
+    packet
+}
+
+/// `packet` (IPv4 TCP) with the TCP header's data offset (in 32-bit words) set to `words`.
+fn tcp_data_offset(mut packet: Vec<u8>, words: u8) -> Vec<u8> {
+    packet[34 + 12] = (words << 4) | (packet[34 + 12] & 0x0f);
+    packet
+}
+
+/// `packet` (IPv4 TCP) with its TCP flags byte set to `flags`.
+fn tcp_flags(mut packet: Vec<u8>, flags: u8) -> Vec<u8> {
+    packet[34 + 13] = flags;
+    packet
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn hostile_packets_to_a_vip_are_dropped_and_counted() {
+    in_bed("hostile", || {
+        let lb = Balancer::new();
+        let nat4 = addr("198.18.100.10:80");
+        let dsr4 = addr("198.18.100.20:80");
+        let nat6 = addr("[fd00:100::10]:80");
+        let host4 = addr("198.18.0.2:22");
+        let from = |ip: &str, port: u16| SocketAddr::new(ip.parse().unwrap(), port);
+        let client = from("198.18.0.1", 44000);
+        let client6 = from("fd00::1", 44000);
+        let syn = |src, dst| tcp(IN, src, dst, 64, Flags::Syn);
+        let drop = |name: &str, packet, stat| untouched(name, lb.up, packet, Fate::Drop, stat);
+        let mut cases = Vec::new();
+        // Lengths that do not match the frame.
+        for (vip, name) in [(nat4, "NAT"), (dsr4, "DSR")] {
+            cases.push(drop(
+                &format!("IPv4 total length 1400 in a short frame, {name} VIP"),
+                ipv4_total_len(syn(client, vip), 1400),
+                Stat::DropBadLength,
+            ));
+            cases.push(drop(
+                &format!("TCP data offset 15 with a 20-byte header, {name} VIP"),
+                tcp_data_offset(syn(client, vip), 15),
+                Stat::DropBadLength,
+            ));
+            cases.push(drop(
+                &format!("IPv4 header checksum wrong, {name} VIP"),
+                bad_ipv4_checksum(syn(client, vip)),
+                Stat::DropBadChecksum,
+            ));
+        }
+        cases.push(drop(
+            "IPv6 payload length 3000 in a short frame",
+            ipv6_payload_len(syn(client6, nat6), 3000),
+            Stat::DropBadLength,
+        ));
+        // Flags no connection sends: SYN+FIN, SYN+RST, none, FIN alone, Xmas, all.
+        for (flags, what) in [
+            (0x03, "SYN+FIN"),
+            (0x06, "SYN+RST"),
+            (0x00, "no flag"),
+            (0x01, "FIN alone"),
+            (0x29, "FIN+PSH+URG (Xmas)"),
+            (0x3f, "every flag"),
+            (0xff, "every flag and ECN bits"),
+        ] {
+            for (vip, name) in [(nat4, "NAT"), (dsr4, "DSR")] {
+                cases.push(drop(
+                    &format!("TCP {what}, {name} VIP"),
+                    tcp_flags(syn(client, vip), flags),
+                    Stat::DropBadTcpFlags,
+                ));
+            }
+        }
+        // Sources no client can have.
+        for source in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            cases.push(drop(
+                &format!("SYN from {source}"),
+                syn(from(source, 44001), nat4),
+                Stat::DropMartianSource,
+            ));
+        }
+        for source in ["::", "::1", "ff02::1", "::ffff:198.18.0.1"] {
+            cases.push(drop(
+                &format!("SYN from {source}"),
+                syn(from(source, 44001), nat6),
+                Stat::DropMartianSource,
+            ));
+        }
+        // Sources that are the balancer itself: a VIP (its own or another), an interface.
+        for (source, vip) in [
+            ("198.18.100.10", nat4),
+            ("198.18.100.20", nat4),
+            ("198.18.0.2", dsr4),
+            ("198.18.1.1", nat4),
+            ("fd00:100::10", nat6),
+            ("fd00::2", nat6),
+        ] {
+            cases.push(drop(
+                &format!("SYN from the balancer's own {source} to {vip}"),
+                syn(from(source, 80), vip),
+                Stat::DropSpoofedSource,
+            ));
+        }
+        // The policy is for VIPs: the same packets to the host are the kernel's business.
+        for (packet, what) in [
+            (ipv4_total_len(syn(client, host4), 1400), "a bad length"),
+            (bad_ipv4_checksum(syn(client, host4)), "a bad checksum"),
+            (tcp_flags(syn(client, host4), 0x03), "SYN+FIN"),
+            (
+                syn(from("255.255.255.255", 44001), host4),
+                "a martian source",
+            ),
+        ] {
+            cases.push(untouched(
+                &format!("{what} to a host address"),
+                lb.up,
+                packet,
+                Fate::Pass,
+                Stat::PassNotVip,
+            ));
+        }
+        // Legal combinations still pass the policy: SYN with ECN bits, RST alone, RST+ACK.
+        let service = lb.service("web4");
+        for (flags, what) in [(0xc2u8, "SYN+ECE+CWR"), (0x04, "RST"), (0x14, "RST+ACK")] {
+            let port = 44100 + u16::from(flags);
+            let server = lb.predicted_server("web4", from("198.18.0.1", port));
+            let mut packet = tcp_flags(syn(from("198.18.0.1", port), service.address), flags);
+            fix_tcp_checksum(&mut packet);
+            let mut output = tcp_flags(
+                tcp(
+                    (DOWNLINK_MAC, mac_of(server.ip())),
+                    from("198.18.0.1", port),
+                    server,
+                    63,
+                    Flags::Syn,
+                ),
+                flags,
+            );
+            // The flags byte is covered by the TCP checksum: recompute it on the output.
+            fix_tcp_checksum(&mut output);
+            cases.push(Case {
+                name: format!("TCP {what} to a NAT VIP is forwarded"),
+                ifindex: lb.up,
+                packet,
+                action: Fate::Redirect,
+                output: Some(output),
+                stat: Stat::ForwardNat,
+            });
+        }
+        let before = flow_tables(&lb);
+        for case in &cases {
+            lb.check(case);
+        }
+        assert_eq!(
+            flow_tables(&lb),
+            (before.0, before.1 + 1),
+            "of all these, only the legal SYN may leave a flow (an embryonic one); a RST \
+             without a flow records nothing"
+        );
+    });
+}
+
+/// The flow events (`weir_common::edge::Event`) so far, by event.
+fn events(lb: &Balancer) -> std::collections::HashMap<Event, u64> {
+    lb.datapath.maps().events().unwrap().into_iter().collect()
+}
+
+/// How much each event moved between two readings.
+fn moved(before: &std::collections::HashMap<Event, u64>, lb: &Balancer, event: Event) -> u64 {
+    events(lb)[&event] - before[&event]
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn embryonic_flows_are_promoted_by_the_handshake_and_a_syn_flood_evicts_no_flow() {
+    in_bed("embryo", || {
+        let mut lb = Balancer::new();
+        let service = lb.service("web4").clone();
+        let flow = client(45000);
+        let server = lb.predicted_server("web4", flow);
+        let before = events(&lb);
+
+        // A SYN leaves an embryonic flow only: its server has no active flow yet.
+        assert_eq!(lb.tcp_to("web4", flow, Flags::Syn), server);
+        assert!(lb.datapath.maps().flow(&service.flow_key(flow)).is_none());
+        assert_eq!(flow_tables(&lb), (0, 1));
+        assert_eq!(moved(&before, &lb, Event::EmbryonicCreated), 1);
+        // Its retransmit and the handshake's ACK follow it, even to a server drained since.
+        lb.change(|s| s.set_state("web4", server, AdminState::Draining));
+        assert_eq!(lb.tcp_to("web4", flow, Flags::Syn), server);
+        assert_eq!(
+            flow_tables(&lb),
+            (0, 1),
+            "a retransmitted SYN proves nothing"
+        );
+        assert_eq!(lb.tcp_to("web4", flow, Flags::Ack), server);
+        assert_eq!(
+            lb.datapath
+                .maps()
+                .flow(&service.flow_key(flow))
+                .map(|f| f.server),
+            service.find_server(server).map(|s| s.id),
+            "the ACK promotes the flow, pinned to the SYN's server"
+        );
+        assert_eq!(flow_tables(&lb), (1, 0));
+        assert_eq!(moved(&before, &lb, Event::EmbryonicPromoted), 1);
+        lb.change(|s| s.set_state("web4", server, AdminState::Ready));
+
+        // 200 established flows, then a flood of 20 000 spoofed SYNs from 20 000 sources: five
+        // times the embryonic table (4096 here). Every SYN is forwarded; no established flow
+        // is evicted, and the embryonic table stays within its size.
+        let established: Vec<(SocketAddr, SocketAddr)> = (46000..46200)
+            .map(|port| {
+                let to = lb.tcp_to("web4", client(port), Flags::Syn);
+                assert_eq!(lb.tcp_to("web4", client(port), Flags::Ack), to);
+                (client(port), to)
+            })
+            .collect();
+        for i in 0..20_000u32 {
+            let source = SocketAddr::new(
+                IpAddr::from([198, 18, 2 + (i / 250 % 200) as u8, 1 + (i % 250) as u8]),
+                1024 + (i % 60_000) as u16,
+            );
+            let (action, _) = lb.run(lb.up, &tcp(IN, source, service.address, 64, Flags::Syn));
+            assert_eq!(action, Fate::Redirect, "flood SYN {i}");
+        }
+        let (flows, embryonic) = flow_tables(&lb);
+        assert_eq!(flows, 201, "established flows after the flood");
+        assert!(embryonic <= 4096, "{embryonic} embryonic entries");
+        for (client, server) in &established {
+            let state = lb.datapath.maps().flow(&service.flow_key(*client));
+            assert_eq!(
+                state.map(|f| f.server),
+                service.find_server(*server).map(|s| s.id),
+                "established flow {client} evicted by the flood"
+            );
+            assert_eq!(lb.tcp_to("web4", *client, Flags::Ack), *server);
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn the_flood_guard_keeps_flows_embryonic_past_its_budget() {
+    in_bed("guard", || {
+        // One CPU, so one per-CPU window counts every packet of the test.
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+        let mut lb = Balancer::new();
+        lb.datapath
+            .maps_mut()
+            .set_edge_settings(EdgeSettings {
+                embryonic_idle_ns: 0,
+                flows_per_cpu_per_sec: 3,
+                _pad: 0,
+            })
+            .unwrap();
+        let service = lb.service("web4").clone();
+        let before = events(&lb);
+        // Ten ACKs of flows the table does not have (picked up mid-stream): each is forwarded
+        // to the server Maglev gives it, three are recorded, seven stay embryonic.
+        let clients: Vec<SocketAddr> = (47000..47010).map(client).collect();
+        for flow in &clients {
+            let expected = lb.predicted_server("web4", *flow);
+            assert_eq!(lb.tcp_to("web4", *flow, Flags::Ack), expected);
+        }
+        assert_eq!(flow_tables(&lb), (3, 7));
+        assert_eq!(moved(&before, &lb, Event::FloodDeferred), 7);
+        // The next second has room again: a deferred flow's next packet promotes it.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let deferred = clients
+            .iter()
+            .find(|c| lb.datapath.maps().flow(&service.flow_key(**c)).is_none())
+            .unwrap();
+        lb.tcp_to("web4", *deferred, Flags::Ack);
+        assert_eq!(flow_tables(&lb), (4, 6));
+        assert_eq!(moved(&before, &lb, Event::EmbryonicPromoted), 1);
+    });
+}
+
+/// (flow-table entries, embryonic entries) of the datapath: what hostile packets must not add.
+fn flow_tables(lb: &Balancer) -> (usize, usize) {
+    let flows = lb
+        .datapath
+        .maps()
+        .active_flows(|_| u64::MAX)
+        .unwrap()
+        .values()
+        .sum();
+    (flows, lb.datapath.maps().embryonic_flows(u64::MAX))
+}
+
+/// Recomputes the TCP checksum of an IPv4 frame.
+fn fix_tcp_checksum(packet: &mut [u8]) {
+    let check = {
+        let sliced = etherparse::SlicedPacket::from_ethernet(packet).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ipv4)) = &sliced.net else {
+            panic!("IPv4")
+        };
+        let Some(etherparse::TransportSlice::Tcp(tcp_slice)) = &sliced.transport else {
+            panic!("TCP")
+        };
+        tcp_slice
+            .to_header()
+            .calc_checksum_ipv4(&ipv4.header().to_header(), tcp_slice.payload())
+            .unwrap()
+    };
+    packet[34 + 16..34 + 18].copy_from_slice(&check.to_be_bytes());
 }
 
 /// One `BPF_PROG_TEST_RUN` of `program` on `packet` with context `ctx`: its return value and

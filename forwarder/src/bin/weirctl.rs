@@ -467,6 +467,7 @@ fn print_status(report: &StatusReport) {
         );
     }
     print_counters(&report.counters);
+    print_flow_events(&report.flows);
     println!("\nL7 LISTENERS");
     println!(
         "  {:<24} {:>7} {:>12} {:>10}",
@@ -488,6 +489,14 @@ fn print_counters(counters: &[weir_config::control::DatapathCounter]) {
     println!("  {:<20} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
     for c in counters {
         println!("  {:<20} {:>12} {:>14}", c.reason, c.packets, c.bytes);
+    }
+}
+
+fn print_flow_events(flows: &weir_config::control::FlowTableReport) {
+    println!("\nFLOW TABLES (all CPUs)");
+    println!("  {:<20} {:>12}", "EMBRYONIC NOW", flows.embryonic);
+    for e in &flows.events {
+        println!("  {:<20} {:>12}", e.event, e.count);
     }
 }
 
@@ -553,4 +562,5 @@ fn print_servers(servers: &[ServerReport]) {
 fn print_stats(stats: &StatsReport) {
     print_vips(&stats.vips);
     print_counters(&stats.counters);
+    print_flow_events(&stats.flows);
 }
