@@ -178,7 +178,7 @@ fn embryonic(
 pub fn embryonic_reply(packet: &Packet, now: u64) -> Option<NatReturn> {
     let client = EmbryonicKey::client_of_reply(&packet.flow_key());
     // SAFETY: the value is copied out before the next helper call.
-    let embryo = unsafe { WEIR_EMBRYONIC.get(&client) }.copied()?;
+    let embryo = unsafe { WEIR_EMBRYONIC.get(client) }.copied()?;
     let server = maps::server(embryo.nat.server)?;
     let from_server = server.addr == packet.src && server.port == packet.src_port;
     (from_server && !embryo_expired(&embryo, now, &maps::edge_settings())).then_some(embryo.nat)

@@ -26,7 +26,7 @@ pub fn check(packet: &Packet) -> Result<(), Stat> {
         _pad: [0; 3],
     };
     // SAFETY: only whether the entry exists is read.
-    if unsafe { WEIR_SELF_ADDRESSES.get(&key) }.is_some() {
+    if unsafe { WEIR_SELF_ADDRESSES.get(key) }.is_some() {
         return Err(Stat::DropSpoofedSource);
     }
     Ok(())

@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, MapError, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
@@ -496,13 +496,29 @@ impl DatapathMaps {
     }
 
     /// Embryonic flows that have not expired: first packets seen, not proven yet.
+    ///
+    /// Under a flood the table churns while it is walked, and the kernel restarts a walk whose
+    /// current key was evicted, so a plain walk can visit entries twice or never end. The walk
+    /// counts distinct keys and stops after twice the table's size: a count, never a loop.
     pub fn embryonic_flows(&self, idle_ns: u64) -> usize {
         let now = coarse_now_ns();
-        self.embryonic
+        let capacity = self
+            .embryonic
+            .map()
+            .info()
+            .map_or(u32::MAX, |info| info.max_entries()) as usize;
+        let mut seen = std::collections::HashSet::new();
+        for (key, embryo) in self
+            .embryonic
             .iter()
+            .take(capacity.saturating_mul(2))
             .filter_map(Result::ok)
-            .filter(|(_, embryo)| now.saturating_sub(embryo.last_seen_ns) <= idle_ns)
-            .count()
+        {
+            if now.saturating_sub(embryo.last_seen_ns) <= idle_ns {
+                seen.insert(key);
+            }
+        }
+        seen.len()
     }
 
     /// Adds or replaces a VIP entry (a service, or an address-level entry).

@@ -37,7 +37,20 @@ impl Lab {
     /// Builds the topology named by `prefix` with `servers` demo backends, writes the config
     /// into `dir` and starts `weir`; returns once `weirctl status` answers.
     pub fn start(prefix: &str, servers: usize, dir: &Path, xdp_mode: &str) -> Result<Lab> {
-        let topology = Topology::new(prefix, servers)?;
+        Lab::start_in(Topology::new(prefix, servers)?, dir, xdp_mode, |config| {
+            config
+        })
+    }
+
+    /// Like [`Lab::start`] on a topology the caller built (and may have added to), with the
+    /// lab's config passed through `edit` before `weir` first reads it.
+    pub fn start_in(
+        topology: Topology,
+        dir: &Path,
+        xdp_mode: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<Lab> {
+        let servers = topology.servers.len();
         fs::create_dir_all(dir)?;
         mount_bpffs(&dir.join("bpf"))?;
         let mut backends = Vec::with_capacity(servers);
@@ -46,7 +59,7 @@ impl Lab {
         }
         fs::write(
             dir.join("weir.toml"),
-            topology::weir_config(&topology, dir, xdp_mode),
+            edit(topology::weir_config(&topology, dir, xdp_mode)),
         )?;
         let weir = spawn_weir(&topology, dir, &[], None)?;
         let mut lab = Lab {

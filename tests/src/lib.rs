@@ -6,6 +6,7 @@
 //! when it runs as root and reports them as skipped otherwise.
 
 pub mod client;
+pub mod flood;
 pub mod http_client;
 pub mod http_origin;
 pub mod lab;
