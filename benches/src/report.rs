@@ -109,26 +109,29 @@ impl Report {
     }
 }
 
-/// ns/packet per case, with the ratio to the case's floor.
+/// ns/packet per case, with the ratio to the case's floor and, for established hits, to the
+/// "parse + one flow lookup" reference.
 pub fn xdp_table(results: &[XdpResult]) -> String {
     let mut md = String::from(
-        "\n### XDP program, ns/packet (BPF_PROG_TEST_RUN)\n\n| case | runs | ns/packet, median (min–max) | × floor |\n|---|---|---:|---:|\n",
+        "\n### XDP program, ns/packet (BPF_PROG_TEST_RUN)\n\n| case | runs | ns/packet, median (min–max) | × floor | × parse + lookup |\n|---|---|---:|---:|---:|\n",
     );
+    let ratio_to = |result: &XdpResult, name: Option<&String>| {
+        name.and_then(|name| results.iter().find(|r| &r.case == name))
+            .map(|other| ratio(&result.ns_per_packet, &other.ns_per_packet))
+            .map_or("–".to_string(), |r| format!("{r:.2}×"))
+    };
     for result in results {
-        let floor = results
-            .iter()
-            .find(|r| r.case == result.floor)
-            .map(|f| ratio(&result.ns_per_packet, &f.ns_per_packet));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             result.case,
             match result.mode {
                 crate::xdp::Mode::Repeated => "repeated",
                 crate::xdp::Mode::PerCall => "per call",
             },
             result.ns_per_packet.display(1),
-            floor.map_or("–".to_string(), |r| format!("{r:.2}×"))
+            ratio_to(result, Some(&result.floor)),
+            ratio_to(result, result.reference.as_ref()),
         );
     }
     md
@@ -310,18 +313,23 @@ mod tests {
             case: case.into(),
             mode: Mode::Repeated,
             floor: floor.into(),
+            reference: None,
             ns_per_packet: Sample::new(values),
         };
         let table = xdp_table(&[
             result("floor", "floor", vec![10.0, 12.0, 11.0]),
-            result("hit", "floor", vec![22.0, 20.0, 21.0]),
+            result("lookup", "floor", vec![14.0, 14.0, 14.0]),
+            XdpResult {
+                reference: Some("lookup".into()),
+                ..result("hit", "floor", vec![22.0, 20.0, 21.0])
+            },
         ]);
         assert!(
-            table.contains("| floor | repeated | 11.0 (10.0–12.0) | 1.00× |"),
+            table.contains("| floor | repeated | 11.0 (10.0–12.0) | 1.00× | – |"),
             "{table}"
         );
         assert!(
-            table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× |"),
+            table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× | 1.50× |"),
             "{table}"
         );
     }

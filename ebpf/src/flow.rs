@@ -32,7 +32,7 @@ use weir_common::{
         Embryonic, EmbryonicKey, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowState,
         NatReturn, flow_hash,
     },
-    l4::{DatapathSettings, HashFields, VipInfo},
+    l4::{DatapathSettings, HashFields, ServerInfo, VipInfo},
 };
 
 use crate::{
@@ -45,6 +45,8 @@ use crate::{
 /// The server a packet goes to and how it got there.
 pub struct Pinned {
     pub server: u32,
+    /// The server's entry, read once for the whole packet.
+    pub info: ServerInfo,
     /// The flow was picked from the Maglev table by this packet.
     pub new_flow: bool,
     /// The flow-table entry was written or refreshed (the NAT return entry is written with it).
@@ -62,11 +64,12 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey, now: u64) -> Result<Pi
     }
     let edge = maps::edge_settings();
     let client = EmbryonicKey::client_of(key);
-    if let Some(embryo) = embryonic(&client, packet, now, &edge) {
-        return Ok(grow(embryo, &client, packet, key, now, &edge));
+    if let Some((embryo, info)) = embryonic(&client, packet, now, &edge) {
+        return Ok(grow(embryo, info, &client, packet, key, now, &edge));
     }
     source::check(packet)?;
     let server = pick(vip, key, &settings).ok_or(Stat::DropNoServer)?;
+    let info = maps::server(server).ok_or(Stat::DropNoServer)?;
     let refreshed = if packet.is_tcp() && proves_flow(packet) {
         record(key, server, packet, now, &edge)
     } else {
@@ -77,6 +80,7 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey, now: u64) -> Result<Pi
     }
     Ok(Pinned {
         server,
+        info,
         new_flow: true,
         refreshed,
     })
@@ -87,6 +91,7 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey, now: u64) -> Result<Pi
 #[inline(always)]
 fn grow(
     embryo: *mut Embryonic,
+    info: ServerInfo,
     client: &EmbryonicKey,
     packet: &Packet,
     key: &FlowKey,
@@ -104,6 +109,7 @@ fn grow(
         maps::count_event(Event::EmbryonicPromoted);
         return Pinned {
             server,
+            info,
             new_flow: false,
             refreshed: true,
         };
@@ -113,6 +119,7 @@ fn grow(
     }
     Pinned {
         server,
+        info,
         new_flow: false,
         refreshed: false,
     }
@@ -152,23 +159,25 @@ fn conceive(client: &EmbryonicKey, packet: &Packet, server: u32, now: u64) {
     maps::count_event(Event::EmbryonicCreated);
 }
 
-/// The live embryonic entry of `packet`'s flow: same VIP and port (not another flow of the
-/// same client port), not expired, its server still there.
+/// The live embryonic entry of `packet`'s flow and its server's entry: same VIP and port (not
+/// another flow of the same client port), not expired, its server still there.
 #[inline(always)]
 fn embryonic(
     client: &EmbryonicKey,
     packet: &Packet,
     now: u64,
     edge: &EdgeSettings,
-) -> Option<*mut Embryonic> {
+) -> Option<(*mut Embryonic, ServerInfo)> {
     let embryo = WEIR_EMBRYONIC.get_ptr_mut(client)?;
     // SAFETY: as in `grow`; read only here.
     let value = unsafe { &*embryo };
-    let live = value.nat.vip == packet.dst
-        && value.nat.vip_port == packet.dst_port
-        && !embryo_expired(value, now, edge)
-        && maps::server(value.nat.server).is_some();
-    live.then_some(embryo)
+    if value.nat.vip != packet.dst
+        || value.nat.vip_port != packet.dst_port
+        || embryo_expired(value, now, edge)
+    {
+        return None;
+    }
+    Some((embryo, maps::server(value.nat.server)?))
 }
 
 /// The VIP a server's reply belongs to when its flow is still embryonic (the SYN-ACK of a NAT
@@ -286,7 +295,7 @@ fn established(
     if expired(state, packet, now, settings) {
         return None;
     }
-    maps::server(state.server)?;
+    let info = maps::server(state.server)?;
     let mut refreshed = false;
     if ends_flow(packet) {
         state.flags |= FLOW_CLOSING;
@@ -298,6 +307,7 @@ fn established(
     }
     Some(Pinned {
         server: state.server,
+        info,
         new_flow: false,
         refreshed,
     })

@@ -114,6 +114,11 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     if write(ctx, 0, next.dmac).is_none() || write(ctx, 6, next.smac).is_none() {
         return verdict::drop(Stat::DropMalformed, len);
     }
+    // Out of the interface it came in on (a one-armed balancer): XDP_TX, which skips the
+    // device map and the redirect's flush.
+    if next.ifindex == ctx.ingress_ifindex() as u32 {
+        return verdict::count_as(stat, len, xdp_action::XDP_TX);
+    }
     // The egress must be an interface weir is attached to (it is in the device map). If it is
     // not, the packet already carries the next hop's MACs, which the kernel would refuse as
     // "not for this host": drop it and count it as unroutable.

@@ -91,9 +91,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64, now: u64)
         Ok(pinned) => pinned,
         Err(stat) => return verdict::drop(stat, len),
     };
-    let Some(server) = maps::server(pinned.server) else {
-        return verdict::drop(Stat::DropNoServer, len);
-    };
+    let server = pinned.info;
     maps::count_traffic(vip.id, pinned.server, len, pinned.new_flow);
     if !nat {
         return forward::to_next_hop(
