@@ -67,7 +67,8 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
             if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
                 balance(ctx, &packet, &vip, len, now)
             } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some()
-                || flow::embryonic_reply(&packet, now).is_some()
+                || (flow::may_answer_embryonic(&packet)
+                    && flow::embryonic_reply(&packet, now).is_some())
             {
                 // A NAT server's reply: the TC program rewrites and counts it (`nat_return`).
                 xdp_action::XDP_PASS
