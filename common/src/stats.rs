@@ -122,7 +122,7 @@ stats! {
     /// VIP traffic whose IP length claims more than the frame holds, or whose TCP header is
     /// longer than the IP packet.
     DropBadLength = 21 => "drop_bad_length",
-    /// IPv4 VIP traffic whose header checksum is wrong.
+    /// IPv4 TCP/UDP to an L4 VIP whose header checksum is wrong.
     DropBadChecksum = 22 => "drop_bad_ip_checksum",
     /// TCP to a VIP with flags no connection sends: SYN with FIN or RST, or neither ACK, SYN
     /// nor RST (null, FIN-only and "Xmas" scans).

@@ -31,7 +31,7 @@ use aya_ebpf::{
 use weir_common::{
     Stat,
     flow::{FlowKey, NatReturn},
-    l4::{ForwardMode, VipInfo},
+    l4::{FAMILY_IPV4, ForwardMode, VipInfo},
 };
 
 use crate::{
@@ -63,12 +63,11 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         }
         Parsed::Icmp(packet) => icmp::handle(ctx, &packet, len, clock::now_ns()),
         Parsed::Transport(packet) => {
-            let now = clock::now_ns();
             if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
-                balance(ctx, &packet, &vip, len, now)
+                balance(ctx, &packet, &vip, len)
             } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some()
                 || (flow::may_answer_embryonic(&packet)
-                    && flow::embryonic_reply(&packet, now).is_some())
+                    && flow::embryonic_reply(&packet, clock::now_ns()).is_some())
             {
                 // A NAT server's reply: the TC program rewrites and counts it (`nat_return`).
                 xdp_action::XDP_PASS
@@ -82,11 +81,15 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
 
 /// Client → VIP: pin the flow to a server and send the packet there.
 #[inline(always)]
-fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64, now: u64) -> u32 {
+fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
     let nat = vip.mode == ForwardMode::Nat as u8;
     if !nat && vip.mode != ForwardMode::Dsr as u8 {
         return verdict::drop(Stat::DropUnsupportedMode, len);
     }
+    if packet.family == FAMILY_IPV4 && !parse::ipv4_checksum_ok(ctx) {
+        return verdict::drop(Stat::DropBadChecksum, len);
+    }
+    let now = clock::now_ns();
     let key = packet.flow_key();
     let pinned = match flow::pin(vip, packet, &key, now) {
         Ok(pinned) => pinned,
