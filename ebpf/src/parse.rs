@@ -294,8 +294,8 @@ fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize, payload_len: usize)
 
 /// Whether the packet's options-free IPv4 header has the right checksum: its 16-bit words sum
 /// to all ones. Checked for VIP traffic only, once it is known to be that (host traffic is the
-/// kernel's to check): ten additions, measured in `docs/benchmarks.md`, against sending a
-/// corrupted header on to a server, which DSR would deliver unchanged.
+/// kernel's to check): ten additions, against sending a corrupted header on to a server, which
+/// DSR would deliver unchanged.
 #[inline(always)]
 pub fn ipv4_checksum_ok(ctx: &impl Frame) -> bool {
     let Some(header) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
