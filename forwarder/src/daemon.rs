@@ -36,6 +36,7 @@ use crate::{
     health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services},
     l7::L7Workers,
+    lock::InstanceLock,
     pins::PinDir,
     pool::health_name,
     state::RuntimeState,
@@ -794,6 +795,8 @@ fn raise_descriptor_limit(config: &Config) {
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let state_file = config.daemon.state_file.clone();
+    // Before anything is read, attached or bound: a second daemon stops here.
+    let _lock = InstanceLock::acquire(&state_file)?;
     let previous = RuntimeState::load(&state_file)?;
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
@@ -917,6 +920,8 @@ pub fn run(config_path: &Path) -> Result<()> {
 /// interface and frees the maps. Established L4 flows end with it.
 pub fn detach(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    let _lock = InstanceLock::acquire(&config.daemon.state_file)
+        .context("a weir daemon is running: stop it first")?;
     let socket = &config.daemon.control_socket;
     if control::Client::connect(socket).is_ok() {
         anyhow::bail!(

@@ -19,6 +19,7 @@ pub mod datapath;
 pub mod health;
 pub mod l4;
 pub mod l7;
+pub mod lock;
 pub mod maglev;
 mod map_batch;
 pub mod pins;

@@ -896,3 +896,106 @@ fn the_daemon_raises_its_descriptor_limit_and_warns_when_it_is_short() {
         lab.log()
     );
 }
+
+/// What the kernel has attached in the balancer namespace (the XDP program of each interface,
+/// by id), as `bpftool net show` reports it: independent of what weir says.
+fn kernel_attachments(lab: &Lab) -> Value {
+    let out = lab
+        .topology
+        .balancer
+        .command("bpftool")
+        .args(["-j", "net", "show"])
+        .output()
+        .expect("bpftool runs");
+    assert!(out.status.success(), "bpftool net show failed");
+    serde_json::from_slice(&out.stdout).expect("bpftool JSON")
+}
+
+/// The kernel's id of every object pinned in the lab's pin directory (maps, and the XDP and
+/// TC links with the program each runs), by path.
+fn pinned_ids(lab: &Lab) -> BTreeMap<String, (u64, u64)> {
+    let root = lab.dir.join("bpf/weir");
+    ["maps", "links", "tc-links"]
+        .iter()
+        .flat_map(|kind| fs::read_dir(root.join(kind)).expect("pin directory"))
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let what = if path.parent().unwrap().ends_with("maps") {
+                "map"
+            } else {
+                "link"
+            };
+            let out = Command::new("bpftool")
+                .args(["-j", what, "show", "pinned"])
+                .arg(&path)
+                .output()
+                .expect("bpftool runs");
+            let object: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+            (
+                path.strip_prefix(&root).unwrap().display().to_string(),
+                (
+                    object["id"].as_u64().expect("an id"),
+                    object["prog_id"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_second_daemon_stops_before_it_touches_anything() {
+    let dir = lab_dir("twice");
+    let lab = Lab::start(&prefix("twice"), 2, &dir, "native").expect("lab starts");
+    let attachments = kernel_attachments(&lab);
+    let pinned = pinned_ids(&lab);
+    let status = lab.status().expect("status");
+    let pools_before = pools(&lab);
+    let state = fs::read(lab.state_file()).unwrap();
+    assert_eq!(
+        attachments[0]["xdp"].as_array().map(Vec::len),
+        Some(3),
+        "{attachments}"
+    );
+    assert!(
+        pinned.keys().filter(|k| k.starts_with("tc-links/")).count() == 3
+            && pinned.keys().filter(|k| k.starts_with("maps/")).count() >= 16,
+        "{pinned:?}"
+    );
+
+    let out = lab
+        .topology
+        .balancer
+        .command(weir_tests::workspace_bin("weir"))
+        .arg("--config")
+        .arg(lab.config())
+        .output()
+        .expect("weir runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon started: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one clear line, not: {stderr}");
+    assert!(
+        lines[0].contains("another weir daemon")
+            && lines[0].contains(&format!("pid {}", lab.weir_pid())),
+        "{}",
+        lines[0]
+    );
+
+    // Nothing changed: the kernel's programs, the pinned maps, the running daemon's view, the
+    // pools and the state file.
+    assert_eq!(kernel_attachments(&lab), attachments);
+    assert_eq!(pinned_ids(&lab), pinned);
+    let after = lab.status().expect("the first daemon still answers");
+    assert_eq!(after.daemon.pid, status.daemon.pid);
+    assert_eq!(after.xdp, status.xdp);
+    assert_eq!(pools(&lab), pools_before);
+    assert_eq!(fs::read(lab.state_file()).unwrap(), state);
+    // And the datapath still serves through the first daemon's programs.
+    let served = lab
+        .topology
+        .client
+        .run(|| http_get(SocketAddr::new(L4_VIP.into(), 80)))
+        .unwrap();
+    assert!(served.is_ok(), "{served:?}");
+}
