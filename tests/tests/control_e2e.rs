@@ -999,3 +999,44 @@ fn a_second_daemon_stops_before_it_touches_anything() {
         .unwrap();
     assert!(served.is_ok(), "{served:?}");
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn remove_wait_that_times_out_says_the_server_stays_draining() {
+    let dir = lab_dir("waitout");
+    let lab = Lab::start(&prefix("waitout"), 2, &dir, "native").expect("lab starts");
+    let echo = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+    let (connection, server) = lab
+        .topology
+        .client
+        .run(move || {
+            let mut connection = EchoConnection::open(echo).expect("echo connection");
+            connection.exchange().expect("exchange");
+            let server = connection.server.clone();
+            (connection, server)
+        })
+        .unwrap();
+    let i: usize = server.trim_start_matches("srv").parse().unwrap();
+    let address = echo_server(i).to_string();
+    let out = weirctl(
+        &lab,
+        &[
+            "server",
+            "remove",
+            ECHO_VIP,
+            &address,
+            "--wait",
+            "--timeout",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("nothing removed") && stderr.contains("stays draining"),
+        "{stderr}"
+    );
+    let key = (ECHO_VIP.to_string(), address);
+    assert_eq!(pools(&lab)[&key].1, "draining", "as the message says");
+    drop(connection);
+}

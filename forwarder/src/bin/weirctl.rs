@@ -317,8 +317,12 @@ fn remove_when_drained(
             break;
         }
         if Instant::now() >= deadline {
+            // The server stays draining, as asked: putting it back would send new flows to a
+            // server its operator is taking out. The message says so and what to do next.
             return Err(Failure::Timeout(format!(
-                "{address} still has {} active flows after {}s; nothing removed",
+                "{address} still has {} active flows after {}s: nothing removed, and it stays \
+                 draining (no new flows). Wait again with the same command, cut them with \
+                 `--force`, or put it back with `server enable`",
                 server.active_flows,
                 timeout.as_secs()
             )));
