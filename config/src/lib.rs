@@ -5,6 +5,7 @@
 //! the cross-field rules (unique names, non-empty pools, ...). Every problem is reported with
 //! `file:line:column` and what was expected, so an operator can fix a file in one pass.
 
+pub mod address;
 pub mod control;
 mod error;
 mod schema;

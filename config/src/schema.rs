@@ -9,7 +9,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::{ConfigError, Diagnostic};
+use crate::{
+    ConfigError, Diagnostic,
+    address::{PoolKind, server_address_problem},
+};
 
 /// Where `weir` looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weir/weir.toml";
@@ -668,6 +671,8 @@ impl Config {
         let mut problems = Vec::new();
         let mut names = HashSet::new();
         let mut vips = HashSet::new();
+        let l4_vips: Vec<IpAddr> = self.l4_vips.iter().map(|vip| vip.address).collect();
+        let listen = self.l7_listen_addresses();
         for vip in &self.l4_vips {
             if !names.insert(vip.name.get_ref().as_str()) {
                 problems.push((
@@ -687,6 +692,8 @@ impl Config {
             }
             check_pool(&vip.servers, &mut problems);
             check_l4_pool(vip, &mut problems);
+            let kind = PoolKind::L4 { vips: &l4_vips };
+            check_addresses(&vip.servers, &kind, &mut problems);
             if let Some(health) = &vip.health {
                 let at = vip.name.span().start;
                 problems.extend(health.problems().into_iter().map(|p| (at, p)));
@@ -746,6 +753,8 @@ impl Config {
             }
             check_pool(&vhost.servers, &mut problems);
             check_vhost(vhost, &mut problems);
+            let kind = PoolKind::L7 { listen: &listen };
+            check_addresses(&vhost.servers, &kind, &mut problems);
             if let Some(health) = &vhost.health {
                 let at = vhost.name.span().start;
                 problems.extend(health.problems().into_iter().map(|p| (at, p)));
@@ -810,6 +819,19 @@ impl Config {
         }
         problems.sort_by_key(|(offset, _)| *offset);
         problems
+    }
+}
+
+/// The address rules (`crate::address`) for every server of a pool.
+fn check_addresses(
+    servers: &Spanned<Vec<ServerSpec>>,
+    kind: &PoolKind,
+    problems: &mut Vec<(usize, String)>,
+) {
+    for server in servers.get_ref() {
+        if let Some(problem) = server_address_problem(server.address, kind) {
+            problems.push((servers.span().start, problem));
+        }
     }
 }
 
@@ -1196,5 +1218,53 @@ servers = [{ address = "127.0.0.2:80" }]
             HashOn::parse("cookie:sid"),
             Ok(HashOn::Cookie("sid".into()))
         );
+    }
+
+    #[test]
+    fn servers_that_cannot_work_are_refused_with_their_place_and_reason() {
+        let source = r#"
+[[l4_vip]]
+name = "web"
+address = "198.18.100.10"
+port = 80
+protocol = "tcp"
+servers = [
+  { address = "0.0.0.0:8080" },
+  { address = "255.255.255.255:8080" },
+  { address = "127.0.0.1:8080" },
+  { address = "198.18.11.2:0" },
+  { address = "198.18.100.10:80" },
+  { address = "224.0.0.1:8080" },
+  { address = "198.18.11.2:8080" },
+]
+
+[[vhost]]
+name = "site"
+listen = "198.18.100.11:80"
+hosts = ["site.test"]
+servers = [
+  { address = "198.18.100.11:80" },
+  { address = "[::]:8080" },
+  { address = "127.0.0.1:8080" },
+]
+"#;
+        let errs = errors(source);
+        let expect = [
+            "weir.toml:7:11: server 0.0.0.0:8080 cannot work: 0.0.0.0 is the unspecified address",
+            "server 255.255.255.255:8080 cannot work: 255.255.255.255 is a broadcast or reserved",
+            "server 127.0.0.1:8080 cannot work: 127.0.0.1 is loopback",
+            "server 198.18.11.2:0 cannot work: port 0",
+            "server 198.18.100.10:80 cannot work: 198.18.100.10 is an L4 VIP",
+            "server 224.0.0.1:8080 cannot work: 224.0.0.1 is a multicast address",
+            "server 198.18.100.11:80 cannot work: 198.18.100.11:80 is an L7 listen address",
+            "server [::]:8080 cannot work: :: is the unspecified address",
+        ];
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        for wanted in expect {
+            assert!(
+                errs.iter().any(|e| e.contains(wanted)),
+                "no `{wanted}` in {errs:#?}"
+            );
+        }
     }
 }

@@ -735,6 +735,7 @@ fn refusal(err: L4Error) -> ControlError {
         | L4Error::FamilyMismatch { .. }
         | L4Error::DsrPort { .. }
         | L4Error::Weight(_)
+        | L4Error::Address(_)
         | L4Error::Full(..)
         | L4Error::Maglev(_) => ControlErrorKind::Invalid,
     };
@@ -747,7 +748,9 @@ fn vhost_refusal(err: VhostError) -> ControlError {
         VhostError::UnknownVhost(_) | VhostError::UnknownServer { .. } => {
             ControlErrorKind::NotFound
         }
-        VhostError::DuplicateServer { .. } | VhostError::Weight(_) => ControlErrorKind::Invalid,
+        VhostError::DuplicateServer { .. } | VhostError::Weight(_) | VhostError::Address(_) => {
+            ControlErrorKind::Invalid
+        }
     };
     ControlError::new(kind, err.to_string())
 }

@@ -38,6 +38,7 @@ use weir_common::{
 use weir_config::{
     AllDown, Config, DownFlows, ForwardingMode, HashFieldsConfig, HealthCheck, L4Vip, MAX_WEIGHT,
     Protocol, ServerSpec,
+    address::{PoolKind, server_address_problem},
     control::{AdminState, HealthState},
 };
 
@@ -72,6 +73,9 @@ pub enum L4Error {
     },
     #[error("weight {0} is out of range: expected 1 to {MAX_WEIGHT}")]
     Weight(u32),
+    /// A server address that cannot work (`weir_config::address`), with why.
+    #[error("{0}")]
+    Address(String),
     #[error("no room for another {0} (the datapath holds at most {1})")]
     Full(&'static str, u32),
     #[error("cannot build the Maglev table: {0}")]
@@ -279,20 +283,41 @@ pub fn edge_settings(config: &Config) -> EdgeSettings {
 /// interfaces (in the daemon's network namespace), which include the L7 VIPs.
 fn self_addresses<'a>(vips: impl Iterator<Item = &'a L4Service>) -> BTreeSet<IpAddr> {
     let mut addresses: BTreeSet<IpAddr> = vips.map(|vip| vip.address.ip()).collect();
+    addresses.extend(own_addresses());
+    addresses
+}
+
+/// Every address of this host's interfaces, in the daemon's network namespace (empty, with a
+/// warning, if they cannot be listed).
+fn own_addresses() -> BTreeSet<IpAddr> {
     match nix::ifaddrs::getifaddrs() {
-        Ok(interfaces) => addresses.extend(interfaces.filter_map(|i| {
-            let address = i.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })),
+        Ok(interfaces) => interfaces
+            .filter_map(|i| {
+                let address = i.address?;
+                if let Some(v4) = address.as_sockaddr_in() {
+                    Some(IpAddr::V4(v4.ip()))
+                } else {
+                    address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect(),
         Err(err) => {
-            tracing::warn!(%err, "cannot list this host's addresses: only VIPs are refused as sources")
+            tracing::warn!(%err, "cannot list this host's addresses");
+            BTreeSet::new()
         }
     }
-    addresses
+}
+
+/// An L4 server may not be the balancer itself: XDP forwards to other hosts.
+fn check_not_own(address: SocketAddr, own: &BTreeSet<IpAddr>) -> Result<(), L4Error> {
+    if own.contains(&address.ip()) {
+        return Err(L4Error::Address(format!(
+            "server {address} cannot work: {} is an address of this balancer, and the XDP \
+             datapath forwards to other hosts, never to this one",
+            address.ip()
+        )));
+    }
+    Ok(())
 }
 
 /// Lowest-first ids for new entries, FIFO reuse of freed ones.
@@ -425,6 +450,13 @@ impl L4Services {
                 }
             }
         }
+        // The one address rule the file alone cannot settle: the host's own addresses.
+        let own = own_addresses();
+        for spec in &config.l4_vips {
+            for server in spec.servers.get_ref() {
+                check_not_own(server.address, &own)?;
+            }
+        }
         Ok(services)
     }
 
@@ -542,6 +574,11 @@ impl L4Services {
             });
         }
         check_server(service, address, weight)?;
+        let vips: Vec<IpAddr> = self.services.values().map(|s| s.address.ip()).collect();
+        if let Some(problem) = server_address_problem(address, &PoolKind::L4 { vips: &vips }) {
+            return Err(L4Error::Address(problem));
+        }
+        check_not_own(address, &own_addresses())?;
         let id = self.server_ids.peek("server")?;
         self.server_ids.take(id);
         let seed = self.seed;

@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use weir_config::{
     AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
+    address::{PoolKind, server_address_problem},
     control::{AdminState, HealthState},
 };
 
@@ -31,6 +32,9 @@ pub enum VhostError {
     DuplicateServer { vhost: String, server: SocketAddr },
     #[error("weight {0} is out of range: expected 1 to {MAX_WEIGHT}")]
     Weight(u32),
+    /// A server address that cannot work (`weir_config::address`), with why.
+    #[error("{0}")]
+    Address(String),
 }
 
 /// A server of a vhost's pool.
@@ -153,6 +157,10 @@ impl Vhosts {
         weight: u32,
     ) -> Result<(), VhostError> {
         check_weight(weight)?;
+        let listen: Vec<SocketAddr> = self.vhosts.iter().map(|v| v.listen).collect();
+        if let Some(problem) = server_address_problem(address, &PoolKind::L7 { listen: &listen }) {
+            return Err(VhostError::Address(problem));
+        }
         let pool = self.vhost_mut(vhost)?;
         if pool.server_index(address).is_ok() {
             return Err(VhostError::DuplicateServer {

@@ -1040,3 +1040,61 @@ fn remove_wait_that_times_out_says_the_server_stays_draining() {
     assert_eq!(pools(&lab)[&key].1, "draining", "as the message says");
     drop(connection);
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn servers_that_cannot_work_are_refused_by_add_and_reload() {
+    let dir = lab_dir("addrs");
+    let lab = Lab::start(&prefix("addrs"), 2, &dir, "native").expect("lab starts");
+    // A local origin is a fine vhost server (the proxy connects to it on this host).
+    lab.weirctl_ok(&["server", "add", "demo-l7", "127.0.0.1:8080"]);
+    lab.weirctl_ok(&["server", "remove", "demo-l7", "127.0.0.1:8080"]);
+    let before = Snapshot::take(&lab);
+    let refused = |pool: &str, address: &str, reason: &str| {
+        let out = weirctl(&lab, &["server", "add", pool, address]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{pool} {address}: {stderr}");
+        assert!(
+            stderr.contains(&format!("server {address} cannot work")) && stderr.contains(reason),
+            "{pool} {address}: {stderr}"
+        );
+    };
+    refused(HTTP_VIP, "0.0.0.0:8080", "unspecified");
+    refused(HTTP_VIP, "255.255.255.255:8080", "broadcast");
+    refused(HTTP_VIP, "224.0.0.9:8080", "multicast");
+    refused(HTTP_VIP, "127.0.0.1:8080", "loopback");
+    refused(HTTP_VIP, "198.18.11.2:0", "port 0");
+    refused(HTTP_VIP, "198.18.100.10:80", "is an L4 VIP");
+    refused(HTTP_VIP, "198.18.100.10:8080", "is an L4 VIP");
+    refused(HTTP_VIP, "198.18.0.2:8080", "an address of this balancer");
+    refused("demo-l7", "198.18.100.11:80", "L7 listen address");
+    refused("demo-l7", "0.0.0.0:8080", "unspecified");
+    assert!(
+        before.same_contents(&Snapshot::take(&lab)),
+        "a refused add changed something"
+    );
+
+    // A reload that brings one in is refused whole.
+    let config = fs::read_to_string(lab.config()).unwrap();
+    let edited = config.replacen(
+        &format!("{{ address = \"{}\" }}", http_server(1)),
+        &format!(
+            "{{ address = \"{}\" }}, {{ address = \"198.18.0.2:8080\" }}",
+            http_server(1)
+        ),
+        1,
+    );
+    assert_ne!(edited, config);
+    fs::write(lab.config(), edited).unwrap();
+    let out = weirctl(&lab, &["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("198.18.0.2:8080 cannot work") && stderr.contains("of this balancer"),
+        "{stderr}"
+    );
+    assert!(
+        before.same_contents(&Snapshot::take(&lab)),
+        "a refused reload changed something"
+    );
+}
