@@ -47,6 +47,18 @@ impl FlowKey {
 /// stragglers (retransmitted FINs, the last ACK) but no longer counts as active, and a SYN on
 /// it starts a new connection that picks a server afresh.
 pub const FLOW_CLOSING: u32 = 1;
+/// [`FlowState::flags`] bits 8..16 hold the generation of the flow's server when the flow was
+/// recorded (`crate::l4::SERVER_GENERATION_SHIFT`): the entry is used only while its server id
+/// still has that generation.
+pub const FLOW_GENERATION_SHIFT: u32 = 8;
+
+impl FlowState {
+    /// The generation of the server the flow was recorded with.
+    #[inline(always)]
+    pub const fn generation(&self) -> u8 {
+        (self.flags >> FLOW_GENERATION_SHIFT) as u8
+    }
+}
 
 /// Value of the flow table.
 #[repr(C)]
@@ -72,7 +84,8 @@ pub struct NatReturn {
     pub vip: [u32; 4],
     /// Network byte order.
     pub vip_port: u16,
-    pub _pad: u16,
+    /// The generation of `server` when the entry was written (see [`FlowState::generation`]).
+    pub generation: u16,
     pub server: u32,
 }
 

@@ -96,6 +96,13 @@ pub struct VipInfo {
 /// Flag in [`ServerInfo::flags`]: the slot holds a live server. Removing a server clears it,
 /// which is what makes flows pinned to that server re-pick.
 pub const SERVER_PRESENT: u8 = 1;
+/// The rest of [`ServerInfo::flags`] is the slot's *generation*: the daemon steps it whenever
+/// the id is given to a server anew (a new address, or after the slot was emptied), and every
+/// flow records the generation of its server. A flow whose generation is not its server's
+/// belongs to an earlier holder of the id and picks afresh: a reused id never inherits flows.
+/// Seven bits, 1..=127 and round again (0 is what a datapath from before generations holds,
+/// so its flows and servers still match).
+pub const SERVER_GENERATION_SHIFT: u8 = 1;
 
 /// Value of the server array, indexed by server id (what Maglev slots and flows hold).
 ///
@@ -114,6 +121,16 @@ pub struct ServerInfo {
 impl ServerInfo {
     pub const fn is_present(&self) -> bool {
         self.flags & SERVER_PRESENT != 0
+    }
+
+    /// The slot's generation (see [`SERVER_GENERATION_SHIFT`]).
+    pub const fn generation(&self) -> u8 {
+        self.flags >> SERVER_GENERATION_SHIFT
+    }
+
+    /// The generation after `generation`: 1..=127, round again, never 0.
+    pub const fn next_generation(generation: u8) -> u8 {
+        if generation >= 127 { 1 } else { generation + 1 }
     }
 }
 

@@ -66,14 +66,27 @@ pub fn words_addr(words: [u32; 4], family: u8) -> IpAddr {
 }
 
 impl ServerInfo {
-    /// A present server at `addr`.
+    /// A present server at `addr`, of generation 0.
     pub fn new(addr: SocketAddr) -> ServerInfo {
+        ServerInfo::with_generation(addr, 0)
+    }
+
+    /// A present server at `addr` of `generation`.
+    pub fn with_generation(addr: SocketAddr, generation: u8) -> ServerInfo {
         let (words, family) = addr_words(addr.ip());
         ServerInfo {
             addr: words,
             port: addr.port().to_be(),
             family,
-            flags: crate::l4::SERVER_PRESENT,
+            flags: crate::l4::SERVER_PRESENT | generation << crate::l4::SERVER_GENERATION_SHIFT,
+        }
+    }
+
+    /// An empty slot that remembers `generation`, so the id's next holder gets the one after.
+    pub fn emptied(generation: u8) -> ServerInfo {
+        ServerInfo {
+            flags: generation << crate::l4::SERVER_GENERATION_SHIFT,
+            ..ServerInfo::default()
         }
     }
 

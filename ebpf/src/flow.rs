@@ -29,8 +29,8 @@ use weir_common::{
     Stat,
     edge::{DEFAULT_EMBRYONIC_IDLE_NS, EdgeSettings, Event},
     flow::{
-        Embryonic, EmbryonicKey, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowState,
-        NatReturn, flow_hash,
+        Embryonic, EmbryonicKey, FLOW_CLOSING, FLOW_GENERATION_SHIFT, FLOW_TOUCH_INTERVAL_NS,
+        FlowKey, FlowState, NatReturn, flow_hash,
     },
     l4::{DatapathSettings, HashFields, ServerInfo, VipInfo},
 };
@@ -71,12 +71,12 @@ pub fn pin(vip: &VipInfo, packet: &Packet, key: &FlowKey, now: u64) -> Result<Pi
     let server = pick(vip, key, &settings).ok_or(Stat::DropNoServer)?;
     let info = maps::server(server).ok_or(Stat::DropNoServer)?;
     let refreshed = if packet.is_tcp() && proves_flow(packet) {
-        record(key, server, packet, now, &edge)
+        record(key, server, &info, packet, now, &edge)
     } else {
         false
     };
     if !refreshed && !(packet.is_tcp() && packet.tcp_flags & TCP_RST != 0) {
-        conceive(&client, packet, server, now);
+        conceive(&client, packet, server, &info, now);
     }
     Ok(Pinned {
         server,
@@ -104,7 +104,7 @@ fn grow(
     let server = embryo.nat.server;
     // A UDP flow's second packet proves it; a TCP flow needs the handshake's ACK.
     let proves = !packet.is_tcp() || proves_flow(packet);
-    if proves && record(key, server, packet, now, edge) {
+    if proves && record(key, server, &info, packet, now, edge) {
         let _ = WEIR_EMBRYONIC.remove(client);
         maps::count_event(Event::EmbryonicPromoted);
         return Pinned {
@@ -127,14 +127,22 @@ fn grow(
 
 /// Records the flow `key` → `server` in the flow table, if the flood guard allows.
 #[inline(always)]
-fn record(key: &FlowKey, server: u32, packet: &Packet, now: u64, edge: &EdgeSettings) -> bool {
+fn record(
+    key: &FlowKey,
+    server: u32,
+    info: &ServerInfo,
+    packet: &Packet,
+    now: u64,
+    edge: &EdgeSettings,
+) -> bool {
     if !flood::admits(now, edge) {
         maps::count_event(Event::FloodDeferred);
         return false;
     }
+    let closing = if ends_flow(packet) { FLOW_CLOSING } else { 0 };
     let state = FlowState {
         server,
-        flags: if ends_flow(packet) { FLOW_CLOSING } else { 0 },
+        flags: closing | (info.generation() as u32) << FLOW_GENERATION_SHIFT,
         last_seen_ns: now,
     };
     // An insert into an LRU map only fails if the key is malformed; the packet still goes
@@ -145,12 +153,12 @@ fn record(key: &FlowKey, server: u32, packet: &Packet, now: u64, edge: &EdgeSett
 
 /// Records a flow's first packet as embryonic.
 #[inline(always)]
-fn conceive(client: &EmbryonicKey, packet: &Packet, server: u32, now: u64) {
+fn conceive(client: &EmbryonicKey, packet: &Packet, server: u32, info: &ServerInfo, now: u64) {
     let embryo = Embryonic {
         nat: NatReturn {
             vip: packet.dst,
             vip_port: packet.dst_port,
-            _pad: 0,
+            generation: info.generation() as u16,
             server,
         },
         last_seen_ns: now,
@@ -177,7 +185,9 @@ fn embryonic(
     {
         return None;
     }
-    Some((embryo, maps::server(value.nat.server)?))
+    let info = maps::server(value.nat.server)?;
+    // An entry of the id's previous holder is not this flow's.
+    (info.generation() as u16 == value.nat.generation).then_some((embryo, info))
 }
 
 /// The VIP a server's reply belongs to when its flow is still embryonic (the SYN-ACK of a NAT
@@ -189,7 +199,9 @@ pub fn embryonic_reply(packet: &Packet, now: u64) -> Option<NatReturn> {
     // SAFETY: the value is copied out before the next helper call.
     let embryo = unsafe { WEIR_EMBRYONIC.get(client) }.copied()?;
     let server = maps::server(embryo.nat.server)?;
-    let from_server = server.addr == packet.src && server.port == packet.src_port;
+    let from_server = server.addr == packet.src
+        && server.port == packet.src_port
+        && server.generation() as u16 == embryo.nat.generation;
     (from_server && !embryo_expired(&embryo, now, &maps::edge_settings())).then_some(embryo.nat)
 }
 
@@ -219,7 +231,7 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     let settings = maps::settings();
     // SAFETY: read-only use of the value for this program run.
     if let Some(state) = unsafe { WEIR_FLOWS.get(key) }
-        && maps::server(state.server).is_some()
+        && maps::server(state.server).is_some_and(|s| s.generation() == state.generation())
     {
         return Some(state.server);
     }
@@ -227,23 +239,37 @@ pub fn peek(vip: &VipInfo, key: &FlowKey) -> Option<u32> {
     if let Some(embryo) = unsafe { WEIR_EMBRYONIC.get(EmbryonicKey::client_of(key)) }
         && embryo.nat.vip == key.dst
         && embryo.nat.vip_port == key.dst_port
-        && maps::server(embryo.nat.server).is_some()
+        && maps::server(embryo.nat.server)
+            .is_some_and(|s| s.generation() as u16 == embryo.nat.generation)
     {
         return Some(embryo.nat.server);
     }
     pick(vip, key, &settings)
 }
 
-/// Whether `packet`, from server `server`, answers the client→VIP flow `key`, so that it may
-/// take the VIP's address. NAT return entries outlive their flows (they are only evicted),
-/// so the flow decides: one that is there must be pinned to that server and not have
+/// Whether `packet`, a reply matching the NAT return entry `nat`, answers the client→VIP flow
+/// `key`, so that it may take the VIP's address. It must come from the server the entry's id
+/// names now, of the entry's generation. NAT return entries outlive their flows (they are only
+/// evicted), so the flow decides: one that is there must be pinned to that server and not have
 /// expired, and a SYN-ACK needs it not to be closing — a client reconnecting through the VIP
 /// forgets a closing flow with its SYN, so a SYN-ACK that meets one answers a connection that
 /// never came through the VIP. A flow that is not there at all was evicted under pressure
 /// (expired entries stay until evicted): its return entry is trusted, as before the flow
 /// table was full, and the client's next packet records the flow again.
 #[inline(always)]
-pub fn owns_reply(key: &FlowKey, server: u32, packet: &Packet, now: u64) -> bool {
+pub fn owns_reply(key: &FlowKey, nat: &NatReturn, packet: &Packet, now: u64) -> bool {
+    let server = nat.server;
+    // The reply must come from the server the id names now, and the entry be of its current
+    // holder: an entry of the id's previous holder answers nothing.
+    let Some(info) = maps::server(server) else {
+        return false;
+    };
+    if info.addr != packet.src
+        || info.port != packet.src_port
+        || info.generation() as u16 != nat.generation
+    {
+        return false;
+    }
     // SAFETY: read-only use of the value for this program run.
     let Some(state) = (unsafe { WEIR_FLOWS.get(key) }) else {
         return true;
@@ -306,6 +332,10 @@ fn established(
         return None;
     }
     let info = maps::server(state.server)?;
+    if info.generation() != state.generation() {
+        // Recorded for the id's previous holder: this flow picks afresh.
+        return None;
+    }
     let mut refreshed = false;
     if ends_flow(packet) {
         state.flags |= FLOW_CLOSING;

@@ -122,7 +122,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         let nat = NatReturn {
             vip: packet.dst,
             vip_port: packet.dst_port,
-            _pad: 0,
+            generation: server.generation() as u16,
             server: pinned.server,
         };
         let _ = WEIR_NAT_RETURN.insert(reply, nat, 0);

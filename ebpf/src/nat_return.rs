@@ -50,7 +50,7 @@ pub fn try_nat_return(ctx: &TcContext) -> Result<i32, i32> {
     let returning = unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.copied();
     let mut stale = false;
     let established = returning.filter(|nat| {
-        let owned = flow::owns_reply(&client_flow(&packet, nat), nat.server, &packet, now);
+        let owned = flow::owns_reply(&client_flow(&packet, nat), nat, &packet, now);
         if !owned {
             // The entry outlived its flow: forget it, so the rest of this connection (one
             // that never came through the VIP) no longer matches either.

@@ -551,7 +551,14 @@ impl DatapathMaps {
         }
     }
 
-    /// Writes server `id` (a present server, or `ServerInfo::default()` to mark it removed).
+    /// What slot `id` of the server array holds.
+    pub fn server(&self, id: u32) -> Result<ServerInfo, DatapathError> {
+        self.servers
+            .get(&id, 0)
+            .map_err(|e| DatapathError::Map(names::SERVERS_MAP, e))
+    }
+
+    /// Writes server `id` (a present server, or `ServerInfo::emptied` to mark it removed).
     pub fn set_server(&mut self, id: u32, info: ServerInfo) -> Result<(), DatapathError> {
         self.servers
             .set(id, info, 0)

@@ -705,7 +705,16 @@ impl L4Services {
         let mut fresh = Vec::new();
         for (&id, &address) in &servers {
             if old_servers.get(&id) != Some(&address) {
-                maps.set_server(id, ServerInfo::new(address))?;
+                // The same server in a live slot keeps its generation (a restarted daemon
+                // keeps every flow); a slot given anew takes the next one, so flows recorded
+                // for the id's previous holder pick afresh.
+                let slot = maps.server(id)?;
+                let generation = if slot.is_present() && slot.socket_addr() == address {
+                    slot.generation()
+                } else {
+                    ServerInfo::next_generation(slot.generation())
+                };
+                maps.set_server(id, ServerInfo::with_generation(address, generation))?;
                 fresh.push(address);
             }
         }
@@ -753,7 +762,8 @@ impl L4Services {
                 .collect(),
         };
         for id in gone {
-            maps.set_server(id, ServerInfo::default())?;
+            let generation = maps.server(id)?.generation();
+            maps.set_server(id, ServerInfo::emptied(generation))?;
         }
         maps.set_self_addresses(&self_addresses(self.services.values()))?;
         Ok(())

@@ -140,6 +140,14 @@ address = "198.18.100.33"
 port = 80
 protocol = "tcp"
 servers = [{ address = "198.18.1.10:8080" }]
+
+[[l4_vip]]
+name = "churn"
+address = "198.18.100.35"
+port = 80
+protocol = "tcp"
+table_size = 251
+servers = [{ address = "198.18.1.12:80" }]
 "#;
 
 /// The bed, the datapath loaded in it (not attached: test runs do not need it), the services.
@@ -1398,6 +1406,68 @@ fn hostile_packets_to_a_vip_are_dropped_and_counted() {
             "of all these, only the legal SYN may leave a flow (an embryonic one); a RST \
              without a flow records nothing"
         );
+    });
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn a_reused_server_id_never_receives_an_old_flow() {
+    in_bed("reuse", || {
+        let mut lb = Balancer::new();
+        let vip = lb.service("web4").address;
+        let old = addr("198.18.1.11:8080");
+        // An established flow, and an embryonic one, on `old`.
+        let flow = client(lb.port_for("web4", old, 48000));
+        let embryo = client(lb.port_for("web4", old, flow.port() + 1));
+        assert_eq!(lb.tcp_to("web4", flow, Flags::Syn), old);
+        assert_eq!(lb.tcp_to("web4", flow, Flags::Ack), old);
+        assert_eq!(lb.tcp_to("web4", embryo, Flags::Syn), old);
+        let id = lb.service("web4").find_server(old).unwrap().id;
+        lb.change(|s| s.remove_server("web4", old));
+
+        // Servers come and go on another VIP, in batches (each change waits for an RCU grace
+        // period), until every other id of the 4096 has been handed out once; then ids come
+        // back first-freed first, so the next server added gets the freed one. (The churn uses
+        // addresses with no route, whose neighbour warm-up fails at once.)
+        let mut next_fresh = 0;
+        while next_fresh < weir_common::l4::MAX_SERVERS {
+            let batch = (weir_common::l4::MAX_SERVERS - next_fresh).min(250);
+            let passers: Vec<SocketAddr> = (1..=batch)
+                .map(|i| SocketAddr::new(IpAddr::from([198, 19, 0, i as u8]), 80))
+                .collect();
+            lb.change(|s| {
+                passers
+                    .iter()
+                    .try_for_each(|&p| s.add_server("churn", p, 100))
+            });
+            let churn = lb.service("churn");
+            let ids = passers.iter().map(|&p| churn.find_server(p).unwrap().id);
+            next_fresh = ids.max().unwrap() + 1;
+            lb.change(|s| {
+                passers
+                    .iter()
+                    .try_for_each(|&p| s.remove_server("churn", p))
+            });
+        }
+        let newcomer = addr("198.18.1.10:80");
+        lb.change(|s| s.add_server("churn", newcomer, 100));
+        assert_eq!(lb.service("churn").find_server(newcomer).unwrap().id, id);
+        let slot = lb.datapath.maps().server(id).unwrap();
+        assert_eq!(
+            slot.socket_addr(),
+            newcomer,
+            "the newcomer holds the old id"
+        );
+
+        // The old flows' next packets pick afresh among web4's servers: neither reaches the
+        // newcomer that holds their server's id now.
+        for client in [flow, embryo] {
+            let (action, out) = lb.run(lb.up, &tcp(IN, client, vip, 64, Flags::Ack));
+            assert_eq!(action, Fate::Redirect);
+            let to = destination(&out);
+            assert_ne!(to, newcomer, "{client}'s flow went to the id's new holder");
+            assert_eq!(to, addr("198.18.1.10:8080"), "re-picked in web4's pool");
+        }
     });
 }
 
