@@ -33,6 +33,7 @@ use weir_config::{
 use crate::{
     control,
     datapath::{Datapath, DatapathOptions},
+    handover,
     health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services},
     l7::L7Workers,
@@ -799,7 +800,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let state_file = config.daemon.state_file.clone();
     // Before anything is read, attached or bound: a second daemon stops here.
-    let _lock = InstanceLock::acquire(&state_file)?;
+    let lock = InstanceLock::acquire(&state_file)?;
     let previous = RuntimeState::load(&state_file)?;
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
@@ -830,7 +831,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
     raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
-    let l7 = L7Workers::start(vhosts.snapshot(&config, None), config.l7.workers)
+    let inherited = handover::from_service_manager();
+    let l7 = L7Workers::start_with(vhosts.snapshot(&config, None), config.l7.workers, inherited)
         .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
@@ -902,9 +904,17 @@ pub fn run(config_path: &Path) -> Result<()> {
                 },
             }
         }
+        // The next daemon's sockets, before this one stops accepting: the service manager
+        // holds them (and their backlogs) until it starts the next.
+        if let Ok(inner) = state.inner.lock() {
+            handover::to_service_manager(inner.l7.listening_sockets());
+        }
         let _ = std::fs::remove_file(&socket_path);
         Ok::<_, anyhow::Error>(())
     })?;
+    // Nothing writes the maps or the state file any more (health and slow starts were the
+    // loop's): the next daemon may start while the L7 exchanges under way finish.
+    drop(lock);
     // The control socket is gone; L7 exchanges under way may finish.
     if let Ok(mut inner) = state.inner.lock() {
         let grace = std::time::Duration::from_millis(inner.config.l7.shutdown_grace_ms);

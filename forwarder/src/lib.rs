@@ -16,6 +16,7 @@
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod handover;
 pub mod health;
 pub mod l4;
 pub mod l7;

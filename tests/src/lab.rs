@@ -123,6 +123,25 @@ impl Lab {
         self.wait_for_weir()
     }
 
+    /// Stops `weir` as a service manager does — SIGTERM, then waits for it to exit (its L7
+    /// connections finish first) — and says how it exited.
+    pub fn terminate_weir(&mut self) -> Result<std::process::ExitStatus> {
+        self.weir.terminate()
+    }
+
+    /// Starts `weir` from `command` (the whole command line: see
+    /// [`crate::supervisor::Supervisor::command`]), its output appended to the lab's log;
+    /// returns once it answers.
+    pub fn start_weir_from(&mut self, mut command: Command) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("weir.log"))?;
+        command.stdout(log.try_clone()?).stderr(log);
+        self.weir = Process::spawn("weir", &mut command)?;
+        self.wait_for_weir()
+    }
+
     /// The running daemon's process id.
     pub fn weir_pid(&self) -> u32 {
         self.weir.pid()

@@ -14,6 +14,7 @@ pub mod load;
 pub mod netns;
 pub mod origin;
 pub mod packet_bed;
+pub mod supervisor;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -53,7 +53,8 @@ impl HttpLoad {
                         match result {
                             Ok((c, response)) if response.status == 200 => {
                                 served.fetch_add(1, Ordering::Relaxed);
-                                if keep {
+                                // A client keeps a connection only if the server does.
+                                if keep && response.header("connection") != Some("close") {
                                     conn = Some(c);
                                 }
                             }

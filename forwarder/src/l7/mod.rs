@@ -21,7 +21,7 @@ pub mod upstream;
 
 use std::{
     net::{SocketAddr, TcpListener},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::OwnedFd,
     rc::Rc,
     sync::{
         Arc,
@@ -32,6 +32,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use compio::runtime::event::{Event, EventHandle};
 use socket2::{Domain, Socket, Type};
 use weir_config::control::ListenerStatus;
 
@@ -44,6 +45,9 @@ use proxy::Worker;
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a stopping worker looks at its remaining connections.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// How long a stopping worker leaves kept-alive connections idle between requests open, so
+/// that a request their clients are sending gets its answer (see `drain`).
+const IDLE_LINGER: Duration = Duration::from_secs(1);
 /// How long a worker at its connection limit waits before looking again.
 const FULL_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -72,8 +76,11 @@ pub struct L7Workers {
     stopping: Arc<AtomicBool>,
     /// How long stopping workers wait for their connections, in milliseconds.
     grace_ms: Arc<AtomicU64>,
-    /// The listening sockets, to wake the accept loops when stopping.
-    listen_fds: Vec<RawFd>,
+    /// One per worker: wakes it to stop accepting.
+    stop_handles: Vec<EventHandle>,
+    /// A second descriptor of every listening socket, for handing them to the next daemon
+    /// ([`L7Workers::listening_sockets`]).
+    listening: Vec<OwnedFd>,
     /// Each returns the connections its worker had open when it stopped accepting.
     threads: Vec<thread::JoinHandle<usize>>,
 }
@@ -83,6 +90,20 @@ impl L7Workers {
     /// here, before the daemon reports ready), then starts the worker threads.
     /// `workers == 0` means one per CPU.
     pub fn start(snapshot: L7Snapshot, workers: usize) -> std::io::Result<L7Workers> {
+        L7Workers::start_with(snapshot, workers, Vec::new())
+    }
+
+    /// Like [`L7Workers::start`], adopting `inherited` listening sockets (a previous daemon's,
+    /// see [`crate::handover`]) before binding new ones: an inherited socket keeps the
+    /// connections waiting in its backlog, and accepting from it is what makes a restart
+    /// refuse nothing. Each address's inherited sockets are spread over the workers, and a
+    /// worker left without one gets a new `SO_REUSEPORT` socket. An inherited socket for an
+    /// address this config no longer listens on is closed (its waiting connections with it).
+    pub fn start_with(
+        snapshot: L7Snapshot,
+        workers: usize,
+        inherited: Vec<TcpListener>,
+    ) -> std::io::Result<L7Workers> {
         let workers = worker_count(workers);
         let addresses: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.address).collect();
         let listeners: Arc<[Listener]> = addresses
@@ -92,18 +113,41 @@ impl L7Workers {
                 counters: (0..workers).map(|_| WorkerCounters::default()).collect(),
             })
             .collect();
-        let mut sockets: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-        for address in &addresses {
-            for worker_sockets in &mut sockets {
-                worker_sockets.push(reuseport_listener(*address)?);
+        let mut inherited = inherited;
+        let mut sockets: Vec<Vec<(usize, TcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (index, address) in addresses.iter().enumerate() {
+            let (mine, rest): (Vec<_>, Vec<_>) = inherited
+                .into_iter()
+                .partition(|socket| socket.local_addr().ok() == Some(*address));
+            inherited = rest;
+            let adopted = mine.len();
+            for (i, socket) in mine.into_iter().enumerate() {
+                sockets[i % workers].push((index, socket));
+            }
+            for worker_sockets in sockets.iter_mut().skip(adopted) {
+                worker_sockets.push((index, reuseport_listener(*address)?));
+            }
+            if adopted > 0 {
+                tracing::info!(%address, adopted, "L7 listening sockets taken over");
             }
         }
+        for socket in inherited {
+            tracing::warn!(address = ?socket.local_addr().ok(), "an inherited listening socket is no longer configured: closed");
+        }
+        let listening = sockets
+            .iter()
+            .flatten()
+            .map(|(_, socket)| socket.try_clone().map(OwnedFd::from))
+            .collect::<std::io::Result<_>>()?;
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let stopping = Arc::new(AtomicBool::new(false));
         let grace_ms = Arc::new(AtomicU64::new(0));
-        let listen_fds = sockets.iter().flatten().map(AsRawFd::as_raw_fd).collect();
         let mut threads = Vec::new();
+        let mut stop_handles = Vec::new();
         for (index, worker_sockets) in sockets.into_iter().enumerate() {
+            let stop = Event::new();
+            stop_handles.push(stop.handle());
             let shared = Shared {
                 listeners: Arc::clone(&listeners),
                 snapshot: Arc::clone(&snapshot),
@@ -113,7 +157,7 @@ impl L7Workers {
             threads.push(
                 thread::Builder::new()
                     .name(format!("weir-l7-{index}"))
-                    .spawn(move || run_worker(index, worker_sockets, shared))?,
+                    .spawn(move || run_worker(index, worker_sockets, stop, shared))?,
             );
         }
         Ok(L7Workers {
@@ -122,9 +166,16 @@ impl L7Workers {
             snapshot,
             stopping,
             grace_ms,
-            listen_fds,
+            stop_handles,
+            listening,
             threads,
         })
+    }
+
+    /// Every listening socket (a second descriptor of each), to hand to the next daemon. The
+    /// sockets stay open while the value lives, whatever the workers do.
+    pub fn listening_sockets(&self) -> &[OwnedFd] {
+        &self.listening
     }
 
     /// Makes `next` what new requests route with. Requests under way finish with the
@@ -180,11 +231,15 @@ impl L7Workers {
         self.grace_ms
             .store(grace.as_millis() as u64, Ordering::Relaxed);
         self.stopping.store(true, Ordering::Relaxed);
-        for &fd in &self.listen_fds {
-            // SAFETY: the fds are open until their worker thread ends, which is joined below;
-            // shutdown wakes a pending accept with an error, which the loop takes as "stop".
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        // Each worker drops its accept loops, which wait for readiness and never hold a
+        // connection: the sockets and the connections in their backlogs are left as they are,
+        // for a daemon that took them over.
+        for handle in self.stop_handles.drain(..) {
+            handle.notify();
         }
+        // With the workers' descriptors, these were the last of this daemon's: a socket no
+        // other daemon took over closes, and new connections are refused, not queued.
+        self.listening.clear();
         self.threads
             .drain(..)
             .map(|thread| thread.join().unwrap_or(0))
@@ -231,7 +286,12 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Runs worker `index` until it is stopped; returns the connections it had open when it
 /// stopped accepting.
-fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) -> usize {
+fn run_worker(
+    index: usize,
+    sockets: Vec<(usize, TcpListener)>,
+    stop: Event,
+    shared: Shared,
+) -> usize {
     // Cooperative task running: completions are processed when the worker next enters the
     // kernel instead of interrupting it with an IPI (measured: without it, reschedule IPIs
     // and socket-lock contention took about a fifth of a worker's CPU under keep-alive load).
@@ -253,7 +313,7 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) -> usize 
         stopping,
         grace_ms,
     } = shared;
-    let worker = Rc::new(Worker::new(index, snapshot, Arc::clone(&stopping)));
+    let worker = Rc::new(Worker::new(index, snapshot, stopping));
     runtime.block_on(async move {
         let sweeper = {
             let worker = Rc::clone(&worker);
@@ -268,20 +328,18 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) -> usize 
             })
         };
         let mut accept_loops = Vec::new();
-        for (listener, socket) in sockets.into_iter().enumerate() {
+        for (listener, socket) in sockets {
             let listeners = Arc::clone(&listeners);
             let worker = Rc::clone(&worker);
-            let stopping = Arc::clone(&stopping);
             accept_loops.push(compio::runtime::spawn(async move {
-                if let Err(err) = accept_loop(worker, listener, socket, listeners, &stopping).await
-                {
+                if let Err(err) = accept_loop(worker, listener, socket, listeners).await {
                     tracing::error!(worker = index, %err, "L7 listener stopped");
                 }
             }));
         }
-        for accept_loop in accept_loops {
-            let _ = accept_loop.await;
-        }
+        stop.wait().await;
+        // Dropping the loops cancels their readiness waits; nothing was accepted by them.
+        drop(accept_loops);
         let open = worker.connections.get();
         let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
         drain(&worker, grace).await;
@@ -290,60 +348,83 @@ fn run_worker(index: usize, sockets: Vec<TcpListener>, shared: Shared) -> usize 
     })
 }
 
-/// A stopping worker's last duty: wait, up to `grace`, for its client connections to end,
-/// telling idle ones to close (they take no new request once stopping is set) each time it
-/// looks. Runs on the worker's thread, so the descriptors it shuts down are open.
+/// A stopping worker's last duty: wait, up to `grace`, for its client connections to end.
+///
+/// Exchanges under way finish (their responses say `Connection: close`). Kept-alive
+/// connections waiting for their next request get [`IDLE_LINGER`] to send it — it is then
+/// answered, with `Connection: close` — before they are closed: closing an idle connection
+/// the moment its client sends a request on it would fail that request (the client sees a
+/// reset), which on a restart is a failed request a client should never see. Runs on the
+/// worker's thread, so the descriptors it shuts down are open.
 async fn drain(worker: &Worker, grace: Duration) {
-    let deadline = std::time::Instant::now() + grace;
+    let started = std::time::Instant::now();
+    let deadline = started + grace;
     while worker.connections.get() > 0 && std::time::Instant::now() < deadline {
-        worker.close_idle_clients();
+        if started.elapsed() >= IDLE_LINGER.min(grace) {
+            worker.close_idle_clients();
+        }
         compio::time::sleep(DRAIN_POLL).await;
     }
 }
 
+/// Accepts connections on `socket` for listener `index` until the task is dropped.
+///
+/// It waits for the socket to be readable, then takes what its backlog holds with plain
+/// non-blocking `accept`s. Waiting for readiness rather than submitting an accept means a
+/// stopping worker cancels nothing that may already hold a connection: the backlog stays
+/// whole for whoever accepts next (the daemon that took the socket over).
 async fn accept_loop(
     worker: Rc<Worker>,
     index: usize,
     socket: TcpListener,
     listeners: Arc<[Listener]>,
-    stopping: &AtomicBool,
 ) -> std::io::Result<()> {
-    let listener = compio::net::TcpListener::from_std(socket)?;
+    let socket = compio::net::PollFd::new(socket)?;
     loop {
-        if stopping.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         // At the limit, leave new connections in the backlog until one closes.
         while worker.connections.get() >= worker.snapshot.load().settings.max_connections_per_worker
         {
             compio::time::sleep(FULL_BACKOFF).await;
         }
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(_) if stopping.load(Ordering::Relaxed) => return Ok(()),
-            Err(err) => {
-                // Out of descriptors or a connection reset before accept: not fatal.
-                tracing::warn!(worker = worker.index, %err, "accept failed");
-                compio::time::sleep(FULL_BACKOFF).await;
-                continue;
+        if let Err(err) = socket.accept_ready().await {
+            tracing::warn!(worker = worker.index, %err, "waiting to accept failed");
+            compio::time::sleep(FULL_BACKOFF).await;
+            continue;
+        }
+        loop {
+            let (stream, peer) = match socket.accept() {
+                Ok(accepted) => accepted,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    // Out of descriptors or a connection reset before accept: not fatal.
+                    tracing::warn!(worker = worker.index, %err, "accept failed");
+                    compio::time::sleep(FULL_BACKOFF).await;
+                    break;
+                }
+            };
+            let stream = compio::net::TcpStream::from_std(stream)?;
+            let listeners = Arc::clone(&listeners);
+            let worker = Rc::clone(&worker);
+            worker.connections.set(worker.connections.get() + 1);
+            let at_limit = worker.connections.get()
+                >= worker.snapshot.load().settings.max_connections_per_worker;
+            compio::runtime::spawn(async move {
+                let counters = &listeners[index].counters[worker.index];
+                counters.connections.fetch_add(1, Ordering::Relaxed);
+                proxy::serve_client(
+                    Rc::clone(&worker),
+                    index,
+                    io::Conn::new(stream),
+                    peer,
+                    counters,
+                )
+                .await;
+                worker.connections.set(worker.connections.get() - 1);
+            })
+            .detach();
+            if at_limit {
+                break;
             }
-        };
-        let listeners = Arc::clone(&listeners);
-        let worker = Rc::clone(&worker);
-        worker.connections.set(worker.connections.get() + 1);
-        compio::runtime::spawn(async move {
-            let counters = &listeners[index].counters[worker.index];
-            counters.connections.fetch_add(1, Ordering::Relaxed);
-            proxy::serve_client(
-                Rc::clone(&worker),
-                index,
-                io::Conn::new(stream),
-                peer,
-                counters,
-            )
-            .await;
-            worker.connections.set(worker.connections.get() - 1);
-        })
-        .detach();
+        }
     }
 }

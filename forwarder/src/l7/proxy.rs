@@ -241,9 +241,9 @@ pub async fn serve_client(
     let mut buf = worker.buffer();
     let mut first = true;
     loop {
-        if worker.stopping() {
-            return;
-        }
+        // A stopping worker still answers the request a client is sending (with
+        // `Connection: close`): closing a connection that may carry one would reset it. One
+        // that stays idle is closed by the drain (`l7::drain`).
         let head_snapshot = worker.snapshot.load_full();
         let request =
             match read_request(&worker, &client, buf, &head_snapshot.settings, first).await {

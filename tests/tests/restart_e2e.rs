@@ -1,0 +1,167 @@
+//! End-to-end: restarts and an upgrade of the daemon under load refuse nothing, on either plane.
+//!
+//! The daemon runs under the tests' own service manager (`weir_tests::supervisor`), which
+//! restarts it as `systemctl restart` would: SIGTERM, wait for the exit, start again with the
+//! listening sockets the stopping daemon left in the descriptor store. Meanwhile HTTP clients
+//! (kept-alive and one connection per request) go through the L7 vhost and long-lived
+//! connections exchange verified data through an L4 VIP; every client-side error is counted.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use weir_tests::{
+    client::EchoConnection,
+    lab::Lab,
+    load::HttpLoad,
+    supervisor::Supervisor,
+    topology::{ECHO_PORT, L4_VIP, L7_VIP},
+    workspace_bin,
+};
+
+const RESTARTS: usize = 10;
+const LONG_LIVED: usize = 6;
+
+/// Long-lived echo connections through the L4 VIP, each checking every exchange.
+struct LongLived {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl LongLived {
+    fn start(netns: &str) -> LongLived {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..LONG_LIVED)
+            .map(|_| {
+                let (stop, rounds, errors) = (stop.clone(), rounds.clone(), errors.clone());
+                let netns = format!("/run/netns/{netns}");
+                thread::spawn(move || {
+                    let file = fs::File::open(&netns).expect("client netns");
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                    let echo = SocketAddr::new(L4_VIP.into(), ECHO_PORT);
+                    let mut connection = match EchoConnection::open(echo) {
+                        Ok(c) => c,
+                        Err(err) => return errors.lock().unwrap().push(format!("open: {err}")),
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(err) = connection.exchange() {
+                            return errors.lock().unwrap().push(format!(
+                                "long-lived connection to {} broke in round {}: {err}",
+                                connection.server, connection.round
+                            ));
+                        }
+                        rounds.fetch_add(1, Ordering::Relaxed);
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            })
+            .collect();
+        LongLived {
+            stop,
+            rounds,
+            errors,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("long-lived thread");
+        }
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
+        (self.rounds.load(Ordering::Relaxed), errors)
+    }
+}
+
+/// Waits (bounded) until `load` has served `n` more responses.
+fn served_more(load: &HttpLoad, n: u64, what: &str) {
+    let target = load.served() + n;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while load.served() < target {
+        assert!(Instant::now() < deadline, "no traffic served {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn restarts_and_an_upgrade_under_load_refuse_nothing() {
+    let tag = format!("weirt-{}-restart", std::process::id());
+    let dir = std::env::temp_dir().join(&tag);
+    let mut lab = Lab::start(&format!("{tag}-"), 2, &dir, "native").expect("lab starts");
+    let config = lab.config();
+    let config = config.to_str().unwrap();
+    let mut supervisor = Supervisor::new(&dir.join("notify.sock")).expect("supervisor");
+    // From now on the daemon is the supervisor's service.
+    lab.terminate_weir().expect("the first daemon stops");
+    let weir = workspace_bin("weir");
+    let start = supervisor.command(&lab.topology.balancer, &weir, &["--config", config]);
+    lab.start_weir_from(start)
+        .expect("weir starts under the supervisor");
+
+    let client = lab.topology.client.name().to_string();
+    let l7 = SocketAddr::new(L7_VIP.into(), 80);
+    let load = HttpLoad::start(l7, "demo.weir.test", 4, Some(&client));
+    let long_lived = LongLived::start(&client);
+    served_more(&load, 200, "before the first restart");
+
+    // A binary other than the running one, for the upgrade.
+    let upgraded = dir.join("weir-upgraded");
+    fs::copy(&weir, &upgraded).unwrap();
+    fs::set_permissions(&upgraded, fs::Permissions::from_mode(0o755)).unwrap();
+    for round in 0..=RESTARTS {
+        let binary = if round == RESTARTS { &upgraded } else { &weir };
+        let status = lab.terminate_weir().expect("SIGTERM");
+        assert!(status.success(), "round {round}: weir exited {status}");
+        supervisor.collect().expect("notifications");
+        assert_eq!(
+            supervisor.stored(),
+            2,
+            "round {round}: the L7 sockets (2 workers × 1 address) are in the store"
+        );
+        let start = supervisor.command(&lab.topology.balancer, binary, &["--config", config]);
+        lab.start_weir_from(start)
+            .unwrap_or_else(|err| panic!("round {round}: weir starts: {err}"));
+        served_more(&load, 100, &format!("after restart {round}"));
+    }
+    let status = lab.status().expect("status");
+    assert!(status.daemon.adopted_datapath);
+
+    let (served, errors) = load.finish();
+    let (rounds, broken) = long_lived.finish();
+    let log = lab.log();
+    assert!(
+        errors.is_empty(),
+        "{} of {} HTTP requests failed, first: {:?}",
+        errors.len(),
+        served as usize + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(broken.is_empty(), "{broken:?}");
+    assert!(
+        rounds > (LONG_LIVED * 20) as u64,
+        "only {rounds} long-lived rounds"
+    );
+    assert_eq!(
+        log.matches("L7 listening sockets taken over").count(),
+        RESTARTS + 1,
+        "every start took the sockets over:\n{log}"
+    );
+    eprintln!(
+        "{served} requests and {rounds} long-lived rounds over {} restarts",
+        RESTARTS + 1
+    );
+}
