@@ -71,6 +71,9 @@ pub enum Request {
         #[serde(default)]
         after: u64,
     },
+    /// `weir upgrade`: the daemon passes its L7 listening sockets with the answer
+    /// ([`Response::HandedOver`], `SCM_RIGHTS`), then stops as on SIGTERM.
+    HandOver,
 }
 
 /// A response with its protocol version.
@@ -92,6 +95,10 @@ pub enum Response {
     /// A change (or reload) took effect; what changed, one line each (empty: nothing to do).
     Changed(Vec<String>),
     Events(Vec<Event>),
+    /// The L7 listening sockets came with this answer, this many; the daemon is stopping.
+    HandedOver {
+        sockets: usize,
+    },
     Error(ControlError),
 }
 

@@ -7,7 +7,10 @@
 use std::{
     fs,
     io::{self, BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{fs::PermissionsExt, net::UnixStream},
+    },
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -45,8 +48,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answers requests on `listener` with `handle` until the task is dropped.
-pub async fn serve<H>(listener: UnixListener, handle: Arc<H>)
+/// What the daemon gives on [`Request::HandOver`]: its listening sockets, and a way to stop
+/// once they have been sent.
+pub struct HandOver {
+    /// Second descriptors of the L7 listening sockets.
+    pub sockets: Box<dyn Fn() -> io::Result<Vec<OwnedFd>> + Send + Sync>,
+    /// Called once the sockets are on their way: the daemon stops as on SIGTERM.
+    pub sent: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Answers requests on `listener` with `handle` (and `hand_over` for [`Request::HandOver`])
+/// until the task is dropped.
+pub async fn serve<H>(listener: UnixListener, handle: Arc<H>, hand_over: Arc<HandOver>)
 where
     H: Fn(Request) -> Response + Send + Sync + 'static,
 {
@@ -59,15 +72,20 @@ where
             }
         };
         let handle = Arc::clone(&handle);
+        let hand_over = Arc::clone(&hand_over);
         tokio::spawn(async move {
-            if let Err(err) = serve_connection(stream, handle).await {
+            if let Err(err) = serve_connection(stream, handle, hand_over).await {
                 tracing::debug!(%err, "control connection ended with an error");
             }
         });
     }
 }
 
-async fn serve_connection<H>(stream: tokio::net::UnixStream, handle: Arc<H>) -> io::Result<()>
+async fn serve_connection<H>(
+    stream: tokio::net::UnixStream,
+    handle: Arc<H>,
+    hand_over: Arc<HandOver>,
+) -> io::Result<()>
 where
     H: Fn(Request) -> Response + Send + Sync + 'static,
 {
@@ -91,6 +109,17 @@ where
             )
         } else {
             match control::parse_request(line.trim_ascii_end()) {
+                Ok(Request::HandOver) => {
+                    let sockets = (hand_over.sockets)()?;
+                    let answer = ResponseEnvelope::new(Response::HandedOver {
+                        sockets: sockets.len(),
+                    });
+                    let mut out = serde_json::to_vec(&answer).map_err(io::Error::other)?;
+                    out.push(b'\n');
+                    send_with_fds(lines.get_ref().get_ref().as_ref(), &out, &sockets).await?;
+                    (hand_over.sent)();
+                    return Ok(());
+                }
                 Ok(request) => ResponseEnvelope::new(handle(request)),
                 Err(refusal) => ResponseEnvelope::new(Response::Error(refusal)),
             }
@@ -102,6 +131,77 @@ where
             // The rest of that line cannot be told apart from a next request: stop here.
             return Ok(());
         }
+    }
+}
+
+/// Writes `bytes` on `stream` with `fds` attached (`SCM_RIGHTS`), waiting while it is full.
+async fn send_with_fds(
+    stream: &tokio::net::UnixStream,
+    bytes: &[u8],
+    fds: &[OwnedFd],
+) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [io::IoSlice::new(bytes)];
+            let rights = [ControlMessage::ScmRights(&raw)];
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None)
+                .map_err(io::Error::from)
+        });
+        match sent {
+            // The answer is one short line: a datagram-sized write goes whole or not at all.
+            Ok(n) if n == bytes.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::other("the hand-over answer was cut short")),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Asks the daemon on `path` to hand over ([`Request::HandOver`]); its listening sockets.
+pub fn take_over(path: &Path) -> Result<Vec<OwnedFd>, ClientError> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let client = Client::connect(path)?;
+    let io_error = |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = client.reader.into_inner();
+    let mut line = serde_json::to_vec(&RequestEnvelope::new(Request::HandOver))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io_error)?;
+    let mut buf = vec![0u8; 4096];
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 256]);
+    let message = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|errno| io_error(errno.into()))?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs().map_err(|errno| io_error(errno.into()))? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: the kernel installed these descriptors for this process.
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let n = message.bytes;
+    let answer: ResponseEnvelope = serde_json::from_slice(buf[..n].trim_ascii_end())?;
+    match answer.result {
+        Response::HandedOver { .. } => Ok(fds),
+        Response::Error(error) => Err(ClientError::Refused(error)),
+        other => Err(ClientError::Io {
+            path: path.to_path_buf(),
+            source: io::Error::other(format!("unexpected answer {other:?}")),
+        }),
     }
 }
 
@@ -120,6 +220,8 @@ pub enum ClientError {
     },
     #[error("the weir daemon sent an unreadable answer: {0}")]
     BadResponse(#[from] serde_json::Error),
+    #[error("the weir daemon refused: {}", .0.message)]
+    Refused(control::ControlError),
 }
 
 /// A connection to the daemon's control socket.

@@ -48,6 +48,8 @@ use crate::{
 struct State {
     config_path: PathBuf,
     started: Instant,
+    /// Notified once the L7 sockets went to the next daemon (`weir upgrade`): stop.
+    handed_over: tokio::sync::Notify,
     /// The one lock every request takes: what makes the daemon the single writer.
     inner: Mutex<Inner>,
 }
@@ -130,6 +132,11 @@ impl State {
                 weight,
             } => inner.change(|l4| l4.set_weight(&vip, address, weight)),
             Request::Reload => inner.reload(&self.config_path),
+            // Answered by the control server itself, which passes the sockets with it.
+            Request::HandOver => Err(ControlError::new(
+                ControlErrorKind::BadRequest,
+                "a hand-over is asked for on the control socket, by `weir upgrade`",
+            )),
             Request::Events { after } => Ok(Response::Events(
                 inner
                     .events
@@ -795,12 +802,39 @@ fn raise_descriptor_limit(config: &Config) {
     }
 }
 
+/// How a daemon comes to serve.
+pub enum Start {
+    /// On its own; the service manager may pass it listening sockets (`LISTEN_FDS`).
+    Fresh,
+    /// In place of the running daemon (`weir upgrade`): with the listening sockets that one
+    /// handed over, once it has let go of the lock.
+    TakeOver(Vec<std::net::TcpListener>),
+}
+
+/// How long `weir upgrade` waits for the daemon it took over from to let go of the lock.
+const TAKE_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs the daemon with the config at `config_path` until it is told to stop.
 pub fn run(config_path: &Path) -> Result<()> {
+    run_with(config_path, Start::Fresh)
+}
+
+/// [`run`], started as `start` says.
+pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     let config = Config::load(config_path)?;
     let state_file = config.daemon.state_file.clone();
-    // Before anything is read, attached or bound: a second daemon stops here.
-    let lock = InstanceLock::acquire(&state_file)?;
+    // Before anything is read, attached or bound: a second daemon stops here (one taking
+    // over waits for the running one to let go).
+    let (lock, inherited) = match start {
+        Start::Fresh => (
+            InstanceLock::acquire(&state_file)?,
+            handover::from_service_manager(),
+        ),
+        Start::TakeOver(sockets) => (
+            InstanceLock::acquire_waiting(&state_file, TAKE_OVER_WAIT)?,
+            sockets,
+        ),
+    };
     let previous = RuntimeState::load(&state_file)?;
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
@@ -831,7 +865,6 @@ pub fn run(config_path: &Path) -> Result<()> {
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
     raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
-    let inherited = handover::from_service_manager();
     let l7 = L7Workers::start_with(vhosts.snapshot(&config, None), config.l7.workers, inherited)
         .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
     for listener in l7.status() {
@@ -843,6 +876,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     let state = Arc::new(State {
         config_path: config_path.to_path_buf(),
         started: Instant::now(),
+        handed_over: tokio::sync::Notify::new(),
         inner: Mutex::new(Inner {
             config,
             datapath,
@@ -878,13 +912,35 @@ pub fn run(config_path: &Path) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
         let mut slow_starts = tokio::time::interval(std::time::Duration::from_secs(1));
-        let serve = control::serve(listener, handler);
+        let hand_over = {
+            let (state, notify) = (Arc::clone(&state), Arc::clone(&state));
+            Arc::new(control::HandOver {
+                sockets: Box::new(move || {
+                    let inner = state
+                        .inner
+                        .lock()
+                        .map_err(|_| std::io::Error::other("daemon state poisoned"))?;
+                    inner
+                        .l7
+                        .listening_sockets()
+                        .iter()
+                        .map(|fd| fd.try_clone())
+                        .collect()
+                }),
+                sent: Box::new(move || notify.handed_over.notify_one()),
+            })
+        };
+        let serve = control::serve(listener, handler, hand_over);
         tokio::pin!(serve);
         loop {
             tokio::select! {
                 () = &mut serve => break,
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, the datapath stays pinned"); break }
                 _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
+                () = state.handed_over.notified() => {
+                    tracing::info!("handed over to the next daemon (weir upgrade): stopping, the datapath stays pinned");
+                    break
+                }
                 _ = slow_starts.tick() => {
                     if let Ok(mut inner) = state.inner.lock() {
                         inner.step_slow_starts();
@@ -931,6 +987,29 @@ pub fn run(config_path: &Path) -> Result<()> {
 
 /// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every
 /// interface and frees the maps. Established L4 flows end with it.
+/// `weir upgrade`: takes the L7 listening sockets from the daemon running with this config,
+/// which then stops (exchanges under way finish there), and serves in its place.
+pub fn upgrade(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let socket = &config.daemon.control_socket;
+    let sockets = control::take_over(socket).with_context(|| {
+        format!(
+            "cannot take over from the daemon on {} (one older than `weir upgrade` cannot hand \
+             over: stop it and start this one)",
+            socket.display()
+        )
+    })?;
+    tracing::info!(
+        sockets = sockets.len(),
+        "the running daemon handed over its L7 sockets"
+    );
+    let sockets = sockets
+        .into_iter()
+        .map(std::net::TcpListener::from)
+        .collect();
+    run_with(config_path, Start::TakeOver(sockets))
+}
+
 pub fn detach(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let _lock = InstanceLock::acquire(&config.daemon.state_file)

@@ -84,6 +84,23 @@ impl InstanceLock {
         Ok(InstanceLock { _file: file, path })
     }
 
+    /// Like [`InstanceLock::acquire`], waiting up to `wait` for the holder to let go (a daemon
+    /// handing over lets go once nothing writes its state any more).
+    pub fn acquire_waiting(
+        state_file: &Path,
+        wait: std::time::Duration,
+    ) -> Result<InstanceLock, LockError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match InstanceLock::acquire(state_file) {
+                Err(LockError::Held { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

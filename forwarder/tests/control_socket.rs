@@ -3,7 +3,10 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::{
+        fd::OwnedFd,
+        unix::{fs::PermissionsExt, net::UnixStream},
+    },
     path::Path,
     sync::{
         Arc,
@@ -12,12 +15,21 @@ use std::{
 };
 
 use weir_config::control::{self, ControlError, ControlErrorKind, Request, Response, StatusReport};
-use weir_forwarder::control::{Client, bind, serve};
+use weir_forwarder::control::{Client, HandOver, bind, serve, take_over};
+
+/// The sockets the test server hands over.
+static LISTENERS: std::sync::LazyLock<Vec<std::net::TcpListener>> =
+    std::sync::LazyLock::new(|| {
+        (0..2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect()
+    });
 
 /// Serves the socket at `path` on a background runtime with a handler that counts calls.
 fn start_server(path: &Path) -> Arc<AtomicUsize> {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&calls);
+    let handed = Arc::clone(&calls);
     let path = path.to_path_buf();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -50,6 +62,18 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                         }),
                         _ => Response::Changed(vec![]),
                     }
+                }),
+                Arc::new(HandOver {
+                    // Two real listening sockets, as the L7 workers would hand over.
+                    sockets: Box::new(move || {
+                        LISTENERS
+                            .iter()
+                            .map(|l| l.try_clone().map(OwnedFd::from))
+                            .collect()
+                    }),
+                    sent: Box::new(move || {
+                        handed.fetch_add(1, Ordering::SeqCst);
+                    }),
                 }),
             )
             .await;
@@ -143,4 +167,31 @@ fn a_second_daemon_does_not_steal_a_live_socket_but_replaces_a_stale_one() {
         .build()
         .unwrap();
     runtime.block_on(async { bind(&stale).expect("stale socket replaced") });
+}
+
+#[test]
+fn a_hand_over_passes_the_listening_sockets_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weir.sock");
+    let calls = start_server(&path);
+    let sockets = take_over(&path).expect("the server hands over");
+    assert_eq!(sockets.len(), 2);
+    for (fd, original) in sockets.into_iter().zip(LISTENERS.iter()) {
+        let received = std::net::TcpListener::from(fd);
+        // The same socket: same address, and a connection to it is accepted through the copy.
+        assert_eq!(
+            received.local_addr().unwrap(),
+            original.local_addr().unwrap()
+        );
+        let _client = std::net::TcpStream::connect(original.local_addr().unwrap()).unwrap();
+        received.set_nonblocking(false).unwrap();
+        let (_accepted, _) = received
+            .accept()
+            .expect("accepted through the handed-over socket");
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the daemon was told the sockets went"
+    );
 }

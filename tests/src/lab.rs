@@ -142,6 +142,21 @@ impl Lab {
         self.wait_for_weir()
     }
 
+    /// Starts `command` — a `weir upgrade` — and waits for the daemon it takes over from to
+    /// stop by itself; returns that one's exit status once the new one answers.
+    pub fn take_over_weir(&mut self, mut command: Command) -> Result<std::process::ExitStatus> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("weir.log"))?;
+        command.stdout(log.try_clone()?).stderr(log);
+        let next = Process::spawn("weir", &mut command)?;
+        let mut previous = std::mem::replace(&mut self.weir, next);
+        let status = previous.wait_exit(Duration::from_secs(60))?;
+        self.wait_for_weir()?;
+        Ok(status)
+    }
+
     /// The running daemon's process id.
     pub fn weir_pid(&self) -> u32 {
         self.weir.pid()

@@ -165,3 +165,61 @@ fn restarts_and_an_upgrade_under_load_refuse_nothing() {
         RESTARTS + 1
     );
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn upgrades_by_hand_under_load_refuse_nothing() {
+    let tag = format!("weirt-{}-upgrade", std::process::id());
+    let dir = std::env::temp_dir().join(&tag);
+    let mut lab = Lab::start(&format!("{tag}-"), 2, &dir, "native").expect("lab starts");
+    let config = lab.config();
+    let config = config.to_str().unwrap().to_string();
+    let client = lab.topology.client.name().to_string();
+    let load = HttpLoad::start(
+        SocketAddr::new(L7_VIP.into(), 80),
+        "demo.weir.test",
+        4,
+        Some(&client),
+    );
+    let long_lived = LongLived::start(&client);
+    served_more(&load, 200, "before the first upgrade");
+
+    let weir = workspace_bin("weir");
+    let upgraded = dir.join("weir-upgraded");
+    fs::copy(&weir, &upgraded).unwrap();
+    fs::set_permissions(&upgraded, fs::Permissions::from_mode(0o755)).unwrap();
+    for round in 0..3 {
+        let binary = if round % 2 == 0 { &upgraded } else { &weir };
+        let previous = lab.weir_pid();
+        let mut command = lab.topology.balancer.command(binary);
+        command.args(["upgrade", "--config", &config]);
+        let status = lab
+            .take_over_weir(command)
+            .unwrap_or_else(|err| panic!("round {round}: weir upgrade: {err}\n{}", lab.log()));
+        assert!(
+            status.success(),
+            "round {round}: the previous daemon exited {status}"
+        );
+        let now = lab.status().expect("status").daemon.pid;
+        assert_ne!(now, previous, "round {round}: a new daemon answers");
+        served_more(&load, 100, &format!("after upgrade {round}"));
+    }
+
+    let (served, errors) = load.finish();
+    let (rounds, broken) = long_lived.finish();
+    assert!(
+        errors.is_empty(),
+        "{} of {} HTTP requests failed, first: {:?}",
+        errors.len(),
+        served as usize + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(broken.is_empty(), "{broken:?}");
+    let log = lab.log();
+    assert_eq!(
+        log.matches("handed over to the next daemon").count(),
+        3,
+        "each previous daemon handed over:\n{log}"
+    );
+    eprintln!("{served} requests and {rounds} long-lived rounds over 3 upgrades by hand");
+}

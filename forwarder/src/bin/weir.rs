@@ -31,6 +31,11 @@ struct Args {
 enum Command {
     /// Detach XDP and unpin the maps a stopped daemon left (ends every L4 flow).
     Detach,
+    /// Take over from the daemon running with this config and serve in its place: it hands
+    /// over its L7 listening sockets and stops, letting its exchanges finish. A restart or a
+    /// binary upgrade by hand that refuses no connection (under systemd, `systemctl restart`
+    /// does the same through the descriptor store).
+    Upgrade,
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         None => weir_forwarder::daemon::run(&args.config),
         Some(Command::Detach) => weir_forwarder::daemon::detach(&args.config),
+        Some(Command::Upgrade) => weir_forwarder::daemon::upgrade(&args.config),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

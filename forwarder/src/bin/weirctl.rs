@@ -385,6 +385,8 @@ fn print_response(response: &Response, json: bool) {
         Response::Changed(changes) => changes.iter().for_each(|line| println!("{line}")),
         Response::Events(events) if json => print_json(events),
         Response::Events(events) => events.iter().for_each(print_event),
+        // weirctl never asks for a hand-over (`weir upgrade` does).
+        Response::HandedOver { sockets } => println!("handed over {sockets} sockets"),
         Response::Error(err) => print_json(err),
     }
 }
