@@ -189,6 +189,11 @@ fn a_hand_over_passes_the_listening_sockets_themselves() {
             .accept()
             .expect("accepted through the handed-over socket");
     }
+    // The server says so right after sending; give its thread a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while calls.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(
         calls.load(Ordering::SeqCst),
         1,

@@ -1074,27 +1074,31 @@ fn servers_that_cannot_work_are_refused_by_add_and_reload() {
         "a refused add changed something"
     );
 
-    // A reload that brings one in is refused whole.
+    // A reload that brings one in is refused whole, whichever class it is.
     let config = fs::read_to_string(lab.config()).unwrap();
-    let edited = config.replacen(
-        &format!("{{ address = \"{}\" }}", http_server(1)),
-        &format!(
-            "{{ address = \"{}\" }}, {{ address = \"198.18.0.2:8080\" }}",
-            http_server(1)
-        ),
-        1,
-    );
-    assert_ne!(edited, config);
-    fs::write(lab.config(), edited).unwrap();
-    let out = weirctl(&lab, &["reload"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("198.18.0.2:8080 cannot work") && stderr.contains("of this balancer"),
-        "{stderr}"
-    );
-    assert!(
-        before.same_contents(&Snapshot::take(&lab)),
-        "a refused reload changed something"
-    );
+    let pool = format!("{{ address = \"{}\" }}", http_server(1));
+    for (address, reason) in [
+        ("198.18.0.2:8080", "of this balancer"),
+        ("0.0.0.0:8080", "unspecified"),
+        ("255.255.255.255:8080", "broadcast"),
+        ("224.0.0.9:8080", "multicast"),
+        ("127.0.0.1:8080", "loopback"),
+        ("198.18.11.2:0", "port 0"),
+        ("198.18.100.10:8080", "is an L4 VIP"),
+    ] {
+        let edited = config.replacen(&pool, &format!("{pool}, {{ address = \"{address}\" }}"), 1);
+        assert_ne!(edited, config);
+        fs::write(lab.config(), edited).unwrap();
+        let out = weirctl(&lab, &["reload"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{address}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{address} cannot work")) && stderr.contains(reason),
+            "{address}: {stderr}"
+        );
+        assert!(
+            before.same_contents(&Snapshot::take(&lab)),
+            "a refused reload ({address}) changed something"
+        );
+    }
 }
