@@ -17,7 +17,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, ArrayOfMaps, DevMapHash, HashMap, IterableMap, MapData, MapError, PerCpuArray,
+        PerCpuValues,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
@@ -500,6 +503,8 @@ impl DatapathMaps {
     /// Under a flood the table churns while it is walked, and the kernel restarts a walk whose
     /// current key was evicted, so a plain walk can visit entries twice or never end. The walk
     /// counts distinct keys and stops after twice the table's size: a count, never a loop.
+    /// Under churn it is approximate — keys seen during the walk did not all exist at once —
+    /// and never more than the table holds (an LRU map never exceeds its size).
     pub fn embryonic_flows(&self, idle_ns: u64) -> usize {
         let now = coarse_now_ns();
         let capacity = self
@@ -518,7 +523,7 @@ impl DatapathMaps {
                 seen.insert(key);
             }
         }
-        seen.len()
+        seen.len().min(capacity)
     }
 
     /// Adds or replaces a VIP entry (a service, or an address-level entry).
@@ -599,6 +604,25 @@ impl DatapathMaps {
             .collect()
     }
 
+    /// The VIP entry of `key`, if there is one.
+    pub fn vip(&self, key: &VipKey) -> Result<Option<VipInfo>, DatapathError> {
+        match self.vips.get(key, 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(DatapathError::Map(names::VIPS_MAP, e)),
+        }
+    }
+
+    /// Zeroes VIP `id`'s traffic on every CPU (the id is given to a new VIP).
+    pub fn clear_vip_traffic(&mut self, id: u32) -> Result<(), DatapathError> {
+        clear_traffic(&mut self.vip_stats, id, names::VIP_STATS_MAP)
+    }
+
+    /// Zeroes server `id`'s traffic on every CPU (the id is given to a new server).
+    pub fn clear_server_traffic(&mut self, id: u32) -> Result<(), DatapathError> {
+        clear_traffic(&mut self.server_stats, id, names::SERVER_STATS_MAP)
+    }
+
     /// Traffic of VIP `id`, summed over CPUs.
     pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounter, DatapathError> {
         sum_traffic(&self.vip_stats, id, names::VIP_STATS_MAP)
@@ -644,6 +668,19 @@ impl DatapathMaps {
     pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
         self.flows.get(key, 0).ok()
     }
+}
+
+fn clear_traffic(
+    map: &mut PerCpuArray<MapData, TrafficCounter>,
+    id: u32,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    let cpus =
+        aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map(name, MapError::from(e)))?;
+    let zeros = PerCpuValues::try_from(vec![TrafficCounter::default(); cpus])
+        .map_err(|e| DatapathError::Map(name, MapError::from(e)))?;
+    map.set(id, zeros, 0)
+        .map_err(|e| DatapathError::Map(name, e))
 }
 
 fn sum_traffic(

@@ -712,6 +712,8 @@ impl L4Services {
                 let generation = if slot.is_present() && slot.socket_addr() == address {
                     slot.generation()
                 } else {
+                    // A new holder of the id starts with zero counters, not its predecessor's.
+                    maps.clear_server_traffic(id)?;
                     ServerInfo::next_generation(slot.generation())
                 };
                 maps.set_server(id, ServerInfo::with_generation(address, generation))?;
@@ -722,6 +724,13 @@ impl L4Services {
 
         for service in self.services.values() {
             let before = old.and_then(|o| o.services.get(&service.name));
+            // A VIP id given anew (the map does not already hold this VIP under it, as it does
+            // for a restarted daemon's VIPs) starts with zero counters.
+            if before.is_none_or(|b| b.id != service.id)
+                && maps.vip(&service.vip_keys()[0])?.map(|info| info.id) != Some(service.id)
+            {
+                maps.clear_vip_traffic(service.id)?;
+            }
             if before.is_none_or(|b| b.id != service.id || b.table != service.table) {
                 maps.install_table(service.id, &service.table)?;
             }

@@ -1458,6 +1458,12 @@ fn a_reused_server_id_never_receives_an_old_flow() {
             newcomer,
             "the newcomer holds the old id"
         );
+        // ... and starts with zero counters, not the three packets its predecessor was sent.
+        assert_eq!(
+            lb.datapath.maps().server_traffic(id).unwrap(),
+            Default::default(),
+            "the newcomer inherited its predecessor's counters"
+        );
 
         // The old flows' next packets pick afresh among web4's servers: neither reaches the
         // newcomer that holds their server's id now.
@@ -1468,6 +1474,46 @@ fn a_reused_server_id_never_receives_an_old_flow() {
             assert_ne!(to, newcomer, "{client}'s flow went to the id's new holder");
             assert_eq!(to, addr("198.18.1.10:8080"), "re-picked in web4's pool");
         }
+    });
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn a_reused_vip_id_starts_from_zero_and_live_ones_keep_their_counters() {
+    in_bed("vipid", || {
+        let mut lb = Balancer::new();
+        // Traffic through the last VIP of the config, whose id is the highest.
+        let churn = lb.service("churn").clone();
+        lb.tcp_to("churn", client(49000), Flags::Syn);
+        let web = lb.service("web4").id;
+        lb.tcp_to("web4", client(49001), Flags::Syn);
+        let counted = |lb: &Balancer, id| lb.datapath.maps().vip_traffic(id).unwrap().packets;
+        assert_eq!(counted(&lb, churn.id), 1);
+        // A reload that drops it and brings in another VIP, which gets the freed id.
+        let source = CONFIG
+            .replace("name = \"churn\"", "name = \"fresh\"")
+            .replace("198.18.100.35", "198.18.100.36");
+        let config = Config::parse("packets.toml".as_ref(), &source).unwrap();
+        let state = lb.services.runtime_state();
+        let next = L4Services::plan(&config, Some(&state)).unwrap();
+        next.sync(lb.datapath.maps_mut(), Some(&lb.services))
+            .unwrap();
+        let fresh = next.service("fresh").unwrap().id;
+        assert_eq!(fresh, churn.id, "the new VIP holds the freed id");
+        assert_eq!(
+            counted(&lb, fresh),
+            0,
+            "the new VIP inherited the old one's counters"
+        );
+        assert_eq!(counted(&lb, web), 1, "a VIP that stays keeps its counters");
+        // A restarted daemon (no previous model: it reads what the maps hold) keeps them too.
+        let restarted = L4Services::plan(&config, Some(&next.runtime_state())).unwrap();
+        restarted.sync(lb.datapath.maps_mut(), None).unwrap();
+        assert_eq!(
+            counted(&lb, web),
+            1,
+            "a restart cleared a live VIP's counters"
+        );
     });
 }
 
