@@ -466,3 +466,14 @@ pub enum AdminState {
     /// In maintenance: no new traffic (and, later, no health checks).
     Disabled,
 }
+
+impl AdminState {
+    /// The state's name, as the JSON and the CLI spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Draining => "draining",
+            AdminState::Disabled => "disabled",
+        }
+    }
+}

@@ -13,7 +13,8 @@
 //!   [`weir_config::control`].
 //! - [`daemon`]: wires them together; the `weir` binary is a thin shell around it.
 
-pub mod control;
+/// The control socket lives in its own crate, which `weirctl` builds without the eBPF toolchain.
+pub use weir_control as control;
 pub mod daemon;
 pub mod datapath;
 pub mod handover;

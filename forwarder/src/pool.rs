@@ -254,15 +254,6 @@ pub fn health_name(health: HealthState) -> &'static str {
     }
 }
 
-/// The lower-case name operators see for an admin state.
-pub fn state_name(state: AdminState) -> &'static str {
-    match state {
-        AdminState::Ready => "ready",
-        AdminState::Draining => "draining",
-        AdminState::Disabled => "disabled",
-    }
-}
-
 /// One line per server added, removed, reweighted or changed state, from `old` to `new`
 /// (`kind` and `name` say which pool: `vip web`, `vhost shop`).
 pub fn server_changes(
@@ -283,7 +274,7 @@ pub fn server_changes(
                 "{kind} {name}: server {} added (weight {}, {})",
                 server.address,
                 server.weight,
-                state_name(server.state)
+                server.state.name()
             )),
             Some(before) => {
                 if before.weight != server.weight {
@@ -296,8 +287,8 @@ pub fn server_changes(
                     lines.push(format!(
                         "{kind} {name}: server {} {} -> {}",
                         server.address,
-                        state_name(before.state),
-                        state_name(server.state)
+                        before.state.name(),
+                        server.state.name()
                     ));
                 }
                 if before.health != server.health {

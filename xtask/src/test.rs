@@ -39,6 +39,8 @@ pub fn run(args: TestArgs) -> Result<()> {
     ]))?;
     step("cargo clippy (eBPF crate, bpfel-unknown-none)");
     run_cmd(&mut ebpf_clippy(&toolchain))?;
+    step("weirctl builds with the stable toolchain alone (no nightly, no bpf-linker)");
+    cli_builds_alone(&toolchain)?;
     step("cargo build --bins");
     run_cmd(&mut cargo(&["build", "--bins"]))?;
 
@@ -64,6 +66,63 @@ pub fn run(args: TestArgs) -> Result<()> {
         print_skipped(&toolchain)?;
     }
     run_cmd(&mut test)
+}
+
+/// The CLI package's build must not reach the eBPF build: its dependency tree holds neither
+/// aya nor the daemon (whose `build.rs` builds the eBPF object with nightly and bpf-linker),
+/// and it builds with a `bpf-linker` on `PATH` that fails if anything calls it.
+fn cli_builds_alone(toolchain: &Toolchain) -> Result<()> {
+    let tree = toolchain
+        .cargo()
+        .args([
+            "tree",
+            "-p",
+            "weirctl",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+        ])
+        .output()?;
+    anyhow::ensure!(tree.status.success(), "cargo tree -p weirctl failed");
+    let tree = String::from_utf8_lossy(&tree.stdout);
+    let ebpf_crates: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            ["aya", "weir-ebpf", "weir-forwarder", "weir-common"]
+                .iter()
+                .any(|c| l.starts_with(c))
+        })
+        .collect();
+    anyhow::ensure!(
+        ebpf_crates.is_empty(),
+        "weirctl depends on the eBPF build: {ebpf_crates:?}"
+    );
+    let trap = std::env::temp_dir().join(format!("weir-no-bpf-linker-{}", std::process::id()));
+    std::fs::create_dir_all(&trap)?;
+    let linker = trap.join("bpf-linker");
+    std::fs::write(
+        &linker,
+        "#!/bin/sh\necho 'bpf-linker called while building weirctl' >&2\nexit 1\n",
+    )?;
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&linker)?.permissions(),
+        0o755,
+    );
+    std::fs::set_permissions(&linker, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!(
+        "{}:{}",
+        trap.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let built = run_cmd(
+        toolchain
+            .cargo()
+            .args(["build", "-p", "weirctl"])
+            .env("PATH", path),
+    );
+    let _ = std::fs::remove_dir_all(&trap);
+    built
 }
 
 fn step(what: &str) {

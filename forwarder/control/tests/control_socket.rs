@@ -15,7 +15,7 @@ use std::{
 };
 
 use weir_config::control::{self, ControlError, ControlErrorKind, Request, Response, StatusReport};
-use weir_forwarder::control::{Client, HandOver, bind, serve, take_over};
+use weir_control::{Client, HandOver, bind, serve, take_over};
 
 /// The sockets the test server hands over.
 static LISTENERS: std::sync::LazyLock<Vec<std::net::TcpListener>> =

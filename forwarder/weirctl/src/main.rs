@@ -23,7 +23,7 @@ use weir_config::{
         StatsReport, StatusReport, VipReport,
     },
 };
-use weir_forwarder::control::{Client, ClientError};
+use weir_control::{Client, ClientError};
 
 #[derive(Parser)]
 #[command(name = "weirctl", version, about = "Control a running weir daemon")]
@@ -543,7 +543,7 @@ fn print_servers(servers: &[ServerReport]) {
             "{:<16} {:<28} {:<9} {:<10} {:>6} {:>8} {:>12} {:>10}",
             s.vip,
             s.address.to_string(),
-            weir_forwarder::pool::state_name(s.admin),
+            s.admin.name(),
             lower(&s.health),
             s.weight,
             s.active_flows,
