@@ -91,3 +91,33 @@ pub mod names {
         EVENTS_MAP,
     ];
 }
+
+/// The size of every type a map holds, checked when this crate compiles: the kernel sees these
+/// bytes, pinned maps keep them across upgrades, and the eBPF and userspace builds must agree.
+/// A field added or reordered fails the build here instead of corrupting a pinned map.
+mod layout {
+    use core::mem::size_of;
+
+    use crate::{
+        Counter, TrafficCounter,
+        edge::{AddressKey, EdgeSettings, FloodWindow},
+        flow::{Embryonic, EmbryonicKey, FlowKey, FlowState, NatReturn},
+        l4::{DatapathSettings, NextHop, ServerInfo, VipInfo, VipKey},
+    };
+
+    const _: () = assert!(size_of::<Counter>() == 16);
+    const _: () = assert!(size_of::<TrafficCounter>() == 24);
+    const _: () = assert!(size_of::<VipKey>() == 20);
+    const _: () = assert!(size_of::<VipInfo>() == 8);
+    const _: () = assert!(size_of::<ServerInfo>() == 20);
+    const _: () = assert!(size_of::<NextHop>() == 48);
+    const _: () = assert!(size_of::<DatapathSettings>() == 32);
+    const _: () = assert!(size_of::<FlowKey>() == 40);
+    const _: () = assert!(size_of::<FlowState>() == 16);
+    const _: () = assert!(size_of::<NatReturn>() == 24);
+    const _: () = assert!(size_of::<EmbryonicKey>() == 20);
+    const _: () = assert!(size_of::<Embryonic>() == 32);
+    const _: () = assert!(size_of::<AddressKey>() == 20);
+    const _: () = assert!(size_of::<EdgeSettings>() == 16);
+    const _: () = assert!(size_of::<FloodWindow>() == 16);
+}

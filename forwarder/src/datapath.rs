@@ -700,3 +700,27 @@ fn coarse_now_ns() -> u64 {
         .expect("CLOCK_MONOTONIC_COARSE is always available on Linux");
     now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every map of the compiled object is pinned (a map missing from `names::ALL_MAPS` would
+    /// be created anew by every daemon, losing its state on restart), and every name pinned is
+    /// a map of the object.
+    #[test]
+    fn the_pinned_maps_are_exactly_the_maps_of_the_object() {
+        let object = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        let in_object: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            // Sections of static data, which the object has none of, would not be pinned.
+            .filter(|name| !name.starts_with('.'))
+            .collect();
+        let pinned: BTreeSet<&str> = names::ALL_MAPS.iter().copied().collect();
+        assert_eq!(in_object, pinned);
+    }
+}
