@@ -123,3 +123,43 @@ fn weirctl_changes_a_vhost_pool_under_load_with_no_client_error_and_the_pool_per
         .expect("a request after the restart");
     assert_eq!(response.status, 200);
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn an_l4_change_leaves_the_l7_rotation_where_it_was() {
+    let dir = std::env::temp_dir().join(format!("weirt-{}-l7rr", std::process::id()));
+    let lab = Lab::start(&prefix("l7rr"), 3, &dir, "native").expect("lab starts");
+    // One kept-alive connection stays on one worker, whose round robin over three servers of
+    // equal weight answers s1, s2, s3, s1, … — a republished snapshot would start it again.
+    let answers = lab
+        .topology
+        .client
+        .run(|| {
+            let mut conn = HttpConn::connect(SocketAddr::new(L7_VIP.into(), 80)).unwrap();
+            let mut ask = || {
+                let response = conn.request("GET", "/", HOST, "", Body::None).unwrap();
+                assert_eq!(response.status, 200);
+                response.text().trim().to_string()
+            };
+            let mut answers = vec![ask()];
+            for change in ["drain", "enable", "drain", "enable"] {
+                // An L4 pool changes between two requests.
+                let out = std::process::Command::new(weir_tests::workspace_bin("weirctl"))
+                    .arg("--socket")
+                    .arg(dir.join("weir.sock"))
+                    .args(["server", change, "demo-l4", &server(1)])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{out:?}");
+                answers.push(ask());
+            }
+            answers
+        })
+        .unwrap();
+    for pair in answers.windows(2) {
+        assert_ne!(
+            pair[0], pair[1],
+            "the rotation restarted after an L4 change: {answers:?}"
+        );
+    }
+}

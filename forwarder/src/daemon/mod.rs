@@ -10,25 +10,25 @@
 //! commit", undone in the maps if a later step fails. Stopping the daemon leaves the datapath
 //! pinned and forwarding; `weir detach` takes it down.
 
+mod pools;
+mod report;
+
 use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::{
     Config, DEFAULT_WEIGHT,
-    control::{
-        AdminState, ControlError, ControlErrorKind, DaemonStatus, DatapathCounter, Event,
-        FlowEvent, FlowTableReport, HealthState, L7Traffic, Request, Response, ServerReport,
-        StatsReport, StatusReport, Traffic, VipReport,
-    },
+    control::{AdminState, ControlError, ControlErrorKind, Event, Request, Response},
 };
+
+use pools::{Plane, Verb};
 
 use crate::{
     control,
@@ -96,11 +96,7 @@ impl State {
                 weight,
             } => {
                 let weight = weight.unwrap_or(DEFAULT_WEIGHT);
-                if inner.vhosts.contains(&vip) {
-                    inner.change_vhosts(|v| v.add_server(&vip, address, weight))
-                } else {
-                    inner.change(|l4| l4.add_server(&vip, address, weight))
-                }
+                inner.edit(&vip, address, Verb::Add { weight })
             }
             Request::ServerRemove {
                 vip,
@@ -111,26 +107,12 @@ impl State {
                 vip,
                 address,
                 state,
-            } if inner.vhosts.contains(&vip) => {
-                inner.change_vhosts(|v| v.set_state(&vip, address, state))
-            }
-            Request::ServerSetState {
-                vip,
-                address,
-                state,
-            } => inner.change(|l4| l4.set_state(&vip, address, state)),
+            } => inner.edit(&vip, address, Verb::SetState(state)),
             Request::ServerWeight {
                 vip,
                 address,
                 weight,
-            } if inner.vhosts.contains(&vip) => {
-                inner.change_vhosts(|v| v.set_weight(&vip, address, weight))
-            }
-            Request::ServerWeight {
-                vip,
-                address,
-                weight,
-            } => inner.change(|l4| l4.set_weight(&vip, address, weight)),
+            } => inner.edit(&vip, address, Verb::SetWeight(weight)),
             Request::Reload => inner.reload(&self.config_path),
             // Answered by the control server itself, which passes the sockets with it.
             Request::HandOver => Err(ControlError::new(
@@ -155,50 +137,9 @@ impl State {
         }
         result.unwrap_or_else(Response::Error)
     }
-
-    fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
-        Ok(StatusReport {
-            daemon: DaemonStatus {
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                config: self.config_path.display().to_string(),
-                uptime_secs: self.started.elapsed().as_secs(),
-                state_file: inner.config.daemon.state_file.display().to_string(),
-                bpf_dir: inner.config.daemon.bpf_dir.display().to_string(),
-                adopted_datapath: inner.datapath.adopted(),
-            },
-            xdp: inner.datapath.attachments().to_vec(),
-            counters: inner.counters()?,
-            flows: inner.flow_table_report()?,
-            listeners: inner.l7.status(),
-        })
-    }
 }
 
 impl Inner {
-    /// Applies one change to the model and, through it, to the maps and the state file.
-    fn change(
-        &mut self,
-        change: impl FnOnce(&mut L4Services) -> Result<(), L4Error>,
-    ) -> Result<Response, ControlError> {
-        let mut next = self.l4.clone();
-        change(&mut next).map_err(refusal)?;
-        self.commit(next, self.vhosts.clone(), None)
-            .map(Response::Changed)
-    }
-
-    /// Applies one change to the vhosts' pools, and through it to the workers and the
-    /// state file.
-    fn change_vhosts(
-        &mut self,
-        change: impl FnOnce(&mut Vhosts) -> Result<(), VhostError>,
-    ) -> Result<Response, ControlError> {
-        let mut next = self.vhosts.clone();
-        change(&mut next).map_err(vhost_refusal)?;
-        self.commit(self.l4.clone(), next, None)
-            .map(Response::Changed)
-    }
-
     /// The durable state of both models.
     fn runtime_state(l4: &L4Services, vhosts: &Vhosts) -> RuntimeState {
         RuntimeState {
@@ -218,7 +159,8 @@ impl Inner {
     ) -> Result<Vec<String>, ControlError> {
         let mut changes = self.l4.diff(&next);
         changes.extend(self.vhosts.diff(&next_vhosts));
-        if config.as_ref().is_some_and(|c| c.l7 != self.config.l7) {
+        let l7_settings_changed = config.as_ref().is_some_and(|c| c.l7 != self.config.l7);
+        if l7_settings_changed {
             changes.push("l7 settings (limits, timeouts, headers, access log)".to_string());
         }
         let settings = config.as_ref().map(l4::settings);
@@ -276,7 +218,9 @@ impl Inner {
         if let Some(config) = config {
             self.config = config;
         }
-        if next_vhosts != self.vhosts || !changes.is_empty() {
+        // The workers' snapshot changes only when L7 did: republishing it for an L4 change
+        // would restart every worker's weighted round robin.
+        if next_vhosts != self.vhosts || l7_settings_changed {
             let snapshot = next_vhosts.snapshot(&self.config, Some(&self.l7.snapshot()));
             self.l7.publish(snapshot);
             self.vhosts = next_vhosts;
@@ -358,11 +302,7 @@ impl Inner {
             health,
             reason,
         } = transition;
-        let result = if self.vhosts.contains(&pool) {
-            self.change_vhosts(|v| v.set_health(&pool, address, health))
-        } else {
-            self.change(|l4| l4.set_health(&pool, address, health))
-        };
+        let result = self.edit(&pool, address, Verb::SetHealth(health));
         match result {
             Ok(response) => {
                 tracing::warn!(pool, %address, health = health_name(health), reason, "health changed");
@@ -384,41 +324,48 @@ impl Inner {
     /// Removes a server, unless that would cut flows or empty the pool (without `force`).
     fn remove_server(
         &mut self,
-        vip: &str,
+        name: &str,
         address: std::net::SocketAddr,
         force: bool,
     ) -> Result<Response, ControlError> {
-        if let Ok(vhost) = self.vhosts.vhost(vip) {
-            // In-flight requests finish on their own connection whatever the pool says, so
-            // removing an L7 server never cuts one; only emptying the pool is refused.
-            if !force && vhost.servers.len() == 1 && vhost.servers[0].address == address {
-                return Err(ControlError::new(
-                    ControlErrorKind::Refused,
-                    format!(
-                        "{address} is the last server of vhost `{vip}`: without it every request \
-                         gets 503. Add another server first, or use --force"
-                    ),
-                ));
-            }
-            return self.change_vhosts(|v| v.remove_server(vip, address));
-        }
-        let service = self.l4.service(vip).map_err(refusal)?;
-        let server = service.find_server(address).ok_or_else(|| {
-            refusal(L4Error::UnknownServer {
-                vip: vip.to_string(),
-                server: address,
-            })
-        })?;
         if !force {
-            if service.servers.len() == 1 {
-                return Err(ControlError::new(
-                    ControlErrorKind::Refused,
-                    format!(
-                        "{address} is the last server of VIP `{vip}`: without it every new \
-                         connection is dropped. Add another server first, or use --force"
-                    ),
-                ));
+            self.refuse_cutting(name, address)?;
+        }
+        self.edit(name, address, Verb::Remove)
+    }
+
+    /// Why removing `address` from pool `name` would hurt: it is the last server, or (L4) it
+    /// still has active flows. In-flight L7 requests finish on their own connection whatever
+    /// the pool says, so an L7 server's removal never cuts one.
+    fn refuse_cutting(
+        &self,
+        name: &str,
+        address: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let (servers, what, without) = match self.resolve(name)? {
+            Plane::L7 => {
+                let vhost = self.vhosts.vhost(name).map_err(vhost_refusal)?;
+                let servers: Vec<_> = vhost.servers.iter().map(|s| s.address).collect();
+                (servers, "vhost", "every request gets 503")
             }
+            Plane::L4 => {
+                let service = self.l4.service(name).map_err(refusal)?;
+                let servers: Vec<_> = service.servers.iter().map(|s| s.address).collect();
+                (servers, "VIP", "every new connection is dropped")
+            }
+        };
+        if servers == [address] {
+            return Err(ControlError::new(
+                ControlErrorKind::Refused,
+                format!(
+                    "{address} is the last server of {what} `{name}`: without it {without}. \
+                     Add another server first, or use --force"
+                ),
+            ));
+        }
+        if let Ok(service) = self.l4.service(name)
+            && let Some(server) = service.find_server(address)
+        {
             let flows = self.active_flows()?.get(&server.id).copied().unwrap_or(0);
             if flows > 0 {
                 return Err(ControlError::new(
@@ -430,7 +377,7 @@ impl Inner {
                 ));
             }
         }
-        self.change(|l4| l4.remove_server(vip, address))
+        Ok(())
     }
 
     /// Re-reads the config and applies all of it, or none of it.
@@ -454,221 +401,6 @@ impl Inner {
         next_vhosts.carry_health(&self.vhosts);
         self.commit(next, next_vhosts, Some(config))
             .map(Response::Changed)
-    }
-
-    fn counters(&self) -> Result<Vec<DatapathCounter>, ControlError> {
-        Ok(self
-            .datapath
-            .maps()
-            .counters()
-            .map_err(|err| internal(err.to_string()))?
-            .into_iter()
-            .map(|(stat, counter)| DatapathCounter {
-                reason: stat.name().to_string(),
-                packets: counter.packets,
-                bytes: counter.bytes,
-            })
-            .collect())
-    }
-
-    /// Embryonic flows and flow events.
-    fn flow_table_report(&self) -> Result<FlowTableReport, ControlError> {
-        let maps = self.datapath.maps();
-        let idle = l4::edge_settings(&self.config).embryonic_idle_ns;
-        let events = maps
-            .events()
-            .map_err(|err| internal(err.to_string()))?
-            .into_iter()
-            .map(|(event, count)| FlowEvent {
-                event: event.name().to_string(),
-                count,
-            })
-            .collect();
-        Ok(FlowTableReport {
-            embryonic: maps.embryonic_flows(idle),
-            events,
-        })
-    }
-
-    /// Active flows per server id.
-    fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
-        let settings = l4::settings(&self.config);
-        let never = |ns: u64| if ns == 0 { u64::MAX } else { ns };
-        let idle = |key: &FlowKey| {
-            never(if key.protocol == PROTO_TCP {
-                settings.tcp_idle_ns
-            } else {
-                settings.udp_idle_ns
-            })
-        };
-        self.datapath
-            .maps()
-            .active_flows(idle)
-            .map_err(|err| internal(err.to_string()))
-    }
-
-    fn vip_reports(&self) -> Result<Vec<VipReport>, ControlError> {
-        let flows = self.active_flows()?;
-        let maps = self.datapath.maps();
-        self.l4
-            .services()
-            .map(|service| {
-                let traffic = maps
-                    .vip_traffic(service.id)
-                    .map_err(|err| internal(err.to_string()))?;
-                Ok(VipReport {
-                    name: service.name.clone(),
-                    address: service.address,
-                    protocol: service.protocol,
-                    mode: service.mode,
-                    hash: service.hash,
-                    table_size: service.table_size,
-                    servers: service.servers.len(),
-                    ready: service
-                        .servers
-                        .iter()
-                        .filter(|s| s.state == weir_config::control::AdminState::Ready)
-                        .count(),
-                    active_flows: service
-                        .servers
-                        .iter()
-                        .map(|s| flows.get(&s.id).copied().unwrap_or(0))
-                        .sum(),
-                    traffic: traffic_report(traffic),
-                })
-            })
-            .collect()
-    }
-
-    fn server_reports(&self, vip: Option<&str>) -> Result<Vec<ServerReport>, ControlError> {
-        if let Some(vip) = vip
-            && !self.vhosts.contains(vip)
-        {
-            self.l4.service(vip).map_err(refusal)?;
-        }
-        let flows = self.active_flows()?;
-        let maps = self.datapath.maps();
-        let mut reports = Vec::new();
-        for service in self
-            .l4
-            .services()
-            .filter(|s| vip.is_none_or(|v| v == s.name))
-        {
-            for server in &service.servers {
-                let traffic = maps
-                    .server_traffic(server.id)
-                    .map_err(|err| internal(err.to_string()))?;
-                reports.push(ServerReport {
-                    active_flows: flows.get(&server.id).copied().unwrap_or(0),
-                    traffic: traffic_report(traffic),
-                    ..self.server_report(
-                        &service.name,
-                        server.address,
-                        server.weight,
-                        server.state,
-                        server.health,
-                    )
-                });
-            }
-        }
-        let snapshot = self.l7.snapshot();
-        for vhost in self
-            .vhosts
-            .iter()
-            .filter(|v| vip.is_none_or(|n| n == v.name))
-        {
-            for server in &vhost.servers {
-                let l7 = snapshot
-                    .server_stats(&vhost.name, server.address)
-                    .map(|stats| {
-                        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-                        L7Traffic {
-                            requests: load(&stats.requests),
-                            in_flight: load(&stats.in_flight),
-                            responses: stats.responses.each_ref().map(load),
-                            failures: load(&stats.failures),
-                            connections: load(&stats.connections),
-                            ejected_ms: stats
-                                .ejected_until_ms
-                                .load(Ordering::Relaxed)
-                                .saturating_sub(crate::l7::snapshot::now_ms()),
-                        }
-                    })
-                    .unwrap_or_default();
-                reports.push(ServerReport {
-                    active_flows: l7.in_flight as usize,
-                    l7: Some(l7),
-                    ..self.server_report(
-                        &vhost.name,
-                        server.address,
-                        server.weight,
-                        server.state,
-                        server.health,
-                    )
-                });
-            }
-        }
-        Ok(reports)
-    }
-
-    /// A server's report without its traffic (which L4 and L7 count differently).
-    fn server_report(
-        &self,
-        pool: &str,
-        address: SocketAddr,
-        weight: u32,
-        admin: AdminState,
-        health: HealthState,
-    ) -> ServerReport {
-        let (last_check, health_since_unix_ms, health_reason) = self.health_detail(pool, address);
-        ServerReport {
-            vip: pool.to_string(),
-            address,
-            weight,
-            admin,
-            health,
-            last_check,
-            health_since_unix_ms,
-            health_reason,
-            active_flows: 0,
-            traffic: Traffic::default(),
-            l7: None,
-        }
-    }
-
-    /// The last check, and since when and why the health is what it is.
-    fn health_detail(
-        &self,
-        pool: &str,
-        address: SocketAddr,
-    ) -> (Option<String>, Option<u64>, Option<String>) {
-        let key = (pool.to_string(), address);
-        let last = self
-            .health
-            .last_checks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .map(|check| {
-                let ago = check.at.elapsed().unwrap_or_default().as_secs_f64();
-                let verdict = if check.ok { "ok" } else { "failed" };
-                format!("{verdict}: {} ({ago:.1} s ago)", check.result)
-            });
-        let (since, reason) = self
-            .health_reasons
-            .get(&key)
-            .map_or((None, None), |(since, reason)| {
-                (Some(*since), Some(reason.clone()))
-            });
-        (last, since, reason)
-    }
-
-    fn stats(&self) -> Result<StatsReport, ControlError> {
-        Ok(StatsReport {
-            counters: self.counters()?,
-            vips: self.vip_reports()?,
-            flows: self.flow_table_report()?,
-        })
     }
 }
 
@@ -719,14 +451,6 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
         "l7 workers or vhost listen addresses",
     );
     changed
-}
-
-fn traffic_report(traffic: weir_common::TrafficCounter) -> Traffic {
-    Traffic {
-        packets: traffic.packets,
-        bytes: traffic.bytes,
-        new_flows: traffic.new_flows,
-    }
 }
 
 fn internal(message: impl Into<String>) -> ControlError {

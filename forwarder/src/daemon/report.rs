@@ -1,0 +1,262 @@
+//! What the daemon reports: status, counters, flow tables, VIPs and servers with their traffic
+//! and health. Read-only views of the running state (`super::Inner`), assembled under the same
+//! lock as changes, so a report never mixes two states.
+
+use std::{collections::HashMap, net::SocketAddr, sync::atomic::Ordering};
+
+use weir_common::{flow::FlowKey, l4::PROTO_TCP};
+use weir_config::control::{
+    AdminState, ControlError, DaemonStatus, DatapathCounter, FlowEvent, FlowTableReport,
+    HealthState, L7Traffic, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
+};
+
+use super::{Inner, State, internal, refusal};
+use crate::l4;
+
+impl State {
+    pub(super) fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
+        Ok(StatusReport {
+            daemon: DaemonStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                config: self.config_path.display().to_string(),
+                uptime_secs: self.started.elapsed().as_secs(),
+                state_file: inner.config.daemon.state_file.display().to_string(),
+                bpf_dir: inner.config.daemon.bpf_dir.display().to_string(),
+                adopted_datapath: inner.datapath.adopted(),
+            },
+            xdp: inner.datapath.attachments().to_vec(),
+            counters: inner.counters()?,
+            flows: inner.flow_table_report()?,
+            listeners: inner.l7.status(),
+        })
+    }
+}
+
+impl Inner {
+    pub(super) fn counters(&self) -> Result<Vec<DatapathCounter>, ControlError> {
+        Ok(self
+            .datapath
+            .maps()
+            .counters()
+            .map_err(|err| internal(err.to_string()))?
+            .into_iter()
+            .map(|(stat, counter)| DatapathCounter {
+                reason: stat.name().to_string(),
+                packets: counter.packets,
+                bytes: counter.bytes,
+            })
+            .collect())
+    }
+
+    /// Embryonic flows and flow events.
+    pub(super) fn flow_table_report(&self) -> Result<FlowTableReport, ControlError> {
+        let maps = self.datapath.maps();
+        let idle = l4::edge_settings(&self.config).embryonic_idle_ns;
+        let events = maps
+            .events()
+            .map_err(|err| internal(err.to_string()))?
+            .into_iter()
+            .map(|(event, count)| FlowEvent {
+                event: event.name().to_string(),
+                count,
+            })
+            .collect();
+        Ok(FlowTableReport {
+            embryonic: maps.embryonic_flows(idle),
+            events,
+        })
+    }
+
+    /// Active flows per server id.
+    pub(super) fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
+        let settings = l4::settings(&self.config);
+        let never = |ns: u64| if ns == 0 { u64::MAX } else { ns };
+        let idle = |key: &FlowKey| {
+            never(if key.protocol == PROTO_TCP {
+                settings.tcp_idle_ns
+            } else {
+                settings.udp_idle_ns
+            })
+        };
+        self.datapath
+            .maps()
+            .active_flows(idle)
+            .map_err(|err| internal(err.to_string()))
+    }
+
+    pub(super) fn vip_reports(&self) -> Result<Vec<VipReport>, ControlError> {
+        let flows = self.active_flows()?;
+        let maps = self.datapath.maps();
+        self.l4
+            .services()
+            .map(|service| {
+                let traffic = maps
+                    .vip_traffic(service.id)
+                    .map_err(|err| internal(err.to_string()))?;
+                Ok(VipReport {
+                    name: service.name.clone(),
+                    address: service.address,
+                    protocol: service.protocol,
+                    mode: service.mode,
+                    hash: service.hash,
+                    table_size: service.table_size,
+                    servers: service.servers.len(),
+                    ready: service
+                        .servers
+                        .iter()
+                        .filter(|s| s.state == weir_config::control::AdminState::Ready)
+                        .count(),
+                    active_flows: service
+                        .servers
+                        .iter()
+                        .map(|s| flows.get(&s.id).copied().unwrap_or(0))
+                        .sum(),
+                    traffic: traffic_report(traffic),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn server_reports(
+        &self,
+        vip: Option<&str>,
+    ) -> Result<Vec<ServerReport>, ControlError> {
+        if let Some(vip) = vip
+            && !self.vhosts.contains(vip)
+        {
+            self.l4.service(vip).map_err(refusal)?;
+        }
+        let flows = self.active_flows()?;
+        let maps = self.datapath.maps();
+        let mut reports = Vec::new();
+        for service in self
+            .l4
+            .services()
+            .filter(|s| vip.is_none_or(|v| v == s.name))
+        {
+            for server in &service.servers {
+                let traffic = maps
+                    .server_traffic(server.id)
+                    .map_err(|err| internal(err.to_string()))?;
+                reports.push(ServerReport {
+                    active_flows: flows.get(&server.id).copied().unwrap_or(0),
+                    traffic: traffic_report(traffic),
+                    ..self.server_report(
+                        &service.name,
+                        server.address,
+                        server.weight,
+                        server.state,
+                        server.health,
+                    )
+                });
+            }
+        }
+        let snapshot = self.l7.snapshot();
+        for vhost in self
+            .vhosts
+            .iter()
+            .filter(|v| vip.is_none_or(|n| n == v.name))
+        {
+            for server in &vhost.servers {
+                let l7 = snapshot
+                    .server_stats(&vhost.name, server.address)
+                    .map(|stats| {
+                        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                        L7Traffic {
+                            requests: load(&stats.requests),
+                            in_flight: load(&stats.in_flight),
+                            responses: stats.responses.each_ref().map(load),
+                            failures: load(&stats.failures),
+                            connections: load(&stats.connections),
+                            ejected_ms: stats
+                                .ejected_until_ms
+                                .load(Ordering::Relaxed)
+                                .saturating_sub(crate::l7::snapshot::now_ms()),
+                        }
+                    })
+                    .unwrap_or_default();
+                reports.push(ServerReport {
+                    active_flows: l7.in_flight as usize,
+                    l7: Some(l7),
+                    ..self.server_report(
+                        &vhost.name,
+                        server.address,
+                        server.weight,
+                        server.state,
+                        server.health,
+                    )
+                });
+            }
+        }
+        Ok(reports)
+    }
+
+    /// A server's report without its traffic (which L4 and L7 count differently).
+    fn server_report(
+        &self,
+        pool: &str,
+        address: SocketAddr,
+        weight: u32,
+        admin: AdminState,
+        health: HealthState,
+    ) -> ServerReport {
+        let (last_check, health_since_unix_ms, health_reason) = self.health_detail(pool, address);
+        ServerReport {
+            vip: pool.to_string(),
+            address,
+            weight,
+            admin,
+            health,
+            last_check,
+            health_since_unix_ms,
+            health_reason,
+            active_flows: 0,
+            traffic: Traffic::default(),
+            l7: None,
+        }
+    }
+
+    /// The last check, and since when and why the health is what it is.
+    fn health_detail(
+        &self,
+        pool: &str,
+        address: SocketAddr,
+    ) -> (Option<String>, Option<u64>, Option<String>) {
+        let key = (pool.to_string(), address);
+        let last = self
+            .health
+            .last_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .map(|check| {
+                let ago = check.at.elapsed().unwrap_or_default().as_secs_f64();
+                let verdict = if check.ok { "ok" } else { "failed" };
+                format!("{verdict}: {} ({ago:.1} s ago)", check.result)
+            });
+        let (since, reason) = self
+            .health_reasons
+            .get(&key)
+            .map_or((None, None), |(since, reason)| {
+                (Some(*since), Some(reason.clone()))
+            });
+        (last, since, reason)
+    }
+
+    pub(super) fn stats(&self) -> Result<StatsReport, ControlError> {
+        Ok(StatsReport {
+            counters: self.counters()?,
+            vips: self.vip_reports()?,
+            flows: self.flow_table_report()?,
+        })
+    }
+}
+
+fn traffic_report(traffic: weir_common::TrafficCounter) -> Traffic {
+    Traffic {
+        packets: traffic.packets,
+        bytes: traffic.bytes,
+        new_flows: traffic.new_flows,
+    }
+}
