@@ -25,5 +25,11 @@ fn main() -> anyhow::Result<()> {
             .as_str(),
         ..Default::default()
     };
+    // aya-build replays every line the nested cargo prints as a `cargo:warning`, so each build
+    // of the daemon would show its "Compiling …" progress as warnings: keep the nested cargo
+    // quiet (its errors and real warnings still come through).
+    // SAFETY: the build script is single-threaded here; nothing reads the environment at the
+    // same time.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf([ebpf_package], Toolchain::default())
 }

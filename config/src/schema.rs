@@ -372,6 +372,28 @@ pub enum ForwardingMode {
     Dsr,
 }
 
+/// The names the config file spells these with, for messages: `tcp nat`, not `Tcp Nat`.
+macro_rules! display_as_in_config {
+    ($type:ty { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl std::fmt::Display for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $(<$type>::$variant => $name,)+
+                })
+            }
+        }
+    };
+}
+
+display_as_in_config!(Protocol { Tcp => "tcp", Udp => "udp" });
+display_as_in_config!(ForwardingMode { Nat => "nat", Dsr => "dsr" });
+display_as_in_config!(HashFieldsConfig { FiveTuple => "five_tuple", SourceIp => "source_ip" });
+display_as_in_config!(Balance {
+    RoundRobin => "round_robin",
+    LeastConnections => "least_connections",
+    Hash => "hash",
+});
+
 /// An L7 virtual host: names it answers for, the listener it is reached on, its pool.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -684,7 +706,7 @@ impl Config {
                 problems.push((
                     vip.name.span().start,
                     format!(
-                        "another l4_vip already serves {:?} {}",
+                        "another l4_vip already serves {} {}",
                         vip.protocol,
                         SocketAddr::new(vip.address, vip.port)
                     ),

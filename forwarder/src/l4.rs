@@ -803,7 +803,7 @@ impl L4Services {
         for (name, new) in &next.services {
             let Some(old) = self.services.get(name) else {
                 lines.push(format!(
-                    "vip {name}: added ({} {:?} {:?}, {} servers)",
+                    "vip {name}: added ({} {} {}, {} servers)",
                     new.address,
                     new.protocol,
                     new.mode,
@@ -825,7 +825,7 @@ impl L4Services {
                 new.table_size,
             ) {
                 lines.push(format!(
-                    "vip {name}: now {} {:?} {:?} hash {:?} table {}",
+                    "vip {name}: now {} {} {} hash {} table {}",
                     new.address, new.protocol, new.mode, new.hash, new.table_size
                 ));
             }

@@ -305,10 +305,10 @@ impl Vhosts {
         for new in &next.vhosts {
             match self.vhost(&new.name) {
                 Err(_) => lines.push(format!(
-                    "vhost {}: added ({} {:?}, {} servers)",
+                    "vhost {}: added ({} hosts {}, {} servers)",
                     new.name,
                     new.listen,
-                    new.hosts,
+                    new.hosts.join(" "),
                     new.servers.len()
                 )),
                 Ok(old) => {
@@ -326,10 +326,10 @@ impl Vhosts {
                         &new.hash_on,
                     ) {
                         lines.push(format!(
-                            "vhost {}: now {} hosts {:?}{} balance {:?}",
+                            "vhost {}: now {} hosts {}{} balance {}",
                             new.name,
                             new.listen,
-                            new.hosts,
+                            new.hosts.join(" "),
                             if new.default { " (default)" } else { "" },
                             new.balance
                         ));

@@ -17,7 +17,7 @@ use std::{
 
 use clap::{CommandFactory, Parser, Subcommand};
 use weir_config::{
-    Config, DEFAULT_CONTROL_SOCKET,
+    Config, DEFAULT_CONTROL_SOCKET, MAX_WEIGHT,
     control::{
         AdminState, ControlError, ControlErrorKind, Event, Request, Response, ServerReport,
         StatsReport, StatusReport, VipReport,
@@ -45,7 +45,7 @@ enum Command {
     /// L4 VIPs.
     #[command(subcommand)]
     Vip(VipCommand),
-    /// Servers of L4 VIPs.
+    /// Servers of the pools: L4 VIPs and vhosts, each named as in the config.
     #[command(subcommand)]
     Server(ServerCommand),
     /// Datapath counters by reason and traffic per VIP.
@@ -69,25 +69,51 @@ enum Command {
 enum VipCommand {
     /// Every VIP with its pool size, active flows and traffic.
     List,
-    /// One VIP and its servers.
-    Show { vip: String },
+    /// One L4 VIP and its servers (a vhost's servers: `weirctl server list VHOST`).
+    Show {
+        /// The VIP's name, as in the config (`weirctl vip list`).
+        #[arg(value_name = "VIP")]
+        vip: String,
+    },
+}
+
+/// A pool and one of its servers: what every server verb acts on.
+#[derive(clap::Args)]
+struct Target {
+    /// The pool: an L4 VIP's or a vhost's name, as in the config (`weirctl vip list`,
+    /// `weirctl server list`).
+    #[arg(value_name = "POOL")]
+    pool: String,
+    /// The server, as ADDRESS:PORT (an IPv6 address in brackets: [fd00::2]:80).
+    #[arg(value_name = "ADDRESS:PORT")]
+    address: SocketAddr,
+}
+
+/// A weight, refused before anything is sent unless it is in range.
+fn weight_arg() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_WEIGHT))
 }
 
 #[derive(Subcommand)]
 enum ServerCommand {
     /// Servers with admin state, health, weight, active flows and traffic.
-    List { vip: Option<String> },
+    List {
+        /// Only this pool's servers (an L4 VIP's or a vhost's name).
+        #[arg(value_name = "POOL")]
+        pool: Option<String>,
+    },
     /// Add a server, ready for new flows.
     Add {
-        vip: String,
-        address: SocketAddr,
-        #[arg(long)]
+        #[command(flatten)]
+        target: Target,
+        /// Its share of new flows or requests against the others' (1 to 10000, default 100).
+        #[arg(long, value_parser = weight_arg(), allow_negative_numbers = true)]
         weight: Option<u32>,
     },
-    /// Remove a server. Refused while it has active flows or is the VIP's last server.
+    /// Remove a server. Refused while it has active flows or is the pool's last server.
     Remove {
-        vip: String,
-        address: SocketAddr,
+        #[command(flatten)]
+        target: Target,
         /// Remove even if flows are still on it (they move to other servers and break).
         #[arg(long, conflicts_with = "wait")]
         force: bool,
@@ -99,15 +125,26 @@ enum ServerCommand {
         timeout: u64,
     },
     /// Stop new flows to a server; its established flows finish.
-    Drain { vip: String, address: SocketAddr },
+    Drain {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Take a server out for maintenance: no new flows.
-    Disable { vip: String, address: SocketAddr },
+    Disable {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Make a server ready for new flows again.
-    Enable { vip: String, address: SocketAddr },
-    /// Set a server's weight (1 to 10000).
+    Enable {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Set a server's weight.
     Weight {
-        vip: String,
-        address: SocketAddr,
+        #[command(flatten)]
+        target: Target,
+        /// Its share of new flows or requests against the others' (1 to 10000).
+        #[arg(value_parser = weight_arg(), allow_negative_numbers = true)]
         weight: u32,
     },
 }
@@ -132,6 +169,10 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
+    // A CLI whose output goes into `head` or `grep -q` must end quietly when the pipe closes,
+    // not panic on the failed write: the default disposition of SIGPIPE ends it.
+    // SAFETY: called before any thread exists; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,9 +199,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    let server_change = |vip: &str, address: SocketAddr, state| Request::ServerSetState {
-        vip: vip.to_string(),
-        address,
+    let server_change = |target: &Target, state| Request::ServerSetState {
+        vip: target.pool.clone(),
+        address: target.address,
         state,
     };
     let request = match &args.command {
@@ -172,53 +213,36 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Vip(VipCommand::Show { vip }) => return show_vip(args, vip),
         Command::Events { follow } => return events(args, *follow),
         Command::Server(ServerCommand::Remove {
-            vip,
-            address,
+            target,
             wait: true,
             timeout,
             ..
-        }) => return remove_when_drained(args, vip, *address, Duration::from_secs(*timeout)),
+        }) => {
+            let timeout = Duration::from_secs(*timeout);
+            return remove_when_drained(args, &target.pool, target.address, timeout);
+        }
         Command::Status => Request::Status,
         Command::Vip(VipCommand::List) => Request::VipList,
         Command::Stats => Request::Stats,
         Command::Reload => Request::Reload,
         Command::Server(command) => match command {
-            ServerCommand::List { vip } => Request::ServerList { vip: vip.clone() },
-            ServerCommand::Add {
-                vip,
-                address,
-                weight,
-            } => Request::ServerAdd {
-                vip: vip.clone(),
-                address: *address,
+            ServerCommand::List { pool } => Request::ServerList { vip: pool.clone() },
+            ServerCommand::Add { target, weight } => Request::ServerAdd {
+                vip: target.pool.clone(),
+                address: target.address,
                 weight: *weight,
             },
-            ServerCommand::Remove {
-                vip,
-                address,
-                force,
-                ..
-            } => Request::ServerRemove {
-                vip: vip.clone(),
-                address: *address,
+            ServerCommand::Remove { target, force, .. } => Request::ServerRemove {
+                vip: target.pool.clone(),
+                address: target.address,
                 force: *force,
             },
-            ServerCommand::Drain { vip, address } => {
-                server_change(vip, *address, AdminState::Draining)
-            }
-            ServerCommand::Disable { vip, address } => {
-                server_change(vip, *address, AdminState::Disabled)
-            }
-            ServerCommand::Enable { vip, address } => {
-                server_change(vip, *address, AdminState::Ready)
-            }
-            ServerCommand::Weight {
-                vip,
-                address,
-                weight,
-            } => Request::ServerWeight {
-                vip: vip.clone(),
-                address: *address,
+            ServerCommand::Drain { target } => server_change(target, AdminState::Draining),
+            ServerCommand::Disable { target } => server_change(target, AdminState::Disabled),
+            ServerCommand::Enable { target } => server_change(target, AdminState::Ready),
+            ServerCommand::Weight { target, weight } => Request::ServerWeight {
+                vip: target.pool.clone(),
+                address: target.address,
                 weight: *weight,
             },
         },
@@ -249,10 +273,10 @@ fn check_config(file: &std::path::Path, json: bool) -> Result<(), Failure> {
                 );
             } else {
                 println!(
-                    "{}: valid ({} L4 VIPs, {} virtual hosts)",
+                    "{}: valid ({}, {})",
                     file.display(),
-                    config.l4_vips.len(),
-                    config.vhosts.len()
+                    count(config.l4_vips.len(), "L4 VIP", "L4 VIPs"),
+                    count(config.vhosts.len(), "virtual host", "virtual hosts")
                 );
             }
             Ok(())
@@ -436,6 +460,11 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
+/// `n` and the noun in the right number: "1 virtual host", "2 virtual hosts".
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 fn lower(value: &impl std::fmt::Debug) -> String {
     format!("{value:?}").to_lowercase()
 }
@@ -458,7 +487,7 @@ fn print_status(report: &StatusReport) {
     );
     println!("\nDATAPATH");
     println!(
-        "  {:<16} {:>7}  {:<8} {:>8} {:>10}",
+        "  {:<16} {:>7}  {:<9} {:>9} {:>9}",
         "INTERFACE", "IFINDEX", "XDP MODE", "XDP PROG", "TC PROG"
     );
     for x in &report.xdp {
@@ -468,7 +497,7 @@ fn print_status(report: &StatusReport) {
             None => ("-".to_string(), "-".to_string()),
         };
         println!(
-            "  {:<16} {:>7}  {:<8} {:>8} {:>10}",
+            "  {:<16} {:>7}  {:<9} {:>9} {:>9}",
             x.interface, x.ifindex, mode, program, x.tc_program_id
         );
     }
@@ -491,16 +520,23 @@ fn print_status(report: &StatusReport) {
 }
 
 fn print_counters(counters: &[weir_config::control::DatapathCounter]) {
+    // As wide as the longest reason, so every row lines up with the header.
+    let width = counters
+        .iter()
+        .map(|c| c.reason.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     println!("\nDATAPATH COUNTERS (all CPUs)");
-    println!("  {:<20} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
+    println!("  {:<width$} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
     for c in counters {
-        println!("  {:<20} {:>12} {:>14}", c.reason, c.packets, c.bytes);
+        println!("  {:<width$} {:>12} {:>14}", c.reason, c.packets, c.bytes);
     }
 }
 
 fn print_flow_events(flows: &weir_config::control::FlowTableReport) {
     println!("\nFLOW TABLES (all CPUs)");
-    println!("  {:<20} {:>12}", "EMBRYONIC NOW", flows.embryonic);
+    println!("  {:<20} {:>12}", "embryonic now", flows.embryonic);
     for e in &flows.events {
         println!("  {:<20} {:>12}", e.event, e.count);
     }

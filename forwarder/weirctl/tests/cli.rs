@@ -52,7 +52,7 @@ fn config_check_validates_a_file_without_a_daemon() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("{}: valid (1 L4 VIPs, 0 virtual hosts)", good.display())
+        format!("{}: valid (1 L4 VIP, 0 virtual hosts)", good.display())
     );
 
     let bad = dir.path().join("bad.toml");
@@ -94,4 +94,55 @@ fn weirctl_prints_shell_completions() {
         script.contains("_weirctl") && script.contains("drain"),
         "{script}"
     );
+}
+
+#[test]
+fn weights_out_of_range_are_refused_before_anything_is_sent() {
+    for args in [
+        &["server", "weight", "web", "198.18.11.2:80", "0"][..],
+        &["server", "weight", "web", "198.18.11.2:80", "10001"],
+        &["server", "add", "web", "198.18.11.2:80", "--weight", "-1"],
+        &["server", "add", "web", "198.18.11.2:80", "--weight=-1"],
+    ] {
+        let mut all = vec!["--socket", "/nonexistent/weir.sock"];
+        all.extend_from_slice(args);
+        let out = weirctl(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Usage error (2): the range is the real one, and no daemon was asked.
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("is not in 1..=10000"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_closed_output_pipe_ends_weirctl_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weirctl"))
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader is gone before weirctl writes, as `| head -1` is once it has its line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "a panic's exit code: {stderr}"
+    );
+}
+
+#[test]
+fn help_names_what_a_pool_and_a_server_are() {
+    let out = weirctl(&["server", "drain", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("<POOL>") && help.contains("an L4 VIP's or a vhost's name"),
+        "{help}"
+    );
+    assert!(help.contains("<ADDRESS:PORT>"), "{help}");
+    let out = weirctl(&["server", "--help"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("L4 VIPs and vhosts"));
 }
