@@ -113,6 +113,8 @@ pub struct ControlError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ControlErrorKind {
+    /// The daemon could not be reached (set by the client, never sent by the daemon).
+    Unreachable,
     /// The request could not be parsed, or is too long.
     BadRequest,
     /// The request's protocol version is not [`VERSION`].

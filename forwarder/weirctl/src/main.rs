@@ -178,7 +178,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             let (message, code) = match failure {
-                Failure::Unreachable(err) => (err.to_string(), EXIT_UNREACHABLE),
+                Failure::Unreachable(err) => {
+                    if args.json {
+                        // Scripts get JSON for every failure, this one included.
+                        print_json(&ControlError::new(
+                            ControlErrorKind::Unreachable,
+                            err.to_string(),
+                        ));
+                    }
+                    (err.to_string(), EXIT_UNREACHABLE)
+                }
                 Failure::Refused(err) => {
                     let code = match err.kind {
                         ControlErrorKind::NotFound => EXIT_NOT_FOUND,
@@ -296,11 +305,28 @@ fn show_vip(args: &Args, vip: &str) -> Result<(), Failure> {
     let Response::Vips(vips) = ask(&mut client, Request::VipList)? else {
         return Err(unexpected());
     };
-    let vips: Vec<VipReport> = vips.into_iter().filter(|v| v.name == vip).collect();
+    let Some(report) = vips.into_iter().find(|v| v.name == vip) else {
+        // The name resolved (the daemon listed its servers) but is no L4 VIP: a vhost.
+        return Err(Failure::Refused(ControlError::new(
+            ControlErrorKind::NotFound,
+            format!(
+                "`{vip}` is a vhost, not an L4 VIP: `weirctl server list {vip}` shows its servers"
+            ),
+        )));
+    };
     if args.json {
-        print_json(&serde_json::json!({ "vip": vips.first(), "servers": servers }));
+        /// The shape of `vip show --json`: fields in this order, as every answer keeps them.
+        #[derive(serde::Serialize)]
+        struct VipShow<'a> {
+            vip: &'a VipReport,
+            servers: &'a [ServerReport],
+        }
+        print_json(&VipShow {
+            vip: &report,
+            servers: &servers,
+        });
     } else {
-        print_vips(&vips);
+        print_vips(std::slice::from_ref(&report));
         println!();
         print_servers(&servers);
     }
