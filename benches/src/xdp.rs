@@ -30,8 +30,8 @@ use serde::Serialize;
 use weir_common::{Stat, names};
 use weir_config::Config;
 use weir_forwarder::{
-    datapath::{Datapath, DatapathOptions},
-    l4::{self, L4Services},
+    datapath::{self, Datapath, DatapathOptions},
+    l4::L4Services,
 };
 use weir_tests::packet_bed::{CLIENT_MAC, DOWNLINK, PacketBed, UPLINK, UPLINK_MAC, xdp_context};
 
@@ -484,8 +484,8 @@ impl Balancer {
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 1 << 20,
             embryonic_table_size: 1 << 16,
-            settings: l4::settings(&config),
-            edge: l4::edge_settings(&config),
+            settings: datapath::settings(&config),
+            edge: datapath::edge_settings(&config),
             pins: None,
         })?;
         let services = L4Services::from_config(&config, datapath.maps_mut())?;

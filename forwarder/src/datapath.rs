@@ -116,8 +116,8 @@ impl DatapathOptions {
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: *config.datapath.flow_table_size.get_ref(),
             embryonic_table_size: *config.datapath.embryonic_table_size.get_ref(),
-            settings: crate::l4::settings(config),
-            edge: crate::l4::edge_settings(config),
+            settings: settings(config),
+            edge: edge_settings(config),
             pins,
         }
     }
@@ -125,6 +125,31 @@ impl DatapathOptions {
     /// Every interface the datapath uses: client-facing first, then server-facing.
     pub fn all_interfaces(&self) -> impl Iterator<Item = &String> {
         self.interfaces.iter().chain(&self.server_interfaces)
+    }
+}
+
+/// The datapath settings the config asks for.
+pub fn settings(config: &Config) -> DatapathSettings {
+    let ns = |secs: u64| secs.saturating_mul(1_000_000_000);
+    DatapathSettings {
+        hash_seed: config.datapath.hash_seed,
+        _pad: 0,
+        tcp_idle_ns: ns(config.datapath.tcp_idle_timeout_secs),
+        udp_idle_ns: ns(config.datapath.udp_idle_timeout_secs),
+        closing_idle_ns: ns(config.datapath.closing_timeout_secs),
+    }
+}
+
+/// The edge settings the config asks for (embryonic timeout, flood guard).
+pub fn edge_settings(config: &Config) -> EdgeSettings {
+    EdgeSettings {
+        embryonic_idle_ns: config
+            .datapath
+            .embryonic_timeout_secs
+            .get_ref()
+            .saturating_mul(1_000_000_000),
+        flows_per_cpu_per_sec: config.datapath.new_flows_per_cpu_per_sec,
+        _pad: 0,
     }
 }
 

@@ -27,11 +27,10 @@ use std::{
 };
 
 use weir_common::{
-    edge::EdgeSettings,
     flow::FlowKey,
     l4::{
-        DatapathSettings, ForwardMode, HashFields, MAX_SERVERS, MAX_VIPS, PROTO_TCP, PROTO_UDP,
-        ServerInfo, VipInfo, VipKey,
+        ForwardMode, HashFields, MAX_SERVERS, MAX_VIPS, PROTO_TCP, PROTO_UDP, ServerInfo, VipInfo,
+        VipKey,
     },
     user::addr_words,
 };
@@ -80,6 +79,14 @@ pub enum L4Error {
     Full(&'static str, u32),
     #[error("cannot build the Maglev table: {0}")]
     Maglev(#[from] MaglevError),
+}
+
+/// Why a change to the services did not take effect: the model refused it (nothing changed),
+/// or the maps could not be written (the datapath may hold part of it).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Refused(#[from] L4Error),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -254,31 +261,6 @@ pub fn protocol_number(protocol: Protocol) -> u8 {
     }
 }
 
-/// The datapath settings the config asks for.
-pub fn settings(config: &Config) -> DatapathSettings {
-    let ns = |secs: u64| secs.saturating_mul(1_000_000_000);
-    DatapathSettings {
-        hash_seed: config.datapath.hash_seed,
-        _pad: 0,
-        tcp_idle_ns: ns(config.datapath.tcp_idle_timeout_secs),
-        udp_idle_ns: ns(config.datapath.udp_idle_timeout_secs),
-        closing_idle_ns: ns(config.datapath.closing_timeout_secs),
-    }
-}
-
-/// The edge settings the config asks for (embryonic timeout, flood guard).
-pub fn edge_settings(config: &Config) -> EdgeSettings {
-    EdgeSettings {
-        embryonic_idle_ns: config
-            .datapath
-            .embryonic_timeout_secs
-            .get_ref()
-            .saturating_mul(1_000_000_000),
-        flows_per_cpu_per_sec: config.datapath.new_flows_per_cpu_per_sec,
-        _pad: 0,
-    }
-}
-
 /// The addresses no new flow may come from: every L4 VIP's, and every address of this host's
 /// interfaces (in the daemon's network namespace), which include the L7 VIPs.
 fn self_addresses<'a>(vips: impl Iterator<Item = &'a L4Service>) -> BTreeSet<IpAddr> {
@@ -397,7 +379,7 @@ impl L4Services {
     }
 
     /// The services of `config`, written into `maps` (which may hold anything).
-    pub fn from_config(config: &Config, maps: &mut DatapathMaps) -> Result<L4Services, L4Error> {
+    pub fn from_config(config: &Config, maps: &mut DatapathMaps) -> Result<L4Services, ApplyError> {
         let services = L4Services::plan(config, None)?;
         services.sync(maps, None)?;
         Ok(services)
@@ -527,7 +509,7 @@ impl L4Services {
         &mut self,
         maps: &mut DatapathMaps,
         change: impl FnOnce(&mut L4Services) -> Result<(), L4Error>,
-    ) -> Result<(), L4Error> {
+    ) -> Result<(), ApplyError> {
         let mut next = self.clone();
         change(&mut next)?;
         next.sync(maps, Some(self))?;
@@ -698,7 +680,11 @@ impl L4Services {
     /// empty slot; then tables (each an atomic switch) and VIP entries; then VIP entries no
     /// longer served; and last, entries of servers that are gone, so their pinned flows
     /// re-pick only once no table sends new flows there.
-    pub fn sync(&self, maps: &mut DatapathMaps, old: Option<&L4Services>) -> Result<(), L4Error> {
+    pub fn sync(
+        &self,
+        maps: &mut DatapathMaps,
+        old: Option<&L4Services>,
+    ) -> Result<(), DatapathError> {
         let old_servers: HashMap<u32, SocketAddr> =
             old.map(L4Services::server_addresses).unwrap_or_default();
         let servers = self.server_addresses();

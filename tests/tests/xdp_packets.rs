@@ -26,7 +26,7 @@ use weir_common::{
 };
 use weir_config::{Config, control::AdminState};
 use weir_forwarder::{
-    datapath::{Datapath, DatapathOptions},
+    datapath::{self, Datapath, DatapathOptions},
     l4::{self, L4Service, L4Services},
     maglev::{MaglevServer, MaglevTable},
 };
@@ -169,8 +169,8 @@ impl Balancer {
             xdp_mode: config.datapath.xdp_mode,
             flow_table_size: 4096,
             embryonic_table_size: 4096,
-            settings: l4::settings(&config),
-            edge: l4::edge_settings(&config),
+            settings: datapath::settings(&config),
+            edge: datapath::edge_settings(&config),
             pins: None,
         })
         .expect("verifier accepts the program and maps load");

@@ -32,10 +32,10 @@ use pools::{Plane, Verb};
 
 use crate::{
     control,
-    datapath::{Datapath, DatapathOptions},
+    datapath::{self, Datapath, DatapathOptions},
     handover,
     health::{HealthChecker, Target, Transition},
-    l4::{self, L4Error, L4Services},
+    l4::{L4Error, L4Services},
     l7::L7Workers,
     lock::InstanceLock,
     pins::PinDir,
@@ -163,16 +163,16 @@ impl Inner {
         if l7_settings_changed {
             changes.push("l7 settings (limits, timeouts, headers, access log)".to_string());
         }
-        let settings = config.as_ref().map(l4::settings);
-        let old_settings = l4::settings(&self.config);
+        let settings = config.as_ref().map(datapath::settings);
+        let old_settings = datapath::settings(&self.config);
         if let Some(settings) = settings.filter(|s| *s != old_settings) {
             changes.push(format!(
                 "datapath timeouts (ns): tcp {} udp {} closing {}",
                 settings.tcp_idle_ns, settings.udp_idle_ns, settings.closing_idle_ns
             ));
         }
-        let edge = config.as_ref().map(l4::edge_settings);
-        let old_edge = l4::edge_settings(&self.config);
+        let edge = config.as_ref().map(datapath::edge_settings);
+        let old_edge = datapath::edge_settings(&self.config);
         if let Some(edge) = edge.filter(|e| *e != old_edge) {
             changes.push(format!(
                 "datapath edge: embryonic timeout {} ns, flood guard {} flows per CPU per second",
@@ -185,7 +185,6 @@ impl Inner {
             let written = settings
                 .map_or(Ok(()), |s| maps.set_settings(s))
                 .and_then(|()| edge.map_or(Ok(()), |e| maps.set_edge_settings(e)))
-                .map_err(L4Error::from)
                 .and_then(|()| next.sync(maps, Some(&self.l4)))
                 .map_err(|err| internal(format!("{err}")))
                 .and_then(|()| {
@@ -197,7 +196,6 @@ impl Inner {
                 let undone = maps
                     .set_settings(old_settings)
                     .and_then(|()| maps.set_edge_settings(old_edge))
-                    .map_err(L4Error::from)
                     .and_then(|()| self.l4.sync(maps, Some(&next)));
                 tracing::error!(%err.message, undone = undone.is_ok(), "change failed");
                 return Err(match undone {
@@ -461,7 +459,6 @@ fn internal(message: impl Into<String>) -> ControlError {
 fn refusal(err: L4Error) -> ControlError {
     let kind = match err {
         L4Error::UnknownVip(_) | L4Error::UnknownServer { .. } => ControlErrorKind::NotFound,
-        L4Error::Datapath(_) => ControlErrorKind::Internal,
         L4Error::DuplicateVip(_)
         | L4Error::DuplicateServer { .. }
         | L4Error::FamilyMismatch { .. }

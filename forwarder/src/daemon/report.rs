@@ -11,7 +11,7 @@ use weir_config::control::{
 };
 
 use super::{Inner, State, internal, refusal};
-use crate::l4;
+use crate::datapath;
 
 impl State {
     pub(super) fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
@@ -52,7 +52,7 @@ impl Inner {
     /// Embryonic flows and flow events.
     pub(super) fn flow_table_report(&self) -> Result<FlowTableReport, ControlError> {
         let maps = self.datapath.maps();
-        let idle = l4::edge_settings(&self.config).embryonic_idle_ns;
+        let idle = datapath::edge_settings(&self.config).embryonic_idle_ns;
         let events = maps
             .events()
             .map_err(|err| internal(err.to_string()))?
@@ -70,7 +70,7 @@ impl Inner {
 
     /// Active flows per server id.
     pub(super) fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
-        let settings = l4::settings(&self.config);
+        let settings = datapath::settings(&self.config);
         let never = |ns: u64| if ns == 0 { u64::MAX } else { ns };
         let idle = |key: &FlowKey| {
             never(if key.protocol == PROTO_TCP {
