@@ -20,7 +20,7 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
     },
     thread,
     time::Duration,
@@ -69,6 +69,13 @@ impl SeenRequest {
     }
 }
 
+/// [`HttpOrigin`] answers normally.
+const ANSWERS: u8 = 0;
+/// [`HttpOrigin`] answers `503`.
+const FAILS: u8 = 1;
+/// [`HttpOrigin`] sends half a response head and closes.
+const BREAKS: u8 = 2;
+
 /// A running origin; stops (closes its listener and connections) when dropped.
 pub struct HttpOrigin {
     pub address: SocketAddr,
@@ -77,7 +84,8 @@ pub struct HttpOrigin {
     connections: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
-    failing: Arc<AtomicBool>,
+    /// How it answers: [`ANSWERS`], [`FAILS`] or [`BREAKS`].
+    mode: Arc<AtomicU8>,
 }
 
 impl HttpOrigin {
@@ -92,14 +100,14 @@ impl HttpOrigin {
             connections: Arc::default(),
             stopped: Arc::default(),
             open: Arc::default(),
-            failing: Arc::default(),
+            mode: Arc::default(),
         };
-        let (seen, connections, stopped, open, failing) = (
+        let (seen, connections, stopped, open, mode) = (
             Arc::clone(&origin.seen),
             Arc::clone(&origin.connections),
             Arc::clone(&origin.stopped),
             Arc::clone(&origin.open),
-            Arc::clone(&origin.failing),
+            Arc::clone(&origin.mode),
         );
         let name = name.to_string();
         thread::spawn(move || {
@@ -113,12 +121,12 @@ impl HttpOrigin {
                     open.lock().unwrap().push(clone);
                 }
                 let seen = Arc::clone(&seen);
-                let failing = Arc::clone(&failing);
+                let mode = Arc::clone(&mode);
                 let name = name.clone();
                 thread::spawn(move || {
                     // The clone kept in `open` holds the socket: close it explicitly.
                     let closer = stream.try_clone();
-                    let _ = serve(stream, &name, id, &seen, &failing);
+                    let _ = serve(stream, &name, id, &seen, &mode);
                     if let Ok(closer) = closer {
                         let _ = closer.shutdown(Shutdown::Both);
                     }
@@ -130,7 +138,15 @@ impl HttpOrigin {
 
     /// From now on, answer every request with `503` (a broken deploy), or stop doing so.
     pub fn set_failing(&self, failing: bool) {
-        self.failing.store(failing, Ordering::Relaxed);
+        self.mode
+            .store(if failing { FAILS } else { ANSWERS }, Ordering::Relaxed);
+    }
+
+    /// From now on, answer every request with the first bytes of a response head and close (a
+    /// server killed while it answers), or stop doing so.
+    pub fn set_breaking(&self, breaking: bool) {
+        self.mode
+            .store(if breaking { BREAKS } else { ANSWERS }, Ordering::Relaxed);
     }
 
     /// Every request received so far.
@@ -211,7 +227,7 @@ fn serve(
     name: &str,
     id: u64,
     seen: &Mutex<Vec<SeenRequest>>,
-    failing: &AtomicBool,
+    mode: &AtomicU8,
 ) -> io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     // Responses go out in one write each (flushed below): no Nagle stalls on small pieces.
@@ -295,7 +311,13 @@ fn serve(
             }
         }
         let connection = if keep { "keep-alive" } else { "close" };
-        if failing.load(Ordering::Relaxed) {
+        let mode = mode.load(Ordering::Relaxed);
+        if mode == BREAKS {
+            writer.write_all(b"HTTP/1.1 200 OK\r\nContent-")?;
+            writer.flush()?;
+            return Ok(());
+        }
+        if mode == FAILS {
             let body = format!("{name} failing\n");
             write!(
                 writer,

@@ -775,6 +775,27 @@ fn slow_clients_get_408_and_do_not_starve_others() {
 }
 
 #[test]
+fn a_server_that_breaks_off_its_response_head_is_retried_elsewhere() {
+    // A server killed while it answers leaves part of a head and a reset: nothing reached the
+    // client yet, so an idempotent request goes to the next server instead of failing.
+    let o = origins(2);
+    o[0].set_breaking(true);
+    let proxy = Proxy::start("", &vhost("b", 2, ""), &refs(&o));
+    for i in 0..20 {
+        let response = proxy.get("b.test", "/");
+        assert_eq!(
+            (response.status, response.text().as_str()),
+            (200, "s2\n"),
+            "request {i}"
+        );
+    }
+    assert!(
+        !o[0].requests().is_empty(),
+        "the breaking server was tried (the test would mean nothing otherwise)"
+    );
+}
+
+#[test]
 fn server_failures_are_retried_elsewhere_or_answered_502_503_504() {
     let o = origins(2);
     // A port where nothing listens: connecting is refused.

@@ -9,7 +9,12 @@
 //! lock, each as "change a copy of the model → write the maps → write the state file →
 //! commit", undone in the maps if a later step fails. Stopping the daemon leaves the datapath
 //! pinned and forwarding; `weir detach` takes it down.
+//!
+//! Rooms: this file holds the state and the one dispatch of requests (`State::handle`) and
+//! the transaction (`Inner::commit`); [`pools`] resolves pool names and applies the verbs,
+//! [`report`] assembles what the daemon reports, [`lifecycle`] starts, runs and stops it.
 
+mod lifecycle;
 mod pools;
 mod report;
 
@@ -17,28 +22,23 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
 use weir_config::{
     Config, DEFAULT_WEIGHT,
     control::{AdminState, ControlError, ControlErrorKind, Event, Request, Response},
 };
 
+pub use lifecycle::{Start, detach, run, run_with, upgrade};
 use pools::{Plane, Verb};
 
 use crate::{
-    control,
-    datapath::{self, Datapath, DatapathOptions},
-    handover,
+    datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
     l4::{L4Error, L4Services},
     l7::L7Workers,
-    lock::InstanceLock,
-    pins::PinDir,
     pool::health_name,
     state::RuntimeState,
     vhosts::{VhostError, Vhosts},
@@ -482,267 +482,4 @@ fn vhost_refusal(err: VhostError) -> ControlError {
         }
     };
     ControlError::new(kind, err.to_string())
-}
-
-/// Descriptors budgeted per L7 connection: the client's and its server's, and room for a
-/// share of the pipes (a quarter of the connections may splice at once, two descriptors
-/// each) and of the idle server connections kept for reuse.
-const DESCRIPTORS_PER_CONNECTION: u64 = 4;
-/// Descriptors for everything else: listeners, maps, the control socket, health checks.
-const DESCRIPTORS_SPARE: u64 = 1024;
-
-/// Raises the soft limit on open descriptors to the hard limit, as a proxy must (a service
-/// manager's default soft limit, 1024, would refuse connections long before the configured
-/// maximum), and warns when even the hard limit is below what the L7 limits can need.
-fn raise_descriptor_limit(config: &Config) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain get/setrlimit calls with a valid struct.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-        }
-    };
-    if !raised {
-        tracing::warn!(err = %std::io::Error::last_os_error(), "cannot raise the descriptor limit");
-        return;
-    }
-    let workers = crate::l7::worker_count(config.l7.workers) as u64;
-    let needed = workers * config.l7.max_connections_per_worker as u64 * DESCRIPTORS_PER_CONNECTION
-        + DESCRIPTORS_SPARE;
-    if !config.l7_listen_addresses().is_empty() && limit.rlim_max < needed {
-        tracing::warn!(
-            limit = limit.rlim_max,
-            needed,
-            "the descriptor limit is below what the L7 connection limits can use; raise \
-             LimitNOFILE (systemd) or lower [l7] max_connections_per_worker"
-        );
-    }
-}
-
-/// How a daemon comes to serve.
-pub enum Start {
-    /// On its own; the service manager may pass it listening sockets (`LISTEN_FDS`).
-    Fresh,
-    /// In place of the running daemon (`weir upgrade`): with the listening sockets that one
-    /// handed over, once it has let go of the lock.
-    TakeOver(Vec<std::net::TcpListener>),
-}
-
-/// How long `weir upgrade` waits for the daemon it took over from to let go of the lock.
-const TAKE_OVER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Runs the daemon with the config at `config_path` until it is told to stop.
-pub fn run(config_path: &Path) -> Result<()> {
-    run_with(config_path, Start::Fresh)
-}
-
-/// [`run`], started as `start` says.
-pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let state_file = config.daemon.state_file.clone();
-    // Before anything is read, attached or bound: a second daemon stops here (one taking
-    // over waits for the running one to let go).
-    let (lock, inherited) = match start {
-        Start::Fresh => (
-            InstanceLock::acquire(&state_file)?,
-            handover::from_service_manager(),
-        ),
-        Start::TakeOver(sockets) => (
-            InstanceLock::acquire_waiting(&state_file, TAKE_OVER_WAIT)?,
-            sockets,
-        ),
-    };
-    let previous = RuntimeState::load(&state_file)?;
-    let l4 = L4Services::plan(&config, previous.as_ref())
-        .context("the config and the runtime state do not combine into valid pools")?;
-    let vhosts = Vhosts::plan(&config, previous.as_ref())
-        .context("the config and the runtime state do not combine into valid vhost pools")?;
-    let pins = PinDir::prepare(&config.daemon.bpf_dir)?;
-    let mut datapath = Datapath::load(DatapathOptions::from_config(&config, Some(pins.clone())))?;
-    if datapath.adopted() {
-        tracing::info!(dir = %pins.root().display(), "adopting the pinned datapath: established flows are kept");
-    }
-    l4.sync(datapath.maps_mut(), None)
-        .context("cannot install the L4 services")?;
-    datapath.attach()?;
-    for attachment in datapath.attachments() {
-        tracing::info!(
-            interface = attachment.interface,
-            mode = ?attachment.mode,
-            role = if attachment.program_id.is_some() {
-                "interfaces: XDP and TC"
-            } else {
-                "server_interfaces: TC only"
-            },
-            program_id = attachment.program_id,
-            tc_program_id = attachment.tc_program_id,
-            "datapath programs attached"
-        );
-    }
-    Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
-    raise_descriptor_limit(&config);
-    let listen = config.l7_listen_addresses();
-    let l7 = L7Workers::start_with(vhosts.snapshot(&config, None), config.l7.workers, inherited)
-        .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
-    for listener in l7.status() {
-        tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
-    }
-    let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
-    let health = HealthChecker::start(transitions_tx).context("cannot start the health checker")?;
-    let socket_path = config.daemon.control_socket.clone();
-    let state = Arc::new(State {
-        config_path: config_path.to_path_buf(),
-        started: Instant::now(),
-        handed_over: tokio::sync::Notify::new(),
-        inner: Mutex::new(Inner {
-            config,
-            datapath,
-            l4,
-            l7,
-            vhosts,
-            health,
-            health_reasons: HashMap::new(),
-            events: VecDeque::new(),
-            next_event: 0,
-        }),
-    });
-    if let Ok(inner) = state.inner.lock() {
-        inner.health.set_targets(inner.health_targets());
-    }
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let listener = control::bind(&socket_path).with_context(|| {
-            format!("cannot create the control socket {}", socket_path.display())
-        })?;
-        tracing::info!(socket = %socket_path.display(), "weir is ready");
-        if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-            tracing::warn!(%err, "cannot notify systemd");
-        }
-        let handler = {
-            let state = Arc::clone(&state);
-            Arc::new(move |request| state.handle(request))
-        };
-        let mut sigterm = signal(SignalKind::terminate())?;
-        let mut sigint = signal(SignalKind::interrupt())?;
-        let mut sighup = signal(SignalKind::hangup())?;
-        let mut slow_starts = tokio::time::interval(std::time::Duration::from_secs(1));
-        let hand_over = {
-            let (state, notify) = (Arc::clone(&state), Arc::clone(&state));
-            Arc::new(control::HandOver {
-                sockets: Box::new(move || {
-                    let inner = state
-                        .inner
-                        .lock()
-                        .map_err(|_| std::io::Error::other("daemon state poisoned"))?;
-                    inner
-                        .l7
-                        .listening_sockets()
-                        .iter()
-                        .map(|fd| fd.try_clone())
-                        .collect()
-                }),
-                sent: Box::new(move || notify.handed_over.notify_one()),
-            })
-        };
-        let serve = control::serve(listener, handler, hand_over);
-        tokio::pin!(serve);
-        loop {
-            tokio::select! {
-                () = &mut serve => break,
-                _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping, the datapath stays pinned"); break }
-                _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
-                () = state.handed_over.notified() => {
-                    tracing::info!("handed over to the next daemon (weir upgrade): stopping, the datapath stays pinned");
-                    break
-                }
-                _ = slow_starts.tick() => {
-                    if let Ok(mut inner) = state.inner.lock() {
-                        inner.step_slow_starts();
-                    }
-                }
-                Some(transition) = transitions.recv() => {
-                    if let Ok(mut inner) = state.inner.lock() {
-                        inner.apply_health(transition);
-                    }
-                }
-                _ = sighup.recv() => match state.handle(Request::Reload) {
-                    Response::Changed(changes) => {
-                        tracing::info!(changes = changes.len(), "SIGHUP: config reloaded");
-                    }
-                    Response::Error(err) => tracing::error!(%err.message, "SIGHUP: reload refused"),
-                    _ => {}
-                },
-            }
-        }
-        // The next daemon's sockets, before this one stops accepting: the service manager
-        // holds them (and their backlogs) until it starts the next.
-        if let Ok(inner) = state.inner.lock() {
-            handover::to_service_manager(inner.l7.listening_sockets());
-        }
-        let _ = std::fs::remove_file(&socket_path);
-        Ok::<_, anyhow::Error>(())
-    })?;
-    // Nothing writes the maps or the state file any more (health and slow starts were the
-    // loop's): the next daemon may start while the L7 exchanges under way finish.
-    drop(lock);
-    // The control socket is gone; L7 exchanges under way may finish.
-    if let Ok(mut inner) = state.inner.lock() {
-        let grace = std::time::Duration::from_millis(inner.config.l7.shutdown_grace_ms);
-        let started = Instant::now();
-        let open = inner.l7.shut_down(grace);
-        tracing::info!(
-            open,
-            ms = started.elapsed().as_millis() as u64,
-            "L7 workers stopped"
-        );
-    }
-    Ok(())
-}
-
-/// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every
-/// interface and frees the maps. Established L4 flows end with it.
-/// `weir upgrade`: takes the L7 listening sockets from the daemon running with this config,
-/// which then stops (exchanges under way finish there), and serves in its place.
-pub fn upgrade(config_path: &Path) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let socket = &config.daemon.control_socket;
-    let sockets = control::take_over(socket).with_context(|| {
-        format!(
-            "cannot take over from the daemon on {} (one older than `weir upgrade` cannot hand \
-             over: stop it and start this one)",
-            socket.display()
-        )
-    })?;
-    tracing::info!(
-        sockets = sockets.len(),
-        "the running daemon handed over its L7 sockets"
-    );
-    let sockets = sockets
-        .into_iter()
-        .map(std::net::TcpListener::from)
-        .collect();
-    run_with(config_path, Start::TakeOver(sockets))
-}
-
-pub fn detach(config_path: &Path) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let _lock = InstanceLock::acquire(&config.daemon.state_file)
-        .context("a weir daemon is running: stop it first")?;
-    let socket = &config.daemon.control_socket;
-    if control::Client::connect(socket).is_ok() {
-        anyhow::bail!(
-            "a weir daemon is running on {}: stop it first",
-            socket.display()
-        );
-    }
-    PinDir::remove(&config.daemon.bpf_dir)?;
-    tracing::info!(dir = %config.daemon.bpf_dir.display(), "datapath detached and unpinned");
-    Ok(())
 }

@@ -580,7 +580,7 @@ async fn exchange(
 }
 
 enum ResponseFailure {
-    /// Not one byte of response: may be retried.
+    /// No response head, or part of one, and nothing relayed to the client: may be retried.
     Nothing(std::io::Error),
     /// The server answered something that cannot be relayed.
     Invalid(&'static str),
@@ -631,14 +631,15 @@ async fn relay_response(
         rbuf = back;
         match read {
             Ok(n) if n > 0 => {}
-            Ok(_) if rbuf.is_empty() && !relayed_interim => {
+            // The server closed or reset before its head was whole: nothing has reached the
+            // client, so the request may go again as if the server had not answered at all
+            // (a server killed while it answers sends part of a head and a reset).
+            Ok(_) if !relayed_interim => {
                 return Err(ResponseFailure::Nothing(
                     std::io::ErrorKind::UnexpectedEof.into(),
                 ));
             }
-            Err(err) if rbuf.is_empty() && !relayed_interim => {
-                return Err(ResponseFailure::Nothing(err));
-            }
+            Err(err) if !relayed_interim => return Err(ResponseFailure::Nothing(err)),
             _ => return Err(ResponseFailure::Invalid("server closed mid-response")),
         }
     };
