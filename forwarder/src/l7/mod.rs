@@ -8,16 +8,20 @@
 //!
 //! Rooms: [`http`] (heads: parsing, checks, rewriting), [`chunked`] (chunked framing),
 //! [`snapshot`] (routes and pools), [`balance`] (server choice), [`upstream`] (idle server
-//! connections), [`proxy`] (one client connection, request after request), [`io`] (the seam
-//! to the runtime).
+//! connections), [`proxy`] (one client connection, request after request, and the retry
+//! policy), [`error`] (why an exchange ended early: side, answer, retry), [`worker`] (what a
+//! worker thread keeps and lends: buffers, pipes, idle clients), [`io`] (the seam to the
+//! runtime).
 
 pub mod balance;
 pub mod chunked;
+pub mod error;
 pub mod http;
 pub mod io;
 pub mod proxy;
 pub mod snapshot;
 pub mod upstream;
+pub mod worker;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -38,7 +42,7 @@ use weir_config::control::ListenerStatus;
 
 pub use snapshot::{L7Snapshot, VhostSpec};
 
-use proxy::Worker;
+use worker::Worker;
 
 /// How often a worker closes idle server connections that expired or whose server left
 /// the rotation: the bound on how long a drain leaves idle connections open.

@@ -8,39 +8,36 @@
 //! A request that was refused closes its connection after the answer, so bytes the client
 //! sent after it are never read as a request ("close after error" defeats smuggling).
 //!
-//! Retries: a request goes to another server when connecting fails (nothing was sent yet).
-//! When a *reused* connection fails before any response byte, a request that is safe to
-//! repeat (idempotent, without a body) is sent again on a fresh connection; this is the race
-//! every keep-alive pool has with servers closing idle connections.
+//! Retries: [`exchange`] is the whole policy — attempts on servers the balancer picks, for as
+//! long as the failed attempt's [`ProxyError`] says a retry is safe, and where. A request goes
+//! to another server when connecting fails (nothing was sent yet). When a connection fails
+//! before its response head is whole, a request that is safe to repeat (idempotent, without
+//! a body) is sent again: on a fresh connection to the same server if the one that failed was
+//! a reused keep-alive connection (the race every keep-alive pool has with servers closing
+//! idle connections), else to another server.
 
 use std::{
-    cell::RefCell,
-    collections::HashSet,
     net::SocketAddr,
-    os::fd::RawFd,
     rc::Rc,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
 use compio::BufResult;
 use weir_config::{L7Config, control::AdminState};
 
+pub use super::worker::Worker;
 use super::{
     WorkerCounters,
-    balance::Balancer,
     chunked::{ChunkError, ChunkedDecoder},
+    error::{ProxyError, Retry, Side},
     http::{
         BodyLength, ClientInfo, HeadLimits, RequestHead, ResponseHead, local_response,
         parse_request, parse_response, write_client_head, write_server_head,
     },
-    io::{Conn, Pipe},
+    io::Conn,
     snapshot::{L7Snapshot, PoolServer, ServerStats, VhostPool},
-    upstream::UpstreamPool,
+    worker::{IdleClient, LentPipe, SPLICE_MIN},
 };
 
 /// Bytes read from a socket at a time. 16 KiB (HAProxy's buffer size too): against 32 and
@@ -48,177 +45,15 @@ use super::{
 /// lower p99 (7 vs 10/9 ms) and less CPU per request (37 vs 44/40 µs), and was level
 /// elsewhere; smaller reads keep each connection's turn on the worker short and its buffers
 /// in cache (decision 0009).
-const READ_CHUNK: usize = 16 * 1024;
+pub(super) const READ_CHUNK: usize = 16 * 1024;
 /// Servers tried for one request at most.
 const MAX_ATTEMPTS: usize = 3;
 /// How long a refused client may keep sending before its connection is closed, so the
 /// answer is read rather than lost to a reset.
 const LINGER: Duration = Duration::from_millis(500);
 
-/// What one worker thread shares between its connections (single-threaded: `Rc`/`RefCell`).
-pub struct Worker {
-    pub index: usize,
-    pub snapshot: Arc<ArcSwap<L7Snapshot>>,
-    pub balancer: RefCell<Balancer>,
-    pub upstreams: UpstreamPool,
-    /// Client connections open on this worker.
-    pub connections: std::cell::Cell<usize>,
-    /// Spare I/O buffers, so a request does not allocate its own.
-    pub buffers: RefCell<Vec<Vec<u8>>>,
-    /// Spare (empty) pipes for spliced bodies.
-    pub pipes: RefCell<Vec<Pipe>>,
-    /// Pipes lent to bodies being spliced.
-    pub pipes_lent: std::cell::Cell<usize>,
-    /// Set when the workers stop: connections take no new request.
-    pub stopping: Arc<AtomicBool>,
-    /// Client connections waiting for a request to begin (see [`IdleClient`]).
-    pub idle_clients: RefCell<HashSet<RawFd>>,
-}
-
-/// Buffers a worker keeps for reuse, and the largest it keeps.
-const SPARE_BUFFERS: usize = 256;
-const MAX_SPARE_CAPACITY: usize = 256 * 1024;
-/// Pipes a worker keeps for reuse (two descriptors each).
-const SPARE_PIPES: usize = 64;
-/// Bodies with at least this much left after the bytes read with the head are spliced
-/// (decision 0012); below it a pipe costs more system calls than the copy it saves.
-const SPLICE_MIN: u64 = READ_CHUNK as u64;
-
-impl Worker {
-    /// Worker `index`'s state, routing with `snapshot`, stopping when `stopping` is set.
-    pub fn new(
-        index: usize,
-        snapshot: Arc<ArcSwap<L7Snapshot>>,
-        stopping: Arc<AtomicBool>,
-    ) -> Worker {
-        Worker {
-            index,
-            snapshot,
-            balancer: Default::default(),
-            upstreams: Default::default(),
-            connections: Default::default(),
-            buffers: Default::default(),
-            pipes: Default::default(),
-            pipes_lent: Default::default(),
-            stopping,
-            idle_clients: Default::default(),
-        }
-    }
-
-    /// An empty buffer, reused when one is spare.
-    fn buffer(&self) -> Vec<u8> {
-        self.buffers.borrow_mut().pop().unwrap_or_default()
-    }
-
-    /// Gives a buffer back for reuse.
-    fn recycle(&self, mut buf: Vec<u8>) {
-        let mut spare = self.buffers.borrow_mut();
-        if spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_SPARE_CAPACITY && buf.capacity() > 0
-        {
-            buf.clear();
-            spare.push(buf);
-        }
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
-    }
-
-    /// Shuts the receiving side of every client connection that is waiting for a request to
-    /// begin: its read ends with end of file and the connection closes. For a stopping
-    /// worker, on its own thread (so each descriptor is still the connection's).
-    pub fn close_idle_clients(&self) {
-        for &fd in self.idle_clients.borrow().iter() {
-            // SAFETY: the fd belongs to a connection that is open: it leaves the set (its
-            // `IdleClient` drops) before its socket can close.
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-        }
-    }
-
-    /// An empty pipe for one body, reused when one is spare; `None` when the worker already
-    /// lends a quarter of its connection limit (each pipe holds up to 64 KiB of a body in
-    /// flight, HAProxy's `maxpipes` default bound) or none can be made (descriptors
-    /// exhausted): the body is then copied.
-    fn lend_pipe(&self, max_connections: usize) -> Option<LentPipe<'_>> {
-        if self.pipes_lent.get() >= (max_connections / 4).max(1) {
-            return None;
-        }
-        let pipe = match self.pipes.borrow_mut().pop() {
-            Some(pipe) => pipe,
-            None => Pipe::new()
-                .inspect_err(|err| tracing::debug!(%err, "no pipe for splicing; copying instead"))
-                .ok()?,
-        };
-        self.pipes_lent.set(self.pipes_lent.get() + 1);
-        Some(LentPipe {
-            worker: self,
-            pipe: Some(pipe),
-            emptied: false,
-        })
-    }
-}
-
-/// Marks a client connection idle (waiting for a request to begin) for as long as it lives,
-/// so a stopping worker can close it.
-struct IdleClient<'a> {
-    worker: &'a Worker,
-    fd: RawFd,
-}
-
-impl<'a> IdleClient<'a> {
-    fn new(worker: &'a Worker, client: &Conn) -> Self {
-        let fd = client.raw_fd();
-        worker.idle_clients.borrow_mut().insert(fd);
-        IdleClient { worker, fd }
-    }
-}
-
-impl Drop for IdleClient<'_> {
-    fn drop(&mut self) {
-        self.worker.idle_clients.borrow_mut().remove(&self.fd);
-    }
-}
-
-/// A pipe lent to one body relay. It goes back to the worker's spares if the relay marked
-/// it emptied; one that may hold bytes (a failed relay) is closed.
-struct LentPipe<'a> {
-    worker: &'a Worker,
-    pipe: Option<Pipe>,
-    emptied: bool,
-}
-
-impl std::ops::Deref for LentPipe<'_> {
-    type Target = Pipe;
-
-    fn deref(&self) -> &Pipe {
-        self.pipe
-            .as_ref()
-            .expect("a lent pipe is there until dropped")
-    }
-}
-
-impl Drop for LentPipe<'_> {
-    fn drop(&mut self) {
-        let worker = self.worker;
-        worker.pipes_lent.set(worker.pipes_lent.get() - 1);
-        let mut spare = worker.pipes.borrow_mut();
-        if self.emptied && spare.len() < SPARE_PIPES {
-            spare.extend(self.pipe.take());
-        }
-    }
-}
-
 fn ms(value: u64) -> Duration {
     Duration::from_millis(value)
-}
-
-/// Why an exchange ended early.
-#[derive(Debug)]
-enum Failure {
-    /// Answer the client with this status (nothing was sent to it yet), then close.
-    Respond(u16, &'static str),
-    /// The client is gone or a response was already under way: just close.
-    Close,
 }
 
 /// How a body relay failed, by side.
@@ -252,8 +87,8 @@ pub async fn serve_client(
                     request
                 }
                 Ok((None, _)) => return,
-                Err(status) => {
-                    if let Some((status, reason)) = status {
+                Err(err) => {
+                    if let Some((status, reason)) = err.answer {
                         refuse(&client, status, reason).await;
                     }
                     return;
@@ -270,7 +105,7 @@ pub async fn serve_client(
         let started = Instant::now();
         let routed = snapshot.listeners[listener].route(request.host.as_deref());
         let outcome = match routed {
-            None => Err(Failure::Respond(404, "no virtual host serves this Host")),
+            None => Err(ProxyError::client(404, "no virtual host serves this Host")),
             Some(vhost) => {
                 exchange(&worker, &snapshot, vhost, &request, &client, &mut buf, peer).await
             }
@@ -280,9 +115,11 @@ pub async fn serve_client(
         }
         match outcome {
             Ok(exchange) if exchange.keep_alive => continue,
-            Ok(_) | Err(Failure::Close) => return,
-            Err(Failure::Respond(status, reason)) => {
-                refuse(&client, status, reason).await;
+            Ok(_) => return,
+            Err(err) => {
+                if let Some((status, reason)) = err.answer {
+                    refuse(&client, status, reason).await;
+                }
                 return;
             }
         }
@@ -302,14 +139,13 @@ fn log_access(
     vhost: Option<usize>,
     request: &RequestHead,
     peer: SocketAddr,
-    outcome: &Result<Exchanged, Failure>,
+    outcome: &Result<Exchanged, ProxyError>,
     started: Instant,
 ) {
     let vhost = vhost.map_or("-", |v| snapshot.vhosts[v].name.as_str());
     let (status, server) = match outcome {
         Ok(e) => (e.status, Some(e.server)),
-        Err(Failure::Respond(status, _)) => (*status, None),
-        Err(Failure::Close) => (0, None),
+        Err(err) => (err.answer.map_or(0, |(status, _)| status), None),
     };
     tracing::info!(
         target: "weir::access",
@@ -357,7 +193,7 @@ async fn read_request(
     mut buf: Vec<u8>,
     settings: &L7Config,
     first: bool,
-) -> Result<(Option<RequestHead>, Vec<u8>), Option<(u16, &'static str)>> {
+) -> Result<(Option<RequestHead>, Vec<u8>), ProxyError> {
     let limits = HeadLimits {
         max_request_line: settings.max_request_line,
         max_header_bytes: settings.max_header_bytes,
@@ -374,7 +210,7 @@ async fn read_request(
                 return Ok((Some(request), buf));
             }
             Ok(None) => {}
-            Err(err) => return Err(Some((err.status, err.reason))),
+            Err(err) => return Err(ProxyError::client(err.status, err.reason)),
         }
         let wait = match deadline {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
@@ -397,12 +233,12 @@ async fn read_request(
                 return if had == 0 && !first {
                     Ok((None, Vec::new()))
                 } else if had == 0 {
-                    Err(None)
+                    Err(ProxyError::client_gone())
                 } else {
-                    Err(Some((408, "request head not received in time")))
+                    Err(ProxyError::client(408, "request head not received in time"))
                 };
             }
-            Err(_) => return Err(None),
+            Err(_) => return Err(ProxyError::client_gone()),
         }
     }
 }
@@ -446,7 +282,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Sends `request` to a server of `vhost` and relays the response.
+/// Sends `request` to a server of `vhost` and relays the response: up to [`MAX_ATTEMPTS`]
+/// attempts, each on the server the balancer picks, for as long as the failed attempt says a
+/// retry is safe ([`Retry`]). This is the proxy's whole retry policy; what each attempt may
+/// retry is decided where it fails, in [`attempt`].
 async fn exchange(
     worker: &Worker,
     snapshot: &L7Snapshot,
@@ -455,137 +294,190 @@ async fn exchange(
     client: &Conn,
     buf: &mut Vec<u8>,
     peer: SocketAddr,
-) -> Result<Exchanged, Failure> {
-    let settings = &snapshot.settings;
+) -> Result<Exchanged, ProxyError> {
     let pool = &snapshot.vhosts[vhost];
     pool.requests.fetch_add(1, Ordering::Relaxed);
-    let mut head = worker.buffer();
-    write_server_head(request, ClientInfo { peer }, &settings.forwarded, &mut head);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut failure = Failure::Respond(503, "no server available");
-    let mut sent_continue = false;
+    let mut state = Attempts {
+        head: worker.buffer(),
+        tried: Vec::new(),
+        sent_continue: false,
+    };
+    write_server_head(
+        request,
+        ClientInfo { peer },
+        &snapshot.settings.forwarded,
+        &mut state.head,
+    );
+    let mut failed = ProxyError::server(503, "no server available", Retry::No);
     for _ in 0..MAX_ATTEMPTS {
-        let Some(index) = worker
-            .balancer
-            .borrow_mut()
-            .pick(snapshot, vhost, request, peer, &tried)
-        else {
-            break;
-        };
-        let server = &pool.servers[index];
-        let _in_flight = InFlight::new(&server.stats);
-        let pooled = worker.upstreams.take(
-            server.address,
-            ms(settings.upstream_idle_timeout_ms),
-            request.retryable(),
-        );
-        let reused = pooled.is_some();
-        let upstream = match pooled {
-            Some(conn) => conn,
-            None => match Conn::connect(server.address, ms(settings.upstream_connect_timeout_ms))
-                .await
-            {
-                Ok(conn) => {
-                    server.stats.connections.fetch_add(1, Ordering::Relaxed);
-                    conn
-                }
-                Err(err) => {
+        let picked =
+            worker
+                .balancer
+                .borrow_mut()
+                .pick(snapshot, vhost, request, peer, &state.tried);
+        let Some(index) = picked else { break };
+        match attempt(
+            worker, snapshot, vhost, index, request, client, buf, &mut state,
+        )
+        .await
+        {
+            Ok(exchanged) => {
+                worker.recycle(state.head);
+                return Ok(exchanged);
+            }
+            Err(err) => {
+                if err.counts_against_server() {
                     server_failed(pool, index);
-                    tracing::debug!(server = %server.address, %err, "cannot connect");
-                    tried.push(index);
-                    failure = if err.kind() == std::io::ErrorKind::TimedOut {
-                        Failure::Respond(504, "server connect timed out")
-                    } else {
-                        Failure::Respond(502, "cannot connect to a server")
-                    };
-                    continue;
                 }
-            },
-        };
-        if request.expect_continue && !sent_continue && request.body != BodyLength::Empty {
-            // weir answers the expectation itself once it holds a server connection: the
-            // client sends its body only when there is somewhere to send it.
-            let BufResult(written, _) = client
-                .write_all(
-                    b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
-                    ms(settings.body_idle_timeout_ms),
-                )
-                .await;
-            written.map_err(|_| Failure::Close)?;
-            sent_continue = true;
-        }
-        let BufResult(written, back) = upstream
-            .write_all(head, ms(settings.body_idle_timeout_ms))
-            .await;
-        head = back;
-        if written.is_err() {
-            server_failed(pool, index);
-            if !(reused && request.retryable()) {
-                tried.push(index);
-            }
-            failure = Failure::Respond(502, "server connection failed");
-            if request.body == BodyLength::Empty || !sent_continue {
-                continue;
-            }
-            return Err(failure);
-        }
-        let relay = Relay::new(client, &upstream, worker, settings);
-        match relay_body(&relay, request.body, buf, Vec::new(), false).await {
-            Ok(spare) => worker.recycle(spare),
-            Err(RelayError::From) => return Err(Failure::Close),
-            Err(RelayError::Malformed(err)) => return Err(Failure::Respond(400, err.0)),
-            Err(RelayError::To) => {
-                server_failed(pool, index);
-                return Err(Failure::Respond(502, "server connection failed"));
-            }
-        }
-        match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
-            Ok((status, keep_alive)) => {
-                note_outcome(pool, index, status < 500);
-                worker.recycle(head);
-                return Ok(Exchanged {
-                    status,
-                    server: server.address,
-                    keep_alive,
-                });
-            }
-            Err(ResponseFailure::Nothing(err)) => {
-                server_failed(pool, index);
-                tracing::debug!(server = %server.address, %err, reused, "no response");
-                let timed_out = err.kind() == std::io::ErrorKind::TimedOut;
-                if timed_out {
-                    // A slow server is not helped by sending it (or another) the work twice.
-                    return Err(Failure::Respond(504, "server response timed out"));
+                match err.retry {
+                    Retry::No => return Err(err),
+                    Retry::SameServer => {}
+                    Retry::OtherServer => state.tried.push(index),
                 }
-                failure = Failure::Respond(502, "server closed the connection without answering");
-                if request.retryable() {
-                    // Safe to send again. A kept-alive connection the server had closed: a
-                    // fresh one to the same server may do. A fresh connection closed without
-                    // a word (a server stopping): another server.
-                    if !reused {
-                        tried.push(index);
-                    }
-                    continue;
-                }
-                return Err(failure);
+                failed = err;
             }
-            Err(ResponseFailure::Invalid(reason)) => {
-                server_failed(pool, index);
-                return Err(Failure::Respond(502, reason));
-            }
-            Err(ResponseFailure::Cut) => return Err(Failure::Close),
         }
     }
-    Err(failure)
+    Err(failed)
 }
 
+/// What the attempts of one exchange share.
+struct Attempts {
+    /// The request head as servers get it, written once.
+    head: Vec<u8>,
+    /// Servers not to pick again.
+    tried: Vec<usize>,
+    /// `100 Continue` went to the client: its body is on its way, and cannot be sent twice.
+    sent_continue: bool,
+}
+
+/// One attempt of an exchange on server `index` of `vhost`. A failure says whether the
+/// request may go again, and where: before a byte of it left for the server (connecting
+/// failed, or writing the head on a connection that turned out closed), anywhere; after, only
+/// if it is safe to repeat (idempotent, no body) and nothing of a response reached the client.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    worker: &Worker,
+    snapshot: &L7Snapshot,
+    vhost: usize,
+    index: usize,
+    request: &RequestHead,
+    client: &Conn,
+    buf: &mut Vec<u8>,
+    state: &mut Attempts,
+) -> Result<Exchanged, ProxyError> {
+    let settings = &snapshot.settings;
+    let pool = &snapshot.vhosts[vhost];
+    let server = &pool.servers[index];
+    let _in_flight = InFlight::new(&server.stats);
+    let pooled = worker.upstreams.take(
+        server.address,
+        ms(settings.upstream_idle_timeout_ms),
+        request.retryable(),
+    );
+    let reused = pooled.is_some();
+    let upstream = match pooled {
+        Some(conn) => conn,
+        None => {
+            let connect_timeout = ms(settings.upstream_connect_timeout_ms);
+            let conn = Conn::connect(server.address, connect_timeout)
+                .await
+                .map_err(|err| {
+                    tracing::debug!(server = %server.address, %err, "cannot connect");
+                    if err.kind() == std::io::ErrorKind::TimedOut {
+                        ProxyError::server(504, "server connect timed out", Retry::OtherServer)
+                    } else {
+                        ProxyError::server(502, "cannot connect to a server", Retry::OtherServer)
+                    }
+                })?;
+            server.stats.connections.fetch_add(1, Ordering::Relaxed);
+            conn
+        }
+    };
+    // A retry of a request that is safe to repeat goes to the same server when the
+    // connection that failed was a reused one it had closed; otherwise to another.
+    let again = if reused && request.retryable() {
+        Retry::SameServer
+    } else {
+        Retry::OtherServer
+    };
+    if request.expect_continue && !state.sent_continue && request.body != BodyLength::Empty {
+        // weir answers the expectation itself once it holds a server connection: the
+        // client sends its body only when there is somewhere to send it.
+        let BufResult(written, _) = client
+            .write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\n".to_vec(),
+                ms(settings.body_idle_timeout_ms),
+            )
+            .await;
+        written.map_err(|_| ProxyError::client_gone())?;
+        state.sent_continue = true;
+    }
+    let head = std::mem::take(&mut state.head);
+    let BufResult(written, head) = upstream
+        .write_all(head, ms(settings.body_idle_timeout_ms))
+        .await;
+    state.head = head;
+    if written.is_err() {
+        // Nothing reached the server's application; the client's body is still unread
+        // unless it was asked for.
+        let body_unread = request.body == BodyLength::Empty || !state.sent_continue;
+        let retry = if body_unread { again } else { Retry::No };
+        return Err(ProxyError::server(502, "server connection failed", retry));
+    }
+    let relay = Relay::new(client, &upstream, worker, settings);
+    match relay_body(&relay, request.body, buf, Vec::new(), false).await {
+        Ok(spare) => worker.recycle(spare),
+        Err(RelayError::From) => return Err(ProxyError::client_gone()),
+        Err(RelayError::Malformed(err)) => return Err(ProxyError::client(400, err.0)),
+        Err(RelayError::To) => {
+            return Err(ProxyError::server(
+                502,
+                "server connection failed",
+                Retry::No,
+            ));
+        }
+    }
+    match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
+        Ok((status, keep_alive)) => {
+            note_outcome(pool, index, status < 500);
+            Ok(Exchanged {
+                status,
+                server: server.address,
+                keep_alive,
+            })
+        }
+        Err(ResponseFailure::Nothing(err)) => {
+            tracing::debug!(server = %server.address, %err, reused, "no response");
+            if err.kind() == std::io::ErrorKind::TimedOut {
+                // A slow server is not helped by sending it (or another) the work twice.
+                return Err(ProxyError::server(
+                    504,
+                    "server response timed out",
+                    Retry::No,
+                ));
+            }
+            let retry = if request.retryable() {
+                again
+            } else {
+                Retry::No
+            };
+            let reason = "server closed the connection without answering";
+            Err(ProxyError::server(502, reason, retry))
+        }
+        Err(ResponseFailure::Invalid(reason)) => Err(ProxyError::server(502, reason, Retry::No)),
+        Err(ResponseFailure::Cut(side)) => Err(ProxyError::cut(side)),
+    }
+}
+
+/// What the response stage of an attempt can tell it.
 enum ResponseFailure {
     /// No response head, or part of one, and nothing relayed to the client: may be retried.
     Nothing(std::io::Error),
     /// The server answered something that cannot be relayed.
     Invalid(&'static str),
-    /// The response started reaching the client and then failed.
-    Cut,
+    /// The response started reaching the client and then broke off, on this side.
+    Cut(Side),
 }
 
 /// Reads the server's response and relays it to the client. Returns its status and whether
@@ -615,7 +507,7 @@ async fn relay_response(
                     let BufResult(written, _) = client
                         .write_all(interim, ms(settings.body_idle_timeout_ms))
                         .await;
-                    written.map_err(|_| ResponseFailure::Cut)?;
+                    written.map_err(|_| ResponseFailure::Cut(Side::Client))?;
                     relayed_interim = true;
                 }
                 rbuf.drain(..length);
@@ -664,7 +556,7 @@ async fn relay_response(
         let BufResult(written, _) = client
             .write_all(out, ms(settings.body_idle_timeout_ms))
             .await;
-        written.map_err(|_| ResponseFailure::Cut)?;
+        written.map_err(|_| ResponseFailure::Cut(Side::Client))?;
         tunnel(
             client,
             &upstream,
@@ -693,7 +585,10 @@ async fn relay_response(
     let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
     match relayed {
         Ok(spare) => worker.recycle(spare),
-        Err(_) => return Err(ResponseFailure::Cut),
+        Err(RelayError::To) => return Err(ResponseFailure::Cut(Side::Client)),
+        Err(RelayError::From | RelayError::Malformed(_)) => {
+            return Err(ResponseFailure::Cut(Side::Server));
+        }
     }
     if response.keep_alive && rbuf.is_empty() {
         // Clean: the whole response was read and nothing more came. Back to the pool if the
@@ -879,49 +774,5 @@ async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn worker() -> Worker {
-        let snapshot = L7Snapshot {
-            generation: 0,
-            settings: L7Config::default(),
-            listeners: Vec::new(),
-            vhosts: Vec::new(),
-        };
-        Worker::new(
-            0,
-            Arc::new(ArcSwap::from_pointee(snapshot)),
-            Default::default(),
-        )
-    }
-
-    #[test]
-    fn pipes_are_lent_within_a_quarter_of_the_connection_limit_and_reused_only_when_emptied() {
-        let worker = worker();
-        let max_connections = 8;
-        let failed = worker.lend_pipe(max_connections).unwrap();
-        let in_use = worker.lend_pipe(max_connections).unwrap();
-        assert!(worker.lend_pipe(max_connections).is_none(), "two at most");
-        // A relay that failed may have left bytes in its pipe: closed, not kept.
-        drop(failed);
-        assert_eq!(worker.pipes.borrow().len(), 0);
-        // Its loan is over all the same.
-        let mut emptied = worker
-            .lend_pipe(max_connections)
-            .expect("the failed loan ended");
-        emptied.emptied = true;
-        drop(emptied);
-        assert_eq!(worker.pipes.borrow().len(), 1, "an emptied pipe is kept");
-        drop(in_use);
-        assert_eq!(worker.pipes_lent.get(), 0);
-        // The kept one is lent again rather than a new one made.
-        let again = worker.lend_pipe(max_connections).unwrap();
-        assert_eq!(worker.pipes.borrow().len(), 0);
-        drop(again);
     }
 }

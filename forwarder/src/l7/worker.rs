@@ -1,0 +1,223 @@
+//! What one worker thread keeps between its connections: the snapshot it routes with, its
+//! balancer and idle server connections, and the resources it lends to one request at a time
+//! — buffers, pipes for spliced bodies — with the guards that give them back. Single-threaded
+//! (`Rc`, `RefCell`): nothing here is shared with another worker.
+
+use std::{
+    cell::RefCell,
+    collections::HashSet,
+    os::fd::RawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+
+use super::{
+    balance::Balancer,
+    io::{Conn, Pipe},
+    proxy::READ_CHUNK,
+    snapshot::L7Snapshot,
+    upstream::UpstreamPool,
+};
+
+/// What one worker thread shares between its connections (single-threaded: `Rc`/`RefCell`).
+pub struct Worker {
+    pub index: usize,
+    pub snapshot: Arc<ArcSwap<L7Snapshot>>,
+    pub balancer: RefCell<Balancer>,
+    pub upstreams: UpstreamPool,
+    /// Client connections open on this worker.
+    pub connections: std::cell::Cell<usize>,
+    /// Spare I/O buffers, so a request does not allocate its own.
+    pub buffers: RefCell<Vec<Vec<u8>>>,
+    /// Spare (empty) pipes for spliced bodies.
+    pub pipes: RefCell<Vec<Pipe>>,
+    /// Pipes lent to bodies being spliced.
+    pub pipes_lent: std::cell::Cell<usize>,
+    /// Set when the workers stop: connections take no new request.
+    pub stopping: Arc<AtomicBool>,
+    /// Client connections waiting for a request to begin (see [`IdleClient`]).
+    pub idle_clients: RefCell<HashSet<RawFd>>,
+}
+
+/// Buffers a worker keeps for reuse, and the largest it keeps.
+const SPARE_BUFFERS: usize = 256;
+const MAX_SPARE_CAPACITY: usize = 256 * 1024;
+/// Pipes a worker keeps for reuse (two descriptors each).
+const SPARE_PIPES: usize = 64;
+/// Bodies with at least this much left after the bytes read with the head are spliced
+/// (decision 0012); below it a pipe costs more system calls than the copy it saves.
+pub(super) const SPLICE_MIN: u64 = READ_CHUNK as u64;
+
+impl Worker {
+    /// Worker `index`'s state, routing with `snapshot`, stopping when `stopping` is set.
+    pub fn new(
+        index: usize,
+        snapshot: Arc<ArcSwap<L7Snapshot>>,
+        stopping: Arc<AtomicBool>,
+    ) -> Worker {
+        Worker {
+            index,
+            snapshot,
+            balancer: Default::default(),
+            upstreams: Default::default(),
+            connections: Default::default(),
+            buffers: Default::default(),
+            pipes: Default::default(),
+            pipes_lent: Default::default(),
+            stopping,
+            idle_clients: Default::default(),
+        }
+    }
+
+    /// An empty buffer, reused when one is spare.
+    pub(super) fn buffer(&self) -> Vec<u8> {
+        self.buffers.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Gives a buffer back for reuse.
+    pub(super) fn recycle(&self, mut buf: Vec<u8>) {
+        let mut spare = self.buffers.borrow_mut();
+        if spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_SPARE_CAPACITY && buf.capacity() > 0
+        {
+            buf.clear();
+            spare.push(buf);
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Shuts the receiving side of every client connection that is waiting for a request to
+    /// begin: its read ends with end of file and the connection closes. For a stopping
+    /// worker, on its own thread (so each descriptor is still the connection's).
+    pub fn close_idle_clients(&self) {
+        for &fd in self.idle_clients.borrow().iter() {
+            // SAFETY: the fd belongs to a connection that is open: it leaves the set (its
+            // `IdleClient` drops) before its socket can close.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+    }
+
+    /// An empty pipe for one body, reused when one is spare; `None` when the worker already
+    /// lends a quarter of its connection limit (each pipe holds up to 64 KiB of a body in
+    /// flight, HAProxy's `maxpipes` default bound) or none can be made (descriptors
+    /// exhausted): the body is then copied.
+    pub(super) fn lend_pipe(&self, max_connections: usize) -> Option<LentPipe<'_>> {
+        if self.pipes_lent.get() >= (max_connections / 4).max(1) {
+            return None;
+        }
+        let pipe = match self.pipes.borrow_mut().pop() {
+            Some(pipe) => pipe,
+            None => Pipe::new()
+                .inspect_err(|err| tracing::debug!(%err, "no pipe for splicing; copying instead"))
+                .ok()?,
+        };
+        self.pipes_lent.set(self.pipes_lent.get() + 1);
+        Some(LentPipe {
+            worker: self,
+            pipe: Some(pipe),
+            emptied: false,
+        })
+    }
+}
+
+/// Marks a client connection idle (waiting for a request to begin) for as long as it lives,
+/// so a stopping worker can close it.
+pub(super) struct IdleClient<'a> {
+    worker: &'a Worker,
+    fd: RawFd,
+}
+
+impl<'a> IdleClient<'a> {
+    pub(super) fn new(worker: &'a Worker, client: &Conn) -> Self {
+        let fd = client.raw_fd();
+        worker.idle_clients.borrow_mut().insert(fd);
+        IdleClient { worker, fd }
+    }
+}
+
+impl Drop for IdleClient<'_> {
+    fn drop(&mut self) {
+        self.worker.idle_clients.borrow_mut().remove(&self.fd);
+    }
+}
+
+/// A pipe lent to one body relay. It goes back to the worker's spares if the relay marked
+/// it emptied; one that may hold bytes (a failed relay) is closed.
+pub(super) struct LentPipe<'a> {
+    worker: &'a Worker,
+    pipe: Option<Pipe>,
+    pub(super) emptied: bool,
+}
+
+impl std::ops::Deref for LentPipe<'_> {
+    type Target = Pipe;
+
+    fn deref(&self) -> &Pipe {
+        self.pipe
+            .as_ref()
+            .expect("a lent pipe is there until dropped")
+    }
+}
+
+impl Drop for LentPipe<'_> {
+    fn drop(&mut self) {
+        let worker = self.worker;
+        worker.pipes_lent.set(worker.pipes_lent.get() - 1);
+        let mut spare = worker.pipes.borrow_mut();
+        if self.emptied && spare.len() < SPARE_PIPES {
+            spare.extend(self.pipe.take());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_config::L7Config;
+
+    use super::*;
+
+    fn worker() -> Worker {
+        let snapshot = L7Snapshot {
+            generation: 0,
+            settings: L7Config::default(),
+            listeners: Vec::new(),
+            vhosts: Vec::new(),
+        };
+        Worker::new(
+            0,
+            Arc::new(ArcSwap::from_pointee(snapshot)),
+            Default::default(),
+        )
+    }
+
+    #[test]
+    fn pipes_are_lent_within_a_quarter_of_the_connection_limit_and_reused_only_when_emptied() {
+        let worker = worker();
+        let max_connections = 8;
+        let failed = worker.lend_pipe(max_connections).unwrap();
+        let in_use = worker.lend_pipe(max_connections).unwrap();
+        assert!(worker.lend_pipe(max_connections).is_none(), "two at most");
+        // A relay that failed may have left bytes in its pipe: closed, not kept.
+        drop(failed);
+        assert_eq!(worker.pipes.borrow().len(), 0);
+        // Its loan is over all the same.
+        let mut emptied = worker
+            .lend_pipe(max_connections)
+            .expect("the failed loan ended");
+        emptied.emptied = true;
+        drop(emptied);
+        assert_eq!(worker.pipes.borrow().len(), 1, "an emptied pipe is kept");
+        drop(in_use);
+        assert_eq!(worker.pipes_lent.get(), 0);
+        // The kept one is lent again rather than a new one made.
+        let again = worker.lend_pipe(max_connections).unwrap();
+        assert_eq!(worker.pipes.borrow().len(), 0);
+        drop(again);
+    }
+}
