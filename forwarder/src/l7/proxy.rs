@@ -24,7 +24,7 @@ use std::{
 };
 
 use compio::BufResult;
-use weir_config::{L7Config, control::AdminState};
+use weir_config::L7Config;
 
 pub use super::worker::Worker;
 use super::{
@@ -593,12 +593,7 @@ async fn relay_response(
     if response.keep_alive && rbuf.is_empty() {
         // Clean: the whole response was read and nothing more came. Back to the pool if the
         // server still takes requests (a drain may have happened meanwhile).
-        let ready = worker.snapshot.load().vhosts.iter().any(|v| {
-            v.servers
-                .iter()
-                .any(|s| s.address == server.address && s.state == AdminState::Ready)
-        });
-        if ready {
+        if worker.snapshot.load().reusable.contains(&server.address) {
             worker.upstreams.put(
                 server.address,
                 upstream,

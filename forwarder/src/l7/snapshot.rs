@@ -8,7 +8,7 @@
 //! the in-flight count a drain waits on.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, OnceLock,
@@ -173,6 +173,10 @@ pub struct L7Snapshot {
     /// In the order of the workers' listening sockets.
     pub listeners: Vec<ListenerRoutes>,
     pub vhosts: Vec<VhostPool>,
+    /// Servers some pool has in rotation (admin-ready and not unhealthy, as `ready` says):
+    /// the ones whose idle connections are worth keeping. Precomputed, so a finished response
+    /// asks one set instead of scanning every pool.
+    pub reusable: HashSet<SocketAddr>,
 }
 
 /// A vhost as the control plane hands it to [`L7Snapshot::build`].
@@ -281,11 +285,16 @@ impl L7Snapshot {
                 .wildcards
                 .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         }
+        let reusable = pools
+            .iter()
+            .flat_map(|pool| pool.ready.iter().map(|&i| pool.servers[i].address))
+            .collect();
         L7Snapshot {
             generation,
             settings,
             listeners: routes,
             vhosts: pools,
+            reusable,
         }
     }
 
@@ -324,6 +333,52 @@ mod tests {
                 None,
             )],
         }
+    }
+
+    #[test]
+    fn idle_connections_are_kept_only_to_servers_in_rotation_health_included() {
+        let address = |last: u8| SocketAddr::from(([127, 0, 0, last], 80));
+        let mut pool = spec("a", &["a.test"], false);
+        pool.servers = vec![
+            (
+                address(10),
+                1,
+                AdminState::Ready,
+                HealthState::Healthy,
+                None,
+            ),
+            (
+                address(11),
+                1,
+                AdminState::Ready,
+                HealthState::Unhealthy,
+                None,
+            ),
+            (
+                address(12),
+                1,
+                AdminState::Draining,
+                HealthState::Healthy,
+                None,
+            ),
+            (
+                address(13),
+                1,
+                AdminState::Ready,
+                HealthState::Unchecked,
+                None,
+            ),
+        ];
+        let snapshot = L7Snapshot::build(
+            0,
+            L7Config::default(),
+            &["127.0.0.1:80".parse().unwrap()],
+            &[pool],
+            None,
+        );
+        let mut reusable: Vec<_> = snapshot.reusable.iter().copied().collect();
+        reusable.sort();
+        assert_eq!(reusable, [address(10), address(13)]);
     }
 
     #[test]

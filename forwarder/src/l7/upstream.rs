@@ -13,8 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_config::control::AdminState;
-
 use super::{io::Conn, snapshot::L7Snapshot};
 
 /// How long an idle connection is reused for a retryable request without checking it first.
@@ -59,16 +57,9 @@ impl UpstreamPool {
     /// Closes connections idle longer than `max_idle` and those to servers that take no
     /// new requests in `snapshot`.
     pub fn sweep(&self, snapshot: &L7Snapshot, max_idle: Duration) {
-        let in_rotation = |address: &SocketAddr| {
-            snapshot.vhosts.iter().any(|v| {
-                v.servers
-                    .iter()
-                    .any(|s| s.address == *address && s.state == AdminState::Ready)
-            })
-        };
         let mut idle = self.idle.borrow_mut();
         idle.retain(|address, list| {
-            if !in_rotation(address) {
+            if !snapshot.reusable.contains(address) {
                 return false;
             }
             list.retain(|(_, since)| since.elapsed() < max_idle);

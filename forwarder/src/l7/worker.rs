@@ -188,6 +188,7 @@ mod tests {
             settings: L7Config::default(),
             listeners: Vec::new(),
             vhosts: Vec::new(),
+            reusable: Default::default(),
         };
         Worker::new(
             0,
