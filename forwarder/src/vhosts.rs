@@ -10,13 +10,12 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use weir_config::{
-    AllDown, Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
+    Balance, Config, HashOn, HealthCheck, MAX_WEIGHT, OutlierDetection, ServerSpec,
     address::{PoolKind, server_address_problem},
     control::{AdminState, HealthState},
 };
 
 use crate::{
-    l7::{L7Snapshot, VhostSpec},
     pool::{self, PoolEdit, ServerLine, merge_config_pool, server_changes},
     state::{RuntimeState, VhostServerState, VhostState},
 };
@@ -262,36 +261,9 @@ impl Vhosts {
             .collect()
     }
 
-    /// What the workers route with, for `config`'s `[l7]` settings and the listeners the
-    /// workers bound (`previous` carries counters over).
-    pub fn snapshot(&self, config: &Config, previous: Option<&L7Snapshot>) -> L7Snapshot {
-        let specs: Vec<VhostSpec<'_>> = self
-            .vhosts
-            .iter()
-            .map(|v| VhostSpec {
-                name: &v.name,
-                listen: v.listen,
-                hosts: v.hosts.clone(),
-                default: v.default,
-                balance: v.balance,
-                hash_on: v.hash_on.clone(),
-                all_down: v.health.as_ref().map_or(AllDown::Refuse, |h| h.all_down),
-                outlier: v.outlier.clone(),
-                slow_start_ms: v.slow_start_ms,
-                servers: v
-                    .servers
-                    .iter()
-                    .map(|s| (s.address, s.weight, s.state, s.health, s.ramp_since))
-                    .collect(),
-            })
-            .collect();
-        L7Snapshot::build(
-            previous.map_or(0, |p| p.generation),
-            config.l7.clone(),
-            &config.l7_listen_addresses(),
-            &specs,
-            previous,
-        )
+    /// Every vhost, in config order (what [`crate::l7::L7Snapshot::of`] publishes).
+    pub fn as_slice(&self) -> &[Vhost] {
+        &self.vhosts
     }
 
     /// What changes from `self` to `next`, one line per change.

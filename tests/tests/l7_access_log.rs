@@ -10,7 +10,10 @@ use std::{
 
 use serde_json::Value;
 use weir_config::Config;
-use weir_forwarder::{l7::L7Workers, vhosts::Vhosts};
+use weir_forwarder::{
+    l7::{L7Snapshot, L7Workers},
+    vhosts::Vhosts,
+};
 use weir_tests::{
     http_client::{Body, HttpConn},
     http_origin::HttpOrigin,
@@ -43,7 +46,7 @@ fn start(access_log: bool, origin: &HttpOrigin, net: u8) -> (L7Workers, std::net
     );
     let config = Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
     let vhosts = Vhosts::plan(&config, None).unwrap();
-    let workers = L7Workers::start(vhosts.snapshot(&config, None), 1).unwrap();
+    let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), 1).unwrap();
     (workers, listen.parse().unwrap())
 }
 

@@ -19,7 +19,10 @@ use weir_config::{
     Config,
     control::{AdminState, HealthState},
 };
-use weir_forwarder::{l7::L7Workers, vhosts::Vhosts};
+use weir_forwarder::{
+    l7::{L7Snapshot, L7Workers},
+    vhosts::Vhosts,
+};
 use weir_tests::{
     http_client::{Body, HttpConn, is_pattern, raw_exchange},
     http_origin::{HttpOrigin, pattern_digest},
@@ -61,7 +64,7 @@ impl Proxy {
         }
         let config = Config::parse(std::path::Path::new("test.toml"), &text).expect("test config");
         let vhosts = Vhosts::plan(&config, None).unwrap();
-        let workers = L7Workers::start(vhosts.snapshot(&config, None), config.l7.workers)
+        let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), config.l7.workers)
             .expect("workers start");
         Proxy {
             workers,
@@ -74,9 +77,7 @@ impl Proxy {
     /// Applies a change to the pools and publishes it, as the daemon does.
     fn change(&mut self, change: impl FnOnce(&mut Vhosts)) {
         change(&mut self.vhosts);
-        let snapshot = self
-            .vhosts
-            .snapshot(&self.config, Some(&self.workers.snapshot()));
+        let snapshot = L7Snapshot::of(&self.vhosts, &self.config, Some(&self.workers.snapshot()));
         self.workers.publish(snapshot);
     }
 

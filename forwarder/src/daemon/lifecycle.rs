@@ -23,7 +23,7 @@ use crate::{
     handover,
     health::HealthChecker,
     l4::L4Services,
-    l7::L7Workers,
+    l7::{L7Snapshot, L7Workers},
     lock::InstanceLock,
     pins::PinDir,
     state::RuntimeState,
@@ -132,8 +132,12 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
     raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
-    let l7 = L7Workers::start_with(vhosts.snapshot(&config, None), config.l7.workers, inherited)
-        .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
+    let l7 = L7Workers::start_with(
+        L7Snapshot::of(&vhosts, &config, None),
+        config.l7.workers,
+        inherited,
+    )
+    .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
     }

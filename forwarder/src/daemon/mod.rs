@@ -38,7 +38,7 @@ use crate::{
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
     l4::{L4Error, L4Services},
-    l7::L7Workers,
+    l7::{L7Snapshot, L7Workers},
     pool::health_name,
     state::RuntimeState,
     vhosts::{VhostError, Vhosts},
@@ -219,7 +219,7 @@ impl Inner {
         // The workers' snapshot changes only when L7 did: republishing it for an L4 change
         // would restart every worker's weighted round robin.
         if next_vhosts != self.vhosts || l7_settings_changed {
-            let snapshot = next_vhosts.snapshot(&self.config, Some(&self.l7.snapshot()));
+            let snapshot = L7Snapshot::of(&next_vhosts, &self.config, Some(&self.l7.snapshot()));
             self.l7.publish(snapshot);
             self.vhosts = next_vhosts;
         }

@@ -138,9 +138,9 @@ fn hash_key(on: &HashOn, request: &RequestHead, peer: SocketAddr) -> Option<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::l7::{
-        http::{HeadLimits, parse_request},
-        snapshot::VhostSpec,
+    use crate::{
+        l7::http::{HeadLimits, parse_request},
+        vhosts::{Vhost, VhostServer},
     };
     use weir_config::{L7Config, control::AdminState};
 
@@ -171,30 +171,29 @@ mod tests {
         servers: &[(u32, AdminState, Option<Instant>)],
     ) -> L7Snapshot {
         let listen = ["127.0.0.1:80".parse().unwrap()];
-        let spec = VhostSpec {
-            name: "a",
+        let spec = Vhost {
+            name: "a".into(),
             listen: listen[0],
             hosts: vec!["a".into()],
             default: false,
             balance,
             hash_on,
-            all_down: weir_config::AllDown::Refuse,
+            health: None,
             outlier: None,
             slow_start_ms,
             servers: servers
                 .iter()
                 .enumerate()
-                .map(|(i, &(w, s, since))| {
-                    let address = SocketAddr::from(([127, 0, 0, 10 + i as u8], 80));
-                    (
-                        address,
-                        w,
-                        s,
-                        weir_config::control::HealthState::Unchecked,
-                        since,
-                    )
+                .map(|(i, &(weight, state, ramp_since))| VhostServer {
+                    address: SocketAddr::from(([127, 0, 0, 10 + i as u8], 80)),
+                    weight,
+                    state,
+                    health: weir_config::control::HealthState::Unchecked,
+                    ramp_since,
+                    id: (),
                 })
                 .collect(),
+            config_servers: Vec::new(),
         };
         L7Snapshot::build(1, L7Config::default(), &listen, &[spec], None)
     }

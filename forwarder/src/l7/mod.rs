@@ -40,7 +40,7 @@ use compio::runtime::event::{Event, EventHandle};
 use socket2::{Domain, Socket, Type};
 use weir_config::control::ListenerStatus;
 
-pub use snapshot::{L7Snapshot, VhostSpec};
+pub use snapshot::L7Snapshot;
 
 use worker::Worker;
 

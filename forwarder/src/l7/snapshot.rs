@@ -18,13 +18,13 @@ use std::{
 };
 
 use weir_config::{
-    AllDown, Balance, HashOn, L7Config, OutlierDetection,
-    control::{AdminState, HealthState},
+    AllDown, Balance, Config, HashOn, L7Config, OutlierDetection, control::AdminState,
 };
 
 use crate::{
     maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable},
     pool::{in_rotation, ramped_weight},
+    vhosts::{Vhost, Vhosts},
 };
 
 /// Counters of one server of one vhost, shared by all workers.
@@ -179,29 +179,27 @@ pub struct L7Snapshot {
     pub reusable: HashSet<SocketAddr>,
 }
 
-/// A vhost as the control plane hands it to [`L7Snapshot::build`].
-pub struct VhostSpec<'a> {
-    pub name: &'a str,
-    pub listen: SocketAddr,
-    pub hosts: Vec<String>,
-    pub default: bool,
-    pub balance: Balance,
-    pub hash_on: Option<HashOn>,
-    pub all_down: AllDown,
-    pub outlier: Option<OutlierDetection>,
-    pub slow_start_ms: u64,
-    /// (address, weight, admin state, health, in rotation since)
-    pub servers: Vec<(SocketAddr, u32, AdminState, HealthState, Option<Instant>)>,
-}
-
 impl L7Snapshot {
+    /// What the workers route `vhosts` with under `config`'s `[l7]` settings and listeners,
+    /// carrying counters over from `previous` (and the generation, which `publish` steps).
+    pub fn of(vhosts: &Vhosts, config: &Config, previous: Option<&L7Snapshot>) -> L7Snapshot {
+        L7Snapshot::build(
+            previous.map_or(0, |p| p.generation),
+            config.l7.clone(),
+            &config.l7_listen_addresses(),
+            vhosts.as_slice(),
+            previous,
+        )
+    }
+
     /// Builds the snapshot for `listeners` (fixed at start) and `vhosts`, carrying counters
-    /// over from `previous`.
+    /// over from `previous`: each vhost as the control plane's model holds it, with its
+    /// servers as they are there (one server type from control to L7).
     pub fn build(
         generation: u64,
         settings: L7Config,
         listeners: &[SocketAddr],
-        vhosts: &[VhostSpec<'_>],
+        vhosts: &[Vhost],
         previous: Option<&L7Snapshot>,
     ) -> L7Snapshot {
         let mut routes: Vec<ListenerRoutes> = listeners
@@ -230,22 +228,26 @@ impl L7Snapshot {
                     listener.default = Some(index);
                 }
             }
-            let old = previous_vhost(spec.name);
+            let old = previous_vhost(&spec.name);
             let servers: Vec<PoolServer> = spec
                 .servers
                 .iter()
-                .map(|&(address, weight, state, _, ramp_since)| PoolServer {
-                    address,
-                    weight,
-                    state,
-                    ramp_since,
+                .map(|server| PoolServer {
+                    address: server.address,
+                    weight: server.weight,
+                    state: server.state,
+                    ramp_since: server.ramp_since,
                     stats: old
-                        .and_then(|o| o.servers.iter().find(|s| s.address == address))
+                        .and_then(|o| o.servers.iter().find(|s| s.address == server.address))
                         .map_or_else(Arc::default, |s| Arc::clone(&s.stats)),
                 })
                 .collect();
-            let states: Vec<_> = spec.servers.iter().map(|s| (s.2, s.3)).collect();
-            let ready = in_rotation(&states, spec.all_down);
+            let states: Vec<_> = spec.servers.iter().map(|s| (s.state, s.health)).collect();
+            let all_down = spec
+                .health
+                .as_ref()
+                .map_or(AllDown::Refuse, |check| check.all_down);
+            let ready = in_rotation(&states, all_down);
             let hash_table = if spec.balance == Balance::Hash {
                 let members: Vec<MaglevServer> = ready
                     .iter()
@@ -269,7 +271,7 @@ impl L7Snapshot {
                 Vec::new()
             };
             pools.push(VhostPool {
-                name: spec.name.to_string(),
+                name: spec.name.clone(),
                 balance: spec.balance,
                 hash_on: spec.hash_on.clone(),
                 servers,
@@ -312,26 +314,39 @@ impl L7Snapshot {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use weir_config::control::HealthState;
 
-    fn spec<'a>(name: &'a str, hosts: &[&str], default: bool) -> VhostSpec<'a> {
-        VhostSpec {
-            name,
+    use super::*;
+    use crate::vhosts::VhostServer;
+
+    fn spec(name: &str, hosts: &[&str], default: bool) -> Vhost {
+        Vhost {
+            name: name.to_string(),
             listen: "127.0.0.1:80".parse().unwrap(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             default,
             balance: Balance::RoundRobin,
             hash_on: None,
-            all_down: AllDown::Refuse,
+            health: None,
             outlier: None,
             slow_start_ms: 0,
-            servers: vec![(
+            servers: vec![server(
                 "127.0.0.2:80".parse().unwrap(),
-                1,
                 AdminState::Ready,
                 HealthState::Unchecked,
-                None,
             )],
+            config_servers: Vec::new(),
+        }
+    }
+
+    fn server(address: SocketAddr, state: AdminState, health: HealthState) -> VhostServer {
+        VhostServer {
+            address,
+            weight: 1,
+            state,
+            health,
+            ramp_since: None,
+            id: (),
         }
     }
 
@@ -340,34 +355,10 @@ mod tests {
         let address = |last: u8| SocketAddr::from(([127, 0, 0, last], 80));
         let mut pool = spec("a", &["a.test"], false);
         pool.servers = vec![
-            (
-                address(10),
-                1,
-                AdminState::Ready,
-                HealthState::Healthy,
-                None,
-            ),
-            (
-                address(11),
-                1,
-                AdminState::Ready,
-                HealthState::Unhealthy,
-                None,
-            ),
-            (
-                address(12),
-                1,
-                AdminState::Draining,
-                HealthState::Healthy,
-                None,
-            ),
-            (
-                address(13),
-                1,
-                AdminState::Ready,
-                HealthState::Unchecked,
-                None,
-            ),
+            server(address(10), AdminState::Ready, HealthState::Healthy),
+            server(address(11), AdminState::Ready, HealthState::Unhealthy),
+            server(address(12), AdminState::Draining, HealthState::Healthy),
+            server(address(13), AdminState::Ready, HealthState::Unchecked),
         ];
         let snapshot = L7Snapshot::build(
             0,
@@ -391,7 +382,11 @@ mod tests {
             spec("fallback", &[], true),
         ];
         let snapshot = L7Snapshot::build(1, L7Config::default(), &listen, &vhosts, None);
-        let route = |host| snapshot.listeners[0].route(host).map(|i| vhosts[i].name);
+        let route = |host| {
+            snapshot.listeners[0]
+                .route(host)
+                .map(|i| vhosts[i].name.as_str())
+        };
         assert_eq!(route(Some("www.example.com")), Some("www"));
         assert_eq!(route(Some("img.example.com")), Some("any"));
         assert_eq!(route(Some("a.b.example.com")), Some("any"));
