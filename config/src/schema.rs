@@ -252,6 +252,50 @@ pub struct L7Config {
     pub access_log: bool,
 }
 
+impl L7Config {
+    /// What differs from `old`, one `key old -> new` per setting, named as in the file (what a
+    /// reload reports).
+    pub fn changes_from(&self, old: &L7Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),+ $(,)?) => {
+                $(if self.$field != old.$field {
+                    changes.push(format!(
+                        "{} {:?} -> {:?}",
+                        stringify!($field),
+                        old.$field,
+                        self.$field
+                    ));
+                })+
+            };
+        }
+        compare!(
+            workers,
+            max_connections_per_worker,
+            max_request_line,
+            max_header_bytes,
+            max_headers,
+            header_timeout_ms,
+            keepalive_timeout_ms,
+            body_idle_timeout_ms,
+            upstream_connect_timeout_ms,
+            upstream_response_timeout_ms,
+            upstream_idle_timeout_ms,
+            upstream_max_idle_per_server,
+            tunnel_idle_timeout_ms,
+            shutdown_grace_ms,
+            access_log,
+        );
+        if self.forwarded != old.forwarded {
+            changes.push(format!(
+                "forwarded {:?} -> {:?}",
+                old.forwarded, self.forwarded
+            ));
+        }
+        changes
+    }
+}
+
 impl Default for L7Config {
     fn default() -> Self {
         L7Config {
@@ -1288,5 +1332,23 @@ servers = [
                 "no `{wanted}` in {errs:#?}"
             );
         }
+    }
+
+    #[test]
+    fn an_l7_change_names_each_setting_with_its_old_and_new_value() {
+        let old = L7Config::default();
+        let new = L7Config {
+            max_connections_per_worker: 2000,
+            access_log: true,
+            ..L7Config::default()
+        };
+        assert_eq!(
+            new.changes_from(&old),
+            [
+                "max_connections_per_worker 10000 -> 2000",
+                "access_log false -> true"
+            ]
+        );
+        assert!(old.changes_from(&old).is_empty());
     }
 }

@@ -49,6 +49,7 @@ use crate::{
         server_changes,
     },
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
+    transaction,
 };
 
 /// Why a change to the L4 services was refused. Nothing was changed.
@@ -89,6 +90,8 @@ pub enum ApplyError {
     Refused(#[from] L4Error),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Failed(#[from] transaction::ChangeFailed),
 }
 
 /// A server in an L4 pool; its id is its index in the datapath's server array.
@@ -381,6 +384,7 @@ impl L4Services {
     /// The services of `config`, written into `maps` (which may hold anything).
     pub fn from_config(config: &Config, maps: &mut DatapathMaps) -> Result<L4Services, ApplyError> {
         let services = L4Services::plan(config, None)?;
+        warm_neighbours(services.fresh_servers(None));
         services.sync(maps, None)?;
         Ok(services)
     }
@@ -512,7 +516,14 @@ impl L4Services {
     ) -> Result<(), ApplyError> {
         let mut next = self.clone();
         change(&mut next)?;
-        next.sync(maps, Some(self))?;
+        warm_neighbours(next.fresh_servers(Some(self)));
+        let change = transaction::Change {
+            current: self,
+            next: &next,
+            settings: None,
+            state: None,
+        };
+        transaction::write(maps, change)?;
         *self = next;
         Ok(())
     }
@@ -688,7 +699,6 @@ impl L4Services {
         let old_servers: HashMap<u32, SocketAddr> =
             old.map(L4Services::server_addresses).unwrap_or_default();
         let servers = self.server_addresses();
-        let mut fresh = Vec::new();
         for (&id, &address) in &servers {
             if old_servers.get(&id) != Some(&address) {
                 // The same server in a live slot keeps its generation (a restarted daemon
@@ -703,10 +713,8 @@ impl L4Services {
                     ServerInfo::next_generation(slot.generation())
                 };
                 maps.set_server(id, ServerInfo::with_generation(address, generation))?;
-                fresh.push(address);
             }
         }
-        warm_neighbours(fresh);
 
         for service in self.services.values() {
             let before = old.and_then(|o| o.services.get(&service.name));
@@ -778,6 +786,17 @@ impl L4Services {
             .collect()
     }
 
+    /// The servers whose entries [`L4Services::sync`] writes anew coming from `old` (all of
+    /// them from nothing): the ones whose neighbours to warm first ([`warm_neighbours`]).
+    pub fn fresh_servers(&self, old: Option<&L4Services>) -> Vec<SocketAddr> {
+        let old = old.map(L4Services::server_addresses).unwrap_or_default();
+        self.server_addresses()
+            .into_iter()
+            .filter(|(id, address)| old.get(id) != Some(address))
+            .map(|(_, address)| address)
+            .collect()
+    }
+
     /// What changes from `self` to `next`, one line per change, for operators.
     pub fn diff(&self, next: &L4Services) -> Vec<String> {
         let mut lines = Vec::new();
@@ -846,14 +865,17 @@ impl PoolEdit for L4Services {
     }
 }
 
-/// Gets the kernel to resolve the MAC of each server before traffic needs it.
+/// Gets the kernel to resolve the MAC of each server before traffic needs it. Network I/O
+/// (up to [`WARM_TIMEOUT`]), never part of [`L4Services::sync`]: callers warm the servers they
+/// are about to add ([`L4Services::fresh_servers`]) where waiting costs nothing — the daemon
+/// before it takes its lock for `server add`, at start-up and on reload.
 ///
 /// DSR packets cannot fall back to the kernel's forwarding (their destination is a VIP), so the
 /// program drops them while a server's neighbour entry is missing; NAT packets fall back to the
 /// kernel's slow path until it is resolved. A TCP connection attempt to
 /// the server (closed at once, or refused: either way the MAC is resolved) is the probe a
 /// health check makes anyway. Bounded: at most [`WARM_TIMEOUT`] for all servers together.
-fn warm_neighbours(servers: impl IntoIterator<Item = SocketAddr>) {
+pub fn warm_neighbours(servers: impl IntoIterator<Item = SocketAddr>) {
     std::thread::scope(|scope| {
         for server in servers {
             scope.spawn(move || {

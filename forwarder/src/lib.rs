@@ -27,4 +27,5 @@ mod map_batch;
 pub mod pins;
 pub mod pool;
 pub mod state;
+pub mod transaction;
 pub mod vhosts;

@@ -22,7 +22,7 @@ use crate::{
     datapath::{Datapath, DatapathOptions},
     handover,
     health::HealthChecker,
-    l4::L4Services,
+    l4::{self, L4Services},
     l7::{L7Snapshot, L7Workers},
     lock::InstanceLock,
     pins::PinDir,
@@ -112,6 +112,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     if datapath.adopted() {
         tracing::info!(dir = %pins.root().display(), "adopting the pinned datapath: established flows are kept");
     }
+    l4::warm_neighbours(l4.fresh_servers(None));
     l4.sync(datapath.maps_mut(), None)
         .context("cannot install the L4 services")?;
     datapath.attach()?;

@@ -37,10 +37,11 @@ use pools::{Plane, Verb};
 use crate::{
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
-    l4::{L4Error, L4Services},
+    l4::{self, L4Error, L4Services},
     l7::{L7Snapshot, L7Workers},
     pool::health_name,
     state::RuntimeState,
+    transaction,
     vhosts::{VhostError, Vhosts},
 };
 
@@ -80,6 +81,11 @@ fn unix_ms(time: SystemTime) -> u64 {
 
 impl State {
     fn handle(&self, request: Request) -> Response {
+        // A server about to be added gets its neighbour resolved before the lock is taken:
+        // the connection attempt may take a while, and no other request need wait for it.
+        if let Request::ServerAdd { address, .. } = &request {
+            l4::warm_neighbours([*address]);
+        }
         let Ok(mut inner) = self.inner.lock() else {
             return Response::Error(internal("daemon state lock poisoned"));
         };
@@ -159,10 +165,11 @@ impl Inner {
     ) -> Result<Vec<String>, ControlError> {
         let mut changes = self.l4.diff(&next);
         changes.extend(self.vhosts.diff(&next_vhosts));
-        let l7_settings_changed = config.as_ref().is_some_and(|c| c.l7 != self.config.l7);
-        if l7_settings_changed {
-            changes.push("l7 settings (limits, timeouts, headers, access log)".to_string());
-        }
+        let l7_changes = config
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.l7.changes_from(&self.config.l7));
+        let l7_settings_changed = !l7_changes.is_empty();
+        changes.extend(l7_changes.into_iter().map(|change| format!("l7 {change}")));
         let settings = config.as_ref().map(datapath::settings);
         let old_settings = datapath::settings(&self.config);
         if let Some(settings) = settings.filter(|s| *s != old_settings) {
@@ -179,34 +186,24 @@ impl Inner {
                 edge.embryonic_idle_ns, edge.flows_per_cpu_per_sec
             ));
         }
+        if config.is_some() {
+            // A reload may bring servers in: their neighbours, before their tables switch.
+            l4::warm_neighbours(next.fresh_servers(Some(&self.l4)));
+        }
         let state = Inner::runtime_state(&next, &next_vhosts);
         if !changes.is_empty() || state != Inner::runtime_state(&self.l4, &self.vhosts) {
-            let maps = self.datapath.maps_mut();
-            let written = settings
-                .map_or(Ok(()), |s| maps.set_settings(s))
-                .and_then(|()| edge.map_or(Ok(()), |e| maps.set_edge_settings(e)))
-                .and_then(|()| next.sync(maps, Some(&self.l4)))
-                .map_err(|err| internal(format!("{err}")))
-                .and_then(|()| {
-                    state
-                        .save(&self.config.daemon.state_file)
-                        .map_err(|err| internal(format!("{err}")))
-                });
-            if let Err(err) = written {
-                let undone = maps
-                    .set_settings(old_settings)
-                    .and_then(|()| maps.set_edge_settings(old_edge))
-                    .and_then(|()| self.l4.sync(maps, Some(&next)));
-                tracing::error!(%err.message, undone = undone.is_ok(), "change failed");
-                return Err(match undone {
-                    Ok(()) => {
-                        ControlError::new(err.kind, format!("{}; nothing was changed", err.message))
-                    }
-                    Err(undo) => internal(format!(
-                        "{}; undoing the partial change also failed: {undo}",
-                        err.message
-                    )),
-                });
+            let change = transaction::Change {
+                current: &self.l4,
+                next: &next,
+                settings: settings.zip(edge).map(|next| transaction::SettingsChange {
+                    next,
+                    current: (old_settings, old_edge),
+                }),
+                state: Some((&state, &self.config.daemon.state_file)),
+            };
+            if let Err(err) = transaction::write(self.datapath.maps_mut(), change) {
+                tracing::error!(%err, undone = err.undone.is_ok(), "change failed");
+                return Err(internal(err.to_string()));
             }
         }
         for line in &changes {
