@@ -19,6 +19,8 @@
 //! empty (and re-picks) rather than taken by a newcomer. Ids are part of the runtime state
 //! ([`crate::state`]), so a restarted daemon keeps them.
 
+pub mod transaction;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     fmt,
@@ -49,7 +51,6 @@ use crate::{
         server_changes,
     },
     state::{RuntimeState, STATE_VERSION, ServerState, VipState},
-    transaction,
 };
 
 /// Why a change to the L4 services was refused. Nothing was changed.

@@ -27,5 +27,4 @@ mod map_batch;
 pub mod pins;
 pub mod pool;
 pub mod state;
-pub mod transaction;
 pub mod vhosts;

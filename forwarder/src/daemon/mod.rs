@@ -37,11 +37,10 @@ use pools::{Plane, Verb};
 use crate::{
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
-    l4::{self, L4Error, L4Services},
+    l4::{self, L4Error, L4Services, transaction},
     l7::{L7Snapshot, L7Workers},
     pool::health_name,
     state::RuntimeState,
-    transaction,
     vhosts::{VhostError, Vhosts},
 };
 

@@ -18,7 +18,6 @@ use arc_swap::ArcSwap;
 use super::{
     balance::Balancer,
     io::{Conn, Pipe},
-    proxy::READ_CHUNK,
     snapshot::L7Snapshot,
     upstream::UpstreamPool,
 };
@@ -48,9 +47,6 @@ const SPARE_BUFFERS: usize = 256;
 const MAX_SPARE_CAPACITY: usize = 256 * 1024;
 /// Pipes a worker keeps for reuse (two descriptors each).
 const SPARE_PIPES: usize = 64;
-/// Bodies with at least this much left after the bytes read with the head are spliced
-/// (decision 0012); below it a pipe costs more system calls than the copy it saves.
-pub(super) const SPLICE_MIN: u64 = READ_CHUNK as u64;
 
 impl Worker {
     /// Worker `index`'s state, routing with `snapshot`, stopping when `stopping` is set.
