@@ -33,12 +33,25 @@ pub struct Config {
     pub datapath: DatapathConfig,
     #[serde(default)]
     pub l7: L7Config,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// L4 virtual services, balanced in XDP.
     #[serde(default, rename = "l4_vip")]
     pub l4_vips: Vec<L4Vip>,
     /// L7 virtual hosts, served by the userspace workers.
     #[serde(default, rename = "vhost")]
     pub vhosts: Vec<VirtualHost>,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (Prometheus text exposition). Off unless set: a metrics
+    /// port is something an operator opens on purpose (the usual choice is a loopback or
+    /// management address, e.g. `127.0.0.1:9110`).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The daemon's own settings.

@@ -37,6 +37,9 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     // The health-check tests black-hole a server with a firewall rule.
     "nftables",
+    // The metrics test scrapes weir with a real Prometheus and checks the exposition with
+    // promtool.
+    "prometheus",
 ];
 
 /// What setup found, for commands that run tools afterwards.

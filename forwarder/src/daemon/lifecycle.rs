@@ -145,6 +145,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
     let health = HealthChecker::start(transitions_tx).context("cannot start the health checker")?;
     let socket_path = config.daemon.control_socket.clone();
+    let metrics_listen = config.metrics.listen;
     let state = Arc::new(State {
         config_path: config_path.to_path_buf(),
         started: Instant::now(),
@@ -169,6 +170,13 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        if let Some(address) = metrics_listen {
+            let metrics = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?;
+            tracing::info!(%address, "metrics served at /metrics");
+            tokio::spawn(super::metrics::serve(metrics, Arc::clone(&state)));
+        }
         let listener = control::bind(&socket_path).with_context(|| {
             format!("cannot create the control socket {}", socket_path.display())
         })?;

@@ -15,6 +15,7 @@
 //! [`report`] assembles what the daemon reports, [`lifecycle`] starts, runs and stops it.
 
 mod lifecycle;
+mod metrics;
 mod pools;
 mod report;
 
@@ -427,6 +428,7 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
             != next.datapath.embryonic_table_size.get_ref(),
         "datapath.embryonic_table_size",
     );
+    check(running.metrics != next.metrics, "metrics.listen");
     check(
         running.daemon.control_socket != next.daemon.control_socket,
         "daemon.control_socket",

@@ -14,6 +14,18 @@ use super::{Inner, State, internal, refusal};
 use crate::datapath;
 
 impl State {
+    /// The Prometheus exposition of everything the daemon reports (`super::metrics`).
+    pub(super) fn metrics(&self) -> Result<String, ControlError> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| internal("daemon state lock poisoned"))?;
+        let status = self.status(&inner)?;
+        let vips = inner.vip_reports()?;
+        let servers = inner.server_reports(None)?;
+        Ok(super::metrics::render(&status, &vips, &servers))
+    }
+
     pub(super) fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
         Ok(StatusReport {
             daemon: DaemonStatus {

@@ -1,0 +1,377 @@
+//! The Prometheus endpoint: `GET /metrics` on `[metrics] listen`, in the text exposition
+//! format, written by the `prometheus` crate from the same reports `weirctl` reads — so a scrape
+//! and `weirctl status` never disagree. Built afresh per scrape under the daemon's lock
+//! (reading the per-CPU maps once), which keeps the hot paths free of any metrics work.
+//!
+//! Names follow Prometheus conventions: `weir_` prefix, `_total` for counters, labels `vip`,
+//! `vhost`, `server`, `reason`, `code`, `event`. The list with meanings is in
+//! `docs/operations.md`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use weir_config::control::{HealthState, ServerReport, StatusReport, VipReport};
+
+/// One scrape's registry, filled with totals the daemon already summed.
+struct Scrape(Registry);
+
+impl Scrape {
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: impl IntoIterator<Item = (Vec<String>, u64)>,
+    ) {
+        let family = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+        for (label_values, value) in values {
+            let label_values: Vec<&str> = label_values.iter().map(String::as_str).collect();
+            family.with_label_values(&label_values).inc_by(value);
+        }
+        self.0
+            .register(Box::new(family))
+            .expect("each metric is registered once");
+    }
+
+    fn gauges(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: impl IntoIterator<Item = (Vec<String>, i64)>,
+    ) {
+        let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+        for (label_values, value) in values {
+            let label_values: Vec<&str> = label_values.iter().map(String::as_str).collect();
+            family.with_label_values(&label_values).set(value);
+        }
+        self.0
+            .register(Box::new(family))
+            .expect("each metric is registered once");
+    }
+}
+
+/// The exposition of one scrape.
+pub(super) fn render(
+    status: &StatusReport,
+    vips: &[VipReport],
+    servers: &[ServerReport],
+) -> String {
+    let scrape = Scrape(Registry::new());
+    scrape.gauges(
+        "weir_build_info",
+        "The running daemon's version, as a label of a gauge that is 1",
+        &["version"],
+        [(vec![status.daemon.version.clone()], 1)],
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    scrape.gauges(
+        "weir_start_time_seconds",
+        "When the daemon started, in seconds since the Unix epoch",
+        &[],
+        [(vec![], now.saturating_sub(status.daemon.uptime_secs) as i64)],
+    );
+    scrape.counters(
+        "weir_datapath_packets_total",
+        "Packets the XDP and TC programs handled, by the reason for their verdict",
+        &["reason"],
+        status
+            .counters
+            .iter()
+            .map(|c| (vec![c.reason.clone()], c.packets)),
+    );
+    scrape.counters(
+        "weir_datapath_bytes_total",
+        "Bytes the XDP and TC programs handled, by the reason for their verdict",
+        &["reason"],
+        status
+            .counters
+            .iter()
+            .map(|c| (vec![c.reason.clone()], c.bytes)),
+    );
+    scrape.gauges(
+        "weir_flows_embryonic",
+        "Flows seen but not proven yet (a SYN without its ACK), within the embryonic timeout",
+        &[],
+        [(vec![], status.flows.embryonic as i64)],
+    );
+    scrape.counters(
+        "weir_flow_events_total",
+        "Flows created embryonic, promoted to the flow table, or deferred by the flood guard",
+        &["event"],
+        status
+            .flows
+            .events
+            .iter()
+            .map(|e| (vec![e.event.clone()], e.count)),
+    );
+    let vip = |v: &VipReport| vec![v.name.clone()];
+    scrape.counters(
+        "weir_vip_packets_total",
+        "Packets to an L4 VIP",
+        &["vip"],
+        vips.iter().map(|v| (vip(v), v.traffic.packets)),
+    );
+    scrape.counters(
+        "weir_vip_bytes_total",
+        "Bytes to an L4 VIP",
+        &["vip"],
+        vips.iter().map(|v| (vip(v), v.traffic.bytes)),
+    );
+    scrape.counters(
+        "weir_vip_new_flows_total",
+        "New flows to an L4 VIP (picked from its Maglev table)",
+        &["vip"],
+        vips.iter().map(|v| (vip(v), v.traffic.new_flows)),
+    );
+    scrape.gauges(
+        "weir_vip_active_flows",
+        "Established flows of an L4 VIP (neither closing nor idle past their timeout)",
+        &["vip"],
+        vips.iter().map(|v| (vip(v), v.active_flows as i64)),
+    );
+    scrape.gauges(
+        "weir_vip_servers_ready",
+        "Servers of an L4 VIP taking new flows (admin-ready)",
+        &["vip"],
+        vips.iter().map(|v| (vip(v), v.ready as i64)),
+    );
+    let (l4, l7): (Vec<&ServerReport>, Vec<&ServerReport>) =
+        servers.iter().partition(|s| s.l7.is_none());
+    let server = |s: &ServerReport| vec![s.vip.clone(), s.address.to_string()];
+    scrape.counters(
+        "weir_server_packets_total",
+        "Packets the datapath sent an L4 server",
+        &["vip", "server"],
+        l4.iter().map(|s| (server(s), s.traffic.packets)),
+    );
+    scrape.counters(
+        "weir_server_bytes_total",
+        "Bytes the datapath sent an L4 server",
+        &["vip", "server"],
+        l4.iter().map(|s| (server(s), s.traffic.bytes)),
+    );
+    scrape.counters(
+        "weir_server_new_flows_total",
+        "New flows that picked an L4 server",
+        &["vip", "server"],
+        l4.iter().map(|s| (server(s), s.traffic.new_flows)),
+    );
+    scrape.gauges(
+        "weir_server_active_flows",
+        "Established flows pinned to an L4 server",
+        &["vip", "server"],
+        l4.iter().map(|s| (server(s), s.active_flows as i64)),
+    );
+    let l7_traffic = |s: &ServerReport| s.l7.unwrap_or_default();
+    scrape.counters(
+        "weir_vhost_server_requests_total",
+        "Requests the L7 proxy sent a server",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).requests)),
+    );
+    scrape.counters(
+        "weir_vhost_server_responses_total",
+        "Responses from a server, by status class",
+        &["vhost", "server", "code"],
+        l7.iter().flat_map(|s| {
+            ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .into_iter()
+                .zip(l7_traffic(s).responses)
+                .map(move |(code, n)| {
+                    (
+                        vec![s.vip.clone(), s.address.to_string(), code.to_string()],
+                        n,
+                    )
+                })
+        }),
+    );
+    scrape.counters(
+        "weir_vhost_server_failures_total",
+        "Connect failures, resets and timeouts of a server",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).failures)),
+    );
+    scrape.counters(
+        "weir_vhost_server_connections_total",
+        "Connections the L7 proxy opened to a server",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).connections)),
+    );
+    scrape.gauges(
+        "weir_vhost_server_in_flight",
+        "Requests in flight on a server",
+        &["vhost", "server"],
+        l7.iter()
+            .map(|s| (server(s), l7_traffic(s).in_flight as i64)),
+    );
+    scrape.gauges(
+        "weir_server_up",
+        "1 unless health checks found the server down (L4 and L7 pools alike)",
+        &["pool", "server"],
+        servers
+            .iter()
+            .map(|s| (server(s), i64::from(s.health != HealthState::Unhealthy))),
+    );
+    scrape.gauges(
+        "weir_server_admin_state",
+        "1 for a server's admin state (ready, draining, disabled)",
+        &["pool", "server", "state"],
+        servers.iter().map(|s| {
+            (
+                vec![
+                    s.vip.clone(),
+                    s.address.to_string(),
+                    s.admin.name().to_string(),
+                ],
+                1,
+            )
+        }),
+    );
+    let listener = |l: &weir_config::control::ListenerStatus| vec![l.address.to_string()];
+    scrape.counters(
+        "weir_l7_connections_total",
+        "Client connections an L7 listener accepted",
+        &["listener"],
+        status
+            .listeners
+            .iter()
+            .map(|l| (listener(l), l.connections)),
+    );
+    scrape.counters(
+        "weir_l7_requests_total",
+        "Requests read on an L7 listener",
+        &["listener"],
+        status.listeners.iter().map(|l| (listener(l), l.requests)),
+    );
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&scrape.0.gather(), &mut out)
+        .expect("writing to a buffer cannot fail");
+    String::from_utf8(out).expect("the exposition is UTF-8")
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped: one request per connection,
+/// answered and closed (what Prometheus does), anything else 404.
+pub(super) async fn serve(listener: tokio::net::TcpListener, state: std::sync::Arc<super::State>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = std::sync::Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut head = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if read != Ok(true) {
+                return;
+            }
+            let (status, body) = if head.starts_with(b"GET /metrics ") {
+                match state.metrics() {
+                    Ok(body) => ("200 OK", body),
+                    Err(err) => ("500 Internal Server Error", format!("{}\n", err.message)),
+                }
+            } else {
+                ("404 Not Found", "GET /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = r#"{
+      "daemon": { "pid": 1, "version": "0.1.0", "config": "weir.toml", "uptime_secs": 60,
+                  "state_file": "state.json", "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": false },
+      "xdp": [],
+      "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
+                    { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
+      "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ] },
+      "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "requests": 9 } ]
+    }"#;
+    const VIPS: &str = r#"[ { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp",
+      "mode": "nat", "hash": "five_tuple", "table_size": 65537, "servers": 1, "ready": 1,
+      "active_flows": 2, "traffic": { "packets": 10, "bytes": 1000, "new_flows": 4 } } ]"#;
+    const SERVERS: &str = r#"[
+      { "vip": "web", "address": "198.18.11.2:8080", "weight": 100, "admin": "ready",
+        "health": "healthy", "active_flows": 2, "traffic": { "packets": 10, "bytes": 1000, "new_flows": 4 } },
+      { "vip": "site", "address": "127.0.0.1:8081", "weight": 100, "admin": "draining",
+        "health": "unhealthy", "active_flows": 0, "traffic": { "packets": 0, "bytes": 0, "new_flows": 0 },
+        "l7": { "requests": 9, "in_flight": 0, "responses": [0, 8, 0, 1, 0], "failures": 1,
+                "connections": 3, "ejected_ms": 0 } } ]"#;
+
+    fn exposition() -> String {
+        render(
+            &serde_json::from_str(STATUS).unwrap(),
+            &serde_json::from_str::<Vec<VipReport>>(VIPS).unwrap(),
+            &serde_json::from_str::<Vec<ServerReport>>(SERVERS).unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_exposition_names_every_series_by_convention() {
+        let text = exposition();
+        for line in [
+            "weir_datapath_packets_total{reason=\"drop_bad_tcp_flags\"} 2",
+            "weir_vip_new_flows_total{vip=\"web\"} 4",
+            "weir_server_packets_total{server=\"198.18.11.2:8080\",vip=\"web\"} 10",
+            "weir_vhost_server_responses_total{code=\"2xx\",server=\"127.0.0.1:8081\",vhost=\"site\"} 8",
+            "weir_server_up{pool=\"site\",server=\"127.0.0.1:8081\"} 0",
+            "weir_server_admin_state{pool=\"site\",server=\"127.0.0.1:8081\",state=\"draining\"} 1",
+            "weir_flows_embryonic 3",
+            "weir_flow_events_total{event=\"embryonic_created\"} 7",
+            "weir_build_info{version=\"0.1.0\"} 1",
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    /// Prometheus's own checker, when the machine has it (`cargo xtask setup` installs it).
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        let Ok(mut child) = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("SKIPPED: promtool is not installed (cargo xtask setup installs it)");
+            return;
+        };
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(exposition().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! End-to-end: a real Prometheus (Debian's package) scrapes the daemon's `/metrics` in the
+//! lab's balancer namespace while traffic goes through an L4 VIP and an L7 vhost; the series
+//! are checked through Prometheus's own HTTP query API, and the live exposition with
+//! `promtool check metrics`.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weir_tests::{
+    client::http_get,
+    http_client::{Body, HttpConn},
+    lab::Lab,
+    netns::{Process, wait_until},
+    topology::{L4_VIP, L7_VIP, Topology},
+};
+
+const METRICS: &str = "127.0.0.1:9110";
+const PROMETHEUS: &str = "127.0.0.1:9190";
+
+/// `GET path` on `address` (HTTP/1.0, one request per connection); the body.
+fn get(address: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no head"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    Ok(body.to_string())
+}
+
+/// The result vector of a Prometheus instant query: (labels, value).
+fn query(expr: &str) -> Vec<(Value, f64)> {
+    let encoded: String = expr
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let Ok(body) = get(PROMETHEUS, &format!("/api/v1/query?query={encoded}")) else {
+        return Vec::new();
+    };
+    let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    json["data"]["result"]
+        .as_array()
+        .map(|results| {
+            results
+                .iter()
+                .map(|r| {
+                    let value = r["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0);
+                    (r["metric"].clone(), value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
+    let tag = format!("weirt-{}-metrics", std::process::id());
+    let dir = std::env::temp_dir().join(&tag);
+    let topology = Topology::new(&format!("{tag}-"), 2).expect("topology");
+    let lab = Lab::start_in(topology, &dir, "native", |config| {
+        config + &format!("\n[metrics]\nlisten = \"{METRICS}\"\n")
+    })
+    .expect("lab starts");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weir\n    \
+             static_configs:\n      - targets: [\"{METRICS}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus_command = lab.topology.balancer.command("prometheus");
+    prometheus_command
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={PROMETHEUS}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _prometheus = Process::spawn("prometheus", &mut prometheus_command).expect("prometheus");
+    let balancer = &lab.topology.balancer;
+    balancer
+        .run(|| {
+            wait_until("Prometheus to be ready", Duration::from_secs(30), || {
+                get(PROMETHEUS, "/-/ready").is_ok()
+            })
+        })
+        .unwrap()
+        .expect("Prometheus is ready");
+
+    // Traffic through the L4 VIP (new connections) and the vhost while Prometheus is asked.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = std::sync::Arc::clone(&stop);
+        let netns = format!("/run/netns/{}", lab.topology.client.name());
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&netns).expect("client netns");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                http_get(SocketAddr::new(L4_VIP.into(), 80)).expect("through the L4 VIP");
+                let mut conn = HttpConn::connect(SocketAddr::new(L7_VIP.into(), 80)).unwrap();
+                let response = conn
+                    .request("GET", "/", "demo.weir.test", "", Body::None)
+                    .unwrap();
+                assert_eq!(response.status, 200);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    // Prometheus has the per-server rates of both planes, and the scrape is healthy.
+    let (rates, requests, up) = balancer
+        .run(|| {
+            let mut found = (Vec::new(), Vec::new(), Vec::new());
+            let _ = wait_until("the series in Prometheus", Duration::from_secs(30), || {
+                found = (
+                    query("rate(weir_server_packets_total{vip=\"demo-l4\"}[10s]) > 0"),
+                    query("weir_vhost_server_requests_total > 0"),
+                    query("up{job=\"weir\"} == 1"),
+                );
+                found.0.len() == 2 && found.1.len() == 2 && found.2.len() == 1
+            });
+            found
+        })
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().expect("traffic thread");
+    assert_eq!(
+        rates.len(),
+        2,
+        "a packet rate per server of the L4 VIP: {rates:?}"
+    );
+    assert!(
+        rates.iter().all(|(labels, _)| labels["vip"] == "demo-l4"),
+        "{rates:?}"
+    );
+    assert_eq!(requests.len(), 2, "requests per vhost server: {requests:?}");
+    assert_eq!(up.len(), 1, "the scrape target is up: {up:?}");
+
+    // promtool accepts what the daemon serves.
+    let exposition = balancer
+        .run(|| get(METRICS, "/metrics"))
+        .unwrap()
+        .expect("/metrics answers");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
