@@ -313,6 +313,18 @@ pub struct ListenerStatus {
     pub workers: usize,
     pub connections: u64,
     pub requests: u64,
+    /// Requests weir answered itself because of the client (400, 404, 408, 414, 431, 501…),
+    /// by status and reason; servers' failures are counted on the servers.
+    #[serde(default)]
+    pub refusals: Vec<RefusalCount>,
+}
+
+/// How often an L7 listener refused requests for one reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusalCount {
+    pub status: u16,
+    pub reason: String,
+    pub count: u64,
 }
 
 impl RequestEnvelope {

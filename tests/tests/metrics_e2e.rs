@@ -1,5 +1,6 @@
 //! End-to-end: a real Prometheus (Debian's package) scrapes the daemon's `/metrics` in the
-//! lab's balancer namespace while traffic goes through an L4 VIP and an L7 vhost; the series
+//! lab's balancer namespace while traffic goes through an L4 VIP and an L7 vhost (and requests
+//! the proxy refuses); the series
 //! are checked through Prometheus's own HTTP query API, and the live exposition with
 //! `promtool check metrics`.
 
@@ -123,22 +124,32 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
                     .request("GET", "/", "demo.weir.test", "", Body::None)
                     .unwrap();
                 assert_eq!(response.status, 200);
+                // A request weir refuses itself: HTTP/1.1 without a Host header.
+                let mut refused = TcpStream::connect(SocketAddr::new(L7_VIP.into(), 80)).unwrap();
+                refused
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                refused.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+                let mut answer = String::new();
+                let _ = refused.read_to_string(&mut answer);
+                assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
 
     // Prometheus has the per-server rates of both planes, and the scrape is healthy.
-    let (rates, requests, up) = balancer
+    let (rates, requests, up, refusals) = balancer
         .run(|| {
-            let mut found = (Vec::new(), Vec::new(), Vec::new());
+            let mut found = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let _ = wait_until("the series in Prometheus", Duration::from_secs(30), || {
                 found = (
                     query("rate(weir_server_packets_total{vip=\"demo-l4\"}[10s]) > 0"),
                     query("weir_vhost_server_requests_total > 0"),
                     query("up{job=\"weir\"} == 1"),
+                    query("rate(weir_l7_refusals_total[10s]) > 0"),
                 );
-                found.0.len() == 2 && found.1.len() == 2 && found.2.len() == 1
+                found.0.len() == 2 && found.1.len() == 2 && found.2.len() == 1 && found.3.len() == 1
             });
             found
         })
@@ -156,6 +167,34 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     );
     assert_eq!(requests.len(), 2, "requests per vhost server: {requests:?}");
     assert_eq!(up.len(), 1, "the scrape target is up: {up:?}");
+    assert_eq!(refusals.len(), 1, "one refusal series: {refusals:?}");
+    let refusal = &refusals[0].0;
+    assert_eq!(
+        (
+            refusal["code"].as_str(),
+            refusal["reason"].as_str(),
+            refusal["listener"].as_str()
+        ),
+        (
+            Some("400"),
+            Some("missing Host header"),
+            Some(&*SocketAddr::new(L7_VIP.into(), 80).to_string())
+        ),
+        "{refusals:?}"
+    );
+
+    // Refusals are logged too, with status and reason.
+    let log = lab.log();
+    let refused_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert!(
+        refused_lines
+            .iter()
+            .any(|l| l.contains("status=400") && l.contains("missing Host header")),
+        "no refusal in the daemon's log:\n{log}"
+    );
 
     // promtool accepts what the daemon serves.
     let exposition = balancer

@@ -246,6 +246,23 @@ pub(super) fn render(
         &["listener"],
         status.listeners.iter().map(|l| (listener(l), l.requests)),
     );
+    scrape.counters(
+        "weir_l7_refusals_total",
+        "Requests an L7 listener refused because of the client, by status code and reason",
+        &["listener", "code", "reason"],
+        status.listeners.iter().flat_map(|l| {
+            l.refusals.iter().map(|r| {
+                (
+                    vec![
+                        l.address.to_string(),
+                        r.status.to_string(),
+                        r.reason.clone(),
+                    ],
+                    r.count,
+                )
+            })
+        }),
+    );
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&scrape.0.gather(), &mut out)
@@ -307,7 +324,8 @@ mod tests {
       "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
                     { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
       "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ] },
-      "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "requests": 9 } ]
+      "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "requests": 9,
+                       "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] } ]
     }"#;
     const VIPS: &str = r#"[ { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp",
       "mode": "nat", "hash": "five_tuple", "table_size": 65537, "servers": 1, "ready": 1,
@@ -341,6 +359,7 @@ mod tests {
             "weir_flows_embryonic 3",
             "weir_flow_events_total{event=\"embryonic_created\"} 7",
             "weir_build_info{version=\"0.1.0\"} 1",
+            "weir_l7_refusals_total{code=\"400\",listener=\"198.18.100.11:80\",reason=\"missing Host header\"} 2",
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");
         }

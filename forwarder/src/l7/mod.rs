@@ -38,7 +38,7 @@ use std::{
 use arc_swap::ArcSwap;
 use compio::runtime::event::{Event, EventHandle};
 use socket2::{Domain, Socket, Type};
-use weir_config::control::ListenerStatus;
+use weir_config::control::{ListenerStatus, RefusalCount};
 
 pub use snapshot::L7Snapshot;
 
@@ -62,6 +62,24 @@ const FULL_BACKOFF: Duration = Duration::from_millis(5);
 pub struct WorkerCounters {
     connections: AtomicU64,
     requests: AtomicU64,
+    /// Requests refused because of the client, by (status, reason). A refusal is rare and
+    /// already costs a response, so a lock (never contended: status readers only) and a short
+    /// list are enough; the reasons are the proxy's static texts, so the list stays short.
+    refusals: std::sync::Mutex<Vec<(u16, &'static str, u64)>>,
+}
+
+impl WorkerCounters {
+    /// Counts a request refused with `status` for `reason`.
+    pub(crate) fn refused(&self, status: u16, reason: &'static str) {
+        let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        match refusals
+            .iter_mut()
+            .find(|(s, r, _)| *s == status && *r == reason)
+        {
+            Some((_, _, count)) => *count += 1,
+            None => refusals.push((status, reason, 1)),
+        }
+    }
 }
 
 struct Listener {
@@ -206,11 +224,30 @@ impl L7Workers {
                         .map(|c| f(c).load(Ordering::Relaxed))
                         .sum()
                 };
+                let mut refusals: Vec<RefusalCount> = Vec::new();
+                for counters in &listener.counters {
+                    let worker = counters.refusals.lock().unwrap_or_else(|e| e.into_inner());
+                    for &(status, reason, count) in worker.iter() {
+                        match refusals
+                            .iter_mut()
+                            .find(|r| r.status == status && r.reason == reason)
+                        {
+                            Some(r) => r.count += count,
+                            None => refusals.push(RefusalCount {
+                                status,
+                                reason: reason.to_string(),
+                                count,
+                            }),
+                        }
+                    }
+                }
+                refusals.sort_by(|a, b| (a.status, &a.reason).cmp(&(b.status, &b.reason)));
                 ListenerStatus {
                     address: listener.address,
                     workers: self.workers,
                     connections: total(|c| &c.connections),
                     requests: total(|c| &c.requests),
+                    refusals,
                 }
             })
             .collect()

@@ -92,9 +92,7 @@ pub async fn serve_client(
                 }
                 Ok((None, _)) => return,
                 Err(err) => {
-                    if let Some((status, reason)) = err.answer {
-                        refuse(&client, status, reason).await;
-                    }
+                    answer_error(&worker, &client, peer, counters, err).await;
                     return;
                 }
             };
@@ -121,9 +119,7 @@ pub async fn serve_client(
             Ok(exchange) if exchange.keep_alive => continue,
             Ok(_) => return,
             Err(err) => {
-                if let Some((status, reason)) = err.answer {
-                    refuse(&client, status, reason).await;
-                }
+                answer_error(&worker, &client, peer, counters, err).await;
                 return;
             }
         }
@@ -162,6 +158,35 @@ fn log_access(
         server = server.map(|s| s.to_string()).as_deref().unwrap_or("-"),
         micros = started.elapsed().as_micros() as u64,
     );
+}
+
+/// Ends a client connection after `err`: answers it when something is to be answered, and
+/// counts and logs (see [`Worker::may_log_refusal`]) a refusal that is the client's doing —
+/// a server's failure is counted on the server instead.
+async fn answer_error(
+    worker: &Worker,
+    client: &Conn,
+    peer: SocketAddr,
+    counters: &WorkerCounters,
+    err: ProxyError,
+) {
+    let Some((status, reason)) = err.answer else {
+        return;
+    };
+    if err.side == Side::Client {
+        counters.refused(status, reason);
+        if let Some(unlogged) = worker.may_log_refusal() {
+            tracing::warn!(
+                target: "weir::refused",
+                client = %peer,
+                status,
+                reason,
+                unlogged,
+                "request refused"
+            );
+        }
+    }
+    refuse(client, status, reason).await;
 }
 
 /// Sends a local error response, then closes once the client stops sending (briefly).

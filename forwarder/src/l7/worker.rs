@@ -40,7 +40,37 @@ pub struct Worker {
     pub stopping: Arc<AtomicBool>,
     /// Client connections waiting for a request to begin (see [`IdleClient`]).
     pub idle_clients: RefCell<HashSet<RawFd>>,
+    /// Refusals logged in the current second, and those left unlogged since the last line.
+    refusal_log: std::cell::Cell<RefusalLog>,
 }
+
+#[derive(Clone, Copy, Default)]
+struct RefusalLog {
+    second: u64,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Whether one more line may be written in `second`; if so, how many were not before it.
+    fn admit(&mut self, second: u64) -> Option<u64> {
+        if self.second != second {
+            self.second = second;
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_LOGGED_PER_SEC {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.unlogged))
+        } else {
+            self.unlogged += 1;
+            None
+        }
+    }
+}
+
+/// Refusal log lines a worker writes per second at most: a client sending garbage must not
+/// turn the daemon's log into its amplifier. The counters count every refusal.
+const REFUSALS_LOGGED_PER_SEC: u32 = 10;
 
 /// Buffers a worker keeps for reuse, and the largest it keeps.
 const SPARE_BUFFERS: usize = 256;
@@ -66,7 +96,20 @@ impl Worker {
             pipes_lent: Default::default(),
             stopping,
             idle_clients: Default::default(),
+            refusal_log: Default::default(),
         }
+    }
+
+    /// Whether a refusal may be logged now (at most [`REFUSALS_LOGGED_PER_SEC`] per second);
+    /// if so, how many went unlogged before it, for the line to say.
+    pub(super) fn may_log_refusal(&self) -> Option<u64> {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut log = self.refusal_log.get();
+        let answer = log.admit(second);
+        self.refusal_log.set(log);
+        answer
     }
 
     /// An empty buffer, reused when one is spare.
@@ -216,5 +259,19 @@ mod tests {
         let again = worker.lend_pipe(max_connections).unwrap();
         assert_eq!(worker.pipes.borrow().len(), 0);
         drop(again);
+    }
+
+    #[test]
+    fn refusals_are_logged_ten_a_second_and_the_next_line_says_how_many_were_not() {
+        let mut log = RefusalLog::default();
+        let first: Vec<_> = (0..15).map(|_| log.admit(100)).collect();
+        assert_eq!(&first[..10], &[Some(0); 10]);
+        assert_eq!(&first[10..], &[None; 5]);
+        assert_eq!(
+            log.admit(101),
+            Some(5),
+            "the next second's first line counts them"
+        );
+        assert_eq!(log.admit(101), Some(0));
     }
 }

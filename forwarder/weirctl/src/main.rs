@@ -531,17 +531,39 @@ fn print_status(report: &StatusReport) {
     print_flow_events(&report.flows);
     println!("\nL7 LISTENERS");
     println!(
-        "  {:<24} {:>7} {:>12} {:>10}",
-        "ADDRESS", "WORKERS", "CONNECTIONS", "REQUESTS"
+        "  {:<24} {:>7} {:>12} {:>10} {:>8}",
+        "ADDRESS", "WORKERS", "CONNECTIONS", "REQUESTS", "REFUSED"
     );
     for l in &report.listeners {
         println!(
-            "  {:<24} {:>7} {:>12} {:>10}",
+            "  {:<24} {:>7} {:>12} {:>10} {:>8}",
             l.address.to_string(),
             l.workers,
             l.connections,
-            l.requests
+            l.requests,
+            l.refusals.iter().map(|r| r.count).sum::<u64>()
         );
+    }
+    let refusals: Vec<_> = report
+        .listeners
+        .iter()
+        .flat_map(|l| l.refusals.iter().map(move |r| (l.address, r)))
+        .collect();
+    if !refusals.is_empty() {
+        println!("\nL7 REFUSALS");
+        println!(
+            "  {:<24} {:>6} {:>8}  REASON",
+            "LISTENER", "STATUS", "COUNT"
+        );
+        for (address, r) in refusals {
+            println!(
+                "  {:<24} {:>6} {:>8}  {}",
+                address.to_string(),
+                r.status,
+                r.count,
+                r.reason
+            );
+        }
     }
 }
 

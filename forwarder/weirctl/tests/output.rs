@@ -26,7 +26,9 @@ const STATUS: &str = r#"{
     { "event": "embryonic_created", "count": 310 },
     { "event": "embryonic_promoted", "count": 298 },
     { "event": "flood_deferred", "count": 0 } ] },
-  "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 77, "requests": 901 } ]
+  "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 77, "requests": 901,
+                  "refusals": [ { "status": 400, "reason": "missing Host header", "count": 3 },
+                                { "status": 408, "reason": "request head not received in time", "count": 1 } ] } ]
 }"#;
 
 const VIPS: &str = r#"[
