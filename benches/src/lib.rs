@@ -8,7 +8,8 @@
 //!   ([`l4`], HTTP with wrk and UDP request/response with [`udp`]), interleaved, repeated, as
 //!   Markdown and JSON ([`report`]); and the L7 runtime
 //!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
-//!   proxy against HAProxy http mode and nginx ([`l7`]).
+//!   proxy against HAProxy http mode and nginx ([`l7`]); and a Prometheus scrape of the
+//!   daemon with 1 000 servers ([`scrape`]).
 
 pub mod chart;
 pub mod l4;
@@ -16,6 +17,7 @@ pub mod l7;
 pub mod l7_runtime;
 pub mod nginx;
 pub mod report;
+pub mod scrape;
 pub mod stats;
 pub mod udp;
 pub mod wrk;

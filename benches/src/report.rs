@@ -24,6 +24,7 @@ pub struct Report {
     pub l7_runtime: Vec<RuntimeResult>,
     pub l7: Vec<L7Result>,
     pub l7_churn: Option<ChurnResult>,
+    pub scrape: Option<crate::scrape::ScrapeResult>,
 }
 
 impl Report {
@@ -104,6 +105,9 @@ impl Report {
         }
         if !self.l7_runtime.is_empty() {
             md.push_str(&runtime_table(&self.l7_runtime));
+        }
+        if let Some(scrape) = &self.scrape {
+            md.push_str(&crate::scrape::table(scrape));
         }
         md
     }

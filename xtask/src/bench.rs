@@ -38,7 +38,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     run_cmd(
         toolchain
             .cargo()
-            // The harness, and `weir` itself for the L7 comparison.
+            // The harness, `weir` itself for the L7 comparison, and the lab's demo backend
+            // for the scrape benchmark.
             .args([
                 "build",
                 "--release",
@@ -46,6 +47,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "weir-benches",
                 "-p",
                 "weir-forwarder",
+                "-p",
+                "weir-tests",
                 "--bins",
             ]),
     )?;

@@ -11,6 +11,7 @@ use weir_benches::{
     l7::{L7Bench, L7Case},
     l7_runtime::RuntimeBench,
     report::Report,
+    scrape::ScrapeBench,
     xdp::XdpBench,
 };
 
@@ -37,6 +38,8 @@ enum Scenario {
     L7,
     /// The L7 runtime choice: one minimal proxy on tokio-uring and on compio.
     L7Runtime,
+    /// A Prometheus scrape of `/metrics` with 1 000 servers, and forwarding while scraped.
+    Scrape,
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         l7_runtime: Vec::new(),
         l7: Vec::new(),
         l7_churn: None,
+        scrape: None,
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -125,6 +129,17 @@ fn main() -> Result<()> {
             connections: 64,
         };
         report.l7_runtime = bench.run(&proxy, &std::env::temp_dir().join(format!("{tag}l7rt")))?;
+    }
+    if wanted(Scenario::Scrape) {
+        eprintln!("scrape: /metrics with 1000 servers, and L4 forwarding with and without it");
+        let bench = ScrapeBench {
+            servers: 1000,
+            scrapes: if args.quick { 20 } else { 100 },
+            repetitions: 3,
+            seconds: if args.quick { 2 } else { 4 },
+            connections: 32,
+        };
+        report.scrape = Some(bench.run(&tag, &std::env::temp_dir().join(format!("{tag}scrape")))?);
     }
     fs::create_dir_all(&args.out)?;
     let markdown = report.markdown();

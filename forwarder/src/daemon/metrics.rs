@@ -9,45 +9,105 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
 use weir_config::control::{HealthState, ServerReport, StatusReport, VipReport};
 
-/// One scrape's registry, filled with totals the daemon already summed.
-struct Scrape(Registry);
+/// One scrape's metric families, built directly from totals the daemon already summed. Not
+/// through a `Registry`: it hashes every label set to find its series and sorts them again,
+/// which with 1 000 servers (8 600 series) was two thirds of a scrape; the crate's text encoder
+/// still writes the exposition.
+struct Scrape(Vec<MetricFamily>);
 
 impl Scrape {
     fn counters(
-        &self,
+        &mut self,
         name: &str,
         help: &str,
         labels: &[&str],
         values: impl IntoIterator<Item = (Vec<String>, u64)>,
     ) {
-        let family = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
-        for (label_values, value) in values {
-            let label_values: Vec<&str> = label_values.iter().map(String::as_str).collect();
-            family.with_label_values(&label_values).inc_by(value);
-        }
-        self.0
-            .register(Box::new(family))
-            .expect("each metric is registered once");
+        self.family(
+            name,
+            help,
+            MetricType::COUNTER,
+            labels,
+            values,
+            |metric, value| {
+                let mut counter = Counter::default();
+                counter.set_value(value as f64);
+                metric.set_counter(counter);
+            },
+        );
     }
 
     fn gauges(
-        &self,
+        &mut self,
         name: &str,
         help: &str,
         labels: &[&str],
         values: impl IntoIterator<Item = (Vec<String>, i64)>,
     ) {
-        let family = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
-        for (label_values, value) in values {
-            let label_values: Vec<&str> = label_values.iter().map(String::as_str).collect();
-            family.with_label_values(&label_values).set(value);
+        self.family(
+            name,
+            help,
+            MetricType::GAUGE,
+            labels,
+            values,
+            |metric, value| {
+                let mut gauge = Gauge::default();
+                gauge.set_value(value as f64);
+                metric.set_gauge(gauge);
+            },
+        );
+    }
+
+    /// A family of `kind`, one metric per item of `values` (label values in the order of
+    /// `labels`); none when `values` is empty, as the exposition has no empty families.
+    fn family<V>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        labels: &[&str],
+        values: impl IntoIterator<Item = (Vec<String>, V)>,
+        set: impl Fn(&mut Metric, V),
+    ) {
+        // Label pairs go out sorted by name, as Prometheus's own clients write them.
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        order.sort_by_key(|&i| labels[i]);
+        let metrics: Vec<Metric> = values
+            .into_iter()
+            .map(|(label_values, value)| {
+                debug_assert_eq!(label_values.len(), labels.len(), "{name}");
+                let mut label_values: Vec<Option<String>> =
+                    label_values.into_iter().map(Some).collect();
+                let pairs = order
+                    .iter()
+                    .map(|&i| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name(labels[i].to_string());
+                        pair.set_value(label_values[i].take().unwrap_or_default());
+                        pair
+                    })
+                    .collect();
+                let mut metric = Metric::default();
+                metric.set_label(pairs);
+                set(&mut metric, value);
+                metric
+            })
+            .collect();
+        if metrics.is_empty() {
+            return;
         }
-        self.0
-            .register(Box::new(family))
-            .expect("each metric is registered once");
+        let mut family = MetricFamily::default();
+        family.set_name(name.to_string());
+        family.set_help(help.to_string());
+        family.set_field_type(kind);
+        family.set_metric(metrics);
+        self.0.push(family);
     }
 }
 
@@ -57,7 +117,7 @@ pub(super) fn render(
     vips: &[VipReport],
     servers: &[ServerReport],
 ) -> String {
-    let scrape = Scrape(Registry::new());
+    let mut scrape = Scrape(Vec::new());
     scrape.gauges(
         "weir_build_info",
         "The running daemon's version, as a label of a gauge that is 1",
@@ -263,11 +323,11 @@ pub(super) fn render(
             })
         }),
     );
-    let mut out = Vec::new();
+    let mut out = String::new();
     TextEncoder::new()
-        .encode(&scrape.0.gather(), &mut out)
-        .expect("writing to a buffer cannot fail");
-    String::from_utf8(out).expect("the exposition is UTF-8")
+        .encode_utf8(&scrape.0, &mut out)
+        .expect("every family has a name and a metric");
+    out
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped: one request per connection,

@@ -16,13 +16,21 @@ use crate::datapath;
 impl State {
     /// The Prometheus exposition of everything the daemon reports (`super::metrics`).
     pub(super) fn metrics(&self) -> Result<String, ControlError> {
-        let inner = self
-            .inner
-            .lock()
-            .map_err(|_| internal("daemon state lock poisoned"))?;
-        let status = self.status(&inner)?;
-        let vips = inner.vip_reports()?;
-        let servers = inner.server_reports(None)?;
+        let (status, vips, servers) = {
+            let inner = self
+                .inner
+                .lock()
+                .map_err(|_| internal("daemon state lock poisoned"))?;
+            // One walk of the flow table for both reports: with the default table (1 Mi
+            // entries) a walk is most of a scrape's cost, even when the table is nearly empty.
+            let flows = inner.active_flows()?;
+            (
+                self.status(&inner)?,
+                inner.vip_reports_from(&flows)?,
+                inner.server_reports_from(None, &flows)?,
+            )
+        };
+        // Written out after the lock is released: control commands need not wait for it.
         Ok(super::metrics::render(&status, &vips, &servers))
     }
 
@@ -98,7 +106,14 @@ impl Inner {
     }
 
     pub(super) fn vip_reports(&self) -> Result<Vec<VipReport>, ControlError> {
-        let flows = self.active_flows()?;
+        self.vip_reports_from(&self.active_flows()?)
+    }
+
+    /// The VIP reports, with active flows from `flows` ([`Inner::active_flows`]).
+    fn vip_reports_from(
+        &self,
+        flows: &HashMap<u32, usize>,
+    ) -> Result<Vec<VipReport>, ControlError> {
         let maps = self.datapath.maps();
         self.l4
             .services()
@@ -139,7 +154,16 @@ impl Inner {
         {
             self.l4.service(vip).map_err(refusal)?;
         }
-        let flows = self.active_flows()?;
+        self.server_reports_from(vip, &self.active_flows()?)
+    }
+
+    /// The server reports of pool `vip` (all pools if `None`, which must exist), with active
+    /// flows from `flows` ([`Inner::active_flows`]).
+    fn server_reports_from(
+        &self,
+        vip: Option<&str>,
+        flows: &HashMap<u32, usize>,
+    ) -> Result<Vec<ServerReport>, ControlError> {
         let maps = self.datapath.maps();
         let mut reports = Vec::new();
         for service in self
