@@ -168,6 +168,10 @@ pub struct ServerReport {
     pub health_since_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_reason: Option<String>,
+    /// Times health checks changed its health since the daemon started (or since it was
+    /// added, if later).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub health_transitions: u64,
     /// For a server of an L7 vhost: its requests (then `active_flows` counts requests in
     /// flight and `traffic` is zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +286,21 @@ pub struct DaemonStatus {
     pub bpf_dir: String,
     /// Whether this daemon took over a datapath a previous one left pinned (flows kept).
     pub adopted_datapath: bool,
+    /// Config reloads since the daemon started.
+    #[serde(default)]
+    pub reloads: ReloadReport,
+}
+
+/// Config reloads (`weirctl reload`, SIGHUP) since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// When the last one was asked for (Unix ms), and whether it was applied.
+    pub last_unix_ms: Option<u64>,
+    pub last_succeeded: Option<bool>,
+    /// When the last applied one was (Unix ms).
+    pub last_success_unix_ms: Option<u64>,
 }
 
 /// The datapath's programs on one interface.
@@ -490,4 +509,8 @@ impl AdminState {
             AdminState::Disabled => "disabled",
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

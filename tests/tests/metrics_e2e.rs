@@ -74,8 +74,11 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     let tag = format!("weirt-{}-metrics", std::process::id());
     let dir = std::env::temp_dir().join(&tag);
     let topology = Topology::new(&format!("{tag}-"), 2).expect("topology");
-    let lab = Lab::start_in(topology, &dir, "native", |config| {
-        config + &format!("\n[metrics]\nlisten = \"{METRICS}\"\n")
+    // The vhost's servers are health-checked, so a stopped one makes a transition.
+    let mut lab = Lab::start_in(topology, &dir, "native", |config| {
+        config
+            + "\n[vhost.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 200\nrise = 1\nfall = 1\n"
+            + &format!("\n[metrics]\nlisten = \"{METRICS}\"\n")
     })
     .expect("lab starts");
     let config = dir.join("prometheus.yml");
@@ -182,6 +185,54 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
         ),
         "{refusals:?}"
     );
+
+    // A health transition, an applied reload and a refused one are counted.
+    lab.stop_backend(2);
+    lab.weirctl_ok(&["reload"]);
+    let config = std::fs::read_to_string(lab.config()).unwrap();
+    std::fs::write(lab.config(), config.replace("[metrics]", "[metrics")).unwrap();
+    let refused = lab.weirctl().arg("reload").output().unwrap();
+    assert!(!refused.status.success(), "a broken config is refused");
+    std::fs::write(lab.config(), &config).unwrap();
+    let balancer = &lab.topology.balancer;
+    let (transitions, applied, failed, last_ok) = balancer
+        .run(|| {
+            let mut found = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let _ = wait_until(
+                "the counters in Prometheus",
+                Duration::from_secs(30),
+                || {
+                    found = (
+                        query("weir_server_health_transitions_total{pool=\"demo-l7\"} > 0"),
+                        query("weir_config_reloads_total{result=\"success\"} == 1"),
+                        query("weir_config_reloads_total{result=\"failure\"} == 1"),
+                        query("weir_config_last_reload_successful == 0"),
+                    );
+                    found.0.len() == 1
+                        && found.1.len() == 1
+                        && found.2.len() == 1
+                        && found.3.len() == 1
+                },
+            );
+            found
+        })
+        .unwrap();
+    assert_eq!(
+        transitions.len(),
+        1,
+        "one server went down: {transitions:?}"
+    );
+    assert_eq!(
+        transitions[0].0["server"].as_str(),
+        Some(&*weir_tests::topology::server_socket(2).to_string()),
+        "{transitions:?}"
+    );
+    assert_eq!(
+        (applied.len(), failed.len()),
+        (1, 1),
+        "{applied:?} {failed:?}"
+    );
+    assert_eq!(last_ok.len(), 1, "the last reload was refused: {last_ok:?}");
 
     // Refusals are logged too, with status and reason.
     let log = lab.log();

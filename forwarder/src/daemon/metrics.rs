@@ -128,11 +128,37 @@ pub(super) fn render(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let started = now.saturating_sub(status.daemon.uptime_secs);
     scrape.gauges(
         "weir_start_time_seconds",
         "When the daemon started, in seconds since the Unix epoch",
         &[],
-        [(vec![], now.saturating_sub(status.daemon.uptime_secs) as i64)],
+        [(vec![], started as i64)],
+    );
+    let reloads = &status.daemon.reloads;
+    scrape.counters(
+        "weir_config_reloads_total",
+        "Config reloads asked for (weirctl reload, SIGHUP), by result",
+        &["result"],
+        [
+            (vec!["success".to_string()], reloads.succeeded),
+            (vec!["failure".to_string()], reloads.failed),
+        ],
+    );
+    scrape.gauges(
+        "weir_config_last_reload_successful",
+        "1 unless the last reload was refused (the running config is then older than the file)",
+        &[],
+        [(vec![], i64::from(reloads.last_succeeded != Some(false)))],
+    );
+    scrape.gauges(
+        "weir_config_last_reload_success_timestamp_seconds",
+        "When the running config was applied (the last applied reload, or the start), Unix seconds",
+        &[],
+        [(
+            vec![],
+            reloads.last_success_unix_ms.map_or(started, |ms| ms / 1000) as i64,
+        )],
     );
     scrape.counters(
         "weir_datapath_packets_total",
@@ -276,6 +302,12 @@ pub(super) fn render(
             .iter()
             .map(|s| (server(s), i64::from(s.health != HealthState::Unhealthy))),
     );
+    scrape.counters(
+        "weir_server_health_transitions_total",
+        "Times health checks changed a server's health (since it was added or the daemon started)",
+        &["pool", "server"],
+        servers.iter().map(|s| (server(s), s.health_transitions)),
+    );
     scrape.gauges(
         "weir_server_admin_state",
         "1 for a server's admin state (ready, draining, disabled)",
@@ -380,7 +412,9 @@ mod tests {
 
     const STATUS: &str = r#"{
       "daemon": { "pid": 1, "version": "0.1.0", "config": "weir.toml", "uptime_secs": 60,
-                  "state_file": "state.json", "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": false },
+                  "state_file": "state.json", "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": false,
+                  "reloads": { "succeeded": 2, "failed": 1, "last_unix_ms": 1700000000000,
+                               "last_succeeded": false, "last_success_unix_ms": 1690000000000 } },
       "xdp": [],
       "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
                     { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
@@ -395,7 +429,8 @@ mod tests {
       { "vip": "web", "address": "198.18.11.2:8080", "weight": 100, "admin": "ready",
         "health": "healthy", "active_flows": 2, "traffic": { "packets": 10, "bytes": 1000, "new_flows": 4 } },
       { "vip": "site", "address": "127.0.0.1:8081", "weight": 100, "admin": "draining",
-        "health": "unhealthy", "active_flows": 0, "traffic": { "packets": 0, "bytes": 0, "new_flows": 0 },
+        "health": "unhealthy", "health_transitions": 3, "active_flows": 0,
+        "traffic": { "packets": 0, "bytes": 0, "new_flows": 0 },
         "l7": { "requests": 9, "in_flight": 0, "responses": [0, 8, 0, 1, 0], "failures": 1,
                 "connections": 3, "ejected_ms": 0 } } ]"#;
 
@@ -420,6 +455,9 @@ mod tests {
             "weir_flows_embryonic 3",
             "weir_flow_events_total{event=\"embryonic_created\"} 7",
             "weir_build_info{version=\"0.1.0\"} 1",
+            "weir_config_reloads_total{result=\"failure\"} 1",
+            "weir_config_last_reload_successful 0",
+            "weir_server_health_transitions_total{pool=\"site\",server=\"127.0.0.1:8081\"} 3",
             "weir_l7_refusals_total{code=\"400\",listener=\"198.18.100.11:80\",reason=\"missing Host header\"} 2",
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");

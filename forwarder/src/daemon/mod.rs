@@ -29,7 +29,7 @@ use std::{
 
 use weir_config::{
     Config, DEFAULT_WEIGHT,
-    control::{AdminState, ControlError, ControlErrorKind, Event, Request, Response},
+    control::{AdminState, ControlError, ControlErrorKind, Event, ReloadReport, Request, Response},
 };
 
 pub use lifecycle::{Start, detach, run, run_with, upgrade};
@@ -64,11 +64,20 @@ struct Inner {
     l7: L7Workers,
     vhosts: Vhosts,
     health: HealthChecker,
-    /// Why each server has the health it has, and since when (Unix ms).
-    health_reasons: HashMap<(String, SocketAddr), (u64, String)>,
+    /// Why each server has the health it has, since when, and how often it changed.
+    health_records: HashMap<(String, SocketAddr), HealthRecord>,
+    /// Config reloads since the daemon started.
+    reloads: ReloadReport,
     /// The last [`MAX_EVENTS`] state changes.
     events: VecDeque<Event>,
     next_event: u64,
+}
+
+/// The last health transition of a server, and how many it had.
+struct HealthRecord {
+    since_unix_ms: u64,
+    reason: String,
+    transitions: u64,
 }
 
 /// Events kept for `weirctl events`.
@@ -119,7 +128,11 @@ impl State {
                 address,
                 weight,
             } => inner.edit(&vip, address, Verb::SetWeight(weight)),
-            Request::Reload => inner.reload(&self.config_path),
+            Request::Reload => {
+                let result = inner.reload(&self.config_path);
+                inner.count_reload(result.is_ok());
+                result
+            }
             // Answered by the control server itself, which passes the sockets with it.
             Request::HandOver => Err(ControlError::new(
                 ControlErrorKind::BadRequest,
@@ -140,6 +153,7 @@ impl State {
             for line in lines {
                 inner.record(line.clone());
             }
+            inner.forget_removed_servers();
         }
         result.unwrap_or_else(Response::Error)
     }
@@ -306,14 +320,50 @@ impl Inner {
                         self.record(format!("{line}: {reason}"));
                     }
                 }
-                self.health_reasons
-                    .insert((pool, address), (unix_ms(SystemTime::now()), reason));
+                let record = self
+                    .health_records
+                    .entry((pool, address))
+                    .or_insert(HealthRecord {
+                        since_unix_ms: 0,
+                        reason: String::new(),
+                        transitions: 0,
+                    });
+                record.since_unix_ms = unix_ms(SystemTime::now());
+                record.reason = reason;
+                record.transitions += 1;
             }
             // The server left the pool since the check ran.
             Err(err) => {
                 tracing::debug!(pool, %address, err = %err.message, "health transition dropped")
             }
         }
+    }
+
+    /// Counts a reload asked for, applied or not.
+    fn count_reload(&mut self, succeeded: bool) {
+        let now = unix_ms(SystemTime::now());
+        let reloads = &mut self.reloads;
+        if succeeded {
+            reloads.succeeded += 1;
+            reloads.last_success_unix_ms = Some(now);
+        } else {
+            reloads.failed += 1;
+        }
+        reloads.last_unix_ms = Some(now);
+        reloads.last_succeeded = Some(succeeded);
+    }
+
+    /// Drops the health records of servers no longer in their pool, so one added again
+    /// starts with none.
+    fn forget_removed_servers(&mut self) {
+        let (l4, vhosts) = (&self.l4, &self.vhosts);
+        self.health_records.retain(|(pool, address), _| {
+            l4.service(pool)
+                .is_ok_and(|s| s.servers.iter().any(|server| server.address == *address))
+                || vhosts.iter().any(|v| {
+                    v.name == *pool && v.servers.iter().any(|server| server.address == *address)
+                })
+        });
     }
 
     /// Removes a server, unless that would cut flows or empty the pool (without `force`).

@@ -44,6 +44,7 @@ impl State {
                 state_file: inner.config.daemon.state_file.display().to_string(),
                 bpf_dir: inner.config.daemon.bpf_dir.display().to_string(),
                 adopted_datapath: inner.datapath.adopted(),
+                reloads: inner.reloads.clone(),
             },
             xdp: inner.datapath.attachments().to_vec(),
             counters: inner.counters()?,
@@ -237,7 +238,8 @@ impl Inner {
         admin: AdminState,
         health: HealthState,
     ) -> ServerReport {
-        let (last_check, health_since_unix_ms, health_reason) = self.health_detail(pool, address);
+        let (last_check, health_since_unix_ms, health_reason, health_transitions) =
+            self.health_detail(pool, address);
         ServerReport {
             vip: pool.to_string(),
             address,
@@ -247,18 +249,19 @@ impl Inner {
             last_check,
             health_since_unix_ms,
             health_reason,
+            health_transitions,
             active_flows: 0,
             traffic: Traffic::default(),
             l7: None,
         }
     }
 
-    /// The last check, and since when and why the health is what it is.
+    /// The last check, since when and why the health is what it is, and how often it changed.
     fn health_detail(
         &self,
         pool: &str,
         address: SocketAddr,
-    ) -> (Option<String>, Option<u64>, Option<String>) {
+    ) -> (Option<String>, Option<u64>, Option<String>, u64) {
         let key = (pool.to_string(), address);
         let last = self
             .health
@@ -271,13 +274,17 @@ impl Inner {
                 let verdict = if check.ok { "ok" } else { "failed" };
                 format!("{verdict}: {} ({ago:.1} s ago)", check.result)
             });
-        let (since, reason) = self
-            .health_reasons
-            .get(&key)
-            .map_or((None, None), |(since, reason)| {
-                (Some(*since), Some(reason.clone()))
-            });
-        (last, since, reason)
+        let (since, reason, transitions) =
+            self.health_records
+                .get(&key)
+                .map_or((None, None, 0), |record| {
+                    (
+                        Some(record.since_unix_ms),
+                        Some(record.reason.clone()),
+                        record.transitions,
+                    )
+                });
+        (last, since, reason, transitions)
     }
 
     pub(super) fn stats(&self) -> Result<StatsReport, ControlError> {

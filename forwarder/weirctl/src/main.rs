@@ -511,6 +511,15 @@ fn print_status(report: &StatusReport) {
             ""
         }
     );
+    let r = &d.reloads;
+    if let (Some(at), Some(ok)) = (r.last_unix_ms, r.last_succeeded) {
+        println!(
+            "reloads: {} applied, {} refused; the last {} (Unix ms {at})",
+            r.succeeded,
+            r.failed,
+            if ok { "applied" } else { "refused" }
+        );
+    }
     println!("\nDATAPATH");
     println!(
         "  {:<16} {:>7}  {:<9} {:>9} {:>9}",

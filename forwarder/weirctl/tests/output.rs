@@ -12,7 +12,8 @@ use weir_control::{HandOver, bind, serve};
 const STATUS: &str = r#"{
   "daemon": { "pid": 4242, "version": "0.1.0", "config": "/etc/weir/weir.toml",
               "uptime_secs": 3600, "state_file": "/var/lib/weir/state.json",
-              "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": true },
+              "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": true,
+              "reloads": { "succeeded": 4, "failed": 1, "last_unix_ms": 1764201600000, "last_succeeded": true, "last_success_unix_ms": 1764201600000 } },
   "xdp": [
     { "interface": "eth0", "ifindex": 2, "mode": "native", "program_id": 41, "tc_program_id": 42 },
     { "interface": "eth1", "ifindex": 3, "mode": "native", "program_id": null, "tc_program_id": 42 }
