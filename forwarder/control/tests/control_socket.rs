@@ -54,6 +54,7 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                                 state_file: "state.json".into(),
                                 bpf_dir: "/sys/fs/bpf/test".into(),
                                 adopted_datapath: false,
+                                reloads: Default::default(),
                             },
                             xdp: vec![],
                             counters: vec![],
