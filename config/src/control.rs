@@ -192,7 +192,22 @@ pub struct L7Traffic {
     /// Milliseconds left of an outlier-detection ejection (0: not ejected).
     #[serde(default)]
     pub ejected_ms: u64,
+    /// Time from choosing the server to its response head (connecting included): how many
+    /// responses took at most each of [`RESPONSE_TIME_BOUNDS_SECS`], not cumulative, the
+    /// last slot counting the slower ones.
+    #[serde(default)]
+    pub response_time_buckets: [u64; RESPONSE_TIME_BUCKETS],
+    /// The sum of those times, in microseconds.
+    #[serde(default)]
+    pub response_time_sum_us: u64,
 }
+
+/// Upper bounds of the response-time buckets, in seconds (Prometheus's defaults, from 1 ms).
+pub const RESPONSE_TIME_BOUNDS_SECS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of a response-time histogram: one per bound, and one past the last.
+pub const RESPONSE_TIME_BUCKETS: usize = RESPONSE_TIME_BOUNDS_SECS.len() + 1;
 
 /// One state change of a server or pool, as the daemon recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

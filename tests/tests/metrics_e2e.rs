@@ -142,17 +142,25 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     };
 
     // Prometheus has the per-server rates of both planes, and the scrape is healthy.
-    let (rates, requests, up, refusals) = balancer
+    let (rates, requests, up, refusals, latency) = balancer
         .run(|| {
-            let mut found = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut found = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let _ = wait_until("the series in Prometheus", Duration::from_secs(30), || {
                 found = (
                     query("rate(weir_server_packets_total{vip=\"demo-l4\"}[10s]) > 0"),
                     query("weir_vhost_server_requests_total > 0"),
                     query("up{job=\"weir\"} == 1"),
                     query("rate(weir_l7_refusals_total[10s]) > 0"),
+                    query(
+                        "histogram_quantile(0.9, sum by (le, vhost) \
+                         (rate(weir_vhost_server_response_seconds_bucket[10s]))) > 0",
+                    ),
                 );
-                found.0.len() == 2 && found.1.len() == 2 && found.2.len() == 1 && found.3.len() == 1
+                found.0.len() == 2
+                    && found.1.len() == 2
+                    && found.2.len() == 1
+                    && found.3.len() == 1
+                    && found.4.len() == 1
             });
             found
         })
@@ -171,6 +179,8 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     assert_eq!(requests.len(), 2, "requests per vhost server: {requests:?}");
     assert_eq!(up.len(), 1, "the scrape target is up: {up:?}");
     assert_eq!(refusals.len(), 1, "one refusal series: {refusals:?}");
+    assert_eq!(latency.len(), 1, "a response-time quantile: {latency:?}");
+    assert!(latency[0].1 < 10.0, "{latency:?}");
     let refusal = &refusals[0].0;
     assert_eq!(
         (

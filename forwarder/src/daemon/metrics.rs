@@ -12,9 +12,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
     TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
-use weir_config::control::{HealthState, ServerReport, StatusReport, VipReport};
+use weir_config::control::{
+    HealthState, RESPONSE_TIME_BOUNDS_SECS, RESPONSE_TIME_BUCKETS, ServerReport, StatusReport,
+    VipReport,
+};
 
 /// One scrape's metric families, built directly from totals the daemon already summed. Not
 /// through a `Registry`: it hashes every label set to find its series and sorts them again,
@@ -61,6 +64,44 @@ impl Scrape {
                 let mut gauge = Gauge::default();
                 gauge.set_value(value as f64);
                 metric.set_gauge(gauge);
+            },
+        );
+    }
+
+    /// Histograms from per-bucket counts (not cumulative; bounds
+    /// [`RESPONSE_TIME_BOUNDS_SECS`], the last bucket past them) and a sum in microseconds.
+    fn histograms(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        values: impl IntoIterator<Item = (Vec<String>, ([u64; RESPONSE_TIME_BUCKETS], u64))>,
+    ) {
+        self.family(
+            name,
+            help,
+            MetricType::HISTOGRAM,
+            labels,
+            values,
+            |metric, (counts, sum_us)| {
+                let mut cumulative = 0;
+                let buckets = RESPONSE_TIME_BOUNDS_SECS
+                    .iter()
+                    .zip(counts)
+                    .map(|(&bound, count)| {
+                        cumulative += count;
+                        let mut bucket = Bucket::default();
+                        bucket.set_upper_bound(bound);
+                        bucket.set_cumulative_count(cumulative);
+                        bucket
+                    })
+                    .collect();
+                let mut histogram = Histogram::default();
+                histogram.set_bucket(buckets);
+                // The encoder writes the `+Inf` bucket from the count.
+                histogram.set_sample_count(counts.iter().sum());
+                histogram.set_sample_sum(sum_us as f64 / 1e6);
+                metric.set_histogram(histogram);
             },
         );
     }
@@ -287,6 +328,18 @@ pub(super) fn render(
         &["vhost", "server"],
         l7.iter().map(|s| (server(s), l7_traffic(s).connections)),
     );
+    scrape.histograms(
+        "weir_vhost_server_response_seconds",
+        "Time from choosing a server to its response head, connecting included",
+        &["vhost", "server"],
+        l7.iter().map(|s| {
+            let traffic = l7_traffic(s);
+            (
+                server(s),
+                (traffic.response_time_buckets, traffic.response_time_sum_us),
+            )
+        }),
+    );
     scrape.gauges(
         "weir_vhost_server_in_flight",
         "Requests in flight on a server",
@@ -432,7 +485,9 @@ mod tests {
         "health": "unhealthy", "health_transitions": 3, "active_flows": 0,
         "traffic": { "packets": 0, "bytes": 0, "new_flows": 0 },
         "l7": { "requests": 9, "in_flight": 0, "responses": [0, 8, 0, 1, 0], "failures": 1,
-                "connections": 3, "ejected_ms": 0 } } ]"#;
+                "connections": 3, "ejected_ms": 0,
+                "response_time_buckets": [0, 0, 2, 5, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                "response_time_sum_us": 90000 } } ]"#;
 
     fn exposition() -> String {
         render(
@@ -456,6 +511,11 @@ mod tests {
             "weir_flow_events_total{event=\"embryonic_created\"} 7",
             "weir_build_info{version=\"0.1.0\"} 1",
             "weir_config_reloads_total{result=\"failure\"} 1",
+            "weir_vhost_server_response_seconds_bucket{server=\"127.0.0.1:8081\",vhost=\"site\",le=\"0.005\"} 2",
+            "weir_vhost_server_response_seconds_bucket{server=\"127.0.0.1:8081\",vhost=\"site\",le=\"0.01\"} 7",
+            "weir_vhost_server_response_seconds_bucket{server=\"127.0.0.1:8081\",vhost=\"site\",le=\"+Inf\"} 9",
+            "weir_vhost_server_response_seconds_sum{server=\"127.0.0.1:8081\",vhost=\"site\"} 0.09",
+            "weir_vhost_server_response_seconds_count{server=\"127.0.0.1:8081\",vhost=\"site\"} 9",
             "weir_config_last_reload_successful 0",
             "weir_server_health_transitions_total{pool=\"site\",server=\"127.0.0.1:8081\"} 3",
             "weir_l7_refusals_total{code=\"400\",listener=\"198.18.100.11:80\",reason=\"missing Host header\"} 2",

@@ -210,6 +210,8 @@ impl Inner {
                                 .ejected_until_ms
                                 .load(Ordering::Relaxed)
                                 .saturating_sub(crate::l7::snapshot::now_ms()),
+                            response_time_buckets: stats.response_time_buckets.each_ref().map(load),
+                            response_time_sum_us: load(&stats.response_time_sum_us),
                         }
                     })
                     .unwrap_or_default();

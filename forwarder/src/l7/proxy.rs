@@ -36,7 +36,7 @@ use super::{
         parse_request, parse_response, write_client_head, write_server_head,
     },
     io::Conn,
-    snapshot::{L7Snapshot, PoolServer, ServerStats, VhostPool},
+    snapshot::{L7Snapshot, PoolServer, VhostPool},
     worker::{IdleClient, LentPipe},
 };
 
@@ -294,20 +294,27 @@ fn note_outcome(pool: &VhostPool, index: usize, ok: bool) {
     }
 }
 
-/// Counts a request in flight on a server for as long as it lives.
-struct InFlight<'a>(&'a ServerStats);
+/// A request on its way to a server: counted in flight for as long as it lives, and timed
+/// from when the server was chosen (its response time).
+struct InFlight<'a> {
+    server: &'a PoolServer,
+    started: Instant,
+}
 
 impl<'a> InFlight<'a> {
-    fn new(stats: &'a ServerStats) -> Self {
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(stats)
+    fn new(server: &'a PoolServer) -> Self {
+        server.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        server.stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            server,
+            started: Instant::now(),
+        }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.server.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -398,7 +405,7 @@ async fn attempt(
     let settings = &snapshot.settings;
     let pool = &snapshot.vhosts[vhost];
     let server = &pool.servers[index];
-    let _in_flight = InFlight::new(&server.stats);
+    let in_flight = InFlight::new(server);
     let pooled = worker.upstreams.take(
         server.address,
         ms(settings.upstream_idle_timeout_ms),
@@ -467,7 +474,7 @@ async fn attempt(
             ));
         }
     }
-    match relay_response(worker, snapshot, request, client, buf, upstream, server).await {
+    match relay_response(worker, snapshot, request, client, buf, upstream, &in_flight).await {
         Ok((status, keep_alive)) => {
             note_outcome(pool, index, status < 500);
             Ok(Exchanged {
@@ -518,8 +525,9 @@ async fn relay_response(
     client: &Conn,
     client_buf: &mut Vec<u8>,
     upstream: Conn,
-    server: &PoolServer,
+    in_flight: &InFlight<'_>,
 ) -> Result<(u16, bool), ResponseFailure> {
+    let server = in_flight.server;
     let stats = &server.stats;
     let settings = &snapshot.settings;
     let mut rbuf = worker.buffer();
@@ -564,7 +572,7 @@ async fn relay_response(
             _ => return Err(ResponseFailure::Invalid("server closed mid-response")),
         }
     };
-    stats.response(response.status);
+    stats.response(response.status, in_flight.started.elapsed());
     rbuf.drain(..response.head_len);
     let mut out = worker.buffer();
 

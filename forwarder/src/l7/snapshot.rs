@@ -14,11 +14,12 @@ use std::{
         Arc, OnceLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use weir_config::{
-    AllDown, Balance, Config, HashOn, L7Config, OutlierDetection, control::AdminState,
+    AllDown, Balance, Config, HashOn, L7Config, OutlierDetection,
+    control::{AdminState, RESPONSE_TIME_BOUNDS_SECS, RESPONSE_TIME_BUCKETS},
 };
 
 use crate::{
@@ -45,6 +46,9 @@ pub struct ServerStats {
     pub ejected_until_ms: AtomicU64,
     /// Times it was ejected (each ejection lasts longer).
     pub ejections: AtomicU32,
+    /// Response times, bucketed as [`RESPONSE_TIME_BOUNDS_SECS`] says (not cumulative).
+    pub response_time_buckets: [AtomicU64; RESPONSE_TIME_BUCKETS],
+    pub response_time_sum_us: AtomicU64,
 }
 
 /// Milliseconds on a monotonic clock shared by all workers (since the first call).
@@ -59,9 +63,18 @@ impl ServerStats {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
-    pub fn response(&self, status: u16) {
+    /// Counts a response head with `status` that took `elapsed` from choosing the server.
+    pub fn response(&self, status: u16, elapsed: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        let bucket = RESPONSE_TIME_BOUNDS_SECS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(RESPONSE_TIME_BOUNDS_SECS.len());
+        self.response_time_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.response_time_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -317,6 +330,25 @@ mod tests {
     use weir_config::control::HealthState;
 
     use super::*;
+
+    #[test]
+    fn a_response_time_lands_in_the_first_bucket_that_holds_it() {
+        let stats = ServerStats::default();
+        for ms in [0, 1, 3, 20, 20_000] {
+            stats.response(200, Duration::from_millis(ms));
+        }
+        let counts = stats
+            .response_time_buckets
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed));
+        // ≤ 1 ms twice, ≤ 5 ms, ≤ 25 ms, and past 10 s.
+        assert_eq!(counts, [2, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(
+            stats.response_time_sum_us.load(Ordering::Relaxed),
+            20_024_000
+        );
+        assert_eq!(stats.responses[1].load(Ordering::Relaxed), 5);
+    }
     use crate::vhosts::VhostServer;
 
     fn spec(name: &str, hosts: &[&str], default: bool) -> Vhost {
