@@ -520,6 +520,11 @@ fn bad_requests_and_bad_configs_change_nothing() {
             "has no server 198.18.11.9:8080",
         ),
         (
+            &["server", "remove", "--wait", "demo-l7", "198.18.11.9:8080"],
+            4,
+            "pool `demo-l7` has no server 198.18.11.9:8080",
+        ),
+        (
             &["server", "add", HTTP_VIP, "198.18.11.2"],
             2,
             "invalid socket address",

@@ -348,7 +348,7 @@ fn remove_when_drained(
         let Some(server) = servers.iter().find(|s| s.address == address) else {
             return Err(Failure::Refused(ControlError::new(
                 ControlErrorKind::NotFound,
-                format!("VIP `{vip}` has no server {address}"),
+                format!("pool `{vip}` has no server {address}"),
             )));
         };
         if server.admin == AdminState::Ready {
