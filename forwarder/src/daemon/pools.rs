@@ -41,41 +41,32 @@ pub(super) trait PoolVerbs: Clone {
     ) -> Result<(), ControlError>;
 }
 
-impl PoolVerbs for L4Services {
-    fn change_server(
-        &mut self,
-        pool: &str,
-        address: SocketAddr,
-        verb: Verb,
-    ) -> Result<(), ControlError> {
-        match verb {
-            Verb::Add { weight } => self.add_server(pool, address, weight),
-            Verb::SetState(state) => self.set_state(pool, address, state),
-            Verb::SetWeight(weight) => self.set_weight(pool, address, weight),
-            Verb::SetHealth(health) => self.set_health(pool, address, health),
-            Verb::Remove => self.remove_server(pool, address),
+/// Implements [`PoolVerbs`] for a model whose inherent methods have the verbs' names; the
+/// models differ only in their error type, which `$refusal` maps.
+macro_rules! pool_verbs {
+    ($model:ty, $refusal:path) => {
+        impl PoolVerbs for $model {
+            fn change_server(
+                &mut self,
+                pool: &str,
+                address: SocketAddr,
+                verb: Verb,
+            ) -> Result<(), ControlError> {
+                match verb {
+                    Verb::Add { weight } => self.add_server(pool, address, weight),
+                    Verb::SetState(state) => self.set_state(pool, address, state),
+                    Verb::SetWeight(weight) => self.set_weight(pool, address, weight),
+                    Verb::SetHealth(health) => self.set_health(pool, address, health),
+                    Verb::Remove => self.remove_server(pool, address),
+                }
+                .map_err($refusal)
+            }
         }
-        .map_err(refusal)
-    }
+    };
 }
 
-impl PoolVerbs for Vhosts {
-    fn change_server(
-        &mut self,
-        pool: &str,
-        address: SocketAddr,
-        verb: Verb,
-    ) -> Result<(), ControlError> {
-        match verb {
-            Verb::Add { weight } => self.add_server(pool, address, weight),
-            Verb::SetState(state) => self.set_state(pool, address, state),
-            Verb::SetWeight(weight) => self.set_weight(pool, address, weight),
-            Verb::SetHealth(health) => self.set_health(pool, address, health),
-            Verb::Remove => self.remove_server(pool, address),
-        }
-        .map_err(vhost_refusal)
-    }
-}
+pool_verbs!(L4Services, refusal);
+pool_verbs!(Vhosts, vhost_refusal);
 
 impl Inner {
     /// Which plane pool `name` is on. An unknown name is refused with the names there are.
