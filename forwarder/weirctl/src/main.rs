@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
+mod top;
+
 use clap::{CommandFactory, Parser, Subcommand};
 use weir_config::{
     Config, DEFAULT_CONTROL_SOCKET, MAX_WEIGHT,
@@ -61,6 +63,8 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// A live view of every server, busiest first, refreshed each second (q quits).
+    Top,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -166,6 +170,8 @@ enum Failure {
     Refused(ControlError),
     Timeout(String),
     ConfigInvalid(String),
+    /// The terminal could not be drawn on or read (`weirctl top`).
+    Terminal(std::io::Error),
 }
 
 fn main() -> ExitCode {
@@ -200,6 +206,7 @@ fn main() -> ExitCode {
                 }
                 Failure::Timeout(message) => (message, EXIT_TIMEOUT),
                 Failure::ConfigInvalid(message) => (message, EXIT_REFUSED),
+                Failure::Terminal(err) => (format!("terminal: {err}"), EXIT_REFUSED),
             };
             eprintln!("weirctl: {message}");
             ExitCode::from(code)
@@ -221,6 +228,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Config(ConfigCommand::Check { file }) => return check_config(file, args.json),
         Command::Vip(VipCommand::Show { vip }) => return show_vip(args, vip),
         Command::Events { follow } => return events(args, *follow),
+        Command::Top => return top::run(&mut connect(args)?),
         Command::Server(ServerCommand::Remove {
             target,
             wait: true,

@@ -193,3 +193,90 @@ fn every_verb_prints_what_its_snapshot_shows() {
     let gone = dir.path().join("gone.sock");
     insta::assert_snapshot!("not_running_json", run(&gone, &["--json", "status"]));
 }
+
+/// `weirctl top` in a pseudo-terminal, as an operator runs it: it draws every server of the
+/// fake daemon, and `q` ends it with success (and the terminal restored).
+#[test]
+fn top_shows_every_server_and_quits_on_q() {
+    use std::{
+        io::{Read, Write},
+        os::fd::AsRawFd,
+        sync::Mutex,
+        time::{Duration, Instant},
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("weir.sock");
+    fake_daemon(&socket);
+    let size = nix::pty::Winsize {
+        ws_row: 30,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let terminal = pty.slave.as_raw_fd();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_weirctl"));
+    command
+        .arg("--socket")
+        .arg(&socket)
+        .arg("top")
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave.try_clone().unwrap());
+    // SAFETY: only setsid and ioctl, async-signal-safe, between fork and exec: the pty
+    // becomes the child's controlling terminal, as a login shell's is.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            libc::setsid();
+            libc::ioctl(terminal, libc::TIOCSCTTY as _, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    drop(pty.slave);
+
+    let screen = Arc::new(Mutex::new(String::new()));
+    let mut master = std::fs::File::from(pty.master);
+    let mut reader = master.try_clone().unwrap();
+    let seen = Arc::clone(&screen);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let servers = ["198.18.11.2:8080", "198.18.12.2:8080", "127.0.0.1:8081"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let shown = screen.lock().unwrap().clone();
+        if servers.iter().all(|s| shown.contains(s)) && shown.contains("draining") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shown = screen.lock().unwrap().clone();
+    for server in servers {
+        assert!(shown.contains(server), "{server} not drawn:\n{shown}");
+    }
+    assert!(shown.contains("req/s") || shown.contains("…"), "{shown}");
+
+    master.write_all(b"q").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("weirctl top did not quit on q:\n{}", screen.lock().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
