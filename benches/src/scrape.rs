@@ -8,8 +8,6 @@
 //! to back, timed one by one, with the daemon's own CPU time (`/proc/<pid>/stat`) over them.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::Path,
     sync::{
         Arc,
@@ -21,6 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use weir_tests::{
+    http_client::get_body,
     lab::Lab,
     topology::{L4_VIP, L7_VIP, Topology},
 };
@@ -166,18 +165,7 @@ impl ScrapeBench {
 
 /// One scrape (`GET /metrics`, a connection per scrape as Prometheus does); the exposition.
 fn scrape() -> Result<String> {
-    let mut stream = TcpStream::connect(METRICS).context("connect to /metrics")?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {METRICS}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let Some((head, body)) = response.split_once("\r\n\r\n") else {
-        bail!("no response head from /metrics");
-    };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("/metrics answered {}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
+    Ok(get_body(METRICS, "/metrics")?)
 }
 
 /// CPU time (user + system) process `pid` has used, in seconds.

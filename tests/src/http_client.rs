@@ -250,6 +250,27 @@ pub fn raw_exchange(
     Ok((String::from_utf8_lossy(&answer).into_owned(), closed))
 }
 
+/// `GET path` on `address` on a connection of its own (HTTP/1.0, so the server closes it);
+/// the body of a 200, anything else an error naming the status line. For the plain HTTP
+/// endpoints beside the proxy: `/metrics`, Prometheus's API.
+pub fn get_body(address: &str, path: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no response head"))?;
+    let status = head.lines().next().unwrap_or("");
+    if !matches!(status.split(' ').nth(1), Some("200")) {
+        return Err(io::Error::other(format!(
+            "{address}{path} answered {status}"
+        )));
+    }
+    Ok(body.to_string())
+}
+
 /// The [`pattern`] byte check a test can use on a body prefix.
 pub fn is_pattern(bytes: &[u8]) -> bool {
     bytes

@@ -5,8 +5,8 @@
 //! `promtool check metrics`.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Write,
+    net::SocketAddr,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use weir_tests::{
     client::http_get,
-    http_client::{Body, HttpConn},
+    http_client::{Body, HttpConn, get_body, raw_exchange},
     lab::Lab,
     netns::{Process, wait_until},
     topology::{L4_VIP, L7_VIP, Topology},
@@ -22,24 +22,6 @@ use weir_tests::{
 
 const METRICS: &str = "127.0.0.1:9110";
 const PROMETHEUS: &str = "127.0.0.1:9190";
-
-/// `GET path` on `address` (HTTP/1.0, one request per connection); the body.
-fn get(address: &str, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(address)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("no head"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(
-            head.lines().next().unwrap_or("").to_string(),
-        ));
-    }
-    Ok(body.to_string())
-}
 
 /// The result vector of a Prometheus instant query: (labels, value).
 fn query(expr: &str) -> Vec<(Value, f64)> {
@@ -50,7 +32,7 @@ fn query(expr: &str) -> Vec<(Value, f64)> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let Ok(body) = get(PROMETHEUS, &format!("/api/v1/query?query={encoded}")) else {
+    let Ok(body) = get_body(PROMETHEUS, &format!("/api/v1/query?query={encoded}")) else {
         return Vec::new();
     };
     let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
@@ -105,7 +87,7 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     balancer
         .run(|| {
             wait_until("Prometheus to be ready", Duration::from_secs(30), || {
-                get(PROMETHEUS, "/-/ready").is_ok()
+                get_body(PROMETHEUS, "/-/ready").is_ok()
             })
         })
         .unwrap()
@@ -128,13 +110,12 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
                     .unwrap();
                 assert_eq!(response.status, 200);
                 // A request weir refuses itself: HTTP/1.1 without a Host header.
-                let mut refused = TcpStream::connect(SocketAddr::new(L7_VIP.into(), 80)).unwrap();
-                refused
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                refused.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-                let mut answer = String::new();
-                let _ = refused.read_to_string(&mut answer);
+                let (answer, _) = raw_exchange(
+                    SocketAddr::new(L7_VIP.into(), 80),
+                    b"GET / HTTP/1.1\r\n\r\n",
+                    Duration::from_secs(5),
+                )
+                .unwrap();
                 assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -259,7 +240,7 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
 
     // promtool accepts what the daemon serves.
     let exposition = balancer
-        .run(|| get(METRICS, "/metrics"))
+        .run(|| get_body(METRICS, "/metrics"))
         .unwrap()
         .expect("/metrics answers");
     let mut promtool = std::process::Command::new("promtool")

@@ -74,6 +74,7 @@ struct Inner {
 }
 
 /// The last health transition of a server, and how many it had.
+#[derive(Default)]
 struct HealthRecord {
     since_unix_ms: u64,
     reason: String,
@@ -320,14 +321,7 @@ impl Inner {
                         self.record(format!("{line}: {reason}"));
                     }
                 }
-                let record = self
-                    .health_records
-                    .entry((pool, address))
-                    .or_insert(HealthRecord {
-                        since_unix_ms: 0,
-                        reason: String::new(),
-                        transitions: 0,
-                    });
+                let record = self.health_records.entry((pool, address)).or_default();
                 record.since_unix_ms = unix_ms(SystemTime::now());
                 record.reason = reason;
                 record.transitions += 1;
