@@ -233,7 +233,15 @@ fn top_shows_every_server_and_quits_on_q() {
             Ok(())
         });
     }
-    let mut child = command.spawn().unwrap();
+    /// Kills `weirctl top` if the test fails before it quits.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(command.spawn().unwrap());
     drop(pty.slave);
 
     let screen = Arc::new(Mutex::new(String::new()));
@@ -269,11 +277,10 @@ fn top_shows_every_server_and_quits_on_q() {
     master.write_all(b"q").unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         if Instant::now() > deadline {
-            child.kill().unwrap();
             panic!("weirctl top did not quit on q:\n{}", screen.lock().unwrap());
         }
         std::thread::sleep(Duration::from_millis(20));
