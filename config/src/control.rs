@@ -189,6 +189,21 @@ pub struct L7Traffic {
     pub failures: u64,
     /// Connections opened to it.
     pub connections: u64,
+    /// Connections to it open now, in use or idle for reuse.
+    #[serde(default)]
+    pub open_connections: u64,
+    /// Connection attempts that failed or timed out (also in `failures`).
+    #[serde(default)]
+    pub connect_failures: u64,
+    /// Requests sent again after failing on it.
+    #[serde(default)]
+    pub retries: u64,
+    /// Bytes written to it (request heads and bodies).
+    #[serde(default)]
+    pub request_bytes: u64,
+    /// Bytes of its responses relayed to clients (heads and bodies).
+    #[serde(default)]
+    pub response_bytes: u64,
     /// Milliseconds left of an outlier-detection ejection (0: not ejected).
     #[serde(default)]
     pub ejected_ms: u64,
@@ -346,6 +361,9 @@ pub struct ListenerStatus {
     pub address: SocketAddr,
     pub workers: usize,
     pub connections: u64,
+    /// Client connections open now.
+    #[serde(default)]
+    pub open_connections: u64,
     pub requests: u64,
     /// Requests weir answered itself because of the client (400, 404, 408, 414, 431, 501…),
     /// by status and reason; servers' failures are counted on the servers.

@@ -1239,3 +1239,95 @@ fn a_client_that_stops_reading_a_body_is_cut_after_the_body_idle_timeout() {
         "{err}"
     );
 }
+
+#[test]
+fn server_counters_count_bytes_open_connections_retries_and_connect_failures() {
+    let o = origins(1);
+    // A port where nothing listens: connecting is refused, and the request goes on to s1.
+    let dead = TcpListener::bind(SocketAddr::new(o[0].address.ip(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(
+        "workers = 1\n",
+        &format!(
+            "[[vhost]]\nname = \"c\"\nlisten = \"LISTEN\"\nhosts = [\"c.test\"]\nservers = [{{ address = \"{dead}\" }}, {{ address = \"SERVER1\" }}]\n"
+        ),
+        &refs(&o),
+    );
+    let stats = |address| Arc::clone(proxy.workers.snapshot().server_stats("c", address).unwrap());
+    let (live, down) = (stats(o[0].address), stats(dead));
+
+    // Responses: exactly the bytes the client read (the connection closes after one).
+    let mut client_read = 0;
+    for size in [0usize, 1000, 200_000] {
+        let request =
+            format!("GET /bytes/{size} HTTP/1.1\r\nHost: c.test\r\nConnection: close\r\n\r\n");
+        client_read += bytes_answered(proxy.address, request.as_bytes());
+    }
+    // A 300 kB upload: spliced past the first read, counted all the same.
+    let mut upload = b"POST /upload HTTP/1.1\r\nHost: c.test\r\nConnection: close\r\nContent-Length: 300000\r\n\r\n".to_vec();
+    upload.resize(upload.len() + 300_000, b'x');
+    client_read += bytes_answered(proxy.address, &upload);
+    let sent = live.request_bytes.load(Ordering::Relaxed);
+    // Four heads of a few hundred bytes each as rewritten, and the body.
+    assert!(
+        (300_000 + 4 * 60..300_000 + 4 * 1024).contains(&sent),
+        "request bytes {sent}"
+    );
+    assert_eq!(live.response_bytes.load(Ordering::Relaxed), client_read);
+
+    // Every failed connection to the dead server was followed by a retry on s1.
+    let failed = down.connect_failures.load(Ordering::Relaxed);
+    assert!(failed > 0, "the dead server was tried");
+    assert_eq!(down.failures.load(Ordering::Relaxed), failed);
+    assert_eq!(down.retries.load(Ordering::Relaxed), failed);
+    assert_eq!(live.retries.load(Ordering::Relaxed), 0);
+    assert_eq!(down.open_connections.load(Ordering::Relaxed), 0);
+
+    // Open connections: the proxy's count matches the origin's, and the listener counts
+    // the clients holding connections open.
+    let clients: Vec<HttpConn> = (0..3)
+        .map(|_| {
+            let mut conn = proxy.conn();
+            assert_eq!(
+                conn.request("GET", "/", "c.test", "", Body::None)
+                    .unwrap()
+                    .status,
+                200
+            );
+            conn
+        })
+        .collect();
+    let open = live.open_connections.load(Ordering::Relaxed);
+    assert!(open >= 1, "pooled connections to s1 are open");
+    assert_eq!(open as usize, o[0].open_connections());
+    assert_eq!(proxy.workers.status()[0].open_connections, 3);
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.workers.status()[0].open_connections > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(proxy.workers.status()[0].open_connections, 0);
+}
+
+/// Sends `request` on a connection of its own and counts the bytes of the answer, which
+/// must be a 200 followed by the proxy closing the connection.
+fn bytes_answered(address: SocketAddr, request: &[u8]) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .expect("the proxy closes after the answer");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &answer[..answer.len().min(80)]
+    );
+    answer.len() as u64
+}

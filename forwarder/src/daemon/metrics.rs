@@ -328,6 +328,38 @@ pub(super) fn render(
         &["vhost", "server"],
         l7.iter().map(|s| (server(s), l7_traffic(s).connections)),
     );
+    scrape.gauges(
+        "weir_vhost_server_open_connections",
+        "Connections to a server open now, in use or idle for reuse",
+        &["vhost", "server"],
+        l7.iter()
+            .map(|s| (server(s), l7_traffic(s).open_connections as i64)),
+    );
+    scrape.counters(
+        "weir_vhost_server_connect_failures_total",
+        "Connections to a server that failed or timed out (also in failures_total)",
+        &["vhost", "server"],
+        l7.iter()
+            .map(|s| (server(s), l7_traffic(s).connect_failures)),
+    );
+    scrape.counters(
+        "weir_vhost_server_retries_total",
+        "Requests sent again (to the same or another server) after failing on a server",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).retries)),
+    );
+    scrape.counters(
+        "weir_vhost_server_request_bytes_total",
+        "Bytes written to a server: request heads as rewritten, and bodies",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).request_bytes)),
+    );
+    scrape.counters(
+        "weir_vhost_server_response_bytes_total",
+        "Bytes of a server's responses relayed to clients: heads as rewritten, and bodies",
+        &["vhost", "server"],
+        l7.iter().map(|s| (server(s), l7_traffic(s).response_bytes)),
+    );
     scrape.histograms(
         "weir_vhost_server_response_seconds",
         "Time from choosing a server to its response head, connecting included",
@@ -385,6 +417,15 @@ pub(super) fn render(
             .listeners
             .iter()
             .map(|l| (listener(l), l.connections)),
+    );
+    scrape.gauges(
+        "weir_l7_open_connections",
+        "Client connections open on an L7 listener now",
+        &["listener"],
+        status
+            .listeners
+            .iter()
+            .map(|l| (listener(l), l.open_connections as i64)),
     );
     scrape.counters(
         "weir_l7_requests_total",
@@ -472,7 +513,7 @@ mod tests {
       "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
                     { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
       "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ] },
-      "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "requests": 9,
+      "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "open_connections": 4, "requests": 9,
                        "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] } ]
     }"#;
     const VIPS: &str = r#"[ { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp",
@@ -485,7 +526,8 @@ mod tests {
         "health": "unhealthy", "health_transitions": 3, "active_flows": 0,
         "traffic": { "packets": 0, "bytes": 0, "new_flows": 0 },
         "l7": { "requests": 9, "in_flight": 0, "responses": [0, 8, 0, 1, 0], "failures": 1,
-                "connections": 3, "ejected_ms": 0,
+                "connections": 3, "open_connections": 2, "connect_failures": 1, "retries": 1,
+                "request_bytes": 500, "response_bytes": 7000, "ejected_ms": 0,
                 "response_time_buckets": [0, 0, 2, 5, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
                 "response_time_sum_us": 90000 } } ]"#;
 
@@ -519,6 +561,12 @@ mod tests {
             "weir_config_last_reload_successful 0",
             "weir_server_health_transitions_total{pool=\"site\",server=\"127.0.0.1:8081\"} 3",
             "weir_l7_refusals_total{code=\"400\",listener=\"198.18.100.11:80\",reason=\"missing Host header\"} 2",
+            "weir_vhost_server_open_connections{server=\"127.0.0.1:8081\",vhost=\"site\"} 2",
+            "weir_vhost_server_connect_failures_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 1",
+            "weir_vhost_server_retries_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 1",
+            "weir_vhost_server_request_bytes_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 500",
+            "weir_vhost_server_response_bytes_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 7000",
+            "weir_l7_open_connections{listener=\"198.18.100.11:80\"} 4",
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");
         }

@@ -206,6 +206,11 @@ impl Inner {
                             responses: stats.responses.each_ref().map(load),
                             failures: load(&stats.failures),
                             connections: load(&stats.connections),
+                            open_connections: load(&stats.open_connections),
+                            connect_failures: load(&stats.connect_failures),
+                            retries: load(&stats.retries),
+                            request_bytes: load(&stats.request_bytes),
+                            response_bytes: load(&stats.response_bytes),
                             ejected_ms: stats
                                 .ejected_until_ms
                                 .load(Ordering::Relaxed)

@@ -61,6 +61,8 @@ const FULL_BACKOFF: Duration = Duration::from_millis(5);
 #[repr(align(64))]
 pub struct WorkerCounters {
     connections: AtomicU64,
+    /// Client connections open now.
+    open: AtomicU64,
     requests: AtomicU64,
     /// Requests refused because of the client, by (status, reason). A refusal is rare and
     /// already costs a response, so a lock (never contended: status readers only) and a short
@@ -246,6 +248,7 @@ impl L7Workers {
                     address: listener.address,
                     workers: self.workers,
                     connections: total(|c| &c.connections),
+                    open_connections: total(|c| &c.open),
                     requests: total(|c| &c.requests),
                     refusals,
                 }
@@ -452,6 +455,7 @@ async fn accept_loop(
             compio::runtime::spawn(async move {
                 let counters = &listeners[index].counters[worker.index];
                 counters.connections.fetch_add(1, Ordering::Relaxed);
+                counters.open.fetch_add(1, Ordering::Relaxed);
                 proxy::serve_client(
                     Rc::clone(&worker),
                     index,
@@ -460,6 +464,7 @@ async fn accept_loop(
                     counters,
                 )
                 .await;
+                counters.open.fetch_sub(1, Ordering::Relaxed);
                 worker.connections.set(worker.connections.get() - 1);
             })
             .detach();

@@ -19,7 +19,7 @@
 use std::{
     net::SocketAddr,
     rc::Rc,
-    sync::atomic::Ordering,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -37,6 +37,7 @@ use super::{
     },
     io::Conn,
     snapshot::{L7Snapshot, PoolServer, VhostPool},
+    upstream::UpstreamConn,
     worker::{IdleClient, LentPipe},
 };
 
@@ -345,6 +346,8 @@ async fn exchange(
         &mut state.head,
     );
     let mut failed = ProxyError::server(503, "no server available", Retry::No);
+    // The server whose attempt failed and may be retried: counted when the retry starts.
+    let mut retried_from: Option<usize> = None;
     for _ in 0..MAX_ATTEMPTS {
         let picked =
             worker
@@ -352,6 +355,12 @@ async fn exchange(
                 .borrow_mut()
                 .pick(snapshot, vhost, request, peer, &state.tried);
         let Some(index) = picked else { break };
+        if let Some(from) = retried_from.take() {
+            pool.servers[from]
+                .stats
+                .retries
+                .fetch_add(1, Ordering::Relaxed);
+        }
         match attempt(
             worker, snapshot, vhost, index, request, client, buf, &mut state,
         )
@@ -370,6 +379,7 @@ async fn exchange(
                     Retry::SameServer => {}
                     Retry::OtherServer => state.tried.push(index),
                 }
+                retried_from = Some(index);
                 failed = err;
             }
         }
@@ -420,14 +430,17 @@ async fn attempt(
                 .await
                 .map_err(|err| {
                     tracing::debug!(server = %server.address, %err, "cannot connect");
+                    server
+                        .stats
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     if err.kind() == std::io::ErrorKind::TimedOut {
                         ProxyError::server(504, "server connect timed out", Retry::OtherServer)
                     } else {
                         ProxyError::server(502, "cannot connect to a server", Retry::OtherServer)
                     }
                 })?;
-            server.stats.connections.fetch_add(1, Ordering::Relaxed);
-            conn
+            UpstreamConn::opened(conn, &server.stats)
         }
     };
     // A retry of a request that is safe to repeat goes to the same server when the
@@ -454,6 +467,12 @@ async fn attempt(
         .write_all(head, ms(settings.body_idle_timeout_ms))
         .await;
     state.head = head;
+    if written.is_ok() {
+        let stats = &server.stats;
+        stats
+            .request_bytes
+            .fetch_add(state.head.len() as u64, Ordering::Relaxed);
+    }
     if written.is_err() {
         // Nothing reached the server's application; the client's body is still unread
         // unless it was asked for.
@@ -461,7 +480,13 @@ async fn attempt(
         let retry = if body_unread { again } else { Retry::No };
         return Err(ProxyError::server(502, "server connection failed", retry));
     }
-    let relay = Relay::new(client, &upstream, worker, settings);
+    let relay = Relay::new(
+        client,
+        &upstream,
+        worker,
+        settings,
+        &server.stats.request_bytes,
+    );
     match relay_body(&relay, request.body, buf, Vec::new(), false).await {
         Ok(spare) => worker.recycle(spare),
         Err(RelayError::From) => return Err(ProxyError::client_gone()),
@@ -524,7 +549,7 @@ async fn relay_response(
     request: &RequestHead,
     client: &Conn,
     client_buf: &mut Vec<u8>,
-    upstream: Conn,
+    upstream: UpstreamConn,
     in_flight: &InFlight<'_>,
 ) -> Result<(u16, bool), ResponseFailure> {
     let server = in_flight.server;
@@ -545,6 +570,9 @@ async fn relay_response(
                         .write_all(interim, ms(settings.body_idle_timeout_ms))
                         .await;
                     written.map_err(|_| ResponseFailure::Cut(Side::Client))?;
+                    stats
+                        .response_bytes
+                        .fetch_add(length as u64, Ordering::Relaxed);
                     relayed_interim = true;
                 }
                 rbuf.drain(..length);
@@ -590,11 +618,13 @@ async fn relay_response(
             settings.forwarded.via,
             &mut out,
         );
+        let head_len = out.len() as u64;
         let BufResult(written, _) = client
             .write_all(out, ms(settings.body_idle_timeout_ms))
             .await;
         written.map_err(|_| ResponseFailure::Cut(Side::Client))?;
-        tunnel(
+        stats.response_bytes.fetch_add(head_len, Ordering::Relaxed);
+        let (to_server, to_client) = tunnel(
             client,
             &upstream,
             std::mem::take(client_buf),
@@ -602,6 +632,8 @@ async fn relay_response(
             ms(settings.tunnel_idle_timeout_ms),
         )
         .await;
+        stats.request_bytes.fetch_add(to_server, Ordering::Relaxed);
+        stats.response_bytes.fetch_add(to_client, Ordering::Relaxed);
         return Ok((101, false));
     }
 
@@ -618,7 +650,7 @@ async fn relay_response(
         settings.forwarded.via,
         &mut out,
     );
-    let relay = Relay::new(&upstream, client, worker, settings);
+    let relay = Relay::new(&upstream, client, worker, settings, &stats.response_bytes);
     let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
     match relayed {
         Ok(spare) => worker.recycle(spare),
@@ -651,16 +683,25 @@ struct Relay<'a> {
     worker: &'a Worker,
     /// The worker's connection limit, which bounds the pipes it lends.
     max_connections: usize,
+    /// The server's counter of bytes written in this direction.
+    written: &'a AtomicU64,
 }
 
 impl<'a> Relay<'a> {
-    fn new(from: &'a Conn, to: &'a Conn, worker: &'a Worker, settings: &L7Config) -> Self {
+    fn new(
+        from: &'a Conn,
+        to: &'a Conn,
+        worker: &'a Worker,
+        settings: &L7Config,
+        written: &'a AtomicU64,
+    ) -> Self {
         Relay {
             from,
             to,
             idle: ms(settings.body_idle_timeout_ms),
             worker,
             max_connections: settings.max_connections_per_worker,
+            written,
         }
     }
 }
@@ -720,6 +761,7 @@ async fn relay_body(
             let BufResult(written, back) = to.write_all(out, idle).await;
             out = back;
             written.map_err(|_| RelayError::To)?;
+            relay.written.fetch_add(out.len() as u64, Ordering::Relaxed);
             out.clear();
         }
         if done {
@@ -764,6 +806,7 @@ async fn splice_body(
             .splice_from(&pipe, moved, relay.idle)
             .await
             .map_err(|_| RelayError::To)?;
+        relay.written.fetch_add(moved as u64, Ordering::Relaxed);
         remaining -= moved as u64;
     }
     pipe.emptied = true;
@@ -771,30 +814,34 @@ async fn splice_body(
 }
 
 /// Relays bytes both ways after `101 Switching Protocols` (WebSocket and other upgrades)
-/// until both sides have closed, or nothing moved for `idle`.
+/// until both sides have closed, or nothing moved for `idle`. Returns the bytes written to
+/// the server and to the client.
 async fn tunnel(
     client: &Conn,
     upstream: &Conn,
     from_client: Vec<u8>,
     from_upstream: Vec<u8>,
     idle: Duration,
-) {
+) -> (u64, u64) {
     futures_util::future::join(
         pipe(client, upstream, from_client, idle),
         pipe(upstream, client, from_upstream, idle),
     )
-    .await;
+    .await
 }
 
-/// One direction of a tunnel: copies until end of file, then passes the end on.
-async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
+/// One direction of a tunnel: copies until end of file, then passes the end on. Returns the
+/// bytes written.
+async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) -> u64 {
+    let mut moved = 0;
     loop {
         if !buf.is_empty() {
             let BufResult(written, back) = to.write_all(buf, idle).await;
             buf = back;
             if written.is_err() {
-                return;
+                return moved;
             }
+            moved += buf.len() as u64;
             buf.clear();
         }
         let BufResult(read, back) = from.read_more(buf, READ_CHUNK, idle).await;
@@ -803,7 +850,7 @@ async fn pipe(from: &Conn, to: &Conn, mut buf: Vec<u8>, idle: Duration) {
             Ok(n) if n > 0 => {}
             _ => {
                 to.shutdown_write().await;
-                return;
+                return moved;
             }
         }
     }

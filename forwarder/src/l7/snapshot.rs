@@ -40,6 +40,16 @@ pub struct ServerStats {
     pub failures: AtomicU64,
     /// Connections opened to the server.
     pub connections: AtomicU64,
+    /// Connections to the server open now, in use or idle for reuse.
+    pub open_connections: AtomicU64,
+    /// Connection attempts that failed or timed out (also counted in `failures`).
+    pub connect_failures: AtomicU64,
+    /// Requests sent again (to it or another server) after failing on it.
+    pub retries: AtomicU64,
+    /// Bytes written to the server: request heads as rewritten, and bodies.
+    pub request_bytes: AtomicU64,
+    /// Bytes of its responses relayed to clients: heads as rewritten, and bodies.
+    pub response_bytes: AtomicU64,
     /// Failed requests in a row (outlier detection).
     pub consecutive_failures: AtomicU32,
     /// Until when ([`now_ms`]) outlier detection keeps the server out of selection.

@@ -10,17 +10,54 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use super::{io::Conn, snapshot::L7Snapshot};
+use super::{
+    io::Conn,
+    snapshot::{L7Snapshot, ServerStats},
+};
+
+/// A connection to a server, counted in its server's open connections for as long as it
+/// lives, in use or idle in the pool.
+pub struct UpstreamConn {
+    conn: Conn,
+    stats: Arc<ServerStats>,
+}
+
+impl UpstreamConn {
+    /// `conn`, just opened to the server `stats` counts.
+    pub fn opened(conn: Conn, stats: &Arc<ServerStats>) -> UpstreamConn {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.open_connections.fetch_add(1, Ordering::Relaxed);
+        UpstreamConn {
+            conn,
+            stats: Arc::clone(stats),
+        }
+    }
+}
+
+impl std::ops::Deref for UpstreamConn {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        self.stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// How long an idle connection is reused for a retryable request without checking it first.
 const TRUST_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: RefCell<HashMap<SocketAddr, Vec<(Conn, Instant)>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
 }
 
 impl UpstreamPool {
@@ -30,7 +67,12 @@ impl UpstreamPool {
     /// could not be retried, is first checked open (a `recv(MSG_PEEK)` syscall); a request
     /// that can be retried skips the check on a recently used connection, since a server
     /// closing it meanwhile costs only a retry.
-    pub fn take(&self, server: SocketAddr, max_idle: Duration, retryable: bool) -> Option<Conn> {
+    pub fn take(
+        &self,
+        server: SocketAddr,
+        max_idle: Duration,
+        retryable: bool,
+    ) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&server)?;
         while let Some((conn, since)) = list.pop() {
@@ -46,7 +88,7 @@ impl UpstreamPool {
     }
 
     /// Keeps `conn` for reuse, unless `server` already has `limit` idle connections.
-    pub fn put(&self, server: SocketAddr, conn: Conn, limit: usize) {
+    pub fn put(&self, server: SocketAddr, conn: UpstreamConn, limit: usize) {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(server).or_default();
         if list.len() < limit {
