@@ -66,6 +66,8 @@ pub enum Request {
     },
     /// Re-reads the config file and applies all of it or none of it.
     Reload,
+    /// Opens the access log file again at its configured path (after logrotate moved it).
+    ReopenLogs,
     /// State changes (admin and health) with a sequence number above `after`, oldest first.
     Events {
         #[serde(default)]

@@ -35,6 +35,8 @@ pub struct Config {
     pub l7: L7Config,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
     /// L4 virtual services, balanced in XDP.
     #[serde(default, rename = "l4_vip")]
     pub l4_vips: Vec<L4Vip>,
@@ -52,6 +54,31 @@ pub struct MetricsConfig {
     /// management address, e.g. `127.0.0.1:9110`).
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// The L7 access log.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file every L7 request (and refused request, rate-limited) is logged to, appended
+    /// and created mode 0640. Off unless set. Reopened by `weirctl log reopen` or `SIGUSR1`
+    /// (for logrotate); a reload that changes it opens the new path.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+/// How access log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// Common-log-like text: `client - - [time] "request" status bytes`, then
+    /// `vhost= server= us=` (and `reason=` for weir's own answers).
+    Common,
 }
 
 /// The daemon's own settings.
@@ -261,8 +288,6 @@ pub struct L7Config {
     pub shutdown_grace_ms: u64,
     /// Headers added to requests sent to servers.
     pub forwarded: ForwardedHeaders,
-    /// One structured log line per request (target `weir::access`).
-    pub access_log: bool,
 }
 
 impl L7Config {
@@ -297,7 +322,6 @@ impl L7Config {
             upstream_max_idle_per_server,
             tunnel_idle_timeout_ms,
             shutdown_grace_ms,
-            access_log,
         );
         if self.forwarded != old.forwarded {
             changes.push(format!(
@@ -327,7 +351,6 @@ impl Default for L7Config {
             tunnel_idle_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
             forwarded: ForwardedHeaders::default(),
-            access_log: false,
         }
     }
 }
@@ -1352,14 +1375,14 @@ servers = [
         let old = L7Config::default();
         let new = L7Config {
             max_connections_per_worker: 2000,
-            access_log: true,
+            shutdown_grace_ms: 5,
             ..L7Config::default()
         };
         assert_eq!(
             new.changes_from(&old),
             [
                 "max_connections_per_worker 10000 -> 2000",
-                "access_log false -> true"
+                "shutdown_grace_ms 30000 -> 5"
             ]
         );
         assert!(old.changes_from(&old).is_empty());

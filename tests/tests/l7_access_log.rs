@@ -1,39 +1,23 @@
-//! The L7 access log: one structured line per request when `[l7] access_log = true`, none
-//! otherwise. In a test binary of its own, because it installs the process's global tracing
-//! subscriber (the workers log from their own threads).
+//! The L7 access log, in process: the real workers writing the file the daemon would give
+//! them. Each request is logged once with its route and outcome, in either format; none
+//! when no file is set. (The daemon's side — reopening, signals, rate-limited refusals — is
+//! `access_log_e2e`.)
 
-use std::{
-    io::Write,
-    net::TcpListener,
-    sync::{Arc, Mutex},
-};
+use std::{net::TcpListener, path::Path, time::Duration};
 
 use serde_json::Value;
-use weir_config::Config;
+use weir_config::{AccessLogFormat, Config};
 use weir_forwarder::{
-    l7::{L7Snapshot, L7Workers},
+    l7::{L7Snapshot, L7Workers, access_log::LogFile},
     vhosts::Vhosts,
 };
 use weir_tests::{
     http_client::{Body, HttpConn},
     http_origin::HttpOrigin,
+    netns::wait_until,
 };
 
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn start(access_log: bool, origin: &HttpOrigin, net: u8) -> (L7Workers, std::net::SocketAddr) {
+fn start(origin: &HttpOrigin, net: u8) -> (L7Workers, std::net::SocketAddr) {
     let port = TcpListener::bind(format!("127.0.{net}.1:0"))
         .unwrap()
         .local_addr()
@@ -41,74 +25,91 @@ fn start(access_log: bool, origin: &HttpOrigin, net: u8) -> (L7Workers, std::net
         .port();
     let listen = format!("127.0.{net}.1:{port}");
     let text = format!(
-        "[l7]\nworkers = 1\naccess_log = {access_log}\n\n[[vhost]]\nname = \"logged\"\nlisten = \"{listen}\"\nhosts = [\"log.test\"]\nservers = [{{ address = \"{}\" }}]\n",
+        "[l7]\nworkers = 2\n\n[[vhost]]\nname = \"logged\"\nlisten = \"{listen}\"\nhosts = [\"log.test\"]\nservers = [{{ address = \"{}\" }}]\n",
         origin.address
     );
-    let config = Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
+    let config = Config::parse(Path::new("test.toml"), &text).unwrap();
     let vhosts = Vhosts::plan(&config, None).unwrap();
-    let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), 1).unwrap();
+    let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), 2).unwrap();
     (workers, listen.parse().unwrap())
 }
 
+fn read_lines(path: &Path, count: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let _ = wait_until("access log lines", Duration::from_secs(5), || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.len() >= count
+    });
+    lines
+}
+
 #[test]
-fn each_request_is_logged_once_with_its_route_and_outcome_when_enabled() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .with_writer(move || writer.clone())
-        .with_env_filter("weir::access=info")
-        .init();
+fn each_request_is_logged_once_with_its_route_and_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
     let origin = HttpOrigin::start("127.0.200.10:0".parse().unwrap(), "s1").unwrap();
+    let (workers, address) = start(&origin, 200);
 
-    let (quiet, address) = start(false, &origin, 200);
     let mut conn = HttpConn::connect(address).unwrap();
-    assert_eq!(
-        conn.request("GET", "/a", "log.test", "", Body::None)
+    let get = |conn: &mut HttpConn, target: &str, host: &str| {
+        conn.request("GET", target, host, "", Body::None)
             .unwrap()
-            .status,
-        200
-    );
-    drop(quiet);
-    assert!(
-        captured.0.lock().unwrap().is_empty(),
-        "no log when access_log is off"
-    );
+            .status
+    };
+    assert_eq!(get(&mut conn, "/unlogged", "log.test"), 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!path.exists(), "no file set: nothing logged");
 
-    let (_logged, address) = start(true, &origin, 201);
-    let mut conn = HttpConn::connect(address).unwrap();
-    assert_eq!(
-        conn.request("GET", "/b?x=1", "log.test", "", Body::None)
-            .unwrap()
-            .status,
-        200
-    );
-    assert_eq!(
-        conn.request("GET", "/", "nobody.test", "", Body::None)
-            .unwrap()
-            .status,
-        404
-    );
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text
-        .lines()
+    workers.set_access_log(Some(LogFile::open(&path, AccessLogFormat::Json).unwrap()));
+    assert_eq!(get(&mut conn, "/b?x=1", "log.test"), 200);
+    assert_eq!(get(&mut conn, "/bytes/5000", "log.test"), 200);
+    assert_eq!(get(&mut conn, "/", "nobody.test"), 404);
+    let lines: Vec<Value> = read_lines(&path, 3)
+        .iter()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    let fields = |i: usize| &lines[i]["fields"];
-    assert_eq!(lines[0]["target"], "weir::access");
-    assert_eq!(fields(0)["vhost"], "logged");
-    assert_eq!(fields(0)["method"], "GET");
-    assert_eq!(fields(0)["target"], "/b?x=1");
-    assert_eq!(fields(0)["status"], 200);
-    assert_eq!(fields(0)["server"], origin.address.to_string());
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let line = |target: &str| lines.iter().find(|l| l["target"] == target).unwrap();
+    let ok = line("/b?x=1");
+    assert_eq!(ok["vhost"], "logged");
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["protocol"], "HTTP/1.1");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["server"], origin.address.to_string());
+    assert_eq!(ok["listener"], address.to_string());
+    assert!(ok["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // Head and body as sent to the client.
+    let bytes = line("/bytes/5000")["bytes"].as_u64().unwrap();
+    assert!((5000 + 40..5000 + 400).contains(&bytes), "{bytes}");
+    let unrouted = &lines[2];
+    assert_eq!(unrouted["vhost"], "-");
+    assert_eq!(unrouted["status"], 404);
+    assert_eq!(unrouted["host"], "nobody.test");
+    assert_eq!(unrouted["reason"], "no virtual host serves this Host");
+    assert!(unrouted["server"].is_null());
+
+    // The common format, to another file.
+    let common = dir.path().join("common.log");
+    workers.set_access_log(Some(
+        LogFile::open(&common, AccessLogFormat::Common).unwrap(),
+    ));
+    let mut conn = HttpConn::connect(address).unwrap();
+    assert_eq!(get(&mut conn, "/c", "log.test"), 200);
+    let lines = read_lines(&common, 1);
+    assert_eq!(lines.len(), 1);
     assert!(
-        fields(0)["client"]
-            .as_str()
-            .unwrap()
-            .starts_with("127.0.0.1:")
+        lines[0].starts_with("127.0.0.1 - - [")
+            && lines[0].contains(&format!(
+                "\"GET /c HTTP/1.1\" 200 {} vhost=logged server={} us=",
+                lines[0].split(" ").nth(9).unwrap(),
+                origin.address
+            )),
+        "{}",
+        lines[0]
     );
-    assert_eq!(fields(1)["vhost"], "-");
-    assert_eq!(fields(1)["status"], 404);
-    assert_eq!(fields(1)["host"], "nobody.test");
+    assert_eq!(read_lines(&path, 3).len(), 3, "the first file got no more");
 }

@@ -142,6 +142,9 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
     }
+    l7.set_access_log(
+        super::open_access_log(&config.access_log).map_err(|err| anyhow::anyhow!(err.message))?,
+    );
     let (transitions_tx, mut transitions) = tokio::sync::mpsc::unbounded_channel();
     let health = HealthChecker::start(transitions_tx).context("cannot start the health checker")?;
     let socket_path = config.daemon.control_socket.clone();
@@ -192,6 +195,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
+        let mut sigusr1 = signal(SignalKind::user_defined1())?;
         let mut slow_starts = tokio::time::interval(std::time::Duration::from_secs(1));
         let hand_over = {
             let (state, notify) = (Arc::clone(&state), Arc::clone(&state));
@@ -238,6 +242,10 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
                     }
                     Response::Error(err) => tracing::error!(%err.message, "SIGHUP: reload refused"),
                     _ => {}
+                },
+                _ = sigusr1.recv() => match state.handle(Request::ReopenLogs) {
+                    Response::Error(err) => tracing::error!(%err.message, "SIGUSR1: access log not reopened"),
+                    _ => tracing::info!("SIGUSR1: access log reopened"),
                 },
             }
         }

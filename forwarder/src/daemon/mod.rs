@@ -28,7 +28,7 @@ use std::{
 };
 
 use weir_config::{
-    Config, DEFAULT_WEIGHT,
+    AccessLogConfig, Config, DEFAULT_WEIGHT,
     control::{AdminState, ControlError, ControlErrorKind, Event, ReloadReport, Request, Response},
 };
 
@@ -39,7 +39,7 @@ use crate::{
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services, transaction},
-    l7::{L7Snapshot, L7Workers},
+    l7::{L7Snapshot, L7Workers, access_log::LogFile},
     pool::health_name,
     state::RuntimeState,
     vhosts::{VhostError, Vhosts},
@@ -134,6 +134,7 @@ impl State {
                 inner.count_reload(result.is_ok());
                 result
             }
+            Request::ReopenLogs => inner.reopen_access_log(),
             // Answered by the control server itself, which passes the sockets with it.
             Request::HandOver => Err(ControlError::new(
                 ControlErrorKind::BadRequest,
@@ -438,9 +439,53 @@ impl Inner {
         next.carry_health(&self.l4).map_err(refusal)?;
         let mut next_vhosts = Vhosts::plan(&config, Some(&previous)).map_err(vhost_refusal)?;
         next_vhosts.carry_health(&self.vhosts);
-        self.commit(next, next_vhosts, Some(config))
-            .map(Response::Changed)
+        // Opened before anything changes: a path that cannot be opened refuses the reload.
+        let access_log = (config.access_log != self.config.access_log)
+            .then(|| open_access_log(&config.access_log))
+            .transpose()?;
+        let mut changes = self.commit(next, next_vhosts, Some(config))?;
+        if let Some(file) = access_log {
+            changes.push(match &file {
+                Some(file) => format!("access log {}", file.path().display()),
+                None => "access log off".to_string(),
+            });
+            self.l7.set_access_log(file);
+        }
+        Ok(Response::Changed(changes))
     }
+
+    /// Opens the access log again at its configured path (after logrotate moved the file).
+    /// If it cannot be opened, the file open now stays.
+    fn reopen_access_log(&mut self) -> Result<Response, ControlError> {
+        let Some(path) = &self.config.access_log.path else {
+            return Err(ControlError::new(
+                ControlErrorKind::Invalid,
+                "no access log is configured ([access_log] path)",
+            ));
+        };
+        let file = open_access_log(&self.config.access_log)?;
+        self.l7.set_access_log(file);
+        Ok(Response::Changed(vec![format!(
+            "access log reopened: {}",
+            path.display()
+        )]))
+    }
+}
+
+/// The access log file `config` names, opened; `None` when it names none.
+fn open_access_log(config: &AccessLogConfig) -> Result<Option<LogFile>, ControlError> {
+    let Some(path) = &config.path else {
+        return Ok(None);
+    };
+    LogFile::open(path, config.format).map(Some).map_err(|err| {
+        ControlError::new(
+            ControlErrorKind::Refused,
+            format!(
+                "cannot open the access log {}: {err} (nothing changed)",
+                path.display()
+            ),
+        )
+    })
 }
 
 /// Config keys a reload cannot apply, named as in the file.

@@ -13,6 +13,7 @@
 //! worker thread keeps and lends: buffers, pipes, idle clients), [`io`] (the seam to the
 //! runtime).
 
+pub mod access_log;
 pub mod balance;
 pub mod chunked;
 pub mod error;
@@ -41,6 +42,8 @@ use socket2::{Domain, Socket, Type};
 use weir_config::control::{ListenerStatus, RefusalCount};
 
 pub use snapshot::L7Snapshot;
+
+use access_log::{AccessLog, LogFile};
 
 use worker::Worker;
 
@@ -97,6 +100,8 @@ pub struct L7Workers {
     listeners: Arc<[Listener]>,
     workers: usize,
     snapshot: Arc<ArcSwap<L7Snapshot>>,
+    /// The access log file the workers append to.
+    access_log: Arc<AccessLog>,
     stopping: Arc<AtomicBool>,
     /// How long stopping workers wait for their connections, in milliseconds.
     grace_ms: Arc<AtomicU64>,
@@ -165,6 +170,7 @@ impl L7Workers {
             .map(|(_, socket)| socket.try_clone().map(OwnedFd::from))
             .collect::<std::io::Result<_>>()?;
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let access_log = Arc::new(AccessLog::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let grace_ms = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
@@ -175,6 +181,7 @@ impl L7Workers {
             let shared = Shared {
                 listeners: Arc::clone(&listeners),
                 snapshot: Arc::clone(&snapshot),
+                access_log: Arc::clone(&access_log),
                 stopping: Arc::clone(&stopping),
                 grace_ms: Arc::clone(&grace_ms),
             };
@@ -188,12 +195,24 @@ impl L7Workers {
             listeners,
             workers,
             snapshot,
+            access_log,
             stopping,
             grace_ms,
             stop_handles,
             listening,
             threads,
         })
+    }
+
+    /// Sets the access log file (`None`: none); workers write their next lines to it. The
+    /// file was opened by the caller, so nothing changes if opening fails.
+    pub fn set_access_log(&self, file: Option<LogFile>) {
+        self.access_log.set(file);
+    }
+
+    /// The access log file being written, if any.
+    pub fn access_log(&self) -> Option<Arc<LogFile>> {
+        self.access_log.current()
     }
 
     /// Every listening socket (a second descriptor of each), to hand to the next daemon. The
@@ -309,6 +328,7 @@ pub fn worker_count(configured: usize) -> usize {
 struct Shared {
     listeners: Arc<[Listener]>,
     snapshot: Arc<ArcSwap<L7Snapshot>>,
+    access_log: Arc<AccessLog>,
     stopping: Arc<AtomicBool>,
     grace_ms: Arc<AtomicU64>,
 }
@@ -354,10 +374,11 @@ fn run_worker(
     let Shared {
         listeners,
         snapshot,
+        access_log,
         stopping,
         grace_ms,
     } = shared;
-    let worker = Rc::new(Worker::new(index, snapshot, stopping));
+    let worker = Rc::new(Worker::new(index, snapshot, stopping).with_access_log(access_log));
     runtime.block_on(async move {
         let sweeper = {
             let worker = Rc::clone(&worker);
@@ -368,6 +389,7 @@ fn run_worker(
                     let max_idle =
                         Duration::from_millis(snapshot.settings.upstream_idle_timeout_ms);
                     worker.upstreams.sweep(&snapshot, max_idle);
+                    worker.log.flush(&worker.access_log);
                 }
             })
         };
@@ -388,6 +410,7 @@ fn run_worker(
         let grace = Duration::from_millis(grace_ms.load(Ordering::Relaxed));
         drain(&worker, grace).await;
         drop(sweeper);
+        worker.log.flush(&worker.access_log);
         open
     })
 }

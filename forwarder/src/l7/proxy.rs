@@ -17,6 +17,7 @@
 //! idle connections), else to another server.
 
 use std::{
+    cell::Cell,
     net::SocketAddr,
     rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
@@ -29,6 +30,7 @@ use weir_config::L7Config;
 pub use super::worker::Worker;
 use super::{
     WorkerCounters,
+    access_log::Entry,
     chunked::{ChunkError, ChunkedDecoder},
     error::{ProxyError, Retry, Side},
     http::{
@@ -93,7 +95,18 @@ pub async fn serve_client(
                 }
                 Ok((None, _)) => return,
                 Err(err) => {
-                    answer_error(&worker, &client, peer, counters, err).await;
+                    let listener = head_snapshot.listeners[listener].address;
+                    log_exchange(
+                        &worker,
+                        &head_snapshot,
+                        listener,
+                        peer,
+                        None,
+                        None,
+                        &Err(err),
+                        None,
+                    );
+                    answer_error(&client, counters, err).await;
                     return;
                 }
             };
@@ -104,7 +117,6 @@ pub async fn serve_client(
         // count going up nothing awaits, so a drain that waits for that count to reach zero
         // cannot miss a request that chose the server.
         let snapshot = worker.snapshot.load_full();
-        let settings = &snapshot.settings;
         let started = Instant::now();
         let routed = snapshot.listeners[listener].route(request.host.as_deref());
         let outcome = match routed {
@@ -113,14 +125,23 @@ pub async fn serve_client(
                 exchange(&worker, &snapshot, vhost, &request, &client, &mut buf, peer).await
             }
         };
-        if settings.access_log {
-            log_access(&snapshot, routed, &request, peer, &outcome, started);
-        }
+        let address = snapshot.listeners[listener].address;
+        let request = Some(&request);
+        log_exchange(
+            &worker,
+            &snapshot,
+            address,
+            peer,
+            request,
+            routed,
+            &outcome,
+            Some(started),
+        );
         match outcome {
             Ok(exchange) if exchange.keep_alive => continue,
             Ok(_) => return,
             Err(err) => {
-                answer_error(&worker, &client, peer, counters, err).await;
+                answer_error(&client, counters, err).await;
                 return;
             }
         }
@@ -133,50 +154,50 @@ struct Exchanged {
     status: u16,
     server: SocketAddr,
     keep_alive: bool,
+    /// Bytes sent to the client: head and body.
+    bytes: u64,
 }
 
-fn log_access(
-    snapshot: &L7Snapshot,
-    vhost: Option<usize>,
-    request: &RequestHead,
-    peer: SocketAddr,
-    outcome: &Result<Exchanged, ProxyError>,
-    started: Instant,
-) {
-    let vhost = vhost.map_or("-", |v| snapshot.vhosts[v].name.as_str());
-    let (status, server) = match outcome {
-        Ok(e) => (e.status, Some(e.server)),
-        Err(err) => (err.answer.map_or(0, |(status, _)| status), None),
-    };
-    tracing::info!(
-        target: "weir::access",
-        client = %peer,
-        vhost,
-        method = request.method,
-        target = request.target,
-        host = request.host.as_deref().unwrap_or("-"),
-        status,
-        server = server.map(|s| s.to_string()).as_deref().unwrap_or("-"),
-        micros = started.elapsed().as_micros() as u64,
-    );
-}
-
-/// Ends a client connection after `err`: answers it when something is to be answered, and
-/// counts and logs (see [`Worker::may_log_refusal`]) a refusal that is the client's doing —
-/// a server's failure is counted on the server instead.
-async fn answer_error(
+/// Logs how a request ended (`request` is `None` when its head could not be read). Lines go
+/// to the access log; a refusal — the client's doing, answered by weir — is rate-limited
+/// ([`Worker::may_log_refusal`]) and goes to the daemon's log when there is no access log,
+/// so refusals are never invisible.
+#[allow(clippy::too_many_arguments)]
+fn log_exchange(
     worker: &Worker,
-    client: &Conn,
+    snapshot: &L7Snapshot,
+    listener: SocketAddr,
     peer: SocketAddr,
-    counters: &WorkerCounters,
-    err: ProxyError,
+    request: Option<&RequestHead>,
+    vhost: Option<usize>,
+    outcome: &Result<Exchanged, ProxyError>,
+    started: Option<Instant>,
 ) {
-    let Some((status, reason)) = err.answer else {
-        return;
+    let refusal = match outcome {
+        Err(err) if err.side == Side::Client => err.answer,
+        _ => None,
     };
-    if err.side == Side::Client {
-        counters.refused(status, reason);
-        if let Some(unlogged) = worker.may_log_refusal() {
+    let unlogged = match refusal {
+        Some(_) => match worker.may_log_refusal() {
+            Some(unlogged) => Some(unlogged),
+            None => return,
+        },
+        None => None,
+    };
+    let (status, server, bytes, reason) = match outcome {
+        Ok(e) => (e.status, Some(e.server), e.bytes, None),
+        Err(err) => match err.answer {
+            Some((status, reason)) => (
+                status,
+                None,
+                local_response(status, reason, false).len() as u64,
+                Some(reason),
+            ),
+            None => (0, None, 0, None),
+        },
+    };
+    if worker.access_log.current().is_none() {
+        if let (Some((status, reason)), Some(unlogged)) = (refusal, unlogged) {
             tracing::warn!(
                 target: "weir::refused",
                 client = %peer,
@@ -186,6 +207,41 @@ async fn answer_error(
                 "request refused"
             );
         }
+        return;
+    }
+    worker.log.record(
+        &worker.access_log,
+        Entry {
+            unix_ms: 0,
+            client: peer,
+            listener,
+            vhost: vhost.map_or("-", |v| snapshot.vhosts[v].name.as_str()),
+            method: request.map_or("-", |r| r.method.as_str()),
+            target: request.map_or("-", |r| r.target.as_str()),
+            protocol: match request.map(|r| r.minor_version) {
+                Some(0) => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            host: request.and_then(|r| r.host.as_deref()).unwrap_or("-"),
+            status,
+            server,
+            bytes,
+            micros: started.map_or(0, |s| s.elapsed().as_micros() as u64),
+            reason,
+            unlogged: unlogged.filter(|&n| n > 0),
+        },
+    );
+}
+
+/// Ends a client connection after `err`: answers it when something is to be answered, and
+/// counts a refusal that is the client's doing — a server's failure is counted on the server
+/// instead.
+async fn answer_error(client: &Conn, counters: &WorkerCounters, err: ProxyError) {
+    let Some((status, reason)) = err.answer else {
+        return;
+    };
+    if err.side == Side::Client {
+        counters.refused(status, reason);
     }
     refuse(client, status, reason).await;
 }
@@ -500,12 +556,13 @@ async fn attempt(
         }
     }
     match relay_response(worker, snapshot, request, client, buf, upstream, &in_flight).await {
-        Ok((status, keep_alive)) => {
+        Ok((status, keep_alive, bytes)) => {
             note_outcome(pool, index, status < 500);
             Ok(Exchanged {
                 status,
                 server: server.address,
                 keep_alive,
+                bytes,
             })
         }
         Err(ResponseFailure::Nothing(err)) => {
@@ -541,8 +598,8 @@ enum ResponseFailure {
     Cut(Side),
 }
 
-/// Reads the server's response and relays it to the client. Returns its status and whether
-/// the client connection stays open.
+/// Reads the server's response and relays it to the client. Returns its status, whether
+/// the client connection stays open, and the bytes the client was sent.
 async fn relay_response(
     worker: &Worker,
     snapshot: &L7Snapshot,
@@ -551,12 +608,13 @@ async fn relay_response(
     client_buf: &mut Vec<u8>,
     upstream: UpstreamConn,
     in_flight: &InFlight<'_>,
-) -> Result<(u16, bool), ResponseFailure> {
+) -> Result<(u16, bool, u64), ResponseFailure> {
     let server = in_flight.server;
     let stats = &server.stats;
     let settings = &snapshot.settings;
     let mut rbuf = worker.buffer();
     let mut relayed_interim = false;
+    let mut interim_bytes = 0;
     let response: ResponseHead = loop {
         match parse_response(&rbuf, &request.method) {
             Ok(Some(response))
@@ -573,6 +631,7 @@ async fn relay_response(
                     stats
                         .response_bytes
                         .fetch_add(length as u64, Ordering::Relaxed);
+                    interim_bytes += length as u64;
                     relayed_interim = true;
                 }
                 rbuf.drain(..length);
@@ -634,7 +693,7 @@ async fn relay_response(
         .await;
         stats.request_bytes.fetch_add(to_server, Ordering::Relaxed);
         stats.response_bytes.fetch_add(to_client, Ordering::Relaxed);
-        return Ok((101, false));
+        return Ok((101, false, interim_bytes + head_len + to_client));
     }
 
     let dechunk = request.minor_version == 0 && response.body == BodyLength::Chunked;
@@ -650,8 +709,11 @@ async fn relay_response(
         settings.forwarded.via,
         &mut out,
     );
-    let relay = Relay::new(&upstream, client, worker, settings, &stats.response_bytes);
-    let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
+    let (relayed, relayed_bytes) = {
+        let relay = Relay::new(&upstream, client, worker, settings, &stats.response_bytes);
+        let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
+        (relayed, relay.moved.get())
+    };
     match relayed {
         Ok(spare) => worker.recycle(spare),
         Err(RelayError::To) => return Err(ResponseFailure::Cut(Side::Client)),
@@ -671,7 +733,7 @@ async fn relay_response(
         }
     }
     worker.recycle(rbuf);
-    Ok((response.status, !close))
+    Ok((response.status, !close, interim_bytes + relayed_bytes))
 }
 
 /// The two ends of a body relay.
@@ -685,6 +747,8 @@ struct Relay<'a> {
     max_connections: usize,
     /// The server's counter of bytes written in this direction.
     written: &'a AtomicU64,
+    /// Bytes this relay wrote.
+    moved: Cell<u64>,
 }
 
 impl<'a> Relay<'a> {
@@ -702,7 +766,16 @@ impl<'a> Relay<'a> {
             worker,
             max_connections: settings.max_connections_per_worker,
             written,
+            moved: Cell::new(0),
         }
+    }
+}
+
+impl Relay<'_> {
+    /// Counts `bytes` written to `to`.
+    fn count(&self, bytes: usize) {
+        self.written.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.moved.set(self.moved.get() + bytes as u64);
     }
 }
 
@@ -761,7 +834,7 @@ async fn relay_body(
             let BufResult(written, back) = to.write_all(out, idle).await;
             out = back;
             written.map_err(|_| RelayError::To)?;
-            relay.written.fetch_add(out.len() as u64, Ordering::Relaxed);
+            relay.count(out.len());
             out.clear();
         }
         if done {
@@ -806,7 +879,7 @@ async fn splice_body(
             .splice_from(&pipe, moved, relay.idle)
             .await
             .map_err(|_| RelayError::To)?;
-        relay.written.fetch_add(moved as u64, Ordering::Relaxed);
+        relay.count(moved);
         remaining -= moved as u64;
     }
     pipe.emptied = true;

@@ -16,6 +16,7 @@ use std::{
 use arc_swap::ArcSwap;
 
 use super::{
+    access_log::{AccessLog, WorkerLog},
     balance::Balancer,
     io::{Conn, Pipe},
     snapshot::L7Snapshot,
@@ -42,6 +43,9 @@ pub struct Worker {
     pub idle_clients: RefCell<HashSet<RawFd>>,
     /// Refusals logged in the current second, and those left unlogged since the last line.
     refusal_log: std::cell::Cell<RefusalLog>,
+    /// The access log file (shared by the workers) and this worker's buffered lines.
+    pub access_log: Arc<AccessLog>,
+    pub log: WorkerLog,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -97,7 +101,14 @@ impl Worker {
             stopping,
             idle_clients: Default::default(),
             refusal_log: Default::default(),
+            access_log: Default::default(),
+            log: Default::default(),
         }
+    }
+
+    /// The worker, logging requests to `access_log`.
+    pub fn with_access_log(self, access_log: Arc<AccessLog>) -> Worker {
+        Worker { access_log, ..self }
     }
 
     /// Whether a refusal may be logged now (at most [`REFUSALS_LOGGED_PER_SEC`] per second);

@@ -57,6 +57,9 @@ enum Command {
     Config(ConfigCommand),
     /// Re-read the daemon's config file and apply all of it or none of it.
     Reload,
+    /// The access log.
+    #[command(subcommand)]
+    Log(LogCommand),
     /// State changes of servers (admin and health, with reasons), oldest first.
     Events {
         /// Keep printing new events as they happen (Ctrl-C to stop).
@@ -67,6 +70,12 @@ enum Command {
     Top,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// Open the access log file again at its path, after logrotate moved it away.
+    Reopen,
 }
 
 #[derive(Subcommand)]
@@ -242,6 +251,7 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Vip(VipCommand::List) => Request::VipList,
         Command::Stats => Request::Stats,
         Command::Reload => Request::Reload,
+        Command::Log(LogCommand::Reopen) => Request::ReopenLogs,
         Command::Server(command) => match command {
             ServerCommand::List { pool } => Request::ServerList { vip: pool.clone() },
             ServerCommand::Add { target, weight } => Request::ServerAdd {
