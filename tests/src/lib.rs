@@ -5,6 +5,7 @@
 //! Privileged tests are marked `#[ignore = "needs root: ..."]`; `cargo xtask test` includes them
 //! when it runs as root and reports them as skipped otherwise.
 
+pub mod browser;
 pub mod client;
 pub mod flood;
 pub mod http_client;

@@ -40,6 +40,8 @@ const APT_PACKAGES: &[&str] = &[
     // The metrics test scrapes weir with a real Prometheus and checks the exposition with
     // promtool.
     "prometheus",
+    // The dashboard test loads the page in headless Chromium.
+    "chromium",
 ];
 
 /// What setup found, for commands that run tools afterwards.

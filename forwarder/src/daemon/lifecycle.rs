@@ -178,8 +178,8 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
             let metrics = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("cannot listen for metrics on {address}"))?;
-            tracing::info!(%address, "metrics served at /metrics");
-            tokio::spawn(super::metrics::serve(metrics, Arc::clone(&state)));
+            tracing::info!(%address, "metrics at /metrics, the dashboard at /");
+            tokio::spawn(super::web::serve(metrics, Arc::clone(&state)));
         }
         let listener = control::bind(&socket_path).with_context(|| {
             format!("cannot create the control socket {}", socket_path.display())

@@ -457,49 +457,6 @@ pub(super) fn render(
     out
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped: one request per connection,
-/// answered and closed (what Prometheus does), anything else 404.
-pub(super) async fn serve(listener: tokio::net::TcpListener, state: std::sync::Arc<super::State>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let state = std::sync::Arc::clone(&state);
-        tokio::spawn(async move {
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if read != Ok(true) {
-                return;
-            }
-            let (status, body) = if head.starts_with(b"GET /metrics ") {
-                match state.metrics() {
-                    Ok(body) => ("200 OK", body),
-                    Err(err) => ("500 Internal Server Error", format!("{}\n", err.message)),
-                }
-            } else {
-                ("404 Not Found", "GET /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

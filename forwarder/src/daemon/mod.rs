@@ -18,6 +18,7 @@ mod lifecycle;
 mod metrics;
 mod pools;
 mod report;
+mod web;
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -4,34 +4,59 @@
 
 use std::{collections::HashMap, net::SocketAddr, sync::atomic::Ordering};
 
+use serde::Serialize;
 use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::control::{
-    AdminState, ControlError, DaemonStatus, DatapathCounter, FlowEvent, FlowTableReport,
+    AdminState, ControlError, DaemonStatus, DatapathCounter, Event, FlowEvent, FlowTableReport,
     HealthState, L7Traffic, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
 };
 
 use super::{Inner, State, internal, refusal};
 use crate::datapath;
 
+/// Everything the daemon reports, taken at one moment: what a scrape and the dashboard show.
+#[derive(Serialize)]
+pub(super) struct Overview {
+    status: StatusReport,
+    vips: Vec<VipReport>,
+    servers: Vec<ServerReport>,
+    /// The latest events, oldest first.
+    events: Vec<Event>,
+}
+
+/// Events the dashboard shows.
+const DASHBOARD_EVENTS: usize = 50;
+
 impl State {
+    /// Every report, under one hold of the lock.
+    fn overview(&self) -> Result<Overview, ControlError> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| internal("daemon state lock poisoned"))?;
+        // One walk of the flow table for both reports: with the default table (1 Mi
+        // entries) a walk is most of a scrape's cost, even when the table is nearly empty.
+        let flows = inner.active_flows()?;
+        let skip = inner.events.len().saturating_sub(DASHBOARD_EVENTS);
+        Ok(Overview {
+            status: self.status(&inner)?,
+            vips: inner.vip_reports_from(&flows)?,
+            servers: inner.server_reports_from(None, &flows)?,
+            events: inner.events.iter().skip(skip).cloned().collect(),
+        })
+    }
+
     /// The Prometheus exposition of everything the daemon reports (`super::metrics`).
     pub(super) fn metrics(&self) -> Result<String, ControlError> {
-        let (status, vips, servers) = {
-            let inner = self
-                .inner
-                .lock()
-                .map_err(|_| internal("daemon state lock poisoned"))?;
-            // One walk of the flow table for both reports: with the default table (1 Mi
-            // entries) a walk is most of a scrape's cost, even when the table is nearly empty.
-            let flows = inner.active_flows()?;
-            (
-                self.status(&inner)?,
-                inner.vip_reports_from(&flows)?,
-                inner.server_reports_from(None, &flows)?,
-            )
-        };
+        let o = self.overview()?;
         // Written out after the lock is released: control commands need not wait for it.
-        Ok(super::metrics::render(&status, &vips, &servers))
+        Ok(super::metrics::render(&o.status, &o.vips, &o.servers))
+    }
+
+    /// What the dashboard polls (`super::web`), as JSON.
+    pub(super) fn dashboard(&self) -> Result<String, ControlError> {
+        let overview = self.overview()?;
+        serde_json::to_string(&overview).map_err(|err| internal(err.to_string()))
     }
 
     pub(super) fn status(&self, inner: &Inner) -> Result<StatusReport, ControlError> {
