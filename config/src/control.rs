@@ -284,6 +284,15 @@ pub struct FlowTableReport {
     /// Flow events summed over CPUs, by name (`embryonic_created`, `embryonic_promoted`,
     /// `flood_deferred`).
     pub events: Vec<FlowEvent>,
+    /// Entries in the flow table (idle and closing ones until they are evicted or
+    /// overwritten included), when the report walked it (`/metrics`, the dashboard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<usize>,
+    /// The flow table's size (`flow_table_size`) and the embryonic table's.
+    #[serde(default)]
+    pub capacity: usize,
+    #[serde(default)]
+    pub embryonic_capacity: usize,
 }
 
 /// One flow-event counter.

@@ -153,6 +153,15 @@ pub fn edge_settings(config: &Config) -> EdgeSettings {
     }
 }
 
+/// What one walk of the flow table found.
+#[derive(Debug, Default)]
+pub struct FlowCensus {
+    /// Active flows per server id.
+    pub per_server: StdHashMap<u32, usize>,
+    /// Entries in all.
+    pub entries: usize,
+}
+
 /// The loaded object, its attachments and typed handles on its maps.
 ///
 /// Dropping it closes the daemon's handles. Unpinned, that detaches the program and frees
@@ -658,14 +667,21 @@ impl DatapathMaps {
         sum_traffic(&self.server_stats, id, names::SERVER_STATS_MAP)
     }
 
-    /// Active flows per server id: entries that are not closing and were seen within
-    /// `idle_ns` (the flow timeout of their protocol, as the caller decides).
+    /// The flow table's size and the embryonic table's.
+    pub fn flow_capacities(&self) -> (usize, usize) {
+        let size = |map: &aya::maps::MapData| map.info().map_or(0, |i| i.max_entries()) as usize;
+        (size(self.flows.map()), size(self.embryonic.map()))
+    }
+
+    /// Active flows per server id — entries that are not closing and were seen within
+    /// `idle_ns` (the flow timeout of their protocol, as the caller decides) — and the
+    /// table's entries in all.
     pub fn active_flows(
         &self,
         idle_ns: impl Fn(&FlowKey) -> u64,
-    ) -> Result<StdHashMap<u32, usize>, DatapathError> {
+    ) -> Result<FlowCensus, DatapathError> {
         let now = coarse_now_ns();
-        let mut active = StdHashMap::new();
+        let mut census = FlowCensus::default();
         for entry in self.flows.iter() {
             let (key, state) = match entry {
                 Ok(entry) => entry,
@@ -673,12 +689,13 @@ impl DatapathMaps {
                 Err(MapError::KeyNotFound) => continue,
                 Err(e) => return Err(DatapathError::Map(names::FLOWS_MAP, e)),
             };
+            census.entries += 1;
             let idle = now.saturating_sub(state.last_seen_ns);
             if state.flags & FLOW_CLOSING == 0 && idle <= idle_ns(&key) {
-                *active.entry(state.server).or_default() += 1;
+                *census.per_server.entry(state.server).or_default() += 1;
             }
         }
-        Ok(active)
+        Ok(census)
     }
 
     /// Forgets one flow (as the LRU does under pressure): its next packet picks afresh.

@@ -243,6 +243,19 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
         .run(|| get_body(METRICS, "/metrics"))
         .unwrap()
         .expect("/metrics answers");
+    // The flow table's occupancy: the L4 traffic left entries in it (closing ones stay until
+    // evicted or overwritten), out of the default size.
+    let gauge = |name: &str| -> f64 {
+        exposition
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the exposition"))
+    };
+    assert!(gauge("weir_flow_table_entries") > 0.0);
+    assert_eq!(
+        gauge("weir_flow_table_capacity"),
+        f64::from(weir_config::DEFAULT_FLOW_TABLE_SIZE)
+    );
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -225,6 +225,24 @@ pub(super) fn render(
         &[],
         [(vec![], status.flows.embryonic as i64)],
     );
+    scrape.gauges(
+        "weir_flow_table_entries",
+        "Entries in the flow table, idle and closing ones not yet evicted included",
+        &[],
+        status.flows.entries.map(|n| (vec![], n as i64)),
+    );
+    scrape.gauges(
+        "weir_flow_table_capacity",
+        "Entries the flow table holds at most (flow_table_size); past it the LRU evicts",
+        &[],
+        [(vec![], status.flows.capacity as i64)],
+    );
+    scrape.gauges(
+        "weir_embryonic_table_capacity",
+        "Entries the embryonic table holds at most (embryonic_table_size)",
+        &[],
+        [(vec![], status.flows.embryonic_capacity as i64)],
+    );
     scrape.counters(
         "weir_flow_events_total",
         "Flows created embryonic, promoted to the flow table, or deferred by the flood guard",
@@ -469,7 +487,8 @@ mod tests {
       "xdp": [],
       "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
                     { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
-      "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ] },
+      "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ],
+                 "entries": 12, "capacity": 1048576, "embryonic_capacity": 65536 },
       "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "open_connections": 4, "requests": 9,
                        "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] } ]
     }"#;
@@ -507,6 +526,9 @@ mod tests {
             "weir_server_up{pool=\"site\",server=\"127.0.0.1:8081\"} 0",
             "weir_server_admin_state{pool=\"site\",server=\"127.0.0.1:8081\",state=\"draining\"} 1",
             "weir_flows_embryonic 3",
+            "weir_flow_table_entries 12",
+            "weir_flow_table_capacity 1048576",
+            "weir_embryonic_table_capacity 65536",
             "weir_flow_events_total{event=\"embryonic_created\"} 7",
             "weir_build_info{version=\"0.1.0\"} 1",
             "weir_config_reloads_total{result=\"failure\"} 1",

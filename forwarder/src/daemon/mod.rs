@@ -407,7 +407,12 @@ impl Inner {
         if let Ok(service) = self.l4.service(name)
             && let Some(server) = service.find_server(address)
         {
-            let flows = self.active_flows()?.get(&server.id).copied().unwrap_or(0);
+            let flows = self
+                .active_flows()?
+                .per_server
+                .get(&server.id)
+                .copied()
+                .unwrap_or(0);
             if flows > 0 {
                 return Err(ControlError::new(
                     ControlErrorKind::Refused,

@@ -12,7 +12,7 @@ use weir_config::control::{
 };
 
 use super::{Inner, State, internal, refusal};
-use crate::datapath;
+use crate::datapath::{self, FlowCensus};
 
 /// Everything the daemon reports, taken at one moment: what a scrape and the dashboard show.
 #[derive(Serialize)]
@@ -38,10 +38,12 @@ impl State {
         // entries) a walk is most of a scrape's cost, even when the table is nearly empty.
         let flows = inner.active_flows()?;
         let skip = inner.events.len().saturating_sub(DASHBOARD_EVENTS);
+        let mut status = self.status(&inner)?;
+        status.flows.entries = Some(flows.entries);
         Ok(Overview {
-            status: self.status(&inner)?,
-            vips: inner.vip_reports_from(&flows)?,
-            servers: inner.server_reports_from(None, &flows)?,
+            status,
+            vips: inner.vip_reports_from(&flows.per_server)?,
+            servers: inner.server_reports_from(None, &flows.per_server)?,
             events: inner.events.iter().skip(skip).cloned().collect(),
         })
     }
@@ -108,14 +110,18 @@ impl Inner {
                 count,
             })
             .collect();
+        let (capacity, embryonic_capacity) = maps.flow_capacities();
         Ok(FlowTableReport {
             embryonic: maps.embryonic_flows(idle),
             events,
+            entries: None,
+            capacity,
+            embryonic_capacity,
         })
     }
 
     /// Active flows per server id.
-    pub(super) fn active_flows(&self) -> Result<HashMap<u32, usize>, ControlError> {
+    pub(super) fn active_flows(&self) -> Result<FlowCensus, ControlError> {
         let settings = datapath::settings(&self.config);
         let never = |ns: u64| if ns == 0 { u64::MAX } else { ns };
         let idle = |key: &FlowKey| {
@@ -132,7 +138,7 @@ impl Inner {
     }
 
     pub(super) fn vip_reports(&self) -> Result<Vec<VipReport>, ControlError> {
-        self.vip_reports_from(&self.active_flows()?)
+        self.vip_reports_from(&self.active_flows()?.per_server)
     }
 
     /// The VIP reports, with active flows from `flows` ([`Inner::active_flows`]).
@@ -180,7 +186,7 @@ impl Inner {
         {
             self.l4.service(vip).map_err(refusal)?;
         }
-        self.server_reports_from(vip, &self.active_flows()?)
+        self.server_reports_from(vip, &self.active_flows()?.per_server)
     }
 
     /// The server reports of pool `vip` (all pools if `None`, which must exist), with active
