@@ -1643,6 +1643,7 @@ fn flow_tables(lb: &Balancer) -> (usize, usize) {
         .maps()
         .active_flows(|_| u64::MAX)
         .unwrap()
+        .per_server
         .values()
         .sum();
     (flows, lb.datapath.maps().embryonic_flows(u64::MAX))
