@@ -269,6 +269,12 @@ pub struct L7Config {
     pub keepalive_timeout_ms: u64,
     /// Milliseconds a body (request or response) may stall before the exchange is cut.
     pub body_idle_timeout_ms: u64,
+    /// Milliseconds a request body has to arrive in full, extended by one second for every
+    /// `request_body_min_rate` bytes received: a body trickled slower is cut with 408
+    /// (Apache's `mod_reqtimeout` `body=20,MinRate=500`). 0 turns the limit off.
+    pub request_body_timeout_ms: u64,
+    /// Bytes per second that extend `request_body_timeout_ms` (0: a fixed deadline).
+    pub request_body_min_rate: u64,
     /// Milliseconds to connect to a server before trying another one.
     pub upstream_connect_timeout_ms: u64,
     /// Milliseconds a server has to start its response once the request is sent; slower gets
@@ -316,6 +322,8 @@ impl L7Config {
             header_timeout_ms,
             keepalive_timeout_ms,
             body_idle_timeout_ms,
+            request_body_timeout_ms,
+            request_body_min_rate,
             upstream_connect_timeout_ms,
             upstream_response_timeout_ms,
             upstream_idle_timeout_ms,
@@ -344,6 +352,8 @@ impl Default for L7Config {
             header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
             body_idle_timeout_ms: 30_000,
+            request_body_timeout_ms: 20_000,
+            request_body_min_rate: 500,
             upstream_connect_timeout_ms: 2_000,
             upstream_response_timeout_ms: 30_000,
             upstream_idle_timeout_ms: 10_000,

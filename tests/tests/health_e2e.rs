@@ -383,4 +383,24 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
             .contains("failed checks in a row")
     );
     assert!(entry["health_since_unix_ms"].as_u64().unwrap() > 0);
+
+    // Health checks taken off the vhost by a reload: the server is unchecked, and neither
+    // the last check nor the reason of a health it no longer has stays on it.
+    let config = fs::read_to_string(lab.config()).unwrap();
+    let unchecked = config.replace(&health_table("http", "vhost", RISE, FALL), "");
+    assert_ne!(config, unchecked);
+    fs::write(lab.config(), unchecked).unwrap();
+    lab.weirctl_ok(&["reload"]);
+    let json: Value =
+        serde_json::from_str(&lab.weirctl_ok(&["server", "list", "demo-l7", "--json"])).unwrap();
+    let entry = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"].as_str() == Some(&server.to_string()))
+        .unwrap();
+    assert_eq!(entry["health"], "unchecked", "{entry}");
+    assert!(entry.get("health_reason").is_none(), "{entry}");
+    assert!(entry.get("last_check").is_none(), "{entry}");
+    assert!(entry.get("health_since_unix_ms").is_none(), "{entry}");
 }

@@ -926,7 +926,7 @@ fn draining_a_server_closes_its_idle_connections_and_sends_it_nothing_new() {
 }
 
 #[test]
-fn a_worker_at_its_connection_limit_leaves_new_connections_waiting() {
+fn a_worker_at_its_connection_limit_answers_503_and_counts_it() {
     let o = origins(1);
     let proxy = Proxy::start(
         "workers = 1\nmax_connections_per_worker = 2\n",
@@ -943,24 +943,38 @@ fn a_worker_at_its_connection_limit_leaves_new_connections_waiting() {
             200
         );
     }
-    // A third connection is accepted by the kernel (backlog) but not served yet.
+    // A third connection is told at once, not left waiting in the backlog.
     let mut third = proxy.conn();
+    third
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let started = Instant::now();
     third.send("GET", "/", "app.test", "", Body::None).unwrap();
-    third
-        .stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    let refused = third
+        .read_response(false)
+        .expect("an answer past the limit");
+    assert_eq!(refused.status, 503);
     assert!(
-        third.read_response(false).is_err(),
-        "served beyond the limit"
+        refused.text().contains("connection limit reached"),
+        "{}",
+        refused.text()
     );
-    // One closes: the third is served.
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(third.closed_by_peer(Duration::from_secs(2)));
+    let counted = proxy.workers.status()[0]
+        .refusals
+        .iter()
+        .find(|r| r.status == 503 && r.reason == "connection limit reached")
+        .map_or(0, |r| r.count);
+    assert_eq!(counted, 1);
+    // One closes: a new connection is served, and the others still are.
     drop(first);
-    third
-        .stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    assert_eq!(third.read_response(false).unwrap().status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.workers.status()[0].open_connections > 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(proxy.get("app.test", "/").status, 200);
     assert_eq!(
         second
             .request("GET", "/", "app.test", "", Body::None)
@@ -1330,4 +1344,193 @@ fn bytes_answered(address: SocketAddr, request: &[u8]) -> u64 {
         &answer[..answer.len().min(80)]
     );
     answer.len() as u64
+}
+
+/// A server that reads what it is sent and reports how each connection ended: `"reset"`
+/// (the proxy aborted) or `"end"` (an orderly close), with the bytes it got. It answers
+/// nothing, or `reply` once something arrived.
+fn recording_server(
+    address: SocketAddr,
+    reply: &'static [u8],
+) -> std::sync::mpsc::Receiver<(&'static str, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind(address).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut replied = false;
+                let end = loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break "end",
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            if !reply.is_empty() && !replied {
+                                replied = true;
+                                let _ = stream.write_all(reply);
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                        Err(_) => break "error",
+                    }
+                };
+                let _ = tx.send((end, got));
+            });
+        }
+    });
+    rx
+}
+
+#[test]
+fn a_request_cut_mid_body_reaches_the_server_as_a_reset_never_as_its_end() {
+    use std::io::Write;
+    let net = next_net();
+    let server: SocketAddr = format!("127.0.{net}.20:{}", free_port(net))
+        .parse()
+        .unwrap();
+    let ended = recording_server(server, b"");
+    let proxy = Proxy::start(
+        "request_body_timeout_ms = 500\nrequest_body_min_rate = 100\n",
+        &format!(
+            "[[vhost]]\nname = \"r\"\nlisten = \"LISTEN\"\nhosts = [\"r.test\"]\nservers = [{{ address = \"{server}\" }}]\n"
+        ),
+        &[],
+    );
+    let wait = Duration::from_secs(5);
+    let next_end = || {
+        ended
+            .recv_timeout(wait)
+            .expect("the server saw the connection end")
+    };
+
+    // The client goes away after 100 of 1000 bytes.
+    let mut client = std::net::TcpStream::connect(proxy.address).unwrap();
+    client
+        .write_all(b"POST /a HTTP/1.1\r\nHost: r.test\r\nContent-Length: 1000\r\n\r\n")
+        .unwrap();
+    client.write_all(&[b'x'; 100]).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    drop(client);
+    let (end, got) = next_end();
+    assert_eq!(end, "reset", "got {} bytes", got.len());
+    assert!(got.ends_with(&[b'x'; 100]), "the server had the part sent");
+
+    // A chunked body whose trailer is not a field: 400 for the client, a reset for the server.
+    let (answer, _) = raw_exchange(
+        proxy.address,
+        b"POST /b HTTP/1.1\r\nHost: r.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nnot a field\r\n\r\n",
+        wait,
+    )
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid trailer field name"), "{answer}");
+    let (end, got) = next_end();
+    assert_eq!(end, "reset");
+    assert!(
+        !String::from_utf8_lossy(&got).contains("not a field"),
+        "the bad trailer never reached the server"
+    );
+
+    // A body trickled a byte every 200 ms: 408 once it falls behind 0.5 s + 1 s per 100
+    // bytes, long before the 30 s idle timeout, and a reset for the server.
+    let mut client = std::net::TcpStream::connect(proxy.address).unwrap();
+    client.set_read_timeout(Some(wait)).unwrap();
+    client
+        .write_all(b"POST /c HTTP/1.1\r\nHost: r.test\r\nContent-Length: 100\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    for _ in 0..50 {
+        if client.write_all(b"x").is_err() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+        client.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 1024];
+        if let Ok(n) = std::io::Read::read(&mut client, &mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+        }
+        client.set_nonblocking(false).unwrap();
+        if !answer.is_empty() {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("request body too slow"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(next_end().0, "reset");
+}
+
+#[test]
+fn trace_h2c_upgrades_and_servers_answering_garbage_are_dealt_with_at_once() {
+    let o = origins(1);
+    let net = next_net();
+    let garbage: SocketAddr = format!("127.0.{net}.20:{}", free_port(net))
+        .parse()
+        .unwrap();
+    let _garbage = recording_server(garbage, b"SSH-2.0-OpenSSH_9.2\r\n");
+    let proxy = Proxy::start(
+        "",
+        &format!(
+            "{}\n[[vhost]]\nname = \"g\"\nlisten = \"LISTEN\"\nhosts = [\"g.test\"]\nservers = [{{ address = \"{garbage}\" }}]\n",
+            vhost("h", 1, "")
+        ),
+        &refs(&o),
+    );
+    let wait = Duration::from_secs(5);
+
+    // TRACE would echo cookies and credentials back (cross-site tracing): refused.
+    let (answer, closed) = raw_exchange(
+        proxy.address,
+        b"TRACE / HTTP/1.1\r\nHost: h.test\r\nMax-Forwards: 0\r\n\r\n",
+        wait,
+    )
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 501") && closed, "{answer}");
+    assert!(o[0].requests().is_empty(), "nothing reached the server");
+
+    // An h2c upgrade goes on as a plain HTTP/1.1 request.
+    let (answer, _) = raw_exchange(
+        proxy.address,
+        b"GET /h2c HTTP/1.1\r\nHost: h.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nX-Kept: 1\r\n\r\n",
+        wait,
+    )
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = o[0]
+        .requests()
+        .pop()
+        .expect("the request reached the server");
+    assert_eq!(seen.target, "/h2c");
+    assert!(seen.header("upgrade").is_none(), "{:?}", seen.headers);
+    assert!(
+        seen.header("http2-settings").is_none(),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.header("x-kept"), Some("1"));
+
+    // A server answering another protocol: 502 at once, not 504 at the response timeout.
+    let started = Instant::now();
+    let (answer, _) = raw_exchange(
+        proxy.address,
+        b"GET / HTTP/1.1\r\nHost: g.test\r\n\r\n",
+        wait,
+    )
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

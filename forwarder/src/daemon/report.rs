@@ -276,8 +276,13 @@ impl Inner {
         admin: AdminState,
         health: HealthState,
     ) -> ServerReport {
-        let (last_check, health_since_unix_ms, health_reason, health_transitions) =
+        let (mut last_check, mut health_since_unix_ms, mut health_reason, health_transitions) =
             self.health_detail(pool, address);
+        if health == HealthState::Unchecked {
+            // No check runs (none configured any more, or the server is disabled): the last
+            // one's result and reason describe a past that no longer holds.
+            (last_check, health_since_unix_ms, health_reason) = (None, None, None);
+        }
         ServerReport {
             vip: pool.to_string(),
             address,

@@ -4,8 +4,10 @@
 //! (so the next message on the connection starts at the right byte) and to refuse the
 //! malformed framings that make a front end and a server disagree about that end: a bare
 //! LF, a chunk size with a sign, spaces or more than 16 hex digits, data longer than its
-//! size, unbounded extensions or trailers. For an HTTP/1.0 client the decoded data is
-//! written out instead of the chunks.
+//! size, unbounded extensions or trailers, and trailer lines that are not `name: value`
+//! fields (a token name, a value without control bytes, no obs-fold) — a server must never
+//! see a trailer it might parse differently from weir. For an HTTP/1.0 client the decoded
+//! data is written out instead of the chunks.
 
 /// Longest chunk extension (`;name=value...`) accepted on one size line.
 const MAX_EXTENSION: usize = 4096;
@@ -34,8 +36,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or of the final CRLF).
     TrailerStart,
-    /// Inside a trailer field line, until CR.
-    TrailerLine,
+    /// In a trailer field's name, until `:`.
+    TrailerName,
+    /// In a trailer field's value, until CR.
+    TrailerValue,
     /// Expecting the LF of a trailer line.
     TrailerLf,
     /// Expecting the LF of the final CRLF.
@@ -142,16 +146,30 @@ impl ChunkedDecoder {
                         State::EndLf
                     } else if byte == b'\n' {
                         return Err(ChunkError("bare LF"));
+                    } else if is_tchar(byte) {
+                        State::TrailerName
+                    } else if byte == b' ' || byte == b'\t' {
+                        return Err(ChunkError("folded trailer line"));
                     } else {
-                        State::TrailerLine
+                        return Err(ChunkError("invalid trailer field name"));
                     };
                     self.count_trailer()?;
                 }
-                State::TrailerLine => {
+                State::TrailerName => {
+                    if byte == b':' {
+                        self.state = State::TrailerValue;
+                    } else if !is_tchar(byte) {
+                        return Err(ChunkError("invalid trailer field name"));
+                    }
+                    self.count_trailer()?;
+                }
+                State::TrailerValue => {
                     if byte == b'\r' {
                         self.state = State::TrailerLf;
                     } else if byte == b'\n' {
                         return Err(ChunkError("bare LF"));
+                    } else if (byte < 0x20 && byte != b'\t') || byte == 0x7f {
+                        return Err(ChunkError("invalid byte in trailer value"));
                     }
                     self.count_trailer()?;
                 }
@@ -187,6 +205,11 @@ fn expect(byte: u8, wanted: u8) -> Result<(), ChunkError> {
     } else {
         Err(ChunkError("chunk data longer than its size"))
     }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2: what a field name is made of.
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 fn hex_value(byte: u8) -> Option<u8> {
@@ -250,6 +273,12 @@ mod tests {
             b"\r\n",                       // no size
             b"0\r\nX: y\n\r\n",            // bare LF in a trailer
             b"0\r\n\n",                    // bare LF at the end
+            b"0\r\nno colon\r\n\r\n",      // a trailer line that is not a field
+            b"0\r\n: no name\r\n\r\n",     // a field without a name
+            b"0\r\nX y: 1\r\n\r\n",        // a space in the name
+            b"0\r\nX: 1\r\n y\r\n\r\n",    // obs-fold
+            b"0\r\nX: a\x00b\r\n\r\n",     // a control byte in the value
+            b"0\r\nX\r: 1\r\n\r\n",        // CR in the name
         ] {
             assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

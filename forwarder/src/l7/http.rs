@@ -301,6 +301,11 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     if method == "CONNECT" {
         return Err(refuse(501, "CONNECT is not supported"));
     }
+    // TRACE echoes a request back, cookies and credentials included (cross-site tracing);
+    // a balancer has nothing to learn from it that a log does not show.
+    if method == "TRACE" {
+        return Err(refuse(501, "TRACE is not supported"));
+    }
 
     // The target: origin form, asterisk form for OPTIONS, or absolute form whose authority
     // must agree with Host (RFC 9112 §3.2.2 makes the target win; weir refuses the mismatch).
@@ -337,7 +342,16 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     } else {
         has("keep-alive")
     };
-    let upgrade = if has("upgrade") && minor_version == 1 {
+    // An upgrade to h2c (cleartext HTTP/2, deprecated by RFC 9113) is not passed on: weir
+    // speaks HTTP/1.1 to clients and would tunnel an HTTP/2 connection it cannot see into.
+    // The request goes on as a plain HTTP/1.1 one, which a server must accept.
+    let h2c = upgrade
+        .as_deref()
+        .is_some_and(|u| tokens(u).any(|t| t == "h2c"));
+    if h2c {
+        kept.retain(|name| !name.eq_ignore_ascii_case("http2-settings"));
+    }
+    let upgrade = if has("upgrade") && minor_version == 1 && !h2c {
         upgrade
     } else {
         None
@@ -467,6 +481,13 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
     let Some(end) = head_end(buf) else {
         if buf.len() > MAX_RESPONSE_HEAD {
             return Err(ResponseError("head too large"));
+        }
+        // What has arrived must already read as the start of a response head: a server
+        // answering something else (another protocol, garbage) is refused now, not when the
+        // response timeout ends the wait for a blank line that never comes.
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        if httparse::Response::new(&mut headers).parse(buf).is_err() {
+            return Err(ResponseError("malformed head"));
         }
         return Ok(None);
     };

@@ -52,6 +52,12 @@ impl Conn {
         self.stream.as_raw_fd()
     }
 
+    /// Makes the close that follows a reset (`SO_LINGER` 0) instead of an orderly end: the
+    /// peer learns the exchange was aborted rather than finished.
+    pub fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+
     /// Whether bodies may be spliced to or from this connection.
     pub fn spliceable(&self) -> bool {
         self.spliceable

@@ -447,10 +447,13 @@ async fn accept_loop(
     listeners: Arc<[Listener]>,
 ) -> std::io::Result<()> {
     let socket = compio::net::PollFd::new(socket)?;
+    let limit = || worker.snapshot.load().settings.max_connections_per_worker;
+    let ceiling = || limit() + (limit() / 4).max(1);
     loop {
-        // At the limit, leave new connections in the backlog until one closes.
-        while worker.connections.get() >= worker.snapshot.load().settings.max_connections_per_worker
-        {
+        // Past the limit, connections are accepted to be answered 503 (`refuse_over_limit`).
+        // Those answers hold descriptors too, a quarter of the limit at most (one at least):
+        // beyond that, new connections wait in the backlog until one closes.
+        while worker.connections.get() + worker.refusing.get() >= ceiling() {
             compio::time::sleep(FULL_BACKOFF).await;
         }
         if let Err(err) = socket.accept_ready().await {
@@ -471,10 +474,25 @@ async fn accept_loop(
             };
             let stream = compio::net::TcpStream::from_std(stream)?;
             let listeners = Arc::clone(&listeners);
+            if worker.connections.get() >= limit() {
+                worker.refusing.set(worker.refusing.get() + 1);
+                let refusing = Rc::clone(&worker);
+                compio::runtime::spawn(async move {
+                    let counters = &listeners[index].counters[refusing.index];
+                    let client = io::Conn::new(stream);
+                    proxy::refuse_over_limit(Rc::clone(&refusing), index, client, peer, counters)
+                        .await;
+                    refusing.refusing.set(refusing.refusing.get() - 1);
+                })
+                .detach();
+                if worker.connections.get() + worker.refusing.get() >= ceiling() {
+                    break;
+                }
+                continue;
+            }
             let worker = Rc::clone(&worker);
             worker.connections.set(worker.connections.get() + 1);
-            let at_limit = worker.connections.get()
-                >= worker.snapshot.load().settings.max_connections_per_worker;
+            let at_limit = worker.connections.get() + worker.refusing.get() >= ceiling();
             compio::runtime::spawn(async move {
                 let counters = &listeners[index].counters[worker.index];
                 counters.connections.fetch_add(1, Ordering::Relaxed);

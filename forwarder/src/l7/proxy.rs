@@ -67,6 +67,8 @@ fn ms(value: u64) -> Duration {
 enum RelayError {
     /// Reading the sender failed, timed out, or it closed early.
     From,
+    /// A request body came slower than `request_body_min_rate` allows.
+    TooSlow,
     /// Writing to the receiver failed.
     To,
     Malformed(ChunkError),
@@ -146,6 +148,32 @@ pub async fn serve_client(
             }
         }
     }
+}
+
+/// Answers a connection accepted past the worker's connection limit: 503 and close, counted
+/// and logged (rate-limited) as a refusal, so an overloaded proxy is seen and its clients
+/// told rather than left waiting in the listen backlog.
+pub async fn refuse_over_limit(
+    worker: Rc<Worker>,
+    listener: usize,
+    client: Conn,
+    peer: SocketAddr,
+    counters: &WorkerCounters,
+) {
+    let err = ProxyError::client(503, "connection limit reached");
+    let snapshot = worker.snapshot.load_full();
+    let address = snapshot.listeners[listener].address;
+    log_exchange(
+        &worker,
+        &snapshot,
+        address,
+        peer,
+        None,
+        None,
+        &Err(err),
+        None,
+    );
+    answer_error(&client, counters, err).await;
 }
 
 /// A finished exchange.
@@ -536,17 +564,16 @@ async fn attempt(
         let retry = if body_unread { again } else { Retry::No };
         return Err(ProxyError::server(502, "server connection failed", retry));
     }
-    let relay = Relay::new(
-        client,
-        &upstream,
-        worker,
-        settings,
-        &server.stats.request_bytes,
-    );
-    match relay_body(&relay, request.body, buf, Vec::new(), false).await {
-        Ok(spare) => worker.recycle(spare),
-        Err(RelayError::From) => return Err(ProxyError::client_gone()),
-        Err(RelayError::Malformed(err)) => return Err(ProxyError::client(400, err.0)),
+    let relayed = {
+        let bytes = &server.stats.request_bytes;
+        let relay = Relay::new(client, &upstream, worker, settings, bytes).paced(settings);
+        relay_body(&relay, request.body, buf, Vec::new(), false).await
+    };
+    let failed = match relayed {
+        Ok(spare) => {
+            worker.recycle(spare);
+            None
+        }
         Err(RelayError::To) => {
             return Err(ProxyError::server(
                 502,
@@ -554,6 +581,15 @@ async fn attempt(
                 Retry::No,
             ));
         }
+        Err(RelayError::From) => Some(ProxyError::client_gone()),
+        Err(RelayError::TooSlow) => Some(ProxyError::client(408, "request body too slow")),
+        Err(RelayError::Malformed(err)) => Some(ProxyError::client(400, err.0)),
+    };
+    if let Some(err) = failed {
+        // The client's side failed mid-body: the server has the head, perhaps part of the
+        // body, and must not mistake the end of the connection for the end of the request.
+        upstream.abort();
+        return Err(err);
     }
     match relay_response(worker, snapshot, request, client, buf, upstream, &in_flight).await {
         Ok((status, keep_alive, bytes)) => {
@@ -717,7 +753,7 @@ async fn relay_response(
     match relayed {
         Ok(spare) => worker.recycle(spare),
         Err(RelayError::To) => return Err(ResponseFailure::Cut(Side::Client)),
-        Err(RelayError::From | RelayError::Malformed(_)) => {
+        Err(RelayError::From | RelayError::TooSlow | RelayError::Malformed(_)) => {
             return Err(ResponseFailure::Cut(Side::Server));
         }
     }
@@ -749,6 +785,16 @@ struct Relay<'a> {
     written: &'a AtomicU64,
     /// Bytes this relay wrote.
     moved: Cell<u64>,
+    /// The pace a request body must keep, if any.
+    pace: Option<BodyPace>,
+}
+
+/// The pace a request body must keep: whole within `initial`, plus one second per
+/// `min_rate` bytes (0: no extension).
+struct BodyPace {
+    started: Instant,
+    initial: Duration,
+    min_rate: u64,
 }
 
 impl<'a> Relay<'a> {
@@ -767,6 +813,35 @@ impl<'a> Relay<'a> {
             max_connections: settings.max_connections_per_worker,
             written,
             moved: Cell::new(0),
+            pace: None,
+        }
+    }
+
+    /// Holds a request body to `request_body_timeout_ms` and `request_body_min_rate`.
+    fn paced(self, settings: &L7Config) -> Self {
+        let pace = (settings.request_body_timeout_ms > 0).then(|| BodyPace {
+            started: Instant::now(),
+            initial: ms(settings.request_body_timeout_ms),
+            min_rate: settings.request_body_min_rate,
+        });
+        Relay { pace, ..self }
+    }
+
+    /// How long the next read may wait, and whether it is the pace (not the idle timeout)
+    /// that sets it.
+    fn read_wait(&self) -> (Duration, bool) {
+        let Some(pace) = &self.pace else {
+            return (self.idle, false);
+        };
+        let earned = match pace.min_rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(self.moved.get() as f64 / rate as f64),
+        };
+        let left = (pace.initial + earned).saturating_sub(pace.started.elapsed());
+        if left < self.idle {
+            (left, true)
+        } else {
+            (self.idle, false)
         }
     }
 }
@@ -849,12 +924,16 @@ async fn relay_body(
             splice_body(relay, remaining, pipe).await?;
             return Ok(out);
         }
+        let (wait, paced) = relay.read_wait();
         let BufResult(read, back) = from
-            .read_more(std::mem::take(pending), READ_CHUNK, idle)
+            .read_more(std::mem::take(pending), READ_CHUNK, wait)
             .await;
         *pending = back;
         match read {
             Ok(0) if length == BodyLength::UntilClose => closed = true,
+            Err(err) if paced && err.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(RelayError::TooSlow);
+            }
             Ok(0) | Err(_) => return Err(RelayError::From),
             Ok(_) => {}
         }
@@ -870,7 +949,11 @@ async fn splice_body(
 ) -> Result<(), RelayError> {
     while remaining > 0 {
         let want = usize::try_from(remaining).unwrap_or(usize::MAX);
-        let moved = match relay.from.splice_into(&pipe, want, relay.idle).await {
+        let (wait, paced) = relay.read_wait();
+        let moved = match relay.from.splice_into(&pipe, want, wait).await {
+            Err(err) if paced && err.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(RelayError::TooSlow);
+            }
             Ok(0) | Err(_) => return Err(RelayError::From),
             Ok(n) => n,
         };

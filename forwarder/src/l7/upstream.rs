@@ -38,6 +38,15 @@ impl UpstreamConn {
     }
 }
 
+impl UpstreamConn {
+    /// Closes the connection with a reset: the server had part of a request that will never
+    /// be whole, and must not take a clean end for the end of it (a lenient server might act
+    /// on a truncated body).
+    pub fn abort(self) {
+        self.conn.reset_on_close();
+    }
+}
+
 impl std::ops::Deref for UpstreamConn {
     type Target = Conn;
 

@@ -31,6 +31,8 @@ pub struct Worker {
     pub upstreams: UpstreamPool,
     /// Client connections open on this worker.
     pub connections: std::cell::Cell<usize>,
+    /// Connections past the limit being answered 503 (`proxy::refuse_over_limit`).
+    pub refusing: std::cell::Cell<usize>,
     /// Spare I/O buffers, so a request does not allocate its own.
     pub buffers: RefCell<Vec<Vec<u8>>>,
     /// Spare (empty) pipes for spliced bodies.
@@ -95,6 +97,7 @@ impl Worker {
             balancer: Default::default(),
             upstreams: Default::default(),
             connections: Default::default(),
+            refusing: Default::default(),
             buffers: Default::default(),
             pipes: Default::default(),
             pipes_lent: Default::default(),
