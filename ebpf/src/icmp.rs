@@ -155,6 +155,16 @@ fn quoted_packet(ctx: &XdpContext, packet: &Packet) -> Option<Packet> {
     if quoted.protocol != PROTO_TCP && quoted.protocol != PROTO_UDP {
         return None;
     }
+    // The quote must lie within the error's IP packet, not in padding after it: what weir
+    // rewrites there would be outside what the ICMP checksum covers.
+    let ip_end = if packet.family == FAMILY_IPV4 {
+        ETH_HLEN + usize::from(u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?))
+    } else {
+        ETH_HLEN + IPV6_HLEN + usize::from(u16::from_be(read::<u16>(ctx, ETH_HLEN + 4)?))
+    };
+    if ports_at + 4 > ip_end {
+        return None;
+    }
     let ports = read::<[u8; 4]>(ctx, ports_at)?;
     quoted.src_port = u16::from_ne_bytes([ports[0], ports[1]]);
     quoted.dst_port = u16::from_ne_bytes([ports[2], ports[3]]);

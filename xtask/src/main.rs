@@ -2,6 +2,7 @@
 //! a fresh machine needs nothing but the README's one line.
 
 mod bench;
+mod fuzz;
 mod lab;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Command {
     Test(test::TestArgs),
     /// Measures weir against the peers (needs root): XDP ns/packet, L4 end to end.
     Bench(bench::BenchArgs),
+    /// Runs every fuzz target for a bounded time (parsers under cargo-fuzz, XDP as root).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => lab::run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     }
 }

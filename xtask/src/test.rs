@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every check the project has, in the order that fails fastest.
 //!
 //! fmt → clippy (host crates, then the eBPF crate for its real target) → build the binaries the
-//! e2e tests run → `cargo test`. Privileged tests are `#[ignore = "needs root: …"]`: as root they
+//! e2e tests run → `cargo test` (the XDP fuzz test among them, briefly) → each cargo-fuzz
+//! target for [`FUZZ_SECONDS`] (`cargo xtask fuzz` runs them longer). Privileged tests are `#[ignore = "needs root: …"]`: as root they
 //! are included, otherwise they are listed as SKIPPED with their reason and counted by libtest
 //! as ignored, never silently passed.
 
@@ -10,6 +11,10 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::setup::{self, Toolchain, run_cmd};
+
+/// How long each cargo-fuzz target runs in `cargo xtask test`: long enough to replay its
+/// corpus and catch a regression in what it covers, short enough for every CI run.
+const FUZZ_SECONDS: u64 = 10;
 
 /// Namespaces of e2e tests start with this (see `tests/tests/*.rs`).
 const TEST_NETNS_PREFIX: &str = "weirt-";
@@ -65,7 +70,13 @@ pub fn run(args: TestArgs) -> Result<()> {
     } else {
         print_skipped(&toolchain)?;
     }
-    run_cmd(&mut test)
+    run_cmd(&mut test)?;
+    if args.filter.is_none() {
+        step("fuzz targets, briefly (cargo xtask fuzz runs them longer)");
+        let targets: Vec<String> = crate::fuzz::TARGETS.iter().map(|t| t.to_string()).collect();
+        crate::fuzz::fuzz(&toolchain, FUZZ_SECONDS, &targets)?;
+    }
+    Ok(())
 }
 
 /// The CLI package's build must not reach the eBPF build: its dependency tree holds neither
