@@ -474,7 +474,8 @@ pub struct ResponseError(pub &'static str);
 
 /// Largest response head weir accepts from a server.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-const MAX_RESPONSE_HEADERS: usize = 128;
+/// Most header fields weir accepts in a response head.
+pub const MAX_RESPONSE_HEADERS: usize = 128;
 
 /// Parses the response head at the start of `buf`, for a request with method `method`.
 pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, ResponseError> {
@@ -501,6 +502,11 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         _ => return Err(ResponseError("malformed head")),
     }
     let status = response.code.unwrap_or_default();
+    // Three digits, 100 to 599 (RFC 9110 §15): httparse reads `050` as 50, which weir would
+    // write on as a status line no client can read (found by the fuzz target).
+    if !(100..=599).contains(&status) {
+        return Err(ResponseError("status code out of range"));
+    }
     let minor_version = response.version.unwrap_or(1);
     let reason = response.reason.unwrap_or_default().to_string();
     let mut content_length: Option<u64> = None;
@@ -852,6 +858,23 @@ mod tests {
                 .unwrap()
                 .contains("X-Forwarded-For: 6.6.6.6, fd00::7\r\n")
         );
+    }
+
+    #[test]
+    fn a_status_code_outside_100_to_599_is_refused() {
+        for line in [
+            "HTTP/1.1 050 X",
+            "HTTP/1.1 099 X",
+            "HTTP/1.1 600 X",
+            "HTTP/1.1 000 X",
+        ] {
+            let head = format!("{line}\r\nContent-Length: 0\r\n\r\n");
+            assert!(parse_response(head.as_bytes(), "GET").is_err(), "{line}");
+        }
+        for line in ["HTTP/1.1 100 Continue", "HTTP/1.1 599 X"] {
+            let head = format!("{line}\r\n\r\n");
+            assert!(parse_response(head.as_bytes(), "GET").is_ok(), "{line}");
+        }
     }
 
     #[test]
