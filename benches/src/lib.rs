@@ -18,6 +18,7 @@ pub mod l7_runtime;
 pub mod nginx;
 pub mod report;
 pub mod scrape;
+pub mod soak;
 pub mod stats;
 pub mod udp;
 pub mod wrk;

@@ -77,6 +77,50 @@ pub fn run(args: BenchArgs) -> Result<()> {
     result
 }
 
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
+}
+
+/// `cargo xtask soak`: builds in release and runs `weir-soak` as root; the report goes to
+/// `target/soak/` (`report.md`, `report.json`, `soak.svg`).
+pub fn soak(args: SoakArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the soak creates namespaces and loads XDP programs: run it as root");
+    }
+    let toolchain = setup::run()?;
+    run_cmd(toolchain.cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weir-benches",
+        "-p",
+        "weir-forwarder",
+        "-p",
+        "weir-tests",
+        "--bins",
+    ]))?;
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .join("target");
+    clean_up();
+    let mut soak = std::process::Command::new(target.join("release/weir-soak"));
+    soak.arg("--out")
+        .arg(target.join("soak"))
+        .arg("--minutes")
+        .arg(args.minutes.to_string());
+    // SAFETY: ignoring a signal installs no handler code.
+    unsafe {
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+    }
+    let result = run_cmd(&mut soak);
+    clean_up();
+    result
+}
+
 /// Removes every namespace (with the processes in it) and temporary directory of the
 /// harness; returns how many namespaces there were.
 pub fn clean_up() -> usize {

@@ -28,6 +28,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Runs every fuzz target for a bounded time (parsers under cargo-fuzz, XDP as root).
     Fuzz(fuzz::FuzzArgs),
+    /// Soaks the lab (needs root): load, pool changes, health flaps and reloads for N minutes,
+    /// with the daemon's memory, descriptors and flow table sampled.
+    Soak(bench::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Soak(args) => bench::soak(args),
     }
 }

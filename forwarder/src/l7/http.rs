@@ -180,13 +180,22 @@ const HOP_BY_HOP: [&str; 6] = [
     "upgrade",
 ];
 
+/// Fields a `Connection` header can never make hop-by-hop: they frame the message (or route
+/// it), and dropping them would make the next hop read a different message than weir did —
+/// `Connection: Transfer-Encoding` on a chunked response made the client read it until
+/// close (found by the fuzz target).
+const NEVER_HOP_BY_HOP: [&str; 3] = ["content-length", "transfer-encoding", "host"];
+
 /// Whether header `name` describes the connection (a [`HOP_BY_HOP`] one or one `Connection`
 /// names), compared without allocating.
 fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || connection_tokens
+        || (connection_tokens
             .iter()
             .any(|t| name.eq_ignore_ascii_case(t))
+            && !NEVER_HOP_BY_HOP
+                .iter()
+                .any(|f| name.eq_ignore_ascii_case(f)))
 }
 
 /// Forwarding headers weir writes itself; from clients they are dropped unless trusted.
@@ -858,6 +867,45 @@ mod tests {
                 .unwrap()
                 .contains("X-Forwarded-For: 6.6.6.6, fd00::7\r\n")
         );
+    }
+
+    #[test]
+    fn connection_cannot_strip_the_fields_that_frame_a_message() {
+        let response = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: Transfer-Encoding, X-A\r\nX-A: 1\r\n\r\n",
+            "GET",
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        write_client_head(&response, 1, false, false, false, &mut out);
+        let again = parse_response(&out, "GET").unwrap().unwrap();
+        assert_eq!(
+            (response.body, again.body),
+            (BodyLength::Chunked, BodyLength::Chunked)
+        );
+        assert!(
+            !String::from_utf8_lossy(&out).contains("X-A"),
+            "named fields still go"
+        );
+        let request = parse(
+            "POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\nConnection: Content-Length, Host\r\n\r\nabc",
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        let client = ClientInfo {
+            peer: "198.18.0.1:1".parse().unwrap(),
+        };
+        write_server_head(&request, client, &ForwardedHeaders::default(), &mut out);
+        let limits = HeadLimits {
+            max_request_line: 8192,
+            max_header_bytes: 65536,
+            max_headers: 100,
+        };
+        let again = parse_request(&out, &limits).unwrap().unwrap();
+        assert_eq!(again.body, BodyLength::Fixed(3));
+        assert_eq!(again.host.as_deref(), Some("a.test"));
     }
 
     #[test]
