@@ -99,6 +99,45 @@ pub fn grouped_bars(path: &Path, title: &str, y_label: &str, groups: &[BarGroup]
     Ok(())
 }
 
+/// The soak's chart: the daemon's resident memory, open descriptors and flow-table entries
+/// over the run, one panel each, sharing the time axis (minutes).
+pub fn soak(path: &Path, samples: &[crate::soak::SoakSample]) -> Result<()> {
+    let plot = |e| anyhow!("cannot draw {}: {e:?}", path.display());
+    let root = SVGBackend::new(path, (900, 720)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot)?;
+    let panels = root.split_evenly((3, 1));
+    let minutes = samples.last().map_or(1.0, |s| s.seconds / 60.0).max(0.1);
+    type Value = fn(&crate::soak::SoakSample) -> f64;
+    let series: [(&str, Value); 3] = [
+        ("weir resident memory (MiB)", |s| s.rss_kib as f64 / 1024.0),
+        ("weir open descriptors", |s| s.descriptors as f64),
+        ("flow-table entries", |s| s.flow_entries as f64),
+    ];
+    for (panel, (label, value)) in panels.iter().zip(series) {
+        let top = samples.iter().map(&value).fold(0.0, f64::max).max(1.0) * 1.2;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(label, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..minutes, 0.0..top)
+            .map_err(plot)?;
+        chart
+            .configure_mesh()
+            .x_desc("minutes")
+            .draw()
+            .map_err(plot)?;
+        chart
+            .draw_series(LineSeries::new(
+                samples.iter().map(|s| (s.seconds / 60.0, value(s))),
+                &BLUE,
+            ))
+            .map_err(plot)?;
+    }
+    root.present().map_err(plot)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,45 +176,4 @@ mod tests {
         // Background, legend box, two legend swatches and four bars at least.
         assert!(svg.matches("<rect").count() >= 8, "{svg}");
     }
-}
-
-/// The soak's chart: the daemon's resident memory, open descriptors and flow-table entries
-/// over the run, one panel each, sharing the time axis (minutes).
-pub fn soak(path: &Path, samples: &[crate::soak::SoakSample]) -> Result<()> {
-    let plot = |e| anyhow!("cannot draw {}: {e:?}", path.display());
-    let root = SVGBackend::new(path, (900, 720)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot)?;
-    let panels = root.split_evenly((3, 1));
-    let minutes = samples.last().map_or(1.0, |s| s.seconds / 60.0).max(0.1);
-    let series: [(&str, Box<dyn Fn(&crate::soak::SoakSample) -> f64>); 3] = [
-        (
-            "weir resident memory (MiB)",
-            Box::new(|s| s.rss_kib as f64 / 1024.0),
-        ),
-        ("weir open descriptors", Box::new(|s| s.descriptors as f64)),
-        ("flow-table entries", Box::new(|s| s.flow_entries as f64)),
-    ];
-    for (panel, (label, value)) in panels.iter().zip(series) {
-        let top = samples.iter().map(&value).fold(0.0, f64::max).max(1.0) * 1.2;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(label, ("sans-serif", 16))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..minutes, 0.0..top)
-            .map_err(plot)?;
-        chart
-            .configure_mesh()
-            .x_desc("minutes")
-            .draw()
-            .map_err(plot)?;
-        chart
-            .draw_series(LineSeries::new(
-                samples.iter().map(|s| (s.seconds / 60.0, value(s))),
-                &BLUE,
-            ))
-            .map_err(plot)?;
-    }
-    root.present().map_err(plot)?;
-    Ok(())
 }

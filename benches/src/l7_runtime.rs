@@ -67,12 +67,13 @@ impl RuntimeBench {
                 let report = wrk::run(wrk::command(None).args(&args))
                     .with_context(|| format!("{runtime} × {workers}"))?;
                 eprintln!(
-                    "  [{}/{}] {runtime:<12} {workers} worker(s) {:>10.0} req/s  p99 {:>7.0} µs  errors {}",
+                    "  [{}/{}] {runtime:<12} {workers} worker(s) {:>10.0} req/s  p99 {:>7.0} µs  errors {} {}",
                     repetition + 1,
                     self.repetitions,
                     report.requests_per_sec,
                     report.p99_us,
-                    report.errors
+                    report.errors,
+                    report.error_kinds
                 );
                 reports[i].push(report);
             }

@@ -67,6 +67,7 @@ impl UdpLoad {
             p99_us: quantile(&latencies_us, 0.99),
             p999_us: quantile(&latencies_us, 0.999),
             errors,
+            error_kinds: String::new(),
         })
     }
 

@@ -21,6 +21,10 @@ pub struct LoadReport {
     /// wrk: socket errors (connect, read, write, timeout) plus non-2xx/3xx responses. UDP:
     /// requests left unanswered.
     pub errors: u64,
+    /// wrk's own line saying which (`connect 0, read 2, write 0, timeout 1`, `non-2xx 5`),
+    /// empty when there were none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error_kinds: String,
 }
 
 /// Arguments of a `wrk` run against `url`: one thread, `connections` connections, `seconds`
@@ -92,6 +96,7 @@ pub fn parse(text: &str) -> Result<LoadReport> {
         p99_us: f64::NAN,
         p999_us: f64::NAN,
         errors: 0,
+        error_kinds: String::new(),
     };
     for line in text.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -103,13 +108,17 @@ pub fn parse(text: &str) -> Result<LoadReport> {
             [count, "requests", "in", ..] => report.requests = count.parse()?,
             ["Socket", "errors:", rest @ ..] => {
                 // connect 0, read 0, write 0, timeout 0
+                report.error_kinds = rest.join(" ");
                 for pair in rest.chunks(2) {
                     if let [_, n] = pair {
                         report.errors += n.trim_end_matches(',').parse::<u64>()?;
                     }
                 }
             }
-            ["Non-2xx", "or", "3xx", "responses:", n] => report.errors += n.parse::<u64>()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => {
+                report.errors += n.parse::<u64>()?;
+                report.error_kinds += &format!(" non-2xx {n}");
+            }
             _ => {}
         }
     }
@@ -165,6 +174,7 @@ p99.9 2210us
                 p99_us: 1740.0,
                 p999_us: 2210.0,
                 errors: 0,
+                error_kinds: String::new(),
             }
         );
     }

@@ -205,6 +205,20 @@ pub fn embryonic_reply(packet: &Packet, now: u64) -> Option<NatReturn> {
     (from_server && !embryo_expired(&embryo, now, &maps::edge_settings())).then_some(embryo.nat)
 }
 
+/// Whether `packet` is a reply an embryonic flow has in normal operation — a SYN-ACK, a RST
+/// refusing the flow (a closed port), or UDP — so that host traffic (every other segment that
+/// is neither VIP traffic nor an established NAT reply, the L7 proxy's included) does not pay
+/// for an embryonic lookup in XDP: it cost "not a VIP" 41 ns (80 → 121 ns) when every segment
+/// made it. The TC program looks for every reply; the one difference is in counting: a later
+/// reply of a flow the flood guard kept embryonic (an ACK, data) is counted `pass_not_vip` by
+/// XDP as well as `return_nat` by TC.
+#[inline(always)]
+pub fn may_answer_embryonic(packet: &Packet) -> bool {
+    !packet.is_tcp()
+        || packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+        || packet.tcp_flags & TCP_RST != 0
+}
+
 #[inline(always)]
 fn embryo_expired(embryo: &Embryonic, now: u64, edge: &EdgeSettings) -> bool {
     let timeout = if edge.embryonic_idle_ns != 0 {

@@ -66,13 +66,10 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
             if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
                 balance(ctx, &packet, &vip, len)
             } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some()
-                || flow::embryonic_reply(&packet, clock::now_ns()).is_some()
+                || (flow::may_answer_embryonic(&packet)
+                    && flow::embryonic_reply(&packet, clock::now_ns()).is_some())
             {
                 // A NAT server's reply: the TC program rewrites and counts it (`nat_return`).
-                // Both lookups are the ones TC makes, so a reply is counted by exactly one of
-                // the two programs whatever its flags (a SYN-ACK, a RST refusing the flow, or
-                // a later segment of a flow the flood guard kept embryonic); host traffic
-                // pays one more lookup for it.
                 xdp_action::XDP_PASS
             } else {
                 verdict::pass(Stat::PassNotVip, len)

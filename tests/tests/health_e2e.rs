@@ -60,17 +60,21 @@ fn checked_lab_with(tag: &str, rise: u64, fall: u64) -> Lab {
     lab
 }
 
-/// (health, last check, requests sent to it by L7) of `server` in `pool`.
-fn server_state(lab: &Lab, pool: &str, server: SocketAddr) -> (String, String, u64) {
+/// `server`'s entry in `weirctl server list POOL --json`.
+fn server_entry(lab: &Lab, pool: &str, server: SocketAddr) -> Value {
     let json: Value =
         serde_json::from_str(&lab.weirctl_ok(&["server", "list", pool, "--json"])).unwrap();
-    let s = json
-        .as_array()
+    json.as_array()
         .unwrap()
         .iter()
         .find(|s| s["address"].as_str() == Some(&server.to_string()))
         .unwrap_or_else(|| panic!("{server} not in {pool}"))
-        .clone();
+        .clone()
+}
+
+/// (health, last check, requests sent to it by L7) of `server` in `pool`.
+fn server_state(lab: &Lab, pool: &str, server: SocketAddr) -> (String, String, u64) {
+    let s = server_entry(lab, pool, server);
     (
         s["health"].as_str().unwrap().to_string(),
         s["last_check"].as_str().unwrap_or_default().to_string(),
@@ -366,14 +370,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
         streamed.iter().any(|l| l.contains(&wanted)),
         "{streamed:#?}"
     );
-    let json: Value =
-        serde_json::from_str(&lab.weirctl_ok(&["server", "list", "demo-l7", "--json"])).unwrap();
-    let entry = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["address"].as_str() == Some(&server.to_string()))
-        .unwrap();
+    let entry = server_entry(&lab, "demo-l7", server);
     assert_eq!(entry["admin"], "draining");
     assert_eq!(entry["health"], "unhealthy");
     assert!(
@@ -391,14 +388,7 @@ fn a_draining_server_that_fails_its_checks_is_reported_unhealthy() {
     assert_ne!(config, unchecked);
     fs::write(lab.config(), unchecked).unwrap();
     lab.weirctl_ok(&["reload"]);
-    let json: Value =
-        serde_json::from_str(&lab.weirctl_ok(&["server", "list", "demo-l7", "--json"])).unwrap();
-    let entry = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["address"].as_str() == Some(&server.to_string()))
-        .unwrap();
+    let entry = server_entry(&lab, "demo-l7", server);
     assert_eq!(entry["health"], "unchecked", "{entry}");
     assert!(entry.get("health_reason").is_none(), "{entry}");
     assert!(entry.get("last_check").is_none(), "{entry}");

@@ -35,27 +35,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let toolchain = setup::run()?;
     ensure_packages(BENCH_PACKAGES)?;
-    run_cmd(
-        toolchain
-            .cargo()
-            // The harness, `weir` itself for the L7 comparison, and the lab's demo backend
-            // for the scrape benchmark.
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "weir-benches",
-                "-p",
-                "weir-forwarder",
-                "-p",
-                "weir-tests",
-                "--bins",
-            ]),
-    )?;
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .join("target");
+    let target = build_release(&toolchain)?;
     clean_up();
     let mut bench = std::process::Command::new(target.join("release/weir-bench"));
     bench.arg("--out").arg(target.join("bench"));
@@ -77,6 +57,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     result
 }
 
+/// Builds in release what the harnesses run — themselves, `weir` (the L7 comparison, the
+/// soak) and the lab's demo backend — and returns the target directory.
+fn build_release(toolchain: &setup::Toolchain) -> Result<std::path::PathBuf> {
+    run_cmd(toolchain.cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weir-benches",
+        "-p",
+        "weir-forwarder",
+        "-p",
+        "weir-tests",
+        "--bins",
+    ]))?;
+    Ok(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .join("target"))
+}
+
 #[derive(clap::Args)]
 pub struct SoakArgs {
     /// How long the load runs.
@@ -91,21 +91,7 @@ pub fn soak(args: SoakArgs) -> Result<()> {
         bail!("the soak creates namespaces and loads XDP programs: run it as root");
     }
     let toolchain = setup::run()?;
-    run_cmd(toolchain.cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "weir-benches",
-        "-p",
-        "weir-forwarder",
-        "-p",
-        "weir-tests",
-        "--bins",
-    ]))?;
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .join("target");
+    let target = build_release(&toolchain)?;
     clean_up();
     let mut soak = std::process::Command::new(target.join("release/weir-soak"));
     soak.arg("--out")

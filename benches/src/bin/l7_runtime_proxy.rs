@@ -161,7 +161,11 @@ mod on_compio {
                     continue;
                 };
                 compio::runtime::spawn(async move {
-                    let _ = serve(client, upstream).await;
+                    if let Err(err) = serve(client, upstream).await
+                        && std::env::var_os("L7_RUNTIME_DEBUG").is_some()
+                    {
+                        eprintln!("serve: {err:?}");
+                    }
                 })
                 .detach();
             }
@@ -189,17 +193,33 @@ mod on_compio {
     }
 
     async fn serve(mut client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
-        let mut server = TcpStream::connect(upstream).await?;
+        let side = |what: &'static str| {
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+        };
+        let mut server = TcpStream::connect(upstream)
+            .await
+            .map_err(side("connect"))?;
         let mut pending = Vec::new();
+        let mut served = 0u64;
         loop {
-            let (end, mut request) = read_message(&mut client, pending, false).await?;
+            let (end, mut request) =
+                read_message(&mut client, pending, false)
+                    .await
+                    .map_err(side(if served == 0 {
+                        "client first read"
+                    } else {
+                        "client read"
+                    }))?;
             pending = request.split_off(end);
             let BufResult(written, _) = server.write_all(request).await;
-            written?;
-            let (end, mut response) = read_message(&mut server, Vec::new(), true).await?;
+            written.map_err(side("server write"))?;
+            let (end, mut response) = read_message(&mut server, Vec::new(), true)
+                .await
+                .map_err(side("server read"))?;
             response.truncate(end);
             let BufResult(written, _) = client.write_all(response).await;
-            written?;
+            written.map_err(side("client write"))?;
+            served += 1;
         }
     }
 }

@@ -97,18 +97,7 @@ pub async fn serve_client(
                 }
                 Ok((None, _)) => return,
                 Err(err) => {
-                    let listener = head_snapshot.listeners[listener].address;
-                    log_exchange(
-                        &worker,
-                        &head_snapshot,
-                        listener,
-                        peer,
-                        None,
-                        None,
-                        &Err(err),
-                        None,
-                    );
-                    answer_error(&client, counters, err).await;
+                    refuse_unread(&worker, listener, &client, peer, counters, err).await;
                     return;
                 }
             };
@@ -161,10 +150,23 @@ pub async fn refuse_over_limit(
     counters: &WorkerCounters,
 ) {
     let err = ProxyError::client(503, "connection limit reached");
+    refuse_unread(&worker, listener, &client, peer, counters, err).await;
+}
+
+/// Ends a connection on which no request could be read (or none was let in): logged and
+/// answered as `err` says.
+async fn refuse_unread(
+    worker: &Worker,
+    listener: usize,
+    client: &Conn,
+    peer: SocketAddr,
+    counters: &WorkerCounters,
+    err: ProxyError,
+) {
     let snapshot = worker.snapshot.load_full();
     let address = snapshot.listeners[listener].address;
     log_exchange(
-        &worker,
+        worker,
         &snapshot,
         address,
         peer,
@@ -173,7 +175,7 @@ pub async fn refuse_over_limit(
         &Err(err),
         None,
     );
-    answer_error(&client, counters, err).await;
+    answer_error(client, counters, err).await;
 }
 
 /// A finished exchange.
