@@ -164,6 +164,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
             reloads: Default::default(),
             events: VecDeque::new(),
             next_event: 0,
+            flow_census: None,
         }),
     });
     if let Ok(inner) = state.inner.lock() {

@@ -72,6 +72,9 @@ struct Inner {
     /// The last [`MAX_EVENTS`] state changes.
     events: VecDeque<Event>,
     next_event: u64,
+    /// The last walk of the flow table for `/metrics` and the dashboard, and when it was
+    /// made (`report::CENSUS_MAX_AGE`).
+    flow_census: Option<(Instant, std::sync::Arc<crate::datapath::FlowCensus>)>,
 }
 
 /// The last health transition of a server, and how many it had.

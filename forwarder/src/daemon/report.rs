@@ -27,16 +27,23 @@ pub(super) struct Overview {
 /// Events the dashboard shows.
 const DASHBOARD_EVENTS: usize = 50;
 
+/// How long a walk of the flow table serves `/metrics` and the dashboard. A walk of the
+/// default 1 Mi-entry table is about 22 ms under the daemon's lock (decision 0016); the
+/// dashboard polls every second, so without this an open page would hold the lock 2 % of the
+/// time, and a full table for seconds. `weirctl` and `server remove` always walk afresh.
+const CENSUS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl State {
     /// Every report, under one hold of the lock.
     fn overview(&self) -> Result<Overview, ControlError> {
-        let inner = self
+        let mut inner = self
             .inner
             .lock()
             .map_err(|_| internal("daemon state lock poisoned"))?;
-        // One walk of the flow table for both reports: with the default table (1 Mi
-        // entries) a walk is most of a scrape's cost, even when the table is nearly empty.
-        let flows = inner.active_flows()?;
+        // One walk of the flow table for both reports, at most every `CENSUS_MAX_AGE`: with
+        // the default table (1 Mi entries) a walk is most of a scrape's cost, even when the
+        // table is nearly empty.
+        let flows = inner.recent_flow_census()?;
         let skip = inner.events.len().saturating_sub(DASHBOARD_EVENTS);
         let mut status = self.status(&inner)?;
         status.flows.entries = Some(flows.entries);
@@ -118,6 +125,18 @@ impl Inner {
             capacity,
             embryonic_capacity,
         })
+    }
+
+    /// The last flow census if it is younger than [`CENSUS_MAX_AGE`], else a fresh one.
+    fn recent_flow_census(&mut self) -> Result<std::sync::Arc<FlowCensus>, ControlError> {
+        if let Some((at, census)) = &self.flow_census
+            && at.elapsed() < CENSUS_MAX_AGE
+        {
+            return Ok(std::sync::Arc::clone(census));
+        }
+        let census = std::sync::Arc::new(self.active_flows()?);
+        self.flow_census = Some((std::time::Instant::now(), std::sync::Arc::clone(&census)));
+        Ok(census)
     }
 
     /// Active flows per server id.
