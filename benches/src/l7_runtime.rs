@@ -76,6 +76,18 @@ impl RuntimeBench {
                     report.error_kinds
                 );
                 reports[i].push(report);
+                // The killed proxy's listening sockets outlive it for a moment: a pending
+                // accept in its io_uring holds them until the kernel tears the ring down,
+                // after the process is gone. Until then they are still in the port's
+                // SO_REUSEPORT group, and connections the next run makes that land on them
+                // are reset when they close — the socket errors this benchmark used to show
+                // after its first configuration (decision 0007). Wait until nothing listens.
+                drop(_proxy);
+                wait_until(
+                    "the killed proxy's listeners to close",
+                    Duration::from_secs(5),
+                    || TcpStream::connect(PROXY).is_err(),
+                )?;
             }
         }
         Ok(configurations
