@@ -148,6 +148,10 @@ pub struct VipReport {
     pub ready: usize,
     pub active_flows: usize,
     pub traffic: Traffic,
+    /// A digest of the Maglev table the datapath holds (16 hex digits), as servers' addresses
+    /// slot by slot: every node balancing the VIP from the same pools shows the same one.
+    #[serde(default)]
+    pub table_digest: String,
 }
 
 /// A server of an L4 pool as `weirctl server list` shows it.

@@ -251,6 +251,25 @@ impl L4Service {
         )
     }
 
+    /// A digest of the Maglev table the datapath holds, as the servers' addresses slot by slot
+    /// (not their ids, which depend on a node's history): nodes that built the same table
+    /// from the same pools — what lets any node take any flow — report the same digest.
+    pub fn table_digest(&self) -> u64 {
+        let addresses: std::collections::HashMap<u32, SocketAddr> =
+            self.servers.iter().map(|s| (s.id, s.address)).collect();
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(&(self.table.len() as u64).to_le_bytes());
+        for id in &self.table {
+            match addresses.get(id) {
+                Some(SocketAddr::V4(a)) => hasher.update(&a.ip().octets()),
+                Some(SocketAddr::V6(a)) => hasher.update(&a.ip().octets()),
+                None => hasher.update(&[0xff]),
+            }
+            hasher.update(&addresses.get(id).map_or(0, |a| a.port()).to_be_bytes());
+        }
+        hasher.digest()
+    }
+
     /// The flow key of a client→VIP flow, for tests and tools that ask where a flow went.
     pub fn flow_key(&self, client: SocketAddr) -> FlowKey {
         FlowKey::new(client, self.address, protocol_number(self.protocol))
@@ -986,6 +1005,33 @@ mod tests {
         for (a, b) in again.services().zip(merged.services()) {
             assert_eq!(a.table, b.table);
         }
+    }
+
+    #[test]
+    fn the_table_digest_names_the_table_not_the_ids_or_the_order() {
+        let plan = |servers: &str| {
+            let source = format!(
+                "[datapath]\nhash_seed = 9\n\n[[l4_vip]]\nname = \"web\"\naddress = \"198.18.100.10\"\nport = 80\nprotocol = \"tcp\"\nservers = [{servers}]\n"
+            );
+            let config = Config::parse(std::path::Path::new("weir.toml"), &source).unwrap();
+            L4Services::plan(&config, None).unwrap()
+        };
+        let a = plan(
+            r#"{ address = "198.18.11.1:80" }, { address = "198.18.11.2:80" }, { address = "198.18.11.3:80", weight = 50 }"#,
+        );
+        // Another node: the same pool listed in another order, so its servers have other ids.
+        let b = plan(
+            r#"{ address = "198.18.11.3:80", weight = 50 }, { address = "198.18.11.1:80" }, { address = "198.18.11.2:80" }"#,
+        );
+        let digest = |s: &L4Services| s.service("web").unwrap().table_digest();
+        let id_of = |s: &L4Services| s.service("web").unwrap().find_server(addr(3)).unwrap().id;
+        assert_ne!(id_of(&a), id_of(&b), "the ids differ");
+        assert_eq!(digest(&a), digest(&b));
+        // A different pool is a different table.
+        let c = plan(
+            r#"{ address = "198.18.11.1:80" }, { address = "198.18.11.2:80" }, { address = "198.18.11.3:80", weight = 60 }"#,
+        );
+        assert_ne!(digest(&a), digest(&c));
     }
 
     #[test]

@@ -252,6 +252,23 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
             .unwrap_or_else(|| panic!("no {name} in the exposition"))
     };
     assert!(gauge("weir_flow_table_entries") > 0.0);
+    // Each VIP's Maglev table digest is the one its pool gives: what another node with the
+    // same config computes (the ids of its servers may differ; the digest does not).
+    let planned = weir_forwarder::l4::L4Services::plan(
+        &weir_config::Config::load(&lab.config()).unwrap(),
+        None,
+    )
+    .unwrap();
+    let vips: Vec<Value> =
+        serde_json::from_str(&lab.weirctl_ok(&["--json", "vip", "list"])).unwrap();
+    assert!(!vips.is_empty());
+    for vip in &vips {
+        let name = vip["name"].as_str().unwrap();
+        let digest = format!("{:016x}", planned.service(name).unwrap().table_digest());
+        assert_eq!(vip["table_digest"], digest.as_str(), "{name}");
+        let series = format!("weir_vip_maglev_table_info{{digest=\"{digest}\",vip=\"{name}\"}} 1");
+        assert!(exposition.contains(&series), "no `{series}`");
+    }
     assert_eq!(
         gauge("weir_flow_table_capacity"),
         f64::from(weir_config::DEFAULT_FLOW_TABLE_SIZE)

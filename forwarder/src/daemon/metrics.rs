@@ -279,6 +279,13 @@ pub(super) fn render(
         vips.iter().map(|v| (vip(v), v.active_flows as i64)),
     );
     scrape.gauges(
+        "weir_vip_maglev_table_info",
+        "1, with the digest of the VIP's Maglev table (as server addresses): equal on every node that balances it from the same pools",
+        &["vip", "digest"],
+        vips.iter()
+            .map(|v| (vec![v.name.clone(), v.table_digest.clone()], 1)),
+    );
+    scrape.gauges(
         "weir_vip_servers_ready",
         "Servers of an L4 VIP taking new flows (admin-ready)",
         &["vip"],
@@ -493,7 +500,7 @@ mod tests {
                        "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] } ]
     }"#;
     const VIPS: &str = r#"[ { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp",
-      "mode": "nat", "hash": "five_tuple", "table_size": 65537, "servers": 1, "ready": 1,
+      "mode": "nat", "hash": "five_tuple", "table_size": 65537, "table_digest": "00112233aabbccdd", "servers": 1, "ready": 1,
       "active_flows": 2, "traffic": { "packets": 10, "bytes": 1000, "new_flows": 4 } } ]"#;
     const SERVERS: &str = r#"[
       { "vip": "web", "address": "198.18.11.2:8080", "weight": 100, "admin": "ready",
@@ -527,6 +534,7 @@ mod tests {
             "weir_server_admin_state{pool=\"site\",server=\"127.0.0.1:8081\",state=\"draining\"} 1",
             "weir_flows_embryonic 3",
             "weir_flow_table_entries 12",
+            "weir_vip_maglev_table_info{digest=\"00112233aabbccdd\",vip=\"web\"} 1",
             "weir_flow_table_capacity 1048576",
             "weir_embryonic_table_capacity 65536",
             "weir_flow_events_total{event=\"embryonic_created\"} 7",

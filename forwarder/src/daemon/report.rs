@@ -179,6 +179,7 @@ impl Inner {
                     mode: service.mode,
                     hash: service.hash,
                     table_size: service.table_size,
+                    table_digest: format!("{:016x}", service.table_digest()),
                     servers: service.servers.len(),
                     ready: service
                         .servers

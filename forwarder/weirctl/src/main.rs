@@ -332,6 +332,12 @@ fn show_vip(args: &Args, vip: &str) -> Result<(), Failure> {
             ),
         )));
     };
+    if !args.json {
+        println!(
+            "Maglev table {} slots, digest {}\n",
+            report.table_size, report.table_digest
+        );
+    }
     if args.json {
         /// The shape of `vip show --json`: fields in this order, as every answer keeps them.
         #[derive(serde::Serialize)]

@@ -35,7 +35,8 @@ const STATUS: &str = r#"{
 const VIPS: &str = r#"[
   { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp", "mode": "nat",
     "hash": "five_tuple", "table_size": 65537, "servers": 2, "ready": 1, "active_flows": 5,
-    "traffic": { "packets": 5400, "bytes": 4320000, "new_flows": 300 } }
+    "traffic": { "packets": 5400, "bytes": 4320000, "new_flows": 300 },
+    "table_digest": "5d1c0e6a7f3b2a91" }
 ]"#;
 
 const WEB_SERVERS: &str = r#"[
