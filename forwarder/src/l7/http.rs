@@ -14,7 +14,7 @@
 //! - `Transfer-Encoding` other than exactly `chunked` → 501, and in HTTP/1.0 → 400;
 //! - a bare LF anywhere in the head → 400.
 
-use std::net::SocketAddr;
+use std::{io::Write as _, net::SocketAddr};
 
 use weir_config::ForwardedHeaders;
 
@@ -647,12 +647,14 @@ pub fn write_server_head(
     }
     let ip = client.peer.ip();
     if forwarded.x_forwarded_for {
-        let mut value = join(&prior_xff);
-        if !value.is_empty() {
-            value.extend_from_slice(b", ");
+        // Written in place (as the status line and `Via`): no allocation per request.
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        write_list(out, &prior_xff);
+        if !prior_xff.is_empty() {
+            out.extend_from_slice(b", ");
         }
-        value.extend_from_slice(ip.to_string().as_bytes());
-        push_header(out, "X-Forwarded-For", &value);
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{ip}\r\n");
     }
     // A trusted proxy in front already said which protocol the client used.
     let proto_known = forwarded.trust_incoming && request.header("x-forwarded-proto").is_some();
@@ -694,7 +696,8 @@ pub fn write_client_head(
     via: bool,
     out: &mut Vec<u8>,
 ) {
-    out.extend_from_slice(format!("HTTP/1.1 {} ", response.status).as_bytes());
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "HTTP/1.1 {} ", response.status);
     out.extend_from_slice(response.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut prior_via: Vec<&[u8]> = Vec::new();
@@ -721,15 +724,28 @@ pub fn write_client_head(
 }
 
 fn write_via(out: &mut Vec<u8>, prior: &[&[u8]], minor: u8, add: bool) {
-    let mut value = join(prior);
-    if add {
-        if !value.is_empty() {
-            value.extend_from_slice(b", ");
-        }
-        value.extend_from_slice(format!("1.{minor} weir").as_bytes());
+    if prior.is_empty() && !add {
+        return;
     }
-    if !value.is_empty() {
-        push_header(out, "Via", &value);
+    out.extend_from_slice(b"Via: ");
+    write_list(out, prior);
+    if add {
+        if !prior.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "1.{minor} weir");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `values` separated by `, `, as one field value.
+fn write_list(out: &mut Vec<u8>, values: &[&[u8]]) {
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(value);
     }
 }
 
