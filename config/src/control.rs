@@ -68,6 +68,11 @@ pub enum Request {
     Reload,
     /// Opens the access log file again at its configured path (after logrotate moved it).
     ReopenLogs,
+    /// Takes the node out of service: it withdraws its VIPs from BGP (the datapath keeps
+    /// forwarding what still arrives). Kept across restarts.
+    NodeDrain,
+    /// Puts the node back in service.
+    NodeUndrain,
     /// State changes (admin and health) with a sequence number above `after`, oldest first.
     Events {
         #[serde(default)]
@@ -89,6 +94,9 @@ pub struct ResponseEnvelope {
 /// The daemon's answer: a result, or an error that changed nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One is made per control request and serialized at once: the size of the largest variant
+// (the status report) on the stack costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Response {
     Status(StatusReport),
     Vips(Vec<VipReport>),
@@ -334,6 +342,38 @@ pub struct DaemonStatus {
     /// Config reloads since the daemon started.
     #[serde(default)]
     pub reloads: ReloadReport,
+    /// The node's service state and its BGP announcements.
+    #[serde(default)]
+    pub node: NodeStatus,
+}
+
+/// Whether this node takes traffic for its VIPs, and what it announces.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `weirctl node drain` took it out of service: it announces no VIP.
+    pub drained: bool,
+    /// The BGP speaker's control socket, when announcements are on (`[bgp] bird_socket`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
+    /// The VIP addresses the speaker announces (as last confirmed).
+    #[serde(default)]
+    pub announced: Vec<std::net::IpAddr>,
+    /// The speaker's BGP sessions.
+    #[serde(default)]
+    pub sessions: Vec<BgpSession>,
+    /// Why the speaker could not be told or asked, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker_error: Option<String>,
+}
+
+/// One BGP session of the speaker, as BIRD reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSession {
+    pub name: String,
+    /// BIRD's protocol state (`up`, `start`, …).
+    pub state: String,
+    /// `Established`, or what it is doing instead (`Active`, `Connect`, an error).
+    pub info: String,
 }
 
 /// Config reloads (`weirctl reload`, SIGHUP) since the daemon started.

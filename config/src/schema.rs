@@ -37,6 +37,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    #[serde(default)]
+    pub bgp: BgpConfig,
     /// L4 virtual services, balanced in XDP.
     #[serde(default, rename = "l4_vip")]
     pub l4_vips: Vec<L4Vip>,
@@ -54,6 +56,34 @@ pub struct MetricsConfig {
     /// management address, e.g. `127.0.0.1:9110`).
     #[serde(default)]
     pub listen: Option<std::net::SocketAddr>,
+}
+
+/// Announcing the L4 VIPs to routers through a BGP speaker (BIRD 2), for several nodes
+/// behind ECMP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    /// BIRD's control socket (what `birdc -s` takes). Off unless set: then weir announces
+    /// nothing and the routes file is not written.
+    #[serde(default)]
+    pub bird_socket: Option<PathBuf>,
+    /// The file weir writes the routes it announces to, one `route <vip>/32 blackhole;` line
+    /// each, for bird.conf to `include` in a static protocol that its BGP sessions export.
+    #[serde(default = "default_bgp_routes_file")]
+    pub routes_file: PathBuf,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        BgpConfig {
+            bird_socket: None,
+            routes_file: default_bgp_routes_file(),
+        }
+    }
+}
+
+fn default_bgp_routes_file() -> PathBuf {
+    PathBuf::from("/run/weir/bgp-vips.conf")
 }
 
 /// The L7 access log.

@@ -503,6 +503,7 @@ impl L4Services {
         RuntimeState {
             version: STATE_VERSION,
             vhosts: BTreeMap::new(),
+            node_drained: false,
             l4_vips: self
                 .services
                 .values()

@@ -15,6 +15,7 @@
 
 /// The control socket lives in its own crate, which `weirctl` builds without the eBPF toolchain.
 pub use weir_control as control;
+pub mod bgp;
 pub mod daemon;
 pub mod datapath;
 pub mod handover;

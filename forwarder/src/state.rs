@@ -56,6 +56,9 @@ pub struct RuntimeState {
     /// L7 virtual hosts' pools by vhost name (absent in files of weir before L7 pools).
     #[serde(default)]
     pub vhosts: BTreeMap<String, VhostState>,
+    /// `weirctl node drain`: the node announces no VIP until `node undrain`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_drained: bool,
 }
 
 /// One virtual host's pool.
@@ -174,6 +177,7 @@ mod tests {
         RuntimeState {
             version: STATE_VERSION,
             vhosts: BTreeMap::new(),
+            node_drained: true,
             l4_vips: BTreeMap::from([(
                 "web".to_string(),
                 VipState {

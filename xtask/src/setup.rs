@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     // The dashboard test loads the page in headless Chromium.
     "chromium",
+    // The BGP test runs BIRD as the node's speaker and as the router.
+    "bird2",
 ];
 
 /// What setup found, for commands that run tools afterwards.

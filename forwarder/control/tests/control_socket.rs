@@ -55,6 +55,7 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                                 bpf_dir: "/sys/fs/bpf/test".into(),
                                 adopted_datapath: false,
                                 reloads: Default::default(),
+                                node: Default::default(),
                             },
                             xdp: vec![],
                             counters: vec![],

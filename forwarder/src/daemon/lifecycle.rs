@@ -18,6 +18,7 @@ use weir_config::{
 
 use super::{Inner, State};
 use crate::{
+    bgp::Announcer,
     control,
     datapath::{Datapath, DatapathOptions},
     handover,
@@ -130,7 +131,8 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
             "datapath programs attached"
         );
     }
-    Inner::runtime_state(&l4, &vhosts).save(&state_file)?;
+    let node_drained = previous.as_ref().is_some_and(|state| state.node_drained);
+    Inner::runtime_state(&l4, &vhosts, node_drained).save(&state_file)?;
     raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
     let l7 = L7Workers::start_with(
@@ -149,6 +151,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     let health = HealthChecker::start(transitions_tx).context("cannot start the health checker")?;
     let socket_path = config.daemon.control_socket.clone();
     let metrics_listen = config.metrics.listen;
+    let announcer = Announcer::new(&config.bgp);
     let state = Arc::new(State {
         config_path: config_path.to_path_buf(),
         started: Instant::now(),
@@ -165,10 +168,14 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
             events: VecDeque::new(),
             next_event: 0,
             flow_census: None,
+            node_drained,
+            announcer,
+            speaker_error: None,
         }),
     });
-    if let Ok(inner) = state.inner.lock() {
+    if let Ok(mut inner) = state.inner.lock() {
         inner.health.set_targets(inner.health_targets());
+        inner.sync_announcements();
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -216,6 +223,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
                 sent: Box::new(move || notify.handed_over.notify_one()),
             })
         };
+        let mut handed_over = false;
         let serve = control::serve(listener, handler, hand_over);
         tokio::pin!(serve);
         loop {
@@ -225,11 +233,14 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
                 _ = sigint.recv() => { tracing::info!("SIGINT: stopping, the datapath stays pinned"); break }
                 () = state.handed_over.notified() => {
                     tracing::info!("handed over to the next daemon (weir upgrade): stopping, the datapath stays pinned");
+                    handed_over = true;
                     break
                 }
                 _ = slow_starts.tick() => {
                     if let Ok(mut inner) = state.inner.lock() {
                         inner.step_slow_starts();
+                        // A speaker that was down, or restarted, catches up.
+                        inner.sync_announcements();
                     }
                 }
                 Some(transition) = transitions.recv() => {
@@ -252,8 +263,14 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
         }
         // The next daemon's sockets, before this one stops accepting: the service manager
         // holds them (and their backlogs) until it starts the next.
-        if let Ok(inner) = state.inner.lock() {
+        if let Ok(mut inner) = state.inner.lock() {
             handover::to_service_manager(inner.l7.listening_sockets());
+            // A stopping node withdraws its VIPs, so routers send their flows to the other
+            // nodes (the pinned datapath still forwards what arrives meanwhile). Handed over
+            // to `weir upgrade`, the next daemon serves at once: the routes stay.
+            if !handed_over {
+                inner.announce(std::collections::BTreeSet::new());
+            }
         }
         let _ = std::fs::remove_file(&socket_path);
         Ok::<_, anyhow::Error>(())

@@ -21,7 +21,7 @@ mod report;
 mod web;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Mutex,
@@ -37,6 +37,7 @@ pub use lifecycle::{Start, detach, run, run_with, upgrade};
 use pools::{Plane, Verb};
 
 use crate::{
+    bgp::Announcer,
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services, transaction},
@@ -75,6 +76,11 @@ struct Inner {
     /// The last walk of the flow table for `/metrics` and the dashboard, and when it was
     /// made (`report::CENSUS_MAX_AGE`).
     flow_census: Option<(Instant, std::sync::Arc<crate::datapath::FlowCensus>)>,
+    /// `weirctl node drain`: the node announces no VIP (kept in the state file).
+    node_drained: bool,
+    /// The BGP speaker weir tells what to announce (`[bgp]`), and why it last failed.
+    announcer: Option<Announcer>,
+    speaker_error: Option<String>,
 }
 
 /// The last health transition of a server, and how many it had.
@@ -139,6 +145,8 @@ impl State {
                 result
             }
             Request::ReopenLogs => inner.reopen_access_log(),
+            Request::NodeDrain => inner.set_node_drained(true),
+            Request::NodeUndrain => inner.set_node_drained(false),
             // Answered by the control server itself, which passes the sockets with it.
             Request::HandOver => Err(ControlError::new(
                 ControlErrorKind::BadRequest,
@@ -160,6 +168,7 @@ impl State {
                 inner.record(line.clone());
             }
             inner.forget_removed_servers();
+            inner.sync_announcements();
         }
         result.unwrap_or_else(Response::Error)
     }
@@ -167,11 +176,75 @@ impl State {
 
 impl Inner {
     /// The durable state of both models.
-    fn runtime_state(l4: &L4Services, vhosts: &Vhosts) -> RuntimeState {
+    fn runtime_state(l4: &L4Services, vhosts: &Vhosts, node_drained: bool) -> RuntimeState {
         RuntimeState {
             vhosts: vhosts.state(),
+            node_drained,
             ..l4.runtime_state()
         }
+    }
+
+    /// The VIP addresses this node should announce: none while drained; otherwise every
+    /// address with a VIP that has a server taking new flows (admin-ready, not unhealthy).
+    fn wanted_announcements(&self) -> BTreeSet<std::net::IpAddr> {
+        if self.node_drained {
+            return BTreeSet::new();
+        }
+        self.l4
+            .services()
+            .filter(|service| {
+                service.servers.iter().any(|s| {
+                    s.state == AdminState::Ready
+                        && s.health != weir_config::control::HealthState::Unhealthy
+                })
+            })
+            .map(|service| service.address.ip())
+            .collect()
+    }
+
+    /// Tells the speaker what to announce now, if it is not announcing that already (called
+    /// after every change and every second, so a speaker that was down catches up). Each
+    /// route announced or withdrawn is an event.
+    fn sync_announcements(&mut self) {
+        self.announce(self.wanted_announcements());
+    }
+
+    fn announce(&mut self, wanted: BTreeSet<std::net::IpAddr>) {
+        let Some(announcer) = self.announcer.as_mut() else {
+            return;
+        };
+        match announcer.announce(&wanted) {
+            Ok(lines) => {
+                self.speaker_error = None;
+                for line in lines {
+                    tracing::info!(change = %line, "applied");
+                    self.record(line);
+                }
+            }
+            Err(err) => {
+                let text = err.to_string();
+                if self.speaker_error.as_deref() != Some(&text) {
+                    tracing::warn!(err = %text, "BGP speaker not told; retrying every second");
+                }
+                self.speaker_error = Some(text);
+            }
+        }
+    }
+
+    /// Takes the node out of service (`drained`) or puts it back; kept in the state file.
+    fn set_node_drained(&mut self, drained: bool) -> Result<Response, ControlError> {
+        if self.node_drained == drained {
+            return Ok(Response::Changed(Vec::new()));
+        }
+        Inner::runtime_state(&self.l4, &self.vhosts, drained)
+            .save(&self.config.daemon.state_file)
+            .map_err(|err| internal(err.to_string()))?;
+        self.node_drained = drained;
+        Ok(Response::Changed(vec![if drained {
+            "node drained: it announces no VIP".to_string()
+        } else {
+            "node back in service".to_string()
+        }]))
     }
 
     /// Writes `next` (and new datapath settings, on reload) into the maps, then the state
@@ -210,8 +283,10 @@ impl Inner {
             // A reload may bring servers in: their neighbours, before their tables switch.
             l4::warm_neighbours(next.fresh_servers(Some(&self.l4)));
         }
-        let state = Inner::runtime_state(&next, &next_vhosts);
-        if !changes.is_empty() || state != Inner::runtime_state(&self.l4, &self.vhosts) {
+        let state = Inner::runtime_state(&next, &next_vhosts, self.node_drained);
+        if !changes.is_empty()
+            || state != Inner::runtime_state(&self.l4, &self.vhosts, self.node_drained)
+        {
             let change = transaction::Change {
                 current: &self.l4,
                 next: &next,
@@ -330,6 +405,8 @@ impl Inner {
                 record.since_unix_ms = unix_ms(SystemTime::now());
                 record.reason = reason;
                 record.transitions += 1;
+                // A VIP whose last server went down stops being announced (and comes back).
+                self.sync_announcements();
             }
             // The server left the pool since the check ran.
             Err(err) => {
@@ -443,7 +520,7 @@ impl Inner {
                 ),
             ));
         }
-        let previous = Inner::runtime_state(&self.l4, &self.vhosts);
+        let previous = Inner::runtime_state(&self.l4, &self.vhosts, self.node_drained);
         let mut next = L4Services::plan(&config, Some(&previous)).map_err(refusal)?;
         next.carry_health(&self.l4).map_err(refusal)?;
         let mut next_vhosts = Vhosts::plan(&config, Some(&previous)).map_err(vhost_refusal)?;
@@ -527,6 +604,7 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
         "datapath.embryonic_table_size",
     );
     check(running.metrics != next.metrics, "metrics.listen");
+    check(running.bgp != next.bgp, "bgp");
     check(
         running.daemon.control_socket != next.daemon.control_socket,
         "daemon.control_socket",

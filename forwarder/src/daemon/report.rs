@@ -8,7 +8,8 @@ use serde::Serialize;
 use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::control::{
     AdminState, ControlError, DaemonStatus, DatapathCounter, Event, FlowEvent, FlowTableReport,
-    HealthState, L7Traffic, ServerReport, StatsReport, StatusReport, Traffic, VipReport,
+    HealthState, L7Traffic, NodeStatus, ServerReport, StatsReport, StatusReport, Traffic,
+    VipReport,
 };
 
 use super::{Inner, State, internal, refusal};
@@ -79,6 +80,7 @@ impl State {
                 bpf_dir: inner.config.daemon.bpf_dir.display().to_string(),
                 adopted_datapath: inner.datapath.adopted(),
                 reloads: inner.reloads.clone(),
+                node: inner.node_status(),
             },
             xdp: inner.datapath.attachments().to_vec(),
             counters: inner.counters()?,
@@ -89,6 +91,27 @@ impl State {
 }
 
 impl Inner {
+    /// The node's service state and what its BGP speaker says.
+    fn node_status(&self) -> NodeStatus {
+        let mut node = NodeStatus {
+            drained: self.node_drained,
+            speaker_error: self.speaker_error.clone(),
+            ..NodeStatus::default()
+        };
+        if let Some(announcer) = &self.announcer {
+            node.speaker = Some(announcer.socket().display().to_string());
+            node.announced = announcer
+                .announced()
+                .map(|set| set.iter().copied().collect())
+                .unwrap_or_default();
+            match announcer.sessions() {
+                Ok(sessions) => node.sessions = sessions,
+                Err(err) => node.speaker_error = Some(err.to_string()),
+            }
+        }
+        node
+    }
+
     pub(super) fn counters(&self) -> Result<Vec<DatapathCounter>, ControlError> {
         Ok(self
             .datapath

@@ -60,6 +60,9 @@ enum Command {
     /// The access log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// This node's service: drained, it withdraws its VIPs from BGP.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// State changes of servers (admin and health, with reasons), oldest first.
     Events {
         /// Keep printing new events as they happen (Ctrl-C to stop).
@@ -70,6 +73,14 @@ enum Command {
     Top,
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Take the node out of service: its VIPs are withdrawn from BGP (kept across restarts).
+    Drain,
+    /// Put the node back in service: its VIPs are announced again.
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -252,6 +263,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         Command::Stats => Request::Stats,
         Command::Reload => Request::Reload,
         Command::Log(LogCommand::Reopen) => Request::ReopenLogs,
+        Command::Node(NodeCommand::Drain) => Request::NodeDrain,
+        Command::Node(NodeCommand::Undrain) => Request::NodeUndrain,
         Command::Server(command) => match command {
             ServerCommand::List { pool } => Request::ServerList { vip: pool.clone() },
             ServerCommand::Add { target, weight } => Request::ServerAdd {
@@ -543,6 +556,35 @@ fn print_status(report: &StatusReport) {
             r.failed,
             if ok { "applied" } else { "refused" }
         );
+    }
+    let node = &d.node;
+    println!(
+        "node {}",
+        if node.drained {
+            "drained: announces no VIP"
+        } else {
+            "in service"
+        }
+    );
+    if let Some(speaker) = &node.speaker {
+        let announced: Vec<String> = node.announced.iter().map(|a| a.to_string()).collect();
+        println!(
+            "bgp: BIRD at {speaker}, announcing {}",
+            if announced.is_empty() {
+                "nothing".to_string()
+            } else {
+                announced.join(" ")
+            }
+        );
+        for session in &node.sessions {
+            println!(
+                "  session {}: {} {}",
+                session.name, session.state, session.info
+            );
+        }
+        if let Some(err) = &node.speaker_error {
+            println!("  speaker error: {err}");
+        }
     }
     println!("\nDATAPATH");
     println!(
