@@ -450,7 +450,24 @@ pub struct L4Vip {
     /// second.
     #[serde(default)]
     pub slow_start_ms: u64,
+    /// When the node announces the VIP's address by BGP (`[bgp]`).
+    #[serde(default)]
+    pub announce: Announce,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// When a node announces an L4 VIP's address by BGP. An address with several VIPs (ports) is
+/// announced when any of them says so; a drained node announces none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Announce {
+    /// While a server of the VIP takes new flows (admin-ready, not unhealthy).
+    #[default]
+    WhenReady,
+    /// Whenever the node is in service, servers or not.
+    Always,
+    /// Never: another VIP at the address, or something else, announces it.
+    Never,
 }
 
 /// Maglev table size unless configured (prime).

@@ -115,6 +115,8 @@ pub struct L4Service {
     /// How its servers are checked, if they are.
     pub health: Option<HealthCheck>,
     pub slow_start_ms: u64,
+    /// When the node announces the VIP's address by BGP.
+    pub announce: weir_config::Announce,
     /// The Maglev table of the ready servers, as server ids: what the datapath holds.
     table: Vec<u32>,
 }
@@ -148,6 +150,7 @@ impl L4Service {
             config_servers: Vec::new(),
             health: spec.health.clone(),
             slow_start_ms: spec.slow_start_ms,
+            announce: spec.announce,
             table: Vec::new(),
         }
     }

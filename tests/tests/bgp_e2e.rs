@@ -38,16 +38,25 @@ fn bird(netns: &Netns, dir: &Path, name: &str, config: &str) -> (Process, std::p
     (process, socket)
 }
 
-/// Whether the router's table holds the VIP's /32, learned from the balancer.
-fn router_has_vip(router: &Path) -> bool {
+/// The routes the router learned from the balancer, as `birdc` prints them.
+fn router_routes(router: &Path) -> String {
     let out = Command::new("birdc")
         .arg("-s")
         .arg(router)
         .args(["show", "route", "protocol", "lb"])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains(&format!("{L4_VIP}/32"))
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Whether the router's table holds the VIP's /32, learned from the balancer.
+fn router_has_vip(router: &Path) -> bool {
+    router_routes(router).contains(&format!("{L4_VIP}/32"))
+}
+
+/// Two more VIPs: one announced whatever its servers, one never.
+const ALWAYS: &str = "198.18.100.40";
+const NEVER: &str = "198.18.100.41";
 
 /// Waits until the router has (or has not) the VIP; how long that took.
 fn until_router(router: &Path, has: bool, what: &str) -> Duration {
@@ -88,7 +97,15 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     let routes = dir.join("bgp-vips.conf");
     let lb_socket = dir.join("bird-lb.ctl");
     let mut lab = Lab::start_in(topology, &dir, "native", |config| {
+        let extra = |name: &str, address: &str, announce: &str| {
+            format!(
+                "\n[[l4_vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\nprotocol = \"tcp\"\nannounce = \"{announce}\"\nservers = [{{ address = \"{}\" }}]\n",
+                server_socket(1)
+            )
+        };
         config
+            + &extra("always-on", ALWAYS, "always")
+            + &extra("never-on", NEVER, "never")
             + &format!(
                 "\n[bgp]\nbird_socket = \"{}\"\nroutes_file = \"{}\"\n",
                 lb_socket.display(),
@@ -134,12 +151,28 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     assert!(status["speaker_error"].is_null(), "{status}");
     let text = lab.weirctl_ok(&["status"]);
     assert!(text.contains("session uplink: up Established"), "{text}");
+    // Per VIP: `always` is announced without a ready server, `never` not even with one.
+    lab.weirctl_ok(&[
+        "server",
+        "disable",
+        "always-on",
+        &server_socket(1).to_string(),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let routes = router_routes(&router);
+    assert!(routes.contains(&format!("{ALWAYS}/32")), "{routes}");
+    assert!(!routes.contains(&format!("{NEVER}/32")), "{routes}");
 
     // Drained: withdrawn, and drained it stays across a restart.
     lab.weirctl_ok(&["node", "drain"]);
     let took = until_router(&router, false, "the withdrawal after node drain");
     println!("withdrawn {took:?} after node drain");
     assert!(took < Duration::from_secs(5), "{took:?}");
+    let routes = router_routes(&router);
+    assert!(
+        !routes.contains(&format!("{ALWAYS}/32")),
+        "a drained node announces nothing: {routes}"
+    );
     lab.restart_weir().expect("weir restarts");
     assert_eq!(node(&lab)["drained"], true);
     std::thread::sleep(Duration::from_secs(2));

@@ -29,7 +29,7 @@ use std::{
 };
 
 use weir_config::{
-    AccessLogConfig, Config, DEFAULT_WEIGHT,
+    AccessLogConfig, Announce, Config, DEFAULT_WEIGHT,
     control::{AdminState, ControlError, ControlErrorKind, Event, ReloadReport, Request, Response},
 };
 
@@ -185,18 +185,21 @@ impl Inner {
     }
 
     /// The VIP addresses this node should announce: none while drained; otherwise every
-    /// address with a VIP that has a server taking new flows (admin-ready, not unhealthy).
+    /// address with a VIP that says so — by default, one with a server taking new flows
+    /// (admin-ready, not unhealthy); `announce = "always"` or `"never"` per VIP.
     fn wanted_announcements(&self) -> BTreeSet<std::net::IpAddr> {
         if self.node_drained {
             return BTreeSet::new();
         }
         self.l4
             .services()
-            .filter(|service| {
-                service.servers.iter().any(|s| {
+            .filter(|service| match service.announce {
+                Announce::Always => true,
+                Announce::Never => false,
+                Announce::WhenReady => service.servers.iter().any(|s| {
                     s.state == AdminState::Ready
                         && s.health != weir_config::control::HealthState::Unhealthy
-                })
+                }),
             })
             .map(|service| service.address.ip())
             .collect()
