@@ -14,7 +14,7 @@
 //! - `Transfer-Encoding` other than exactly `chunked` → 501, and in HTTP/1.0 → 400;
 //! - a bare LF anywhere in the head → 400.
 
-use std::{io::Write as _, net::SocketAddr};
+use std::{borrow::Cow, io::Write as _, net::SocketAddr};
 
 use weir_config::ForwardedHeaders;
 
@@ -54,7 +54,8 @@ pub enum BodyLength {
 /// A request head, checked and ready to route.
 #[derive(Debug, Clone)]
 pub struct RequestHead {
-    pub method: String,
+    /// The standard methods borrow a static name; others (extension methods) own theirs.
+    pub method: Cow<'static, str>,
     /// In origin form (`/path?query`), or `*` for `OPTIONS *`.
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
@@ -81,7 +82,7 @@ impl RequestHead {
     /// §9.2.2), and only without a body, which is streamed and so not kept for a retry.
     pub fn retryable(&self) -> bool {
         matches!(
-            self.method.as_str(),
+            self.method.as_ref(),
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         ) && self.body == BodyLength::Empty
     }
@@ -188,11 +189,11 @@ const NEVER_HOP_BY_HOP: [&str; 3] = ["content-length", "transfer-encoding", "hos
 
 /// Whether header `name` describes the connection (a [`HOP_BY_HOP`] one or one `Connection`
 /// names), compared without allocating.
-fn is_hop_by_hop(name: &str, connection_tokens: &[String]) -> bool {
+fn is_hop_by_hop(name: &str, connection_tokens: &[&[u8]]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
         || (connection_tokens
             .iter()
-            .any(|t| name.eq_ignore_ascii_case(t))
+            .any(|t| name.as_bytes().eq_ignore_ascii_case(t))
             && !NEVER_HOP_BY_HOP
                 .iter()
                 .any(|f| name.eq_ignore_ascii_case(f)))
@@ -255,14 +256,14 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         Err(httparse::Error::HeaderValue) => return Err(refuse(400, "invalid header value")),
         Err(_) => return Err(refuse(400, "malformed request line or header")),
     }
-    let method = request.method.unwrap_or_default().to_string();
+    let method = method_name(request.method.unwrap_or_default());
     let raw_target = request.path.unwrap_or_default();
     let minor_version = request.version.unwrap_or(1);
 
     let mut host_header: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
-    let mut connection_tokens: Vec<String> = Vec::new();
+    let mut connection_tokens: Vec<&[u8]> = Vec::new();
     let mut upgrade: Option<Vec<u8>> = None;
     let mut expect_continue = false;
     let mut kept = Fields::with_capacity(request.headers.len(), end);
@@ -345,7 +346,11 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
 
     // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     kept.retain(|name| !is_hop_by_hop(name, &connection_tokens));
-    let has = |token: &str| connection_tokens.iter().any(|t| t == token);
+    let has = |token: &str| {
+        connection_tokens
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+    };
     let keep_alive = if minor_version == 1 {
         !has("close")
     } else {
@@ -356,7 +361,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     // The request goes on as a plain HTTP/1.1 one, which a server must accept.
     let h2c = upgrade
         .as_deref()
-        .is_some_and(|u| tokens(u).any(|t| t == "h2c"));
+        .is_some_and(|u| tokens(u).any(|t| t.eq_ignore_ascii_case(b"h2c")));
     if h2c {
         kept.retain(|name| !name.eq_ignore_ascii_case("http2-settings"));
     }
@@ -385,6 +390,17 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     }))
 }
 
+/// A method's name: one of the standard ones without allocating, else a copy.
+fn method_name(raw: &str) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+    ];
+    match STANDARD.iter().find(|m| **m == raw) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(raw.to_string()),
+    }
+}
+
 fn has_bare_lf(head: &[u8]) -> bool {
     head.iter()
         .enumerate()
@@ -402,11 +418,12 @@ fn parse_content_length(value: &[u8]) -> Result<u64, RequestError> {
         .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
-/// Lower-case comma-separated tokens of a header value.
-fn tokens(value: &[u8]) -> impl Iterator<Item = String> + '_ {
+/// The comma-separated tokens of a header value, trimmed, borrowed from it (compare them
+/// without regard to case).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
     value
         .split(|&b| b == b',')
-        .map(|t| String::from_utf8_lossy(t.trim_ascii()).to_ascii_lowercase())
+        .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
 }
 
@@ -521,7 +538,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut other_coding = false;
-    let mut connection_tokens: Vec<String> = Vec::new();
+    let mut connection_tokens: Vec<&[u8]> = Vec::new();
     let mut upgrade = None;
     let mut kept = Fields::with_capacity(response.headers.len(), end);
     for header in response.headers.iter() {
@@ -541,7 +558,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             // Chunked must be the last coding; anything else is read until close.
             let last = tokens(value).last();
-            chunked = last.as_deref() == Some("chunked");
+            chunked = last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
             other_coding = !chunked;
         } else if name.eq_ignore_ascii_case("connection") {
             connection_tokens.extend(tokens(value));
@@ -556,7 +573,11 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         return Err(ResponseError("both Content-Length and Transfer-Encoding"));
     }
     kept.retain(|name| !is_hop_by_hop(name, &connection_tokens));
-    let has = |token: &str| connection_tokens.iter().any(|t| t == token);
+    let has = |token: &str| {
+        connection_tokens
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+    };
     let no_body =
         method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
     let body = if no_body {
@@ -810,7 +831,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (request.method.as_str(), request.target.as_str()),
+            (request.method.as_ref(), request.target.as_str()),
             ("POST", "/a?b")
         );
         assert_eq!(request.host.as_deref(), Some("shop.test"));

@@ -246,7 +246,7 @@ fn log_exchange(
             client: peer,
             listener,
             vhost: vhost.map_or("-", |v| snapshot.vhosts[v].name.as_str()),
-            method: request.map_or("-", |r| r.method.as_str()),
+            method: request.map_or("-", |r| r.method.as_ref()),
             target: request.map_or("-", |r| r.target.as_str()),
             protocol: match request.map(|r| r.minor_version) {
                 Some(0) => "HTTP/1.0",
