@@ -143,6 +143,16 @@ fn the_dashboard_shows_every_server_and_a_drain_without_a_reload() {
         "{resources:?}"
     );
 
+    // The node's card: in service, BGP not configured here.
+    let node = browser
+        .eval("document.getElementById('node').innerText")
+        .unwrap();
+    let node = node.as_str().unwrap();
+    assert!(
+        node.contains("in service") && node.contains("BGP off"),
+        "{node}"
+    );
+
     // A drain through weirctl shows on the open page, and in its event feed.
     let drained = expected
         .iter()

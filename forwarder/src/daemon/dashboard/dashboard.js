@@ -152,7 +152,13 @@ function renderOverview(data, now) {
   const refused = st.listeners.reduce((a, l) => a + (l.refusals || []).reduce((b, r) => b + r.count, 0), 0);
   const open = st.listeners.reduce((a, l) => a + (l.open_connections || 0), 0);
   const card = (label, value) => el("div", { class: "card" }, el("div", { class: "muted" }, label), el("div", { class: "value" }, value));
+  const node = st.daemon.node || {};
+  const nodeText = node.drained ? "drained" : "in service";
+  const bgp = node.speaker
+    ? (node.speaker_error ? "speaker unreachable" : `${(node.sessions || []).filter((s) => s.info === "Established").length}/${(node.sessions || []).length} sessions, ${(node.announced || []).length} announced`)
+    : "BGP off";
   document.getElementById("overview").replaceChildren(
+    el("div", { class: "card", id: "node" }, el("div", { class: "muted" }, "node"), el("div", { class: "value" }, nodeText), el("div", { class: "muted" }, bgp)),
     card("forwarded pkt/s", fmt(forwarded.rate)),
     card("dropped pkt/s", fmt(dropped.rate)),
     card("embryonic flows", st.flows.embryonic),
