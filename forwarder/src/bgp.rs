@@ -46,7 +46,13 @@ pub struct Announcer {
     routes_file: PathBuf,
     /// The addresses BIRD announces now (`None`: not told yet, or the last attempt failed).
     announced: Option<BTreeSet<IpAddr>>,
+    /// The sessions as last asked, and when: every status asks (each `/metrics` scrape and
+    /// dashboard poll), and one `birdc` a second is plenty.
+    sessions: std::sync::Mutex<Option<(std::time::Instant, Result<Vec<BgpSession>, String>)>>,
 }
+
+/// How long an answer of `birdc show protocols` serves.
+const SESSIONS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Announcer {
     /// The announcer `config` asks for, if any.
@@ -55,6 +61,7 @@ impl Announcer {
             socket: config.bird_socket.clone()?,
             routes_file: config.routes_file.clone(),
             announced: None,
+            sessions: Default::default(),
         })
     }
 
@@ -86,9 +93,20 @@ impl Announcer {
         self.announced.as_ref()
     }
 
-    /// BIRD's BGP sessions and their states.
-    pub fn sessions(&self) -> Result<Vec<BgpSession>, BgpError> {
-        Ok(parse_protocols(&birdc(&self.socket, "show protocols")?))
+    /// BIRD's BGP sessions and their states (asked at most every [`SESSIONS_MAX_AGE`]), or
+    /// why they could not be asked.
+    pub fn sessions(&self) -> Result<Vec<BgpSession>, String> {
+        let mut cached = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, answer)) = cached.as_ref()
+            && at.elapsed() < SESSIONS_MAX_AGE
+        {
+            return answer.clone();
+        }
+        let answer = birdc(&self.socket, "show protocols")
+            .map(|output| parse_protocols(&output))
+            .map_err(|err| err.to_string());
+        *cached = Some((std::time::Instant::now(), answer.clone()));
+        answer
     }
 
     pub fn socket(&self) -> &Path {

@@ -106,7 +106,7 @@ impl Inner {
                 .unwrap_or_default();
             match announcer.sessions() {
                 Ok(sessions) => node.sessions = sessions,
-                Err(err) => node.speaker_error = Some(err.to_string()),
+                Err(err) => node.speaker_error = Some(err),
             }
         }
         node
