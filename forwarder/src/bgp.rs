@@ -48,8 +48,11 @@ pub struct Announcer {
     announced: Option<BTreeSet<IpAddr>>,
     /// The sessions as last asked, and when: every status asks (each `/metrics` scrape and
     /// dashboard poll), and one `birdc` a second is plenty.
-    sessions: std::sync::Mutex<Option<(std::time::Instant, Result<Vec<BgpSession>, String>)>>,
+    sessions: std::sync::Mutex<Option<(std::time::Instant, SessionsAnswer)>>,
 }
+
+/// What `birdc show protocols` gave: the sessions, or why there are none to show.
+type SessionsAnswer = Result<Vec<BgpSession>, String>;
 
 /// How long an answer of `birdc show protocols` serves.
 const SESSIONS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -95,7 +98,7 @@ impl Announcer {
 
     /// BIRD's BGP sessions and their states (asked at most every [`SESSIONS_MAX_AGE`]), or
     /// why they could not be asked.
-    pub fn sessions(&self) -> Result<Vec<BgpSession>, String> {
+    pub fn sessions(&self) -> SessionsAnswer {
         let mut cached = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, answer)) = cached.as_ref()
             && at.elapsed() < SESSIONS_MAX_AGE
