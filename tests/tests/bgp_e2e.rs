@@ -54,6 +54,18 @@ fn router_has_vip(router: &Path) -> bool {
     router_routes(router).contains(&format!("{L4_VIP}/32"))
 }
 
+/// Where the daemon serves `/metrics` (in the balancer's namespace).
+const METRICS: &str = "127.0.0.1:9113";
+
+/// The daemon's exposition.
+fn exposition(lab: &Lab) -> String {
+    lab.topology
+        .balancer
+        .run(|| weir_tests::http_client::get_body(METRICS, "/metrics"))
+        .unwrap()
+        .expect("/metrics answers")
+}
+
 /// Two more VIPs: one announced whatever its servers, one never.
 const ALWAYS: &str = "198.18.100.40";
 const NEVER: &str = "198.18.100.41";
@@ -107,7 +119,7 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
             + &extra("always-on", ALWAYS, "always")
             + &extra("never-on", NEVER, "never")
             + &format!(
-                "\n[bgp]\nbird_socket = \"{}\"\nroutes_file = \"{}\"\n",
+                "\n[metrics]\nlisten = \"{METRICS}\"\n\n[bgp]\nbird_socket = \"{}\"\nroutes_file = \"{}\"\n",
                 lb_socket.display(),
                 routes.display()
             )
@@ -151,6 +163,12 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     assert!(status["speaker_error"].is_null(), "{status}");
     let text = lab.weirctl_ok(&["status"]);
     assert!(text.contains("session uplink: up Established"), "{text}");
+    let metrics = exposition(&lab);
+    assert!(
+        metrics.contains("weir_bgp_session_established{session=\"uplink\"} 1")
+            && metrics.contains("weir_node_drained 0"),
+        "{metrics}"
+    );
     // Per VIP: `always` is announced without a ready server, `never` not even with one.
     lab.weirctl_ok(&[
         "server",
@@ -175,6 +193,7 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     );
     lab.restart_weir().expect("weir restarts");
     assert_eq!(node(&lab)["drained"], true);
+    assert!(exposition(&lab).contains("weir_node_drained 1"));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         !router_has_vip(&router),

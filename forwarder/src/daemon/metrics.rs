@@ -201,6 +201,29 @@ pub(super) fn render(
             reloads.last_success_unix_ms.map_or(started, |ms| ms / 1000) as i64,
         )],
     );
+    let node = &status.daemon.node;
+    scrape.gauges(
+        "weir_node_drained",
+        "1 while `weirctl node drain` keeps the node out of service (it announces no VIP)",
+        &[],
+        [(vec![], i64::from(node.drained))],
+    );
+    scrape.gauges(
+        "weir_bgp_session_established",
+        "1 for each of the BGP speaker's sessions that is established, 0 for the others",
+        &["session"],
+        node.sessions
+            .iter()
+            .map(|s| (vec![s.name.clone()], i64::from(s.info == "Established"))),
+    );
+    scrape.gauges(
+        "weir_bgp_announced_vips",
+        "VIP addresses the BGP speaker announces for this node (as it last confirmed)",
+        &[],
+        node.speaker
+            .as_ref()
+            .map(|_| (vec![], node.announced.len() as i64)),
+    );
     scrape.counters(
         "weir_datapath_packets_total",
         "Packets the XDP and TC programs handled, by the reason for their verdict",
@@ -490,7 +513,11 @@ mod tests {
       "daemon": { "pid": 1, "version": "0.1.0", "config": "weir.toml", "uptime_secs": 60,
                   "state_file": "state.json", "bpf_dir": "/sys/fs/bpf/weir", "adopted_datapath": false,
                   "reloads": { "succeeded": 2, "failed": 1, "last_unix_ms": 1700000000000,
-                               "last_succeeded": false, "last_success_unix_ms": 1690000000000 } },
+                               "last_succeeded": false, "last_success_unix_ms": 1690000000000 },
+                  "node": { "drained": true, "speaker": "/run/bird/bird.ctl",
+                            "announced": ["198.18.100.10", "198.18.100.20"],
+                            "sessions": [ { "name": "uplink", "state": "up", "info": "Established" },
+                                          { "name": "backup", "state": "start", "info": "Active" } ] } },
       "xdp": [],
       "counters": [ { "reason": "forward_nat", "packets": 10, "bytes": 1000 },
                     { "reason": "drop_bad_tcp_flags", "packets": 2, "bytes": 120 } ],
@@ -534,6 +561,10 @@ mod tests {
             "weir_server_admin_state{pool=\"site\",server=\"127.0.0.1:8081\",state=\"draining\"} 1",
             "weir_flows_embryonic 3",
             "weir_flow_table_entries 12",
+            "weir_node_drained 1",
+            "weir_bgp_session_established{session=\"uplink\"} 1",
+            "weir_bgp_session_established{session=\"backup\"} 0",
+            "weir_bgp_announced_vips 2",
             "weir_vip_maglev_table_info{digest=\"00112233aabbccdd\",vip=\"web\"} 1",
             "weir_flow_table_capacity 1048576",
             "weir_embryonic_table_capacity 65536",
