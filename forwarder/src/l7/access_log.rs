@@ -79,6 +79,12 @@ impl AccessLog {
         self.0.load_full()
     }
 
+    /// Whether a file is set. What every request asks: a plain load, which takes no
+    /// reference count on the file (the workers would contend for it).
+    pub fn is_set(&self) -> bool {
+        self.0.load().is_some()
+    }
+
     fn enabled(&self) -> Option<AccessLogFormat> {
         self.0.load().as_ref().map(|file| file.format)
     }

@@ -214,19 +214,7 @@ fn log_exchange(
         },
         None => None,
     };
-    let (status, server, bytes, reason) = match outcome {
-        Ok(e) => (e.status, Some(e.server), e.bytes, None),
-        Err(err) => match err.answer {
-            Some((status, reason)) => (
-                status,
-                None,
-                local_response(status, reason, false).len() as u64,
-                Some(reason),
-            ),
-            None => (0, None, 0, None),
-        },
-    };
-    if worker.access_log.current().is_none() {
+    if !worker.access_log.is_set() {
         if let (Some((status, reason)), Some(unlogged)) = (refusal, unlogged) {
             tracing::warn!(
                 target: "weir::refused",
@@ -239,6 +227,18 @@ fn log_exchange(
         }
         return;
     }
+    let (status, server, bytes, reason) = match outcome {
+        Ok(e) => (e.status, Some(e.server), e.bytes, None),
+        Err(err) => match err.answer {
+            Some((status, reason)) => (
+                status,
+                None,
+                local_response(status, reason, false).len() as u64,
+                Some(reason),
+            ),
+            None => (0, None, 0, None),
+        },
+    };
     worker.log.record(
         &worker.access_log,
         Entry {
