@@ -96,6 +96,18 @@ fn served_more(load: &HttpLoad, n: u64, what: &str) {
     }
 }
 
+/// The load's and the long-lived connections' verdict: no request failed, none broke.
+fn nothing_failed(served: u64, errors: &[String], broken: &[String]) {
+    assert!(
+        errors.is_empty(),
+        "{} of {} HTTP requests failed, first: {:?}",
+        errors.len(),
+        served as usize + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(broken.is_empty(), "{broken:?}");
+}
+
 #[test]
 #[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
 fn restarts_and_an_upgrade_under_load_refuse_nothing() {
@@ -143,14 +155,7 @@ fn restarts_and_an_upgrade_under_load_refuse_nothing() {
     let (served, errors) = load.finish();
     let (rounds, broken) = long_lived.finish();
     let log = lab.log();
-    assert!(
-        errors.is_empty(),
-        "{} of {} HTTP requests failed, first: {:?}",
-        errors.len(),
-        served as usize + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
-    assert!(broken.is_empty(), "{broken:?}");
+    nothing_failed(served, &errors, &broken);
     assert!(
         rounds > (LONG_LIVED * 20) as u64,
         "only {rounds} long-lived rounds"
@@ -207,14 +212,7 @@ fn upgrades_by_hand_under_load_refuse_nothing() {
 
     let (served, errors) = load.finish();
     let (rounds, broken) = long_lived.finish();
-    assert!(
-        errors.is_empty(),
-        "{} of {} HTTP requests failed, first: {:?}",
-        errors.len(),
-        served as usize + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
-    assert!(broken.is_empty(), "{broken:?}");
+    nothing_failed(served, &errors, &broken);
     let log = lab.log();
     assert_eq!(
         log.matches("handed over to the next daemon").count(),
