@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::Serialize;
 use weir_tests::{
-    http_client::get_body,
+    http_client::{exposition_value, get_body},
     lab::Lab,
     load::HttpLoad,
     topology::{L4_VIP, L7_VIP, Topology, server_socket},
@@ -112,8 +112,9 @@ impl Soak {
                         .topology
                         .balancer
                         .run(|| get_body(METRICS, "/metrics"))?
-                        .map(|text| gauge(&text, "weir_flow_table_entries"))
-                        .unwrap_or(0),
+                        .ok()
+                        .and_then(|text| exposition_value(&text, "weir_flow_table_entries"))
+                        .map_or(0, |v| v as u64),
                     served: l4.served() + l7.served(),
                 });
                 next_sample += SAMPLE_EVERY;
@@ -223,14 +224,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
-}
-
-/// The value of an unlabelled gauge in an exposition.
-fn gauge(exposition: &str, name: &str) -> u64 {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// The least-squares slope of `value` over the samples' time, per second.

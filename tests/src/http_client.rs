@@ -271,6 +271,14 @@ pub fn get_body(address: &str, path: &str) -> io::Result<String> {
     Ok(body.to_string())
 }
 
+/// The value of the unlabelled series `name` in a Prometheus exposition (what [`get_body`]
+/// gets from `/metrics`), if it is there.
+pub fn exposition_value(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The [`pattern`] byte check a test can use on a body prefix.
 pub fn is_pattern(bytes: &[u8]) -> bool {
     bytes

@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use weir_tests::{
     client::http_get,
-    http_client::{Body, HttpConn, get_body, raw_exchange},
+    http_client::{Body, HttpConn, exposition_value, get_body, raw_exchange},
     lab::Lab,
     netns::{Process, wait_until},
     topology::{L4_VIP, L7_VIP, Topology},
@@ -246,10 +246,7 @@ fn prometheus_scrapes_per_server_rates_and_promtool_accepts_the_exposition() {
     // The flow table's occupancy: the L4 traffic left entries in it (closing ones stay until
     // evicted or overwritten), out of the default size.
     let gauge = |name: &str| -> f64 {
-        exposition
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in the exposition"))
+        exposition_value(&exposition, name).unwrap_or_else(|| panic!("no {name} in the exposition"))
     };
     assert!(gauge("weir_flow_table_entries") > 0.0);
     // Each VIP's Maglev table digest is the one its pool gives: what another node with the
