@@ -292,8 +292,6 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     Ok(())
 }
 
-/// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every
-/// interface and frees the maps. Established L4 flows end with it.
 /// `weir upgrade`: takes the L7 listening sockets from the daemon running with this config,
 /// which then stops (exchanges under way finish there), and serves in its place.
 pub fn upgrade(config_path: &Path) -> Result<()> {
@@ -317,6 +315,8 @@ pub fn upgrade(config_path: &Path) -> Result<()> {
     run_with(config_path, Start::TakeOver(sockets))
 }
 
+/// `weir detach`: unpins the datapath a stopped daemon left, which detaches XDP from every
+/// interface and frees the maps. Established L4 flows end with it.
 pub fn detach(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     let _lock = InstanceLock::acquire(&config.daemon.state_file)

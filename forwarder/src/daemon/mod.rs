@@ -12,7 +12,10 @@
 //!
 //! Rooms: this file holds the state and the one dispatch of requests (`State::handle`) and
 //! the transaction (`Inner::commit`); [`pools`] resolves pool names and applies the verbs,
-//! [`report`] assembles what the daemon reports, [`lifecycle`] starts, runs and stops it.
+//! [`report`] assembles what the daemon reports, [`metrics`] writes it for Prometheus,
+//! [`web`] serves that and the dashboard, [`lifecycle`] starts, runs and stops it. What the
+//! node announces by BGP is decided here (`Inner::wanted_announcements`) and told to the
+//! speaker by `crate::bgp`.
 
 mod lifecycle;
 mod metrics;
