@@ -17,6 +17,7 @@
 
 use std::{
     cell::RefCell,
+    fmt::Write as _,
     fs::{File, OpenOptions},
     io::Write,
     net::SocketAddr,
@@ -179,23 +180,29 @@ impl WorkerLog {
                 lines.remove(start);
                 writeln!(lines)
             }
-            AccessLogFormat::Common => writeln!(
-                lines,
-                "{} - - [{}] \"{} {} {}\" {} {} vhost={} server={} us={}{}",
-                entry.client.ip(),
-                clock.common,
-                Printable(entry.method),
-                Printable(entry.target),
-                entry.protocol,
-                entry.status,
-                entry.bytes,
-                Printable(entry.vhost),
-                entry.server.map_or("-".to_string(), |s| s.to_string()),
-                entry.micros,
-                entry
-                    .reason
-                    .map_or(String::new(), |r| format!(" reason=\"{r}\"")),
-            ),
+            AccessLogFormat::Common => {
+                let _ = write!(
+                    lines,
+                    "{} - - [{}] \"{} {} {}\" {} {} vhost={} server=",
+                    entry.client.ip(),
+                    clock.common,
+                    Printable(entry.method),
+                    Printable(entry.target),
+                    entry.protocol,
+                    entry.status,
+                    entry.bytes,
+                    Printable(entry.vhost),
+                );
+                let _ = match entry.server {
+                    Some(server) => write!(lines, "{server}"),
+                    None => write!(lines, "-"),
+                };
+                let _ = write!(lines, " us={}", entry.micros);
+                if let Some(reason) = entry.reason {
+                    let _ = write!(lines, " reason=\"{reason}\"");
+                }
+                writeln!(lines)
+            }
         };
         let full = lines.len() >= FLUSH_AT;
         drop(lines);
@@ -236,8 +243,6 @@ impl std::fmt::Display for Printable<'_> {
         Ok(())
     }
 }
-
-use std::fmt::Write as _;
 
 #[cfg(test)]
 mod tests {
