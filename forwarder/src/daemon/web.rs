@@ -8,7 +8,7 @@
 //! the binary (`include_str!`), so it works on a host without internet; its scripts load
 //! from this listener only (`Content-Security-Policy`).
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -38,11 +38,12 @@ pub(super) async fn serve(listener: TcpListener, state: Arc<State>) {
 struct Answer {
     status: &'static str,
     content_type: &'static str,
-    body: String,
+    /// The dashboard's files are served from the binary as they are, without a copy.
+    body: Cow<'static, str>,
 }
 
 impl Answer {
-    fn text(status: &'static str, body: impl Into<String>) -> Answer {
+    fn text(status: &'static str, body: impl Into<Cow<'static, str>>) -> Answer {
         Answer {
             status,
             content_type: "text/plain; charset=utf-8",
@@ -76,17 +77,17 @@ async fn answer(mut stream: TcpStream, state: Arc<State>) {
 fn route(path: &str, state: &State) -> Answer {
     // The query string (a cache-buster, say) does not change the answer.
     let path = path.split('?').next().unwrap_or(path);
-    let asset = |content_type, body: &str| Answer {
+    let asset = |content_type, body: &'static str| Answer {
         status: "200 OK",
         content_type,
-        body: body.to_string(),
+        body: Cow::Borrowed(body),
     };
     match path {
         "/metrics" => match state.metrics() {
             Ok(body) => Answer {
                 status: "200 OK",
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body,
+                body: body.into(),
             },
             Err(err) => Answer::text("500 Internal Server Error", err.message + "\n"),
         },
@@ -94,7 +95,7 @@ fn route(path: &str, state: &State) -> Answer {
             Ok(body) => Answer {
                 status: "200 OK",
                 content_type: "application/json",
-                body,
+                body: body.into(),
             },
             Err(err) => Answer::text("500 Internal Server Error", err.message + "\n"),
         },
