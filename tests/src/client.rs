@@ -56,6 +56,13 @@ impl EchoConnection {
         })
     }
 
+    /// Waits up to `timeout` instead of [`TIMEOUT`] for each answer: for a connection that must
+    /// ride out a failover, while a lost route is being withdrawn.
+    pub fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))
+    }
+
     /// Streams `bytes` of varied data to the echo server while reading the echo back, and
     /// checks that every byte came back in order (by xxh3 of both streams): a bulk transfer
     /// in both directions at once.

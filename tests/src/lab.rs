@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use weir_config::control::StatusReport;
 
 use crate::{
-    netns::{Process, wait_until},
+    netns::{Netns, Process, wait_until},
     topology::{self, Topology},
     workspace_bin,
 };
@@ -61,7 +61,7 @@ impl Lab {
             dir.join("weir.toml"),
             edit(topology::weir_config(&topology, dir, xdp_mode)),
         )?;
-        let weir = spawn_weir(&topology, dir, &[], None)?;
+        let weir = spawn_weir(&topology.balancer, dir, &[], None)?;
         let mut lab = Lab {
             weir,
             backends,
@@ -78,14 +78,7 @@ impl Lab {
     /// Runs `weirctl ARGS` against the lab's daemon and fails the test unless it succeeds;
     /// returns what it printed.
     pub fn weirctl_ok(&self, args: &[&str]) -> String {
-        let out = self.weirctl().args(args).output().expect("weirctl runs");
-        assert!(
-            out.status.success(),
-            "weirctl {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        weirctl_ok(&self.socket(), args)
     }
 
     /// Stops demo backend `i` (1-based), as a crashed server would: its sockets close.
@@ -112,14 +105,14 @@ impl Lab {
 
     /// Like [`Lab::restart_weir`], with extra environment variables for the daemon.
     pub fn restart_weir_with_env(&mut self, env: &[(&str, &Path)]) -> Result<()> {
-        self.weir = spawn_weir(&self.topology, &self.dir, env, None)?;
+        self.weir = spawn_weir(&self.topology.balancer, &self.dir, env, None)?;
         self.wait_for_weir()
     }
 
     /// Starts weir again with its open-descriptor limit (soft, hard) set to `limit`, as a
     /// service manager would.
     pub fn restart_weir_with_descriptor_limit(&mut self, limit: (u64, u64)) -> Result<()> {
-        self.weir = spawn_weir(&self.topology, &self.dir, &[], Some(limit))?;
+        self.weir = spawn_weir(&self.topology.balancer, &self.dir, &[], Some(limit))?;
         self.wait_for_weir()
     }
 
@@ -163,15 +156,7 @@ impl Lab {
     }
 
     fn wait_for_weir(&mut self) -> Result<()> {
-        let ready = wait_until(
-            "weir to answer on its socket",
-            Duration::from_secs(15),
-            || self.weir.check_running().is_err() || self.status().is_ok(),
-        );
-        if let Err(err) = self.weir.check_running().and(ready) {
-            bail!("{err}; weir.log:\n{}", self.log());
-        }
-        Ok(())
+        wait_for_weir(&mut self.weir, &self.dir)
     }
 
     pub fn config(&self) -> PathBuf {
@@ -188,31 +173,76 @@ impl Lab {
 
     /// `weirctl status --json`, parsed.
     pub fn status(&self) -> Result<StatusReport> {
-        let out = self
-            .weirctl()
-            .args(["status", "--json"])
-            .stderr(Stdio::piped())
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "weirctl status: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).context("weirctl status --json output")
+        status(&self.socket())
     }
 
     /// A `weirctl` command aimed at this lab's daemon.
     pub fn weirctl(&self) -> Command {
-        let mut cmd = Command::new(workspace_bin("weirctl"));
-        cmd.arg("--socket").arg(self.socket());
-        cmd
+        weirctl(&self.socket())
     }
 
     /// The daemon's log so far (for failure messages).
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("weir.log")).unwrap_or_default()
+        log(&self.dir)
     }
+}
+
+// A daemon's files, for the lab and for every node of a [`crate::fleet::Fleet`]: its config
+// `weir.toml`, control socket `weir.sock` and log `weir.log`, all in one directory.
+
+/// A `weirctl` command aimed at the daemon listening on `socket`.
+pub fn weirctl(socket: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("weirctl"));
+    cmd.arg("--socket").arg(socket);
+    cmd
+}
+
+/// Runs `weirctl ARGS` against the daemon on `socket` and fails the test unless it succeeds;
+/// returns what it printed.
+pub fn weirctl_ok(socket: &Path, args: &[&str]) -> String {
+    let out = weirctl(socket).args(args).output().expect("weirctl runs");
+    assert!(
+        out.status.success(),
+        "weirctl {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `weirctl status --json` from the daemon on `socket`, parsed.
+pub fn status(socket: &Path) -> Result<StatusReport> {
+    let out = weirctl(socket)
+        .args(["status", "--json"])
+        .stderr(Stdio::piped())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "weirctl status: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("weirctl status --json output")
+}
+
+/// The log so far of the daemon whose files are in `dir` (for failure messages).
+pub fn log(dir: &Path) -> String {
+    fs::read_to_string(dir.join("weir.log")).unwrap_or_default()
+}
+
+/// Waits until `weir`, whose files are in `dir`, answers on its socket; fails with its log if
+/// it exits or does not answer in time.
+pub fn wait_for_weir(weir: &mut Process, dir: &Path) -> Result<()> {
+    let socket = dir.join("weir.sock");
+    let ready = wait_until(
+        "weir to answer on its socket",
+        Duration::from_secs(15),
+        || weir.check_running().is_err() || status(&socket).is_ok(),
+    );
+    if let Err(err) = weir.check_running().and(ready) {
+        bail!("{err}; weir.log:\n{}", log(dir));
+    }
+    Ok(())
 }
 
 impl Drop for Lab {
@@ -223,9 +253,9 @@ impl Drop for Lab {
     }
 }
 
-/// Starts `weir` in the balancer namespace with the lab's config, appending to its log.
-fn spawn_weir(
-    topology: &Topology,
+/// Starts `weir` in `netns` with the config in `dir`, appending to its log there.
+pub fn spawn_weir(
+    netns: &Netns,
     dir: &Path,
     env: &[(&str, &Path)],
     descriptor_limit: Option<(u64, u64)>,
@@ -234,7 +264,7 @@ fn spawn_weir(
         .create(true)
         .append(true)
         .open(dir.join("weir.log"))?;
-    let mut command = topology.balancer.command(workspace_bin("weir"));
+    let mut command = netns.command(workspace_bin("weir"));
     command
         .arg("--config")
         .arg(dir.join("weir.toml"))

@@ -5,8 +5,10 @@
 //! Privileged tests are marked `#[ignore = "needs root: ..."]`; `cargo xtask test` includes them
 //! when it runs as root and reports them as skipped otherwise.
 
+pub mod bird;
 pub mod browser;
 pub mod client;
+pub mod fleet;
 pub mod flood;
 pub mod http_client;
 pub mod http_origin;

@@ -164,7 +164,8 @@ impl Topology {
     }
 }
 
-fn address(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
+/// Adds `cidr` to `dev` in `ns` (IPv6 without duplicate address detection, usable at once).
+pub fn address(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
     if cidr.contains(':') {
         ns.ip(&["addr", "add", cidr, "dev", dev, "nodad"])
     } else {
@@ -172,11 +173,13 @@ fn address(ns: &Netns, dev: &str, cidr: &str) -> Result<()> {
     }
 }
 
-fn gro_on(ns: &Netns, dev: &str) -> Result<()> {
+/// Turns GRO on for `dev` in `ns` (see the module docs: native XDP redirects need it).
+pub fn gro_on(ns: &Netns, dev: &str) -> Result<()> {
     crate::netns::run(ns.command("ethtool").args(["-K", dev, "gro", "on"]))
 }
 
-fn wire_checksums(ns: &Netns, dev: &str) -> Result<()> {
+/// Makes `dev` in `ns` send real checksums, as a packet off a wire has (see the module docs).
+pub fn wire_checksums(ns: &Netns, dev: &str) -> Result<()> {
     crate::netns::run(ns.command("ethtool").args(["-K", dev, "tx", "off"]))
 }
 

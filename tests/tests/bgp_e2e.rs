@@ -4,49 +4,24 @@
 //! announced while the node is in service and the VIP has a server taking new flows; it is
 //! withdrawn on `weirctl node drain` (kept across a restart), when every server of the VIP's
 //! address is drained, and when the daemon stops; the session shows in `weirctl status`.
-//! (Several nodes behind ECMP are issue 24's next step.)
+//! (Several nodes behind an ECMP router: `fleet_e2e`.)
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use weir_tests::{
+    bird::{Bird, FAST_TIMERS, birdc},
     lab::Lab,
-    netns::{Netns, Process, wait_until},
+    netns::wait_until,
     topology::{L4_VIP, Topology, server_socket},
 };
 
-/// BIRD in `netns` with `config`, its control socket at `socket`.
-fn bird(netns: &Netns, dir: &Path, name: &str, config: &str) -> (Process, std::path::PathBuf) {
-    let conf = dir.join(format!("bird-{name}.conf"));
-    let socket = dir.join(format!("bird-{name}.ctl"));
-    std::fs::write(&conf, config).unwrap();
-    let mut command = netns.command("bird");
-    command
-        .args(["-f", "-c"])
-        .arg(&conf)
-        .arg("-s")
-        .arg(&socket)
-        .arg("-P")
-        .arg(dir.join(format!("bird-{name}.pid")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let process = Process::spawn(&format!("bird ({name})"), &mut command).expect("bird starts");
-    (process, socket)
-}
-
 /// The routes the router learned from the balancer, as `birdc` prints them.
 fn router_routes(router: &Path) -> String {
-    let out = Command::new("birdc")
-        .arg("-s")
-        .arg(router)
-        .args(["show", "route", "protocol", "lb"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    birdc(router, &["show", "route", "protocol", "lb"])
 }
 
 /// Whether the router's table holds the VIP's /32, learned from the balancer.
@@ -77,19 +52,10 @@ fn until_router(router: &Path, has: bool, what: &str) -> Duration {
         router_has_vip(router) == has
     })
     .unwrap_or_else(|err| {
-        let show = |args: &[&str]| {
-            let out = Command::new("birdc")
-                .arg("-s")
-                .arg(router)
-                .args(args)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
         panic!(
             "{err}\nrouter protocols:\n{}\nroutes:\n{}",
-            show(&["show", "protocols", "all", "lb"]),
-            show(&["show", "route", "all"])
+            birdc(router, &["show", "protocols", "all", "lb"]),
+            birdc(router, &["show", "route", "all"])
         )
     });
     started.elapsed()
@@ -129,8 +95,8 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     assert!(routes.exists(), "the routes file is written at start");
     assert!(node(&lab)["speaker_error"].is_string(), "{}", node(&lab));
 
-    let timers = "hold time 3; connect retry time 1; error wait time 1, 2;";
-    let (_lb_bird, lb_ctl) = bird(
+    let timers = FAST_TIMERS;
+    let lb_bird = Bird::start(
         &lab.topology.balancer,
         &dir,
         "lb",
@@ -138,19 +104,22 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
             "router id 198.18.0.2;\nprotocol device {{}}\nprotocol static weir_vips {{\n  ipv4;\n  include \"{}\";\n}}\nprotocol bgp uplink {{\n  local 198.18.0.2 as 65001;\n  neighbor 198.18.0.1 as 65000;\n  {timers}\n  ipv4 {{ import none; export where proto = \"weir_vips\"; }};\n}}\n",
             routes.display()
         ),
-    );
-    assert_eq!(lb_ctl, lb_socket);
-    let (_router_bird, router) = bird(
+    )
+    .expect("BIRD starts on the balancer");
+    assert_eq!(lb_bird.socket, lb_socket);
+    let router_bird = Bird::start(
         &lab.topology.client,
         &dir,
         "router",
         &format!(
             "router id 198.18.0.1;\nprotocol device {{}}\nprotocol bgp lb {{\n  local 198.18.0.1 as 65000;\n  neighbor 198.18.0.2 as 65001;\n  {timers}\n  ipv4 {{ import all; export none; }};\n}}\n"
         ),
-    );
+    )
+    .expect("BIRD starts as the router");
+    let router = router_bird.socket.as_path();
 
     // In service, with servers: announced, and the session shows in weirctl status.
-    let took = until_router(&router, true, "the VIP on the router");
+    let took = until_router(router, true, "the VIP on the router");
     println!("announced {took:?} after the speakers started");
     let _ = wait_until(
         "the session in weirctl status",
@@ -177,16 +146,16 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
         &server_socket(1).to_string(),
     ]);
     std::thread::sleep(Duration::from_millis(500));
-    let routes = router_routes(&router);
+    let routes = router_routes(router);
     assert!(routes.contains(&format!("{ALWAYS}/32")), "{routes}");
     assert!(!routes.contains(&format!("{NEVER}/32")), "{routes}");
 
     // Drained: withdrawn, and drained it stays across a restart.
     lab.weirctl_ok(&["node", "drain"]);
-    let took = until_router(&router, false, "the withdrawal after node drain");
+    let took = until_router(router, false, "the withdrawal after node drain");
     println!("withdrawn {took:?} after node drain");
     assert!(took < Duration::from_secs(5), "{took:?}");
-    let routes = router_routes(&router);
+    let routes = router_routes(router);
     assert!(
         !routes.contains(&format!("{ALWAYS}/32")),
         "a drained node announces nothing: {routes}"
@@ -196,11 +165,11 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
     assert!(exposition(&lab).contains("weir_node_drained 1"));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        !router_has_vip(&router),
+        !router_has_vip(router),
         "a drained node announces nothing after a restart"
     );
     lab.weirctl_ok(&["node", "undrain"]);
-    until_router(&router, true, "the VIP back after node undrain");
+    until_router(router, true, "the VIP back after node undrain");
 
     // Every server of the VIP's address drained (both VIPs there): withdrawn; one back: announced.
     let servers = [server_socket(1), server_socket(2)];
@@ -214,12 +183,12 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
         lab.weirctl_ok(&["server", "drain", "demo-echo", &echo(i + 1)]);
     }
     until_router(
-        &router,
+        router,
         false,
         "the withdrawal once no server takes new flows",
     );
     lab.weirctl_ok(&["server", "enable", "demo-l4", &servers[0].to_string()]);
-    until_router(&router, true, "the VIP back with a server");
+    until_router(router, true, "the VIP back with a server");
     let events = lab.weirctl_ok(&["events"]);
     assert!(
         events.contains(&format!("bgp: withdrawing {L4_VIP}"))
@@ -229,7 +198,7 @@ fn the_vip_is_announced_in_service_and_withdrawn_on_drain_when_serverless_and_on
 
     // The daemon stops: withdrawn (the pinned datapath still forwards what arrives).
     lab.terminate_weir().expect("weir stops");
-    let took = until_router(&router, false, "the withdrawal on stop");
+    let took = until_router(router, false, "the withdrawal on stop");
     println!("withdrawn {took:?} after SIGTERM");
     // Restarted for the lab's own clean-up.
     lab.restart_weir().expect("weir restarts");
