@@ -325,6 +325,19 @@ pub struct StatusReport {
     #[serde(default)]
     pub flows: FlowTableReport,
     pub listeners: Vec<ListenerStatus>,
+    /// The certificates TLS vhosts present.
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+/// A TLS vhost's certificate as loaded (at start or by the last reload).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    pub vhost: String,
+    /// The PEM file it was read from.
+    pub path: String,
+    /// The end of its validity, in seconds since the Unix epoch.
+    pub not_after_unix: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -424,6 +437,21 @@ pub struct ListenerStatus {
     /// by status and reason; servers' failures are counted on the servers.
     #[serde(default)]
     pub refusals: Vec<RefusalCount>,
+    /// On a listener that terminates TLS: its handshakes.
+    #[serde(default)]
+    pub tls: Option<TlsHandshakes>,
+}
+
+/// The TLS handshakes of one listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsHandshakes {
+    /// Completed with a full handshake.
+    pub full: u64,
+    /// Completed by resuming an earlier session (ticket or session id).
+    pub resumed: u64,
+    /// Failed, by reason (`timeout`, `closed`, `plaintext_http`, `unknown_name`, `protocol`),
+    /// only the reasons seen.
+    pub failures: Vec<(String, u64)>,
 }
 
 /// How often an L7 listener refused requests for one reason.

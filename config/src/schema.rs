@@ -1,7 +1,7 @@
 //! The config schema, its defaults, and the rules that span fields.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -322,6 +322,9 @@ pub struct L7Config {
     /// way (idle kept-alive connections close at once, responses carry `Connection: close`);
     /// what is still open then is cut. 0 cuts at once.
     pub shutdown_grace_ms: u64,
+    /// Milliseconds a client has to complete a TLS handshake once connected; slower is
+    /// closed (and counted as `timeout`).
+    pub tls_handshake_timeout_ms: u64,
     /// Headers added to requests sent to servers.
     pub forwarded: ForwardedHeaders,
 }
@@ -360,6 +363,7 @@ impl L7Config {
             upstream_max_idle_per_server,
             tunnel_idle_timeout_ms,
             shutdown_grace_ms,
+            tls_handshake_timeout_ms,
         );
         if self.forwarded != old.forwarded {
             changes.push(format!(
@@ -390,6 +394,7 @@ impl Default for L7Config {
             upstream_max_idle_per_server: 64,
             tunnel_idle_timeout_ms: 600_000,
             shutdown_grace_ms: 30_000,
+            tls_handshake_timeout_ms: 10_000,
             forwarded: ForwardedHeaders::default(),
         }
     }
@@ -561,7 +566,29 @@ pub struct VirtualHost {
     /// robin and least connections; hash pools keep full weights); 0 = at once.
     #[serde(default)]
     pub slow_start_ms: u64,
+    /// Terminates TLS on the listener with this certificate, presented to clients whose SNI
+    /// names one of `hosts` (or to any name, for the listener's default vhost). Every vhost
+    /// of a listener has one, or none does.
+    #[serde(default)]
+    pub tls: Option<VhostTls>,
+    /// On a plain-HTTP listener: every request gets `308 Permanent Redirect` to the same URL
+    /// over HTTPS instead of reaching the pool.
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// On a TLS vhost: `Strict-Transport-Security: max-age=<this>` on every response.
+    #[serde(default)]
+    pub hsts_max_age_secs: Option<u64>,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+/// A vhost's certificate: PEM files, read at start and on every reload.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostTls {
+    /// The certificate chain, the vhost's own certificate first, then intermediates.
+    pub certificate: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
 }
 
 /// Passive health checking in the L7 workers (outlier detection, as Envoy calls it): a
@@ -1022,6 +1049,24 @@ fn check_vhost(vhost: &VirtualHost, problems: &mut Vec<(usize, String)>) {
             problems.push((host.span().start, message));
         }
     }
+    if vhost.redirect_to_https && vhost.tls.is_some() {
+        problems.push((
+            vhost.name.span().start,
+            format!(
+                "vhost `{}` terminates TLS: redirect_to_https is for plain-HTTP vhosts",
+                vhost.name.get_ref()
+            ),
+        ));
+    }
+    if vhost.hsts_max_age_secs.is_some() && vhost.tls.is_none() {
+        problems.push((
+            vhost.name.span().start,
+            format!(
+                "vhost `{}` has no tls: browsers ignore hsts_max_age_secs over plain HTTP",
+                vhost.name.get_ref()
+            ),
+        ));
+    }
     if vhost.hosts.is_empty() && !vhost.default {
         problems.push((
             vhost.name.span().start,
@@ -1074,11 +1119,30 @@ fn check_host_name(host: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// On one listener, a host name belongs to one vhost and at most one vhost is the default.
+/// On one listener, a host name belongs to one vhost, at most one vhost is the default, and
+/// either every vhost terminates TLS or none does.
 fn check_listeners(vhosts: &[VirtualHost], problems: &mut Vec<(usize, String)>) {
     let mut hosts = HashSet::new();
     let mut defaults = HashSet::new();
+    let mut tls_of_listener: HashMap<SocketAddr, &VirtualHost> = HashMap::new();
     for vhost in vhosts {
+        let first = *tls_of_listener.entry(vhost.listen).or_insert(vhost);
+        if first.tls.is_some() != vhost.tls.is_some() {
+            let (with, without) = if vhost.tls.is_some() {
+                (vhost, first)
+            } else {
+                (first, vhost)
+            };
+            problems.push((
+                vhost.name.span().start,
+                format!(
+                    "vhost `{}` terminates TLS on {} but vhost `{}` there does not: a listener is either TLS or plain HTTP",
+                    with.name.get_ref(),
+                    vhost.listen,
+                    without.name.get_ref()
+                ),
+            ));
+        }
         for host in &vhost.hosts {
             if !hosts.insert((vhost.listen, host.get_ref().as_str())) {
                 problems.push((

@@ -52,6 +52,10 @@ pub struct Vhost {
     pub health: Option<HealthCheck>,
     pub outlier: Option<OutlierDetection>,
     pub slow_start_ms: u64,
+    /// Requests get a redirect to HTTPS instead of reaching the pool.
+    pub redirect_to_https: bool,
+    /// `Strict-Transport-Security: max-age=` on every response.
+    pub hsts_max_age_secs: Option<u64>,
     pub servers: Vec<VhostServer>,
     /// The config file's pool as last applied.
     pub config_servers: Vec<ServerSpec>,
@@ -106,6 +110,8 @@ impl Vhosts {
                 health: spec.health.clone(),
                 outlier: spec.outlier.clone(),
                 slow_start_ms: spec.slow_start_ms,
+                redirect_to_https: spec.redirect_to_https,
+                hsts_max_age_secs: spec.hsts_max_age_secs,
                 servers,
                 config_servers: Vec::new(),
             });
@@ -284,6 +290,14 @@ impl Vhosts {
                     new.servers.len()
                 )),
                 Ok(old) => {
+                    if (old.redirect_to_https, old.hsts_max_age_secs)
+                        != (new.redirect_to_https, new.hsts_max_age_secs)
+                    {
+                        lines.push(format!(
+                            "vhost {}: redirect_to_https {}, hsts_max_age_secs {:?}",
+                            new.name, new.redirect_to_https, new.hsts_max_age_secs
+                        ));
+                    }
                     if (
                         &old.listen,
                         &old.hosts,

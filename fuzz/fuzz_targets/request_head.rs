@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let client = ClientInfo {
         peer: "198.18.0.1:40000".parse().unwrap(),
+        tls: data.len() % 2 == 1,
     };
     write_server_head(&request, client, &ForwardedHeaders::default(), &mut out);
     // An HTTP/1.0 request without Host goes on without one, which HTTP/1.1 requires.

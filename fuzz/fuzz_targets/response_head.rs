@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let mut out = Vec::new();
-    write_client_head(&response, 1, false, false, true, &mut out);
+    write_client_head(&response, 1, false, false, true, b"", &mut out);
     let again = parse_response(&out, method)
         .unwrap_or_else(|err| panic!("weir refuses its own client head ({err:?}): {out:?}"))
         .expect("a whole head");

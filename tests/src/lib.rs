@@ -17,6 +17,7 @@ pub mod load;
 pub mod netns;
 pub mod origin;
 pub mod packet_bed;
+pub mod proxy;
 pub mod supervisor;
 pub mod topology;
 

@@ -30,7 +30,11 @@ fn start(origin: &HttpOrigin, net: u8) -> (L7Workers, std::net::SocketAddr) {
     );
     let config = Config::parse(Path::new("test.toml"), &text).unwrap();
     let vhosts = Vhosts::plan(&config, None).unwrap();
-    let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), 2).unwrap();
+    let workers = L7Workers::start(
+        L7Snapshot::of(&vhosts, &config, Default::default(), None),
+        2,
+    )
+    .unwrap();
     (workers, listen.parse().unwrap())
 }
 

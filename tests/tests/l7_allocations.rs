@@ -101,7 +101,11 @@ fn a_kept_alive_get_allocates_within_its_budget() {
     );
     let config = Config::parse(Path::new("test.toml"), &text).unwrap();
     let vhosts = Vhosts::plan(&config, None).unwrap();
-    let _workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), 1).unwrap();
+    let _workers = L7Workers::start(
+        L7Snapshot::of(&vhosts, &config, Default::default(), None),
+        1,
+    )
+    .unwrap();
     let mut conn = HttpConn::connect(listen.parse().unwrap()).unwrap();
     let mut get = || {
         let response = conn

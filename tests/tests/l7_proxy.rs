@@ -9,133 +9,19 @@ use std::{
     net::{SocketAddr, TcpListener},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use weir_config::{
-    Config,
-    control::{AdminState, HealthState},
-};
-use weir_forwarder::{
-    l7::{L7Snapshot, L7Workers},
-    vhosts::Vhosts,
-};
+use weir_config::control::{AdminState, HealthState};
 use weir_tests::{
     http_client::{Body, HttpConn, is_pattern, raw_exchange},
     http_origin::{HttpOrigin, pattern_digest},
     load::HttpLoad,
+    proxy::{Proxy, free_port, next_net, origins, vhost},
 };
-
-static NEXT_NET: AtomicU8 = AtomicU8::new(10);
-
-/// A proxy on its own loopback network, with the model the control plane would drive.
-struct Proxy {
-    workers: L7Workers,
-    vhosts: Vhosts,
-    config: Config,
-    address: SocketAddr,
-}
-
-impl Proxy {
-    /// Starts the workers for `vhosts` (TOML `[[vhost]]` tables with `LISTEN` and
-    /// `SERVERn` placeholders) and `l7` (extra `[l7]` keys), with origins for `SERVERn`.
-    fn start(l7: &str, vhosts: &str, origins: &[&HttpOrigin]) -> Proxy {
-        let net = origins
-            .first()
-            .map_or_else(next_net, |o| match o.address.ip() {
-                std::net::IpAddr::V4(v4) => v4.octets()[2],
-                _ => unreachable!(),
-            });
-        let port = free_port(net);
-        let address: SocketAddr = format!("127.0.{net}.1:{port}").parse().unwrap();
-        // Two workers unless the test says otherwise.
-        let workers = if l7.contains("workers =") {
-            ""
-        } else {
-            "workers = 2\n"
-        };
-        let mut text =
-            format!("[l7]\n{workers}{l7}\n{vhosts}").replace("LISTEN", &address.to_string());
-        for (i, origin) in origins.iter().enumerate().rev() {
-            text = text.replace(&format!("SERVER{}", i + 1), &origin.address.to_string());
-        }
-        let config = Config::parse(std::path::Path::new("test.toml"), &text).expect("test config");
-        let vhosts = Vhosts::plan(&config, None).unwrap();
-        let workers = L7Workers::start(L7Snapshot::of(&vhosts, &config, None), config.l7.workers)
-            .expect("workers start");
-        Proxy {
-            workers,
-            vhosts,
-            config,
-            address,
-        }
-    }
-
-    /// Applies a change to the pools and publishes it, as the daemon does.
-    fn change(&mut self, change: impl FnOnce(&mut Vhosts)) {
-        change(&mut self.vhosts);
-        let snapshot = L7Snapshot::of(&self.vhosts, &self.config, Some(&self.workers.snapshot()));
-        self.workers.publish(snapshot);
-    }
-
-    fn conn(&self) -> HttpConn {
-        HttpConn::connect(self.address).expect("connect to the proxy")
-    }
-
-    fn get(&self, host: &str, path: &str) -> weir_tests::http_client::Response {
-        self.conn()
-            .request("GET", path, host, "", Body::None)
-            .expect("request through the proxy")
-    }
-}
-
-fn next_net() -> u8 {
-    NEXT_NET.fetch_add(1, Ordering::Relaxed)
-}
-
-fn free_port(net: u8) -> u16 {
-    TcpListener::bind(format!("127.0.{net}.1:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `count` origins on a fresh loopback network, named `s1`, `s2`, ...
-fn origins(count: usize) -> Vec<HttpOrigin> {
-    let net = next_net();
-    (1..=count)
-        .map(|i| {
-            HttpOrigin::start(
-                format!("127.0.{net}.{}:0", 10 + i).parse().unwrap(),
-                &format!("s{i}"),
-            )
-            .expect("origin starts")
-        })
-        .collect()
-}
-
-/// One vhost `name` answering for `name.test`, with servers `SERVER1`..`SERVERn`; `more`
-/// holds further keys of the vhost and its sub-tables (`[vhost.outlier]`, …).
-fn vhost(name: &str, servers: usize, more: &str) -> String {
-    let pool: Vec<String> = (1..=servers)
-        .map(|i| format!("{{ address = \"SERVER{i}\" }}"))
-        .collect();
-    // Keys of the vhost go before `servers`, its sub-tables after.
-    let split = if more.starts_with('[') {
-        0
-    } else {
-        more.find("\n[").map_or(more.len(), |at| at + 1)
-    };
-    let (keys, tables) = more.split_at(split);
-    format!(
-        "[[vhost]]\nname = \"{name}\"\nlisten = \"LISTEN\"\nhosts = [\"{name}.test\"]\n{keys}servers = [{}]\n{tables}",
-        pool.join(", ")
-    )
-}
 
 fn refs(origins: &[HttpOrigin]) -> Vec<&HttpOrigin> {
     origins.iter().collect()

@@ -61,6 +61,7 @@ fn start_server(path: &Path) -> Arc<AtomicUsize> {
                             counters: vec![],
                             flows: Default::default(),
                             listeners: vec![],
+                            certificates: vec![],
                         }),
                         _ => Response::Changed(vec![]),
                     }

@@ -24,7 +24,10 @@ use crate::{
     handover,
     health::HealthChecker,
     l4::{self, L4Services},
-    l7::{L7Snapshot, L7Workers},
+    l7::{
+        L7Snapshot, L7Workers,
+        tls::{Sessions, TlsListeners},
+    },
     lock::InstanceLock,
     pins::PinDir,
     state::RuntimeState,
@@ -104,6 +107,10 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
         ),
     };
     let previous = RuntimeState::load(&state_file)?;
+    // Before anything is attached or bound: a bad certificate stops the start here.
+    let sessions = Sessions::new().context("cannot set up TLS session resumption")?;
+    let tls =
+        Arc::new(TlsListeners::load(&config, &sessions).context("cannot load a TLS certificate")?);
     let l4 = L4Services::plan(&config, previous.as_ref())
         .context("the config and the runtime state do not combine into valid pools")?;
     let vhosts = Vhosts::plan(&config, previous.as_ref())
@@ -136,7 +143,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     raise_descriptor_limit(&config);
     let listen = config.l7_listen_addresses();
     let l7 = L7Workers::start_with(
-        L7Snapshot::of(&vhosts, &config, None),
+        L7Snapshot::of(&vhosts, &config, Arc::clone(&tls), None),
         config.l7.workers,
         inherited,
     )
@@ -171,6 +178,8 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
             node_drained,
             announcer,
             speaker_error: None,
+            sessions,
+            tls,
         }),
     });
     if let Ok(mut inner) = state.inner.lock() {

@@ -27,7 +27,7 @@ use std::{
     collections::{BTreeSet, HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -44,7 +44,11 @@ use crate::{
     datapath::{self, Datapath},
     health::{HealthChecker, Target, Transition},
     l4::{self, L4Error, L4Services, transaction},
-    l7::{L7Snapshot, L7Workers, access_log::LogFile},
+    l7::{
+        L7Snapshot, L7Workers,
+        access_log::LogFile,
+        tls::{Sessions, TlsListeners},
+    },
     pool::health_name,
     state::RuntimeState,
     vhosts::{VhostError, Vhosts},
@@ -84,6 +88,9 @@ struct Inner {
     /// The BGP speaker weir tells what to announce (`[bgp]`), and why it last failed.
     announcer: Option<Announcer>,
     speaker_error: Option<String>,
+    /// TLS resumption state, kept across reloads, and the certificates loaded last.
+    sessions: Sessions,
+    tls: Arc<TlsListeners>,
 }
 
 /// The last health transition of a server, and how many it had.
@@ -316,8 +323,11 @@ impl Inner {
         }
         // The workers' snapshot changes only when L7 did: republishing it for an L4 change
         // would restart every worker's weighted round robin.
-        if next_vhosts != self.vhosts || l7_settings_changed {
-            let snapshot = L7Snapshot::of(&next_vhosts, &self.config, Some(&self.l7.snapshot()));
+        let current = self.l7.snapshot();
+        let tls_reloaded = !Arc::ptr_eq(&self.tls, &current.tls);
+        if next_vhosts != self.vhosts || l7_settings_changed || tls_reloaded {
+            let tls = Arc::clone(&self.tls);
+            let snapshot = L7Snapshot::of(&next_vhosts, &self.config, tls, Some(&current));
             self.l7.publish(snapshot);
             self.vhosts = next_vhosts;
         }
@@ -535,7 +545,23 @@ impl Inner {
         let access_log = (config.access_log != self.config.access_log)
             .then(|| open_access_log(&config.access_log))
             .transpose()?;
-        let mut changes = self.commit(next, next_vhosts, Some(config))?;
+        // Read before anything changes too: a bad certificate or key refuses the reload.
+        let tls = TlsListeners::load(&config, &self.sessions).map_err(|err| {
+            ControlError::new(
+                ControlErrorKind::Config,
+                format!("TLS certificate {err} (nothing changed)"),
+            )
+        })?;
+        let renewed = renewed_certificates(&self.tls, &tls);
+        let previous_tls = std::mem::replace(&mut self.tls, Arc::new(tls));
+        let mut changes = match self.commit(next, next_vhosts, Some(config)) {
+            Ok(changes) => changes,
+            Err(err) => {
+                self.tls = previous_tls;
+                return Err(err);
+            }
+        };
+        changes.extend(renewed);
         if let Some(file) = access_log {
             changes.push(match &file {
                 Some(file) => format!("access log {}", file.path().display()),
@@ -562,6 +588,28 @@ impl Inner {
             path.display()
         )]))
     }
+}
+
+/// A line per vhost whose certificate differs in `next` from `running`.
+fn renewed_certificates(running: &TlsListeners, next: &TlsListeners) -> Vec<String> {
+    let leaf = |listeners: &TlsListeners, vhost: &str| {
+        listeners
+            .certificates
+            .iter()
+            .find(|(name, _)| name == vhost)
+            .and_then(|(_, c)| c.key.cert.first().cloned())
+    };
+    next.certificates
+        .iter()
+        .filter(|(vhost, _)| leaf(running, vhost) != leaf(next, vhost))
+        .map(|(vhost, certificate)| {
+            format!(
+                "vhost {vhost}: certificate {} loaded (valid until {})",
+                certificate.certificate.display(),
+                report::unix_date(certificate.not_after_unix)
+            )
+        })
+        .collect()
 }
 
 /// The access log file `config` names, opened; `None` when it names none.

@@ -7,9 +7,9 @@ use std::{collections::HashMap, net::SocketAddr, sync::atomic::Ordering};
 use serde::Serialize;
 use weir_common::{flow::FlowKey, l4::PROTO_TCP};
 use weir_config::control::{
-    AdminState, ControlError, DaemonStatus, DatapathCounter, Event, FlowEvent, FlowTableReport,
-    HealthState, L7Traffic, NodeStatus, ServerReport, StatsReport, StatusReport, Traffic,
-    VipReport,
+    AdminState, CertificateStatus, ControlError, DaemonStatus, DatapathCounter, Event, FlowEvent,
+    FlowTableReport, HealthState, L7Traffic, NodeStatus, ServerReport, StatsReport, StatusReport,
+    Traffic, VipReport,
 };
 
 use super::{Inner, State, internal, refusal};
@@ -86,8 +86,31 @@ impl State {
             counters: inner.counters()?,
             flows: inner.flow_table_report()?,
             listeners: inner.l7.status(),
+            certificates: inner
+                .tls
+                .certificates
+                .iter()
+                .map(|(vhost, certificate)| CertificateStatus {
+                    vhost: vhost.clone(),
+                    path: certificate.certificate.display().to_string(),
+                    not_after_unix: certificate.not_after_unix,
+                })
+                .collect(),
         })
     }
+}
+
+/// `unix` seconds as a UTC date and time (`2027-03-01 12:00:00 UTC`).
+pub(super) fn unix_date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("{unix} (Unix time)"))
 }
 
 impl Inner {

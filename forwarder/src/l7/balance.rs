@@ -181,6 +181,8 @@ mod tests {
             health: None,
             outlier: None,
             slow_start_ms,
+            redirect_to_https: false,
+            hsts_max_age_secs: None,
             servers: servers
                 .iter()
                 .enumerate()

@@ -615,6 +615,8 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
 #[derive(Debug, Clone, Copy)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
+    /// It came over TLS: the protocol forwarded is `https`.
+    pub tls: bool,
 }
 
 /// Writes the head of `request` as it goes to a server: HTTP/1.1, the hop-by-hop headers
@@ -680,7 +682,11 @@ pub fn write_server_head(
     // A trusted proxy in front already said which protocol the client used.
     let proto_known = forwarded.trust_incoming && request.header("x-forwarded-proto").is_some();
     if forwarded.x_forwarded_proto && !proto_known {
-        out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        out.extend_from_slice(if client.tls {
+            b"X-Forwarded-Proto: https\r\n"
+        } else {
+            b"X-Forwarded-Proto: http\r\n"
+        });
     }
     if forwarded.forwarded {
         let node = match ip {
@@ -691,7 +697,8 @@ pub fn write_server_head(
         if !value.is_empty() {
             value.extend_from_slice(b", ");
         }
-        value.extend_from_slice(format!("for={node};proto=http").as_bytes());
+        let proto = if client.tls { "https" } else { "http" };
+        value.extend_from_slice(format!("for={node};proto={proto}").as_bytes());
         if let Some(host) = &request.authority {
             let quoted = host.contains([':', '[']);
             if quoted {
@@ -708,13 +715,15 @@ pub fn write_server_head(
 
 /// Writes the head of `response` as it goes back to a client speaking HTTP/1.`client_minor`.
 /// `close` says weir closes the client connection after this response; `dechunk` that the
-/// body is decoded from chunked (for an HTTP/1.0 client), so `Transfer-Encoding` goes.
+/// body is decoded from chunked (for an HTTP/1.0 client), so `Transfer-Encoding` goes;
+/// `added` is whole header lines the vhost adds (HSTS), written after the server's.
 pub fn write_client_head(
     response: &ResponseHead,
     client_minor: u8,
     close: bool,
     dechunk: bool,
     via: bool,
+    added: &[u8],
     out: &mut Vec<u8>,
 ) {
     // Writing into a Vec cannot fail.
@@ -732,6 +741,7 @@ pub fn write_client_head(
         }
         push_header(out, name, value);
     }
+    out.extend_from_slice(added);
     if let Some(upgrade) = &response.upgrade {
         out.extend_from_slice(b"Connection: upgrade\r\n");
         push_header(out, "Upgrade", upgrade);
@@ -801,6 +811,7 @@ fn reason_phrase(status: u16) -> &'static str {
         408 => "Request Timeout",
         414 => "URI Too Long",
         417 => "Expectation Failed",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         502 => "Bad Gateway",
@@ -882,6 +893,7 @@ mod tests {
         let mut out = Vec::new();
         let client = ClientInfo {
             peer: "[fd00::7]:5000".parse().unwrap(),
+            tls: false,
         };
         let forwarded = ForwardedHeaders {
             forwarded: true,
@@ -915,7 +927,7 @@ mod tests {
         .unwrap()
         .unwrap();
         let mut out = Vec::new();
-        write_client_head(&response, 1, false, false, false, &mut out);
+        write_client_head(&response, 1, false, false, false, b"", &mut out);
         let again = parse_response(&out, "GET").unwrap().unwrap();
         assert_eq!(
             (response.body, again.body),
@@ -933,6 +945,7 @@ mod tests {
         let mut out = Vec::new();
         let client = ClientInfo {
             peer: "198.18.0.1:1".parse().unwrap(),
+            tls: false,
         };
         write_server_head(&request, client, &ForwardedHeaders::default(), &mut out);
         let limits = HeadLimits {

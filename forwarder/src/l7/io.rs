@@ -4,6 +4,13 @@
 //! and handed back (completion-based I/O owns a buffer while the kernel fills it). Changing
 //! runtime means changing this file and the worker loop in `mod.rs`, not the proxy.
 //!
+//! A client connection may carry TLS ([`Conn::accept_tls`]): rustls's state machine sits in
+//! the `Conn`, fed with the ciphertext read here and drained into the socket here, so the
+//! proxy reads and writes plaintext the same way on both kinds. Its borrows never span an
+//! await; ciphertext leaves under one lock ([`TlsSession::sending`]) because the records
+//! must go out in the order rustls made them, and a tunnel reads (which may have to answer)
+//! while it writes.
+//!
 //! Large bodies of known length can instead move socket → [`Pipe`] → socket with `splice(2)`,
 //! never copied through user space (decision 0012). io_uring's own splice op always runs on
 //! a blocking kernel worker thread, so splices here are non-blocking system calls made when
@@ -11,9 +18,11 @@
 //! socket ops ignore (they arm a poll when a socket is not ready either way).
 
 use std::{
-    io,
+    cell::RefCell,
+    io::{self, BufRead, Write},
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::Arc,
     time::Duration,
 };
 
@@ -24,12 +33,71 @@ use compio::{
     net::TcpStream,
 };
 
-/// A TCP connection (to a client or to a server).
+/// A TCP connection (to a client or to a server), with TLS on a client's if its listener
+/// terminates TLS.
 pub struct Conn {
     stream: TcpStream,
-    /// The socket is non-blocking, so it may be spliced (see the module docs).
+    /// The socket is non-blocking and carries no TLS, so it may be spliced (see the module
+    /// docs).
     spliceable: bool,
+    tls: Option<Box<TlsSession>>,
 }
+
+/// Ciphertext read from a socket at a time: one whole TLS record and its header.
+const TLS_READ_CHUNK: usize = 16 * 1024 + 256;
+/// Plaintext rustls holds encrypted but not yet sent, at most: a write waits for the socket
+/// beyond it.
+const TLS_SEND_BUFFER: usize = 64 * 1024;
+
+/// A TLS session over a client connection.
+struct TlsSession {
+    state: RefCell<rustls::ServerConnection>,
+    /// Held while ciphertext is being sent (see the module docs).
+    sending: futures_util::lock::Mutex<()>,
+    /// Reused buffers for ciphertext in and out (taken while the kernel holds them).
+    incoming: RefCell<Vec<u8>>,
+    outgoing: RefCell<Vec<u8>>,
+}
+
+/// Why a TLS handshake did not complete; the label is what counters and logs say. In the
+/// order of [`HandshakeFailure::ALL`], which `as usize` indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// It took longer than `tls_handshake_timeout_ms`.
+    Timeout,
+    /// The client closed or reset the connection before it finished.
+    Closed,
+    /// The client spoke plain HTTP to the TLS port (it got a 400 saying so).
+    Plaintext,
+    /// No certificate for the name the client asked for (SNI).
+    UnknownName,
+    /// Anything else the TLS protocol refused: a malformed or unsupported ClientHello, no
+    /// common version, cipher or ALPN protocol, a bad record.
+    Protocol,
+}
+
+impl HandshakeFailure {
+    pub const ALL: [HandshakeFailure; 5] = [
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Closed,
+        HandshakeFailure::Plaintext,
+        HandshakeFailure::UnknownName,
+        HandshakeFailure::Protocol,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Plaintext => "plaintext_http",
+            HandshakeFailure::UnknownName => "unknown_name",
+            HandshakeFailure::Protocol => "protocol",
+        }
+    }
+}
+
+/// What plain HTTP sent to a TLS port is told, as nginx does, before the connection closes.
+const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 48\r\nConnection: close\r\n\r\nThis port speaks HTTPS: use https:// to reach it\n";
 
 /// A read or write that did not finish in time.
 pub fn timed_out() -> io::Error {
@@ -44,7 +112,157 @@ impl Conn {
         let spliceable = socket2::SockRef::from(&stream)
             .set_nonblocking(true)
             .is_ok();
-        Conn { stream, spliceable }
+        Conn {
+            stream,
+            spliceable,
+            tls: None,
+        }
+    }
+
+    /// Completes a TLS handshake on a freshly accepted client connection under `config`,
+    /// within `timeout`. A failed handshake has sent the client its alert (or, to plain HTTP,
+    /// a 400) and closes the connection when the error is dropped.
+    pub async fn accept_tls(
+        stream: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+        timeout: Duration,
+    ) -> Result<Conn, HandshakeFailure> {
+        let mut session =
+            rustls::ServerConnection::new(config).map_err(|_| HandshakeFailure::Protocol)?;
+        session.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        let mut conn = Conn::new(stream);
+        conn.spliceable = false;
+        conn.tls = Some(Box::new(TlsSession {
+            state: RefCell::new(session),
+            sending: futures_util::lock::Mutex::new(()),
+            incoming: RefCell::new(Vec::with_capacity(TLS_READ_CHUNK)),
+            outgoing: RefCell::new(Vec::new()),
+        }));
+        match compio::time::timeout(timeout, conn.handshake()).await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(HandshakeFailure::Timeout),
+        }
+    }
+
+    async fn handshake(&self) -> Result<(), HandshakeFailure> {
+        let tls = self.tls.as_deref().expect("a TLS connection");
+        let mut first = true;
+        loop {
+            self.flush_tls(tls, Duration::MAX)
+                .await
+                .map_err(|_| HandshakeFailure::Closed)?;
+            if !tls.state.borrow().is_handshaking() {
+                return Ok(());
+            }
+            let (read, cipher) = self.read_ciphertext(tls, Duration::MAX).await;
+            let n = match read {
+                Ok(0) | Err(_) => return Err(HandshakeFailure::Closed),
+                Ok(n) => n,
+            };
+            // A TLS connection starts with a handshake record (22); an HTTP method is letters.
+            if first && cipher[0].is_ascii_uppercase() {
+                tls.incoming.replace(cipher);
+                let mut stream = &self.stream;
+                let _ = stream.write_all(PLAINTEXT_ANSWER).await;
+                return Err(HandshakeFailure::Plaintext);
+            }
+            first = false;
+            let fed = self.feed(tls, &cipher[..n]);
+            tls.incoming.replace(cipher);
+            if fed.is_err() {
+                // The alert rustls queued goes out before the connection closes.
+                let _ = self.flush_tls(tls, Duration::from_secs(1)).await;
+                return Err(if super::tls::take_unknown_name() {
+                    HandshakeFailure::UnknownName
+                } else {
+                    HandshakeFailure::Protocol
+                });
+            }
+        }
+    }
+
+    /// Reads the next ciphertext from the socket into the session's incoming buffer, which
+    /// is handed back with the result (the caller puts it back).
+    async fn read_ciphertext(
+        &self,
+        tls: &TlsSession,
+        timeout: Duration,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        let mut cipher = std::mem::take(&mut *tls.incoming.borrow_mut());
+        cipher.clear();
+        cipher.reserve(TLS_READ_CHUNK);
+        let mut stream = &self.stream;
+        let read = stream.read(cipher);
+        let BufResult(result, cipher) = if timeout == Duration::MAX {
+            read.await
+        } else {
+            match compio::time::timeout(timeout, read).await {
+                Ok(done) => done,
+                Err(_) => BufResult(Err(timed_out()), Vec::with_capacity(TLS_READ_CHUNK)),
+            }
+        };
+        (result, cipher)
+    }
+
+    /// Hands `cipher` to rustls and processes it. An error means the session is dead (an
+    /// alert may be queued for the peer).
+    fn feed(&self, tls: &TlsSession, mut cipher: &[u8]) -> Result<(), rustls::Error> {
+        let mut state = tls.state.borrow_mut();
+        while !cipher.is_empty() {
+            if state.read_tls(&mut cipher).is_err() {
+                return Err(rustls::Error::General("record buffer full".into()));
+            }
+            state.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// Sends whatever ciphertext rustls has queued, within `timeout`.
+    async fn flush_tls(&self, tls: &TlsSession, timeout: Duration) -> io::Result<()> {
+        let _sending = tls.sending.lock().await;
+        loop {
+            let out = {
+                let mut state = tls.state.borrow_mut();
+                if !state.wants_write() {
+                    return Ok(());
+                }
+                let mut out = std::mem::take(&mut *tls.outgoing.borrow_mut());
+                out.clear();
+                // Writing into a Vec takes everything queued.
+                state.write_tls(&mut out)?;
+                out
+            };
+            let mut stream = &self.stream;
+            let BufResult(written, out) = if timeout == Duration::MAX {
+                stream.write_all(out).await
+            } else {
+                match compio::time::timeout(timeout, stream.write_all(out)).await {
+                    Ok(done) => done,
+                    Err(_) => BufResult(Err(timed_out()), Vec::new()),
+                }
+            };
+            tls.outgoing.replace(out);
+            written?;
+        }
+    }
+
+    /// The name the client asked for in its TLS handshake (SNI), if any.
+    pub fn server_name(&self) -> Option<String> {
+        let tls = self.tls.as_deref()?;
+        tls.state.borrow().server_name().map(str::to_string)
+    }
+
+    /// Whether this connection carries TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Whether the TLS handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        self.tls.as_deref().is_some_and(|tls| {
+            tls.state.borrow().handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        })
     }
 
     /// The socket's descriptor, to shut it down from outside its task.
@@ -79,6 +297,9 @@ impl Conn {
         at_most: usize,
         timeout: Duration,
     ) -> BufResult<usize, Vec<u8>> {
+        if let Some(tls) = self.tls.as_deref() {
+            return self.read_plaintext(tls, buf, at_most, timeout).await;
+        }
         // A buffer reused across reads and requests keeps its allocation. The bound matters
         // to what follows a response head: bytes read with it are copied, the rest of a long
         // body is spliced.
@@ -93,9 +314,71 @@ impl Conn {
         }
     }
 
+    /// [`Conn::read_more`] on a TLS connection: what rustls has decrypted, else ciphertext
+    /// read and fed to it until it has some. A peer that closes without `close_notify` reads
+    /// as a close, as from a plain socket: HTTP's own framing tells a cut body.
+    async fn read_plaintext(
+        &self,
+        tls: &TlsSession,
+        mut buf: Vec<u8>,
+        at_most: usize,
+        timeout: Duration,
+    ) -> BufResult<usize, Vec<u8>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut state = tls.state.borrow_mut();
+                let mut reader = state.reader();
+                match reader.fill_buf() {
+                    Ok(plain) => {
+                        let n = plain.len().min(at_most);
+                        buf.extend_from_slice(&plain[..n]);
+                        reader.consume(n);
+                        return BufResult(Ok(n), buf);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                        return BufResult(Ok(0), buf);
+                    }
+                    Err(err) => return BufResult(Err(err), buf),
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return BufResult(Err(timed_out()), buf);
+            }
+            let (read, cipher) = self.read_ciphertext(tls, left).await;
+            let fed = match read {
+                Ok(0) => {
+                    // End of file: rustls tells a clean close from a cut one (above).
+                    let _ = tls.state.borrow_mut().read_tls(&mut &[][..]);
+                    Ok(())
+                }
+                Ok(n) => self.feed(tls, &cipher[..n]),
+                Err(err) => {
+                    tls.incoming.replace(cipher);
+                    return BufResult(Err(err), buf);
+                }
+            };
+            tls.incoming.replace(cipher);
+            // Something to answer (an alert, a key update), or nothing: sent either way.
+            let flushed = self.flush_tls(tls, left).await;
+            if let Err(err) = fed {
+                return BufResult(Err(io::Error::new(io::ErrorKind::InvalidData, err)), buf);
+            }
+            if let Err(err) = flushed {
+                return BufResult(Err(err), buf);
+            }
+        }
+    }
+
     /// Writes all of `buf`, giving up (the connection is then cut) when that takes longer
     /// than `timeout`: a peer that stops reading cannot hold a connection.
     pub async fn write_all(&self, buf: Vec<u8>, timeout: Duration) -> BufResult<(), Vec<u8>> {
+        if let Some(tls) = self.tls.as_deref() {
+            let result = self.write_plaintext(tls, &buf, timeout).await;
+            return BufResult(result, buf);
+        }
         let mut stream = &self.stream;
         match compio::time::timeout(timeout, stream.write_all(buf)).await {
             Ok(result) => result,
@@ -103,8 +386,33 @@ impl Conn {
         }
     }
 
+    /// [`Conn::write_all`] on a TLS connection: encrypted a buffer's worth at a time, each
+    /// sent before the next is taken.
+    async fn write_plaintext(
+        &self,
+        tls: &TlsSession,
+        mut plain: &[u8],
+        timeout: Duration,
+    ) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while !plain.is_empty() {
+            let taken = tls.state.borrow_mut().writer().write(plain)?;
+            plain = &plain[taken..];
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            self.flush_tls(tls, left).await?;
+        }
+        Ok(())
+    }
+
     /// Closes the sending side (the peer reads end of file), keeping the receiving side.
     pub async fn shutdown_write(&self) {
+        if let Some(tls) = self.tls.as_deref() {
+            tls.state.borrow_mut().send_close_notify();
+            let _ = self.flush_tls(tls, Duration::from_secs(1)).await;
+        }
         let mut stream = &self.stream;
         let _ = stream.shutdown().await;
     }

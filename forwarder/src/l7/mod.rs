@@ -21,6 +21,7 @@ pub mod http;
 pub mod io;
 pub mod proxy;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 
@@ -39,12 +40,13 @@ use std::{
 use arc_swap::ArcSwap;
 use compio::runtime::event::{Event, EventHandle};
 use socket2::{Domain, Socket, Type};
-use weir_config::control::{ListenerStatus, RefusalCount};
+use weir_config::control::{ListenerStatus, RefusalCount, TlsHandshakes};
 
 pub use snapshot::L7Snapshot;
 
 use access_log::{AccessLog, LogFile};
 
+use io::HandshakeFailure;
 use worker::Worker;
 
 /// How often a worker closes idle server connections that expired or whose server left
@@ -71,6 +73,10 @@ pub struct WorkerCounters {
     /// already costs a response, so a lock (never contended: status readers only) and a short
     /// list are enough; the reasons are the proxy's static texts, so the list stays short.
     refusals: std::sync::Mutex<Vec<(u16, &'static str, u64)>>,
+    /// TLS handshakes completed in full and resumed, and failed by [`HandshakeFailure`].
+    tls_full: AtomicU64,
+    tls_resumed: AtomicU64,
+    tls_failures: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 impl WorkerCounters {
@@ -235,9 +241,11 @@ impl L7Workers {
 
     /// Each listener with its counters summed over workers.
     pub fn status(&self) -> Vec<ListenerStatus> {
+        let snapshot = self.snapshot.load();
         self.listeners
             .iter()
-            .map(|listener| {
+            .enumerate()
+            .map(|(index, listener)| {
                 let total = |f: fn(&WorkerCounters) -> &AtomicU64| {
                     listener
                         .counters
@@ -263,6 +271,24 @@ impl L7Workers {
                     }
                 }
                 refusals.sort_by(|a, b| (a.status, &a.reason).cmp(&(b.status, &b.reason)));
+                let terminates = snapshot.tls.config_for(index).is_some();
+                let tls = terminates.then(|| TlsHandshakes {
+                    full: total(|c| &c.tls_full),
+                    resumed: total(|c| &c.tls_resumed),
+                    failures: HandshakeFailure::ALL
+                        .iter()
+                        .enumerate()
+                        .map(|(i, failure)| {
+                            let count = listener
+                                .counters
+                                .iter()
+                                .map(|c| c.tls_failures[i].load(Ordering::Relaxed))
+                                .sum();
+                            (failure.label().to_string(), count)
+                        })
+                        .filter(|&(_, count)| count > 0)
+                        .collect(),
+                });
                 ListenerStatus {
                     address: listener.address,
                     workers: self.workers,
@@ -270,6 +296,7 @@ impl L7Workers {
                     open_connections: total(|c| &c.open),
                     requests: total(|c| &c.requests),
                     refusals,
+                    tls,
                 }
             })
             .collect()
@@ -434,6 +461,39 @@ async fn drain(worker: &Worker, grace: Duration) {
     }
 }
 
+/// The accepted `stream` as the proxy talks to it: as it is, or once its TLS handshake
+/// completed if listener `index` terminates TLS (`None` if the handshake failed: counted).
+async fn client_conn(
+    worker: &Worker,
+    index: usize,
+    stream: compio::net::TcpStream,
+    counters: &WorkerCounters,
+) -> Option<io::Conn> {
+    let (config, timeout) = {
+        let snapshot = worker.snapshot.load();
+        let Some(config) = snapshot.tls.config_for(index) else {
+            return Some(io::Conn::new(stream));
+        };
+        let timeout = Duration::from_millis(snapshot.settings.tls_handshake_timeout_ms);
+        (Arc::clone(config), timeout)
+    };
+    match io::Conn::accept_tls(stream, config, timeout).await {
+        Ok(conn) => {
+            let completed = if conn.resumed() {
+                &counters.tls_resumed
+            } else {
+                &counters.tls_full
+            };
+            completed.fetch_add(1, Ordering::Relaxed);
+            Some(conn)
+        }
+        Err(failure) => {
+            counters.tls_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 /// Accepts connections on `socket` for listener `index` until the task is dropped.
 ///
 /// It waits for the socket to be readable, then takes what its backlog holds with plain
@@ -477,11 +537,18 @@ async fn accept_loop(
             if worker.connections.get() >= limit() {
                 worker.refusing.set(worker.refusing.get() + 1);
                 let refusing = Rc::clone(&worker);
+                let tls = worker.snapshot.load().tls.config_for(index).is_some();
                 compio::runtime::spawn(async move {
                     let counters = &listeners[index].counters[refusing.index];
                     let client = io::Conn::new(stream);
-                    proxy::refuse_over_limit(Rc::clone(&refusing), index, client, peer, counters)
-                        .await;
+                    if tls {
+                        // A 503 would need a handshake first, which an overloaded worker
+                        // should not spend: the connection is closed, and counted.
+                        counters.refused(503, "connection limit reached");
+                    } else {
+                        let refusing = Rc::clone(&refusing);
+                        proxy::refuse_over_limit(refusing, index, client, peer, counters).await;
+                    }
                     refusing.refusing.set(refusing.refusing.get() - 1);
                 })
                 .detach();
@@ -497,14 +564,9 @@ async fn accept_loop(
                 let counters = &listeners[index].counters[worker.index];
                 counters.connections.fetch_add(1, Ordering::Relaxed);
                 counters.open.fetch_add(1, Ordering::Relaxed);
-                proxy::serve_client(
-                    Rc::clone(&worker),
-                    index,
-                    io::Conn::new(stream),
-                    peer,
-                    counters,
-                )
-                .await;
+                if let Some(client) = client_conn(&worker, index, stream, counters).await {
+                    proxy::serve_client(Rc::clone(&worker), index, client, peer, counters).await;
+                }
                 counters.open.fetch_sub(1, Ordering::Relaxed);
                 worker.connections.set(worker.connections.get() - 1);
             })

@@ -18,6 +18,7 @@
 
 use std::{
     cell::Cell,
+    io::Write,
     net::SocketAddr,
     rc::Rc,
     sync::atomic::{AtomicU64, Ordering},
@@ -39,6 +40,7 @@ use super::{
     },
     io::Conn,
     snapshot::{L7Snapshot, PoolServer, VhostPool},
+    tls::{same_certificate, sni_vhost},
     upstream::UpstreamConn,
     worker::{IdleClient, LentPipe},
 };
@@ -84,6 +86,11 @@ pub async fn serve_client(
 ) {
     let mut buf = worker.buffer();
     let mut first = true;
+    // On TLS, the vhost whose certificate the handshake presented (by SNI).
+    let presented = client.server_name().map(|name| {
+        let snapshot = worker.snapshot.load();
+        sni_vhost(&snapshot.listeners[listener], Some(&name))
+    });
     loop {
         // A stopping worker still answers the request a client is sending (with
         // `Connection: close`): closing a connection that may carry one would reset it. One
@@ -112,6 +119,13 @@ pub async fn serve_client(
         let routed = snapshot.listeners[listener].route(request.host.as_deref());
         let outcome = match routed {
             None => Err(ProxyError::client(404, "no virtual host serves this Host")),
+            Some(vhost) if misdirected(&snapshot, presented, vhost) => Err(ProxyError::client(
+                421,
+                "this connection's certificate does not serve this Host",
+            )),
+            Some(vhost) if snapshot.vhosts[vhost].redirect_to_https => {
+                redirect_to_https(&worker, &request, &client).await
+            }
             Some(vhost) => {
                 exchange(&worker, &snapshot, vhost, &request, &client, &mut buf, peer).await
             }
@@ -137,6 +151,54 @@ pub async fn serve_client(
             }
         }
     }
+}
+
+/// Whether a request for `vhost` came on a TLS connection whose handshake presented another
+/// vhost's certificate (`presented`: the SNI's vhost, `Some(None)` for a name none serves).
+/// Such a request is refused with 421 (RFC 9110 §15.5.20) rather than served under a
+/// certificate that does not name its host.
+fn misdirected(snapshot: &L7Snapshot, presented: Option<Option<usize>>, vhost: usize) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    presented.is_none_or(|by_sni| {
+        let names = |v: usize| snapshot.vhosts[v].name.as_str();
+        !same_certificate(&snapshot.tls, names(by_sni), names(vhost))
+    })
+}
+
+/// Answers `request` with `308 Permanent Redirect` to the same URL over HTTPS. Its body, if
+/// any, is not read: the connection closes after the answer.
+async fn redirect_to_https(
+    worker: &Worker,
+    request: &RequestHead,
+    client: &Conn,
+) -> Result<Exchanged, ProxyError> {
+    let authority = request.authority.as_deref().unwrap_or_default();
+    let keep_alive = request.keep_alive && request.body == BodyLength::Empty && !worker.stopping();
+    let mut out = worker.buffer();
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "HTTP/1.1 308 Permanent Redirect\r\nServer: weir\r\nLocation: https://{authority}{}\r\nContent-Length: 0\r\nConnection: {}\r\n\r\n",
+        if request.target == "*" {
+            "/"
+        } else {
+            request.target.as_str()
+        },
+        if keep_alive { "keep-alive" } else { "close" },
+    );
+    let bytes = out.len() as u64;
+    let timeout = ms(worker.snapshot.load().settings.body_idle_timeout_ms);
+    let BufResult(written, out) = client.write_all(out, timeout).await;
+    worker.recycle(out);
+    written.map_err(|_| ProxyError::client_gone())?;
+    Ok(Exchanged {
+        status: 308,
+        server: None,
+        keep_alive,
+        bytes,
+    })
 }
 
 /// Answers a connection accepted past the worker's connection limit: 503 and close, counted
@@ -182,7 +244,8 @@ async fn refuse_unread(
 #[derive(Debug)]
 struct Exchanged {
     status: u16,
-    server: SocketAddr,
+    /// The server that answered; `None` when weir did (a redirect).
+    server: Option<SocketAddr>,
     keep_alive: bool,
     /// Bytes sent to the client: head and body.
     bytes: u64,
@@ -228,7 +291,7 @@ fn log_exchange(
         return;
     }
     let (status, server, bytes, reason) = match outcome {
-        Ok(e) => (e.status, Some(e.server), e.bytes, None),
+        Ok(e) => (e.status, e.server, e.bytes, None),
         Err(err) => match err.answer {
             Some((status, reason)) => (
                 status,
@@ -386,15 +449,18 @@ fn note_outcome(pool: &VhostPool, index: usize, ok: bool) {
 struct InFlight<'a> {
     server: &'a PoolServer,
     started: Instant,
+    /// Header lines the vhost adds to every response (`VhostPool::response_headers`).
+    added_headers: &'a [u8],
 }
 
 impl<'a> InFlight<'a> {
-    fn new(server: &'a PoolServer) -> Self {
+    fn new(server: &'a PoolServer, added_headers: &'a [u8]) -> Self {
         server.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         server.stats.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             server,
             started: Instant::now(),
+            added_headers,
         }
     }
 }
@@ -427,7 +493,10 @@ async fn exchange(
     };
     write_server_head(
         request,
-        ClientInfo { peer },
+        ClientInfo {
+            peer,
+            tls: client.is_tls(),
+        },
         &snapshot.settings.forwarded,
         &mut state.head,
     );
@@ -501,7 +570,7 @@ async fn attempt(
     let settings = &snapshot.settings;
     let pool = &snapshot.vhosts[vhost];
     let server = &pool.servers[index];
-    let in_flight = InFlight::new(server);
+    let in_flight = InFlight::new(server, &pool.response_headers);
     let pooled = worker.upstreams.take(
         server.address,
         ms(settings.upstream_idle_timeout_ms),
@@ -598,7 +667,7 @@ async fn attempt(
             note_outcome(pool, index, status < 500);
             Ok(Exchanged {
                 status,
-                server: server.address,
+                server: Some(server.address),
                 keep_alive,
                 bytes,
             })
@@ -713,6 +782,7 @@ async fn relay_response(
             false,
             false,
             settings.forwarded.via,
+            in_flight.added_headers,
             &mut out,
         );
         let head_len = out.len() as u64;
@@ -745,6 +815,7 @@ async fn relay_response(
         close,
         dechunk,
         settings.forwarded.via,
+        in_flight.added_headers,
         &mut out,
     );
     let (relayed, relayed_bytes) = {

@@ -22,6 +22,7 @@ use weir_config::{
     control::{AdminState, RESPONSE_TIME_BOUNDS_SECS, RESPONSE_TIME_BUCKETS},
 };
 
+use super::tls::TlsListeners;
 use crate::{
     maglev::{DEFAULT_TABLE_SIZE, MaglevServer, MaglevTable},
     pool::{in_rotation, ramped_weight},
@@ -115,6 +116,10 @@ pub struct VhostPool {
     pub requests: Arc<AtomicU64>,
     pub outlier: Option<OutlierDetection>,
     pub slow_start_ms: u64,
+    /// Requests get `308` to the same URL over HTTPS instead of reaching the pool.
+    pub redirect_to_https: bool,
+    /// Whole header lines added to every response it relays (HSTS), rendered once here.
+    pub response_headers: Vec<u8>,
 }
 
 impl VhostPool {
@@ -170,6 +175,52 @@ pub struct ListenerRoutes {
 }
 
 impl ListenerRoutes {
+    /// The routes of the listener on `address`, from every vhost as `(listen, hosts, default)`
+    /// in config order (a route names a vhost by its position).
+    fn new<'a, H: IntoIterator<Item = &'a str>>(
+        address: SocketAddr,
+        vhosts: impl IntoIterator<Item = (SocketAddr, H, bool)>,
+    ) -> ListenerRoutes {
+        let mut routes = ListenerRoutes {
+            address,
+            exact: HashMap::new(),
+            wildcards: Vec::new(),
+            default: None,
+        };
+        for (index, (listen, hosts, default)) in vhosts.into_iter().enumerate() {
+            if listen != address {
+                continue;
+            }
+            for host in hosts {
+                match host.strip_prefix('*') {
+                    Some(suffix) => routes.wildcards.push((suffix.to_string(), index)),
+                    None => {
+                        routes.exact.insert(host.to_string(), index);
+                    }
+                }
+            }
+            if default {
+                routes.default = Some(index);
+            }
+        }
+        routes
+            .wildcards
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        routes
+    }
+
+    /// The routes of the listener on `address` as `config` has its vhosts (what TLS chooses
+    /// certificates with before the pools exist).
+    pub fn of_config(address: SocketAddr, config: &Config) -> ListenerRoutes {
+        ListenerRoutes::new(
+            address,
+            config.vhosts.iter().map(|v| {
+                let hosts = v.hosts.iter().map(|h| h.get_ref().as_str());
+                (v.listen, hosts, v.default)
+            }),
+        )
+    }
+
     /// The vhost serving `host` (normalised: lower case, no port): an exact name, else the
     /// longest matching wildcard, else the listener's default.
     pub fn route(&self, host: Option<&str>) -> Option<usize> {
@@ -200,19 +251,29 @@ pub struct L7Snapshot {
     /// the ones whose idle connections are worth keeping. Precomputed, so a finished response
     /// asks one set instead of scanning every pool.
     pub reusable: HashSet<SocketAddr>,
+    /// The TLS configs of the listeners that terminate TLS, and the certificates.
+    pub tls: Arc<TlsListeners>,
 }
 
 impl L7Snapshot {
     /// What the workers route `vhosts` with under `config`'s `[l7]` settings and listeners,
-    /// carrying counters over from `previous` (and the generation, which `publish` steps).
-    pub fn of(vhosts: &Vhosts, config: &Config, previous: Option<&L7Snapshot>) -> L7Snapshot {
-        L7Snapshot::build(
+    /// with the certificates `tls` loaded from it, carrying counters over from `previous` (and
+    /// the generation, which `publish` steps).
+    pub fn of(
+        vhosts: &Vhosts,
+        config: &Config,
+        tls: Arc<TlsListeners>,
+        previous: Option<&L7Snapshot>,
+    ) -> L7Snapshot {
+        let mut snapshot = L7Snapshot::build(
             previous.map_or(0, |p| p.generation),
             config.l7.clone(),
             &config.l7_listen_addresses(),
             vhosts.as_slice(),
             previous,
-        )
+        );
+        snapshot.tls = tls;
+        snapshot
     }
 
     /// Builds the snapshot for `listeners` (fixed at start) and `vhosts`, carrying counters
@@ -225,32 +286,22 @@ impl L7Snapshot {
         vhosts: &[Vhost],
         previous: Option<&L7Snapshot>,
     ) -> L7Snapshot {
-        let mut routes: Vec<ListenerRoutes> = listeners
+        let routes: Vec<ListenerRoutes> = listeners
             .iter()
-            .map(|&address| ListenerRoutes {
-                address,
-                exact: HashMap::new(),
-                wildcards: Vec::new(),
-                default: None,
+            .map(|&address| {
+                ListenerRoutes::new(
+                    address,
+                    vhosts.iter().map(|v| {
+                        let hosts = v.hosts.iter().map(String::as_str);
+                        (v.listen, hosts, v.default)
+                    }),
+                )
             })
             .collect();
         let previous_vhost =
             |name: &str| previous.and_then(|p| p.vhosts.iter().find(|v| v.name == name));
         let mut pools = Vec::with_capacity(vhosts.len());
-        for (index, spec) in vhosts.iter().enumerate() {
-            if let Some(listener) = routes.iter_mut().find(|l| l.address == spec.listen) {
-                for host in &spec.hosts {
-                    match host.strip_prefix('*') {
-                        Some(suffix) => listener.wildcards.push((suffix.to_string(), index)),
-                        None => {
-                            listener.exact.insert(host.clone(), index);
-                        }
-                    }
-                }
-                if spec.default {
-                    listener.default = Some(index);
-                }
-            }
+        for spec in vhosts {
             let old = previous_vhost(&spec.name);
             let servers: Vec<PoolServer> = spec
                 .servers
@@ -303,12 +354,13 @@ impl L7Snapshot {
                 requests: old.map_or_else(Arc::default, |o| Arc::clone(&o.requests)),
                 outlier: spec.outlier.clone(),
                 slow_start_ms: spec.slow_start_ms,
+                redirect_to_https: spec.redirect_to_https,
+                response_headers: spec
+                    .hsts_max_age_secs
+                    .map(|age| format!("Strict-Transport-Security: max-age={age}\r\n"))
+                    .unwrap_or_default()
+                    .into_bytes(),
             });
-        }
-        for listener in &mut routes {
-            listener
-                .wildcards
-                .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         }
         let reusable = pools
             .iter()
@@ -320,6 +372,7 @@ impl L7Snapshot {
             listeners: routes,
             vhosts: pools,
             reusable,
+            tls: Arc::default(),
         }
     }
 
@@ -372,6 +425,8 @@ mod tests {
             health: None,
             outlier: None,
             slow_start_ms: 0,
+            redirect_to_https: false,
+            hsts_max_age_secs: None,
             servers: vec![server(
                 "127.0.0.2:80".parse().unwrap(),
                 AdminState::Ready,

@@ -242,6 +242,7 @@ mod tests {
             listeners: Vec::new(),
             vhosts: Vec::new(),
             reusable: Default::default(),
+            tls: Default::default(),
         };
         Worker::new(
             0,
