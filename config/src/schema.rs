@@ -1386,6 +1386,66 @@ servers = [{ address = "198.18.1.11:8080" }]
     }
 
     #[test]
+    fn tls_rules_keep_a_listener_one_protocol_and_options_where_they_mean_something() {
+        let source = r#"
+[[vhost]]
+name = "secure"
+listen = "127.0.0.1:443"
+hosts = ["a.test"]
+tls = { certificate = "/etc/weir/a.pem", key = "/etc/weir/a.key" }
+redirect_to_https = true
+servers = [{ address = "127.0.0.2:80" }]
+
+[[vhost]]
+name = "plain"
+listen = "127.0.0.1:443"
+hosts = ["b.test"]
+hsts_max_age_secs = 600
+servers = [{ address = "127.0.0.2:80" }]
+
+[[vhost]]
+name = "typo"
+listen = "127.0.0.1:8443"
+hosts = ["c.test"]
+tls = { certificate = "/etc/weir/c.pem", key = "/etc/weir/c.key", chain = "x" }
+servers = [{ address = "127.0.0.2:80" }]
+"#;
+        let errs = errors(source);
+        let expect = [
+            "vhost `secure` terminates TLS: redirect_to_https is for plain-HTTP vhosts",
+            "vhost `plain` has no tls: browsers ignore hsts_max_age_secs",
+            "vhost `secure` terminates TLS on 127.0.0.1:443 but vhost `plain` there does not",
+        ];
+        // An unknown key in `tls` is a parse error of its own, reported alone.
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].contains("unknown field `chain`"), "{errs:#?}");
+        let errs = errors(&source.replace(", chain = \"x\"", ""));
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+        for wanted in expect {
+            assert!(
+                errs.iter().any(|e| e.contains(wanted)),
+                "no `{wanted}` in {errs:#?}"
+            );
+        }
+        let good = parse(
+            &source
+                .replace(", chain = \"x\"", "")
+                .replace("redirect_to_https = true\n", "")
+                .replace("hsts_max_age_secs = 600\n", "")
+                .replace(
+                    "listen = \"127.0.0.1:443\"\nhosts = [\"b.test\"]",
+                    "listen = \"127.0.0.1:80\"\nhosts = [\"b.test\"]",
+                ),
+        )
+        .unwrap();
+        assert_eq!(
+            good.vhosts[0].tls.as_ref().unwrap().key,
+            PathBuf::from("/etc/weir/a.key")
+        );
+        assert_eq!(good.l7.tls_handshake_timeout_ms, 10_000);
+    }
+
+    #[test]
     fn vhost_rules_name_hosts_defaults_and_hashing() {
         let source = r#"
 [[vhost]]

@@ -19,6 +19,7 @@ pub mod origin;
 pub mod packet_bed;
 pub mod proxy;
 pub mod supervisor;
+pub mod tls;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -87,6 +87,18 @@ impl Proxy {
         self.workers.publish(snapshot);
     }
 
+    /// Reads the certificates again and publishes them, as a reload does.
+    pub fn reload_tls(&mut self) {
+        let current = self.workers.snapshot();
+        let snapshot = L7Snapshot::of(
+            &self.vhosts,
+            &self.config,
+            tls_of(&self.config),
+            Some(&current),
+        );
+        self.workers.publish(snapshot);
+    }
+
     pub fn conn(&self) -> HttpConn {
         HttpConn::connect(self.address).expect("connect to the proxy")
     }

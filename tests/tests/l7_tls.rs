@@ -1,0 +1,494 @@
+//! TLS termination end to end on loopback: the real workers in this process, certificates
+//! issued by a throwaway CA into files, and real clients — curl, `openssl s_client`, and a
+//! rustls client that keeps its connection open. No privileges needed.
+//!
+//! Checked: SNI picks each vhost's certificate and pool; ALPN, protocol versions and session
+//! resumption; a name no vhost serves, and the default vhost; 421 for a Host another
+//! certificate serves; HSTS, forwarding headers, redirect to HTTPS; a certificate swapped by
+//! a reload reaches new connections while an open one keeps working; and bad input —
+//! plain HTTP, a malformed or truncated ClientHello, a client that never finishes — is
+//! closed, counted, and leaves the proxy serving.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use weir_config::control::TlsHandshakes;
+use weir_tests::{
+    http_origin::HttpOrigin,
+    netns::wait_until,
+    proxy::{Proxy, origins},
+    tls::{IssuedFiles, KeyKind, TestCa, TlsClient},
+};
+
+/// A test's directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("weir-tls-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TLS vhost `name` for `hosts` presenting `files`, with servers `SERVER1..n`.
+fn tls_vhost(
+    name: &str,
+    hosts: &[&str],
+    files: &IssuedFiles,
+    servers: &[usize],
+    more: &str,
+) -> String {
+    let hosts: Vec<String> = hosts.iter().map(|h| format!("\"{h}\"")).collect();
+    let pool: Vec<String> = servers
+        .iter()
+        .map(|i| format!("{{ address = \"SERVER{i}\" }}"))
+        .collect();
+    format!(
+        "[[vhost]]\nname = \"{name}\"\nlisten = \"LISTEN\"\nhosts = [{}]\n{more}tls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{}]\n",
+        hosts.join(", "),
+        files.certificate.display(),
+        files.key.display(),
+        pool.join(", ")
+    )
+}
+
+/// Two vhosts on one TLS listener, `a.test` (servers s1) and `b.test` (s2, with HSTS), each
+/// with its own certificate.
+struct TwoSites {
+    scratch: Scratch,
+    ca: TestCa,
+    a: IssuedFiles,
+    b: IssuedFiles,
+    origins: Vec<HttpOrigin>,
+    proxy: Proxy,
+}
+
+fn two_sites(name: &str, l7: &str, b_kind: KeyKind) -> TwoSites {
+    let scratch = Scratch::new(name);
+    let ca = TestCa::new(&scratch.0);
+    let a = ca.issue(&scratch.0, "a", &["a.test"], KeyKind::EcdsaP256);
+    let b = ca.issue(&scratch.0, "b", &["b.test", "*.b.test"], b_kind);
+    let origins = origins(2);
+    let config = tls_vhost("a", &["a.test"], &a, &[1], "")
+        + &tls_vhost(
+            "b",
+            &["b.test", "*.b.test"],
+            &b,
+            &[2],
+            "hsts_max_age_secs = 31536000\n",
+        );
+    let proxy = Proxy::start(l7, &config, &origins.iter().collect::<Vec<_>>());
+    TwoSites {
+        scratch,
+        ca,
+        a,
+        b,
+        origins,
+        proxy,
+    }
+}
+
+impl TwoSites {
+    fn client(&self, name: &str) -> std::io::Result<TlsClient> {
+        TlsClient::connect(self.proxy.address, name, self.ca.client_config())
+    }
+
+    /// `curl` to `https://host/path` at the proxy, trusting the test CA: its output.
+    fn curl(&self, host: &str, path: &str, extra: &[&str]) -> Output {
+        let port = self.proxy.address.port();
+        Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "5", "--cacert"])
+            .arg(&self.ca.path)
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:{}", self.proxy.address.ip()))
+            .args(extra)
+            .arg(format!("https://{host}:{port}{path}"))
+            .output()
+            .expect("curl runs")
+    }
+
+    /// `openssl s_client` to the proxy with `args`, stdin empty: what it printed.
+    fn s_client(&self, args: &[&str]) -> String {
+        self.s_client_sending(args, b"")
+    }
+
+    /// [`TwoSites::s_client`] sending `input` once connected, then reading until the proxy
+    /// closes (so a TLS 1.3 ticket sent after the handshake is read too).
+    fn s_client_sending(&self, args: &[&str], input: &[u8]) -> String {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &self.proxy.address.to_string(),
+                "-CAfile",
+            ])
+            .arg(&self.ca.path)
+            .args(args)
+            .args(if input.is_empty() {
+                &[][..]
+            } else {
+                &["-ign_eof"][..]
+            })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl runs");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    fn handshakes(&self) -> TlsHandshakes {
+        self.proxy.workers.status()[0]
+            .tls
+            .clone()
+            .expect("the listener reports TLS handshakes")
+    }
+
+    fn failures(&self, reason: &str) -> u64 {
+        self.handshakes()
+            .failures
+            .iter()
+            .find(|(r, _)| r == reason)
+            .map_or(0, |&(_, n)| n)
+    }
+
+    /// Waits until `reason` has counted `n` failed handshakes (the count follows the close a
+    /// client sees by a moment), and fails the test if it does not, or counts more.
+    fn expect_failures(&self, reason: &str, n: u64) {
+        let _ = wait_until(reason, Duration::from_secs(5), || {
+            self.failures(reason) >= n
+        });
+        assert_eq!(
+            self.failures(reason),
+            n,
+            "{reason}: {:?}",
+            self.handshakes()
+        );
+    }
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn sni_picks_each_vhost_certificate_and_pool() {
+    let sites = two_sites("sni", "", KeyKind::Rsa2048);
+    let a = sites.curl("a.test", "/", &[]);
+    assert!(a.status.success(), "{}", text(&a));
+    let a = text(&a);
+    assert!(a.starts_with("HTTP/1.1 200") && a.ends_with("s1\n"), "{a}");
+    assert!(
+        !a.to_ascii_lowercase().contains("strict-transport-security"),
+        "{a}"
+    );
+    // b.test presents an RSA certificate that names it (curl verifies), reaches s2, HSTS on.
+    let b = sites.curl("www.b.test", "/", &[]);
+    assert!(b.status.success(), "{}", text(&b));
+    let b = text(&b);
+    assert!(b.ends_with("s2\n"), "{b}");
+    assert!(
+        b.to_ascii_lowercase()
+            .contains("strict-transport-security: max-age=31536000"),
+        "{b}"
+    );
+    let mut client = sites.client("a.test").unwrap();
+    assert_eq!(client.peer_certificate(), sites.a.der);
+    assert_eq!(client.alpn().as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(client.get("a.test", "/").unwrap().body, "s1\n");
+    let client = sites.client("b.test").unwrap();
+    assert_eq!(client.peer_certificate(), sites.b.der);
+    // The servers hear that the client used HTTPS.
+    let seen = sites.origins[0].requests();
+    let last = seen.last().unwrap();
+    assert_eq!(last.header("x-forwarded-proto"), Some("https"), "{last:?}");
+    let _ = wait_until("handshakes", Duration::from_secs(5), || {
+        sites.handshakes().full >= 4
+    });
+    assert_eq!(sites.handshakes().full, 4, "{:?}", sites.handshakes());
+}
+
+#[test]
+fn openssl_sees_alpn_versions_and_resumed_sessions() {
+    let sites = two_sites("openssl", "", KeyKind::EcdsaP256);
+    let out = sites.s_client(&["-servername", "a.test", "-alpn", "http/1.1"]);
+    assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
+    assert!(out.contains("Verification: OK"), "{out}");
+    for version in ["-tls1_2", "-tls1_3"] {
+        let out = sites.s_client(&["-servername", "a.test", version, "-brief"]);
+        let expected = if version == "-tls1_2" {
+            "TLSv1.2"
+        } else {
+            "TLSv1.3"
+        };
+        assert!(
+            out.contains(&format!("Protocol version: {expected}")),
+            "{version}: {out}"
+        );
+    }
+    // TLS 1.1 and older are refused.
+    let out = sites.s_client(&["-servername", "a.test", "-tls1_1", "-brief"]);
+    assert!(!out.contains("Protocol version"), "{out}");
+    // Resumption, with TLS 1.3 tickets and with TLS 1.2.
+    for version in ["-tls1_3", "-tls1_2"] {
+        let session = sites.scratch.0.join(format!("session{version}.pem"));
+        let request = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
+        let first = sites.s_client_sending(
+            &[
+                "-servername",
+                "a.test",
+                version,
+                "-sess_out",
+                session.to_str().unwrap(),
+            ],
+            request,
+        );
+        assert!(first.contains("New, TLSv1."), "{version}: {first}");
+        let again = sites.s_client(&[
+            "-servername",
+            "a.test",
+            version,
+            "-sess_in",
+            session.to_str().unwrap(),
+        ]);
+        assert!(again.contains("Reused, TLSv1."), "{version}: {again}");
+    }
+    let _ = wait_until("resumptions", Duration::from_secs(5), || {
+        sites.handshakes().resumed >= 2
+    });
+    assert_eq!(sites.handshakes().resumed, 2, "{:?}", sites.handshakes());
+}
+
+#[test]
+fn unknown_names_fail_cleanly_and_the_default_vhost_takes_them_when_there_is_one() {
+    let sites = two_sites("unknown", "", KeyKind::EcdsaP256);
+    let out = sites.curl("c.test", "/", &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = sites.s_client(&["-noservername", "-brief"]);
+    assert!(
+        !out.contains("Protocol version"),
+        "no SNI, no default: {out}"
+    );
+    sites.expect_failures("unknown_name", 2);
+
+    // With a default vhost, unknown names and no SNI get its certificate.
+    let scratch = Scratch::new("default");
+    let ca = TestCa::new(&scratch.0);
+    let files = ca.issue(&scratch.0, "d", &["d.test"], KeyKind::EcdsaP256);
+    let origins = origins(1);
+    let proxy = Proxy::start(
+        "",
+        &tls_vhost("d", &["d.test"], &files, &[1], "default = true\n"),
+        &[&origins[0]],
+    );
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    assert_eq!(client.get("other.test", "/").unwrap().body, "s1\n");
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &proxy.address.to_string(),
+            "-noservername",
+            "-brief",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(text(&out).contains("Protocol version"), "{}", text(&out));
+}
+
+#[test]
+fn a_host_the_presented_certificate_does_not_serve_gets_421() {
+    let sites = two_sites("misdirected", "", KeyKind::EcdsaP256);
+    let mut client = sites.client("a.test").unwrap();
+    assert_eq!(client.get("a.test", "/").unwrap().status, 200);
+    let response = client.get("b.test", "/").unwrap();
+    assert_eq!(response.status, 421, "{response:?}");
+    assert!(sites.origins[1].requests().is_empty());
+}
+
+#[test]
+fn a_plain_vhost_can_redirect_to_https() {
+    let origins = origins(1);
+    let proxy = Proxy::start(
+        "",
+        "[[vhost]]\nname = \"r\"\nlisten = \"LISTEN\"\nhosts = [\"r.test\"]\nredirect_to_https = true\nservers = [{ address = \"SERVER1\" }]\n",
+        &[&origins[0]],
+    );
+    let mut conn = proxy.conn();
+    let response = conn
+        .request(
+            "GET",
+            "/a/b?c=d",
+            "r.test",
+            "",
+            weir_tests::http_client::Body::None,
+        )
+        .unwrap();
+    assert_eq!(response.status, 308);
+    assert_eq!(response.header("location"), Some("https://r.test/a/b?c=d"));
+    // Kept alive, and the pool never saw a request.
+    let again = conn
+        .request(
+            "GET",
+            "/",
+            "r.test",
+            "",
+            weir_tests::http_client::Body::None,
+        )
+        .unwrap();
+    assert_eq!(again.status, 308);
+    assert!(origins[0].requests().is_empty());
+}
+
+#[test]
+fn a_reloaded_certificate_reaches_new_connections_while_open_ones_keep_working() {
+    let mut sites = two_sites("reload", "", KeyKind::EcdsaP256);
+    let mut open = sites.client("a.test").unwrap();
+    assert_eq!(open.get("a.test", "/").unwrap().status, 200);
+    // The operator puts a renewed certificate (a new key too) in place and reloads.
+    let renewed = sites.ca.issue(
+        &sites.scratch.0,
+        "a-renewed",
+        &["a.test"],
+        KeyKind::EcdsaP256,
+    );
+    std::fs::copy(&renewed.certificate, &sites.a.certificate).unwrap();
+    std::fs::copy(&renewed.key, &sites.a.key).unwrap();
+    sites.proxy.reload_tls();
+    let fresh = sites.client("a.test").unwrap();
+    assert_eq!(
+        fresh.peer_certificate(),
+        renewed.der,
+        "new connections get the new one"
+    );
+    assert_eq!(open.peer_certificate(), sites.a.der);
+    for _ in 0..3 {
+        assert_eq!(open.get("a.test", "/").unwrap().body, "s1\n");
+    }
+}
+
+/// Sends `bytes` on a new connection to the proxy, then what it answers until it closes.
+fn raw(address: SocketAddr, bytes: &[u8], then_wait: Duration) -> (Vec<u8>, Duration) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    std::thread::sleep(then_wait);
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    (answer, started.elapsed())
+}
+
+#[test]
+fn bad_handshakes_are_closed_counted_and_leave_the_proxy_serving() {
+    let sites = two_sites(
+        "bad",
+        "tls_handshake_timeout_ms = 400\n",
+        KeyKind::EcdsaP256,
+    );
+    let address = sites.proxy.address;
+
+    // Plain HTTP to the TLS port: a 400 that says so.
+    let (answer, _) = raw(
+        address,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        Duration::ZERO,
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("HTTPS"),
+        "{answer}"
+    );
+    sites.expect_failures("plaintext_http", 1);
+
+    // A handshake record whose ClientHello is garbage: a fatal alert (content type 21).
+    let mut garbage = vec![0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00, 0x00, 0x3c];
+    garbage.extend(std::iter::repeat_n(0xee, 0x3c));
+    let (answer, _) = raw(address, &garbage, Duration::ZERO);
+    assert_eq!(answer.first(), Some(&21), "{answer:?}");
+    sites.expect_failures("protocol", 1);
+
+    // A truncated ClientHello, then nothing: closed at the handshake timeout.
+    let (_, waited) = raw(address, &garbage[..20], Duration::ZERO);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // A client that connects and never speaks, and one that trickles its hello.
+    let (_, waited) = raw(address, b"", Duration::ZERO);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let mut slow = TcpStream::connect(address).unwrap();
+    for byte in &garbage[..6] {
+        if slow.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let mut rest = Vec::new();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = slow.read_to_end(&mut rest);
+    sites.expect_failures("timeout", 3);
+
+    // A client that gives up half way.
+    let (_, _) = {
+        let mut gone = TcpStream::connect(address).unwrap();
+        gone.write_all(&garbage[..20]).unwrap();
+        drop(gone);
+        std::thread::sleep(Duration::from_millis(200));
+        ((), ())
+    };
+    sites.expect_failures("closed", 1);
+
+    // Through all of it, the proxy serves.
+    let mut client = sites.client("a.test").unwrap();
+    assert_eq!(client.get("a.test", "/").unwrap().status, 200);
+}
+
+#[test]
+fn bad_certificate_files_are_refused_with_the_path_and_the_reason() {
+    let scratch = Scratch::new("files");
+    let ca = TestCa::new(&scratch.0);
+    let a = ca.issue(&scratch.0, "a", &["a.test"], KeyKind::EcdsaP256);
+    let other = ca.issue(&scratch.0, "other", &["other.test"], KeyKind::EcdsaP256);
+    let not_pem = scratch.0.join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let missing = scratch.0.join("missing.pem");
+    let cases: [(&Path, &Path, &Path, &str); 4] = [
+        (&missing, &a.key, &missing, "cannot read"),
+        (&not_pem, &a.key, &not_pem, "holds no certificate"),
+        (&a.certificate, &not_pem, &not_pem, "no usable private key"),
+        (
+            &a.certificate,
+            &other.key,
+            &other.key,
+            "does not belong to the certificate",
+        ),
+    ];
+    for (certificate, key, blamed, reason) in cases {
+        let text = format!(
+            "[[vhost]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nhosts = [\"a.test\"]\ntls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{{ address = \"127.0.0.1:2\" }}]\n",
+            certificate.display(),
+            key.display()
+        );
+        let config = weir_config::Config::parse(Path::new("t.toml"), &text).unwrap();
+        let sessions = weir_forwarder::l7::tls::Sessions::new().unwrap();
+        let err = weir_forwarder::l7::tls::TlsListeners::load(&config, &sessions).unwrap_err();
+        assert_eq!(err.path, blamed, "{err}");
+        assert!(err.to_string().contains(reason), "{err}");
+    }
+}
