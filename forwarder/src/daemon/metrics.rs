@@ -498,6 +498,42 @@ pub(super) fn render(
             })
         }),
     );
+    let handshakes = || {
+        status
+            .listeners
+            .iter()
+            .filter_map(|l| Some((l.address.to_string(), l.tls.as_ref()?)))
+    };
+    scrape.counters(
+        "weir_l7_tls_handshakes_total",
+        "TLS handshakes an L7 listener completed, full or resumed",
+        &["listener", "kind"],
+        handshakes().flat_map(|(listener, tls)| {
+            [
+                (vec![listener.clone(), "full".to_string()], tls.full),
+                (vec![listener, "resumed".to_string()], tls.resumed),
+            ]
+        }),
+    );
+    scrape.counters(
+        "weir_l7_tls_handshake_failures_total",
+        "TLS handshakes an L7 listener gave up, by reason",
+        &["listener", "reason"],
+        handshakes().flat_map(|(listener, tls)| {
+            tls.failures
+                .iter()
+                .map(move |(reason, count)| (vec![listener.clone(), reason.clone()], *count))
+        }),
+    );
+    scrape.gauges(
+        "weir_tls_certificate_expiry_timestamp_seconds",
+        "When a TLS vhost's certificate stops being valid (Unix time)",
+        &["vhost"],
+        status
+            .certificates
+            .iter()
+            .map(|c| (vec![c.vhost.clone()], c.not_after_unix)),
+    );
     let mut out = String::new();
     TextEncoder::new()
         .encode_utf8(&scrape.0, &mut out)
@@ -524,7 +560,10 @@ mod tests {
       "flows": { "embryonic": 3, "events": [ { "event": "embryonic_created", "count": 7 } ],
                  "entries": 12, "capacity": 1048576, "embryonic_capacity": 65536 },
       "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 5, "open_connections": 4, "requests": 9,
-                       "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] } ]
+                       "refusals": [ { "status": 400, "reason": "missing Host header", "count": 2 } ] },
+                     { "address": "198.18.100.11:443", "workers": 2, "connections": 6, "requests": 3,
+                       "tls": { "full": 4, "resumed": 1, "failures": [ ["timeout", 2] ] } } ],
+      "certificates": [ { "vhost": "shop", "path": "/etc/weir/shop.pem", "not_after_unix": 1800000000 } ]
     }"#;
     const VIPS: &str = r#"[ { "name": "web", "address": "198.18.100.10:80", "protocol": "tcp",
       "mode": "nat", "hash": "five_tuple", "table_size": 65537, "table_digest": "00112233aabbccdd", "servers": 1, "ready": 1,
@@ -585,6 +624,10 @@ mod tests {
             "weir_vhost_server_request_bytes_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 500",
             "weir_vhost_server_response_bytes_total{server=\"127.0.0.1:8081\",vhost=\"site\"} 7000",
             "weir_l7_open_connections{listener=\"198.18.100.11:80\"} 4",
+            "weir_l7_tls_handshakes_total{kind=\"full\",listener=\"198.18.100.11:443\"} 4",
+            "weir_l7_tls_handshakes_total{kind=\"resumed\",listener=\"198.18.100.11:443\"} 1",
+            "weir_l7_tls_handshake_failures_total{listener=\"198.18.100.11:443\",reason=\"timeout\"} 2",
+            "weir_tls_certificate_expiry_timestamp_seconds{vhost=\"shop\"} 1800000000",
         ] {
             assert!(text.contains(line), "no `{line}` in:\n{text}");
         }

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::ExitCode,
-    time::{Duration, Instant, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 mod top;
@@ -638,6 +638,62 @@ fn print_status(report: &StatusReport) {
                 r.count,
                 r.reason
             );
+        }
+    }
+    print_tls(report);
+}
+
+/// TLS handshakes per listener, and the certificates with their expiry (when there are).
+fn print_tls(report: &StatusReport) {
+    let listeners: Vec<_> = report
+        .listeners
+        .iter()
+        .filter_map(|l| Some((l.address, l.tls.as_ref()?)))
+        .collect();
+    if !listeners.is_empty() {
+        println!("\nTLS HANDSHAKES");
+        println!(
+            "  {:<24} {:>8} {:>8} {:>8}  FAILED BY REASON",
+            "LISTENER", "FULL", "RESUMED", "FAILED"
+        );
+        for (address, tls) in listeners {
+            let reasons: Vec<String> = tls
+                .failures
+                .iter()
+                .map(|(reason, count)| format!("{reason} {count}"))
+                .collect();
+            println!(
+                "  {:<24} {:>8} {:>8} {:>8}  {}",
+                address.to_string(),
+                tls.full,
+                tls.resumed,
+                tls.failures.iter().map(|(_, n)| n).sum::<u64>(),
+                reasons.join(", ")
+            );
+        }
+    }
+    if !report.certificates.is_empty() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        println!("\nCERTIFICATES");
+        println!("  {:<16} {:<32} PATH", "VHOST", "VALID UNTIL");
+        for c in &report.certificates {
+            let until = time::OffsetDateTime::from_unix_timestamp(c.not_after_unix)
+                .ok()
+                .and_then(|t| {
+                    t.format(time::macros::format_description!(
+                        "[year]-[month]-[day] [hour]:[minute] UTC"
+                    ))
+                    .ok()
+                })
+                .unwrap_or_else(|| c.not_after_unix.to_string());
+            let expired = if c.not_after_unix <= now {
+                " EXPIRED"
+            } else {
+                ""
+            };
+            println!("  {:<16} {:<32} {}", c.vhost, until + expired, c.path);
         }
     }
 }
