@@ -449,6 +449,9 @@ pub struct TlsHandshakes {
     pub full: u64,
     /// Completed by resuming an earlier session (ticket or session id).
     pub resumed: u64,
+    /// On a passthrough listener: ClientHellos routed to a vhost and relayed.
+    #[serde(default)]
+    pub passed_through: u64,
     /// Failed, by reason (`timeout`, `closed`, `plaintext_http`, `unknown_name`, `protocol`),
     /// only the reasons seen.
     pub failures: Vec<(String, u64)>,

@@ -571,6 +571,12 @@ pub struct VirtualHost {
     /// of a listener has one, or none does.
     #[serde(default)]
     pub tls: Option<VhostTls>,
+    /// Passes TLS through without terminating it: the listener reads the ClientHello's SNI,
+    /// routes it as a Host (`hosts`, `default`), and relays the bytes both ways to a server
+    /// of the pool, which terminates TLS itself. Every vhost of a listener passes TLS
+    /// through, or none does.
+    #[serde(default)]
+    pub tls_passthrough: bool,
     /// On a plain-HTTP listener: every request gets `308 Permanent Redirect` to the same URL
     /// over HTTPS instead of reaching the pool.
     #[serde(default)]
@@ -579,6 +585,17 @@ pub struct VirtualHost {
     #[serde(default)]
     pub hsts_max_age_secs: Option<u64>,
     pub servers: Spanned<Vec<ServerSpec>>,
+}
+
+impl VirtualHost {
+    /// What its listener speaks, as errors name it.
+    fn protocol(&self) -> &'static str {
+        match (&self.tls, self.tls_passthrough) {
+            (_, true) => "TLS passthrough",
+            (Some(_), false) => "TLS",
+            (None, false) => "plain HTTP",
+        }
+    }
 }
 
 /// A vhost's certificate: PEM files, read at start and on every reload.
@@ -1049,6 +1066,15 @@ fn check_vhost(vhost: &VirtualHost, problems: &mut Vec<(usize, String)>) {
             problems.push((host.span().start, message));
         }
     }
+    if vhost.tls_passthrough && (vhost.tls.is_some() || vhost.redirect_to_https) {
+        problems.push((
+            vhost.name.span().start,
+            format!(
+                "vhost `{}` passes TLS through: its servers terminate TLS, so tls and redirect_to_https do not apply",
+                vhost.name.get_ref()
+            ),
+        ));
+    }
     if vhost.redirect_to_https && vhost.tls.is_some() {
         problems.push((
             vhost.name.span().start,
@@ -1120,26 +1146,23 @@ fn check_host_name(host: &str) -> Result<(), String> {
 }
 
 /// On one listener, a host name belongs to one vhost, at most one vhost is the default, and
-/// either every vhost terminates TLS or none does.
+/// every vhost speaks the same protocol: plain HTTP, TLS terminated, or TLS passed through.
 fn check_listeners(vhosts: &[VirtualHost], problems: &mut Vec<(usize, String)>) {
     let mut hosts = HashSet::new();
     let mut defaults = HashSet::new();
-    let mut tls_of_listener: HashMap<SocketAddr, &VirtualHost> = HashMap::new();
+    let mut first_of_listener: HashMap<SocketAddr, &VirtualHost> = HashMap::new();
     for vhost in vhosts {
-        let first = *tls_of_listener.entry(vhost.listen).or_insert(vhost);
-        if first.tls.is_some() != vhost.tls.is_some() {
-            let (with, without) = if vhost.tls.is_some() {
-                (vhost, first)
-            } else {
-                (first, vhost)
-            };
+        let first = *first_of_listener.entry(vhost.listen).or_insert(vhost);
+        if first.protocol() != vhost.protocol() {
             problems.push((
                 vhost.name.span().start,
                 format!(
-                    "vhost `{}` terminates TLS on {} but vhost `{}` there does not: a listener is either TLS or plain HTTP",
-                    with.name.get_ref(),
+                    "vhost `{}` is {} on {} but vhost `{}` there is {}: a listener speaks one protocol",
+                    vhost.name.get_ref(),
+                    vhost.protocol(),
                     vhost.listen,
-                    without.name.get_ref()
+                    first.name.get_ref(),
+                    first.protocol()
                 ),
             ));
         }
@@ -1414,7 +1437,7 @@ servers = [{ address = "127.0.0.2:80" }]
         let expect = [
             "vhost `secure` terminates TLS: redirect_to_https is for plain-HTTP vhosts",
             "vhost `plain` has no tls: browsers ignore hsts_max_age_secs",
-            "vhost `secure` terminates TLS on 127.0.0.1:443 but vhost `plain` there does not",
+            "vhost `plain` is plain HTTP on 127.0.0.1:443 but vhost `secure` there is TLS",
         ];
         // An unknown key in `tls` is a parse error of its own, reported alone.
         assert_eq!(errs.len(), 1, "{errs:#?}");

@@ -492,3 +492,106 @@ fn bad_certificate_files_are_refused_with_the_path_and_the_reason() {
         assert!(err.to_string().contains(reason), "{err}");
     }
 }
+
+/// `openssl s_server` on `address` presenting `files`: a TLS origin weir never sees inside.
+struct TlsOrigin(std::process::Child);
+
+impl TlsOrigin {
+    fn start(address: SocketAddr, files: &IssuedFiles) -> TlsOrigin {
+        let child = Command::new("openssl")
+            .args([
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &address.to_string(),
+                "-cert",
+            ])
+            .arg(&files.certificate)
+            .arg("-key")
+            .arg(&files.key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server runs");
+        wait_until("s_server listening", Duration::from_secs(5), || {
+            TcpStream::connect(address).is_ok()
+        })
+        .unwrap();
+        TlsOrigin(child)
+    }
+}
+
+impl Drop for TlsOrigin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn passthrough_routes_by_sni_to_servers_that_terminate_tls_themselves() {
+    let scratch = Scratch::new("passthrough");
+    let ca = TestCa::new(&scratch.0);
+    let p = ca.issue(&scratch.0, "p", &["p.test"], KeyKind::EcdsaP256);
+    let q = ca.issue(&scratch.0, "q", &["q.test"], KeyKind::Rsa2048);
+    let net = weir_tests::proxy::next_net();
+    let p_addr: SocketAddr = format!("127.0.{net}.11:{}", weir_tests::proxy::free_port(net))
+        .parse()
+        .unwrap();
+    let q_addr: SocketAddr = format!("127.0.{net}.12:{}", weir_tests::proxy::free_port(net))
+        .parse()
+        .unwrap();
+    let _p_origin = TlsOrigin::start(p_addr, &p);
+    let _q_origin = TlsOrigin::start(q_addr, &q);
+    // Placeholders: the proxy helper fills SERVERn from HTTP origins, so the TLS ones are
+    // written in directly.
+    let config = format!(
+        "[[vhost]]\nname = \"p\"\nlisten = \"LISTEN\"\nhosts = [\"p.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{p_addr}\" }}]\n\n[[vhost]]\nname = \"q\"\nlisten = \"LISTEN\"\nhosts = [\"*.q.test\", \"q.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{q_addr}\" }}]\n"
+    );
+    let proxy = Proxy::start("tls_handshake_timeout_ms = 500\n", &config, &[]);
+    let port = proxy.address.port();
+    let curl = |host: &str| {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&ca.path)
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:{}", proxy.address.ip()))
+            .arg(format!("https://{host}:{port}/"))
+            .output()
+            .unwrap()
+    };
+    // Each name reaches the server holding its certificate (curl checks the name), and the
+    // page is s_server's own.
+    for host in ["p.test", "q.test"] {
+        let out = curl(host);
+        assert!(out.status.success(), "{host}: {}", text(&out));
+        assert!(text(&out).contains("s_server"), "{}", text(&out));
+    }
+    // The certificate is the origin's: weir has none.
+    let client = TlsClient::connect(proxy.address, "q.test", ca.client_config()).unwrap();
+    assert_eq!(client.peer_certificate(), q.der);
+    // A name no vhost serves: an alert, counted; plain HTTP: told to use HTTPS.
+    assert!(!curl("r.test").status.success());
+    let (answer, _) = raw(
+        proxy.address,
+        b"GET / HTTP/1.1\r\nHost: p.test\r\n\r\n",
+        Duration::ZERO,
+    );
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"));
+    let handshakes = || proxy.workers.status()[0].tls.clone().unwrap();
+    let _ = wait_until("counts", Duration::from_secs(5), || {
+        handshakes().passed_through >= 3 && handshakes().failures.len() >= 2
+    });
+    let counted = handshakes();
+    assert_eq!(counted.passed_through, 3, "{counted:?}");
+    assert_eq!(counted.full, 0, "{counted:?}");
+    assert!(
+        counted.failures.contains(&("unknown_name".to_string(), 1))
+            && counted
+                .failures
+                .contains(&("plaintext_http".to_string(), 1)),
+        "{counted:?}"
+    );
+}

@@ -506,12 +506,13 @@ pub(super) fn render(
     };
     scrape.counters(
         "weir_l7_tls_handshakes_total",
-        "TLS handshakes an L7 listener completed, full or resumed",
+        "TLS handshakes an L7 listener completed, full or resumed, or ClientHellos it passed through",
         &["listener", "kind"],
         handshakes().flat_map(|(listener, tls)| {
             [
                 (vec![listener.clone(), "full".to_string()], tls.full),
-                (vec![listener, "resumed".to_string()], tls.resumed),
+                (vec![listener.clone(), "resumed".to_string()], tls.resumed),
+                (vec![listener, "passthrough".to_string()], tls.passed_through),
             ]
         }),
     );

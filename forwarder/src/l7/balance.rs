@@ -28,13 +28,14 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// The index (in the vhost's `servers`) of the server for `request`, skipping those in
-    /// `exclude` (already tried for this request); `None` when no ready server is left.
+    /// The index (in the vhost's `servers`) of the server for `request` (`None` for a TLS
+    /// connection passed through, which has no request to hash), skipping those in `exclude`
+    /// (already tried for this request); `None` when no ready server is left.
     pub fn pick(
         &mut self,
         snapshot: &L7Snapshot,
         vhost: usize,
-        request: &RequestHead,
+        request: Option<&RequestHead>,
         peer: SocketAddr,
         exclude: &[usize],
     ) -> Option<usize> {
@@ -127,11 +128,11 @@ impl Balancer {
 }
 
 /// The bytes a hash pool hashes for `request`, if it carries them.
-fn hash_key(on: &HashOn, request: &RequestHead, peer: SocketAddr) -> Option<Vec<u8>> {
+fn hash_key(on: &HashOn, request: Option<&RequestHead>, peer: SocketAddr) -> Option<Vec<u8>> {
     match on {
         HashOn::SourceIp => Some(peer.ip().to_string().into_bytes()),
-        HashOn::Header(name) => request.header(name).map(<[u8]>::to_vec),
-        HashOn::Cookie(name) => request.cookie(name).map(<[u8]>::to_vec),
+        HashOn::Header(name) => request?.header(name).map(<[u8]>::to_vec),
+        HashOn::Cookie(name) => request?.cookie(name).map(<[u8]>::to_vec),
     }
 }
 
@@ -217,16 +218,16 @@ mod tests {
         let mut counts = [0; 3];
         for _ in 0..400 {
             counts[balancer
-                .pick(&snapshot, 0, &request(""), PEER.into(), &[])
+                .pick(&snapshot, 0, Some(&request("")), PEER.into(), &[])
                 .unwrap()] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
         assert_eq!(
-            balancer.pick(&snapshot, 0, &request(""), PEER.into(), &[0]),
+            balancer.pick(&snapshot, 0, Some(&request("")), PEER.into(), &[0]),
             Some(1)
         );
         assert_eq!(
-            balancer.pick(&snapshot, 0, &request(""), PEER.into(), &[0, 1]),
+            balancer.pick(&snapshot, 0, Some(&request("")), PEER.into(), &[0, 1]),
             None
         );
     }
@@ -249,7 +250,7 @@ mod tests {
         let mut balancer = Balancer::default();
         // 3/200 < 2/100
         assert_eq!(
-            balancer.pick(&snapshot, 0, &request(""), PEER.into(), &[]),
+            balancer.pick(&snapshot, 0, Some(&request("")), PEER.into(), &[]),
             Some(1)
         );
     }
@@ -269,10 +270,12 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for user in 0..30 {
             let req = request(&format!("Cookie: a=b; sid=user{user}\r\n"));
-            let first = balancer.pick(&snapshot, 0, &req, PEER.into(), &[]).unwrap();
+            let first = balancer
+                .pick(&snapshot, 0, Some(&req), PEER.into(), &[])
+                .unwrap();
             for _ in 0..5 {
                 assert_eq!(
-                    balancer.pick(&snapshot, 0, &req, PEER.into(), &[]),
+                    balancer.pick(&snapshot, 0, Some(&req), PEER.into(), &[]),
                     Some(first)
                 );
             }
@@ -281,7 +284,7 @@ mod tests {
         assert_eq!(seen.len(), 3, "30 keys spread over all three servers");
         assert!(
             balancer
-                .pick(&snapshot, 0, &request(""), PEER.into(), &[])
+                .pick(&snapshot, 0, Some(&request("")), PEER.into(), &[])
                 .is_some()
         );
     }
@@ -301,7 +304,7 @@ mod tests {
         let mut counts = [0; 2];
         for _ in 0..1010 {
             counts[balancer
-                .pick(&snapshot, 0, &request(""), PEER.into(), &[])
+                .pick(&snapshot, 0, Some(&request("")), PEER.into(), &[])
                 .unwrap()] += 1;
         }
         // Weight 1 (of 100) at the start of a 100 s ramp: about 1 in 101.

@@ -97,7 +97,7 @@ impl HandshakeFailure {
 }
 
 /// What plain HTTP sent to a TLS port is told, as nginx does, before the connection closes.
-const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 48\r\nConnection: close\r\n\r\nThis port speaks HTTPS: use https:// to reach it\n";
+pub const PLAINTEXT_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 48\r\nConnection: close\r\n\r\nThis port speaks HTTPS: use https:// to reach it\n";
 
 /// A read or write that did not finish in time.
 pub fn timed_out() -> io::Error {

@@ -7,6 +7,7 @@
 //! upstream connections are per worker, counters are relaxed atomics.
 //!
 //! Rooms: [`http`] (heads: parsing, checks, rewriting), [`chunked`] (chunked framing),
+//! [`tls`] (certificates by SNI, session resumption), [`passthrough`] (TLS relayed by SNI),
 //! [`snapshot`] (routes and pools), [`balance`] (server choice), [`upstream`] (idle server
 //! connections), [`proxy`] (one client connection, request after request, and the retry
 //! policy), [`error`] (why an exchange ended early: side, answer, retry), [`worker`] (what a
@@ -19,6 +20,7 @@ pub mod chunked;
 pub mod error;
 pub mod http;
 pub mod io;
+pub mod passthrough;
 pub mod proxy;
 pub mod snapshot;
 pub mod tls;
@@ -47,6 +49,7 @@ pub use snapshot::L7Snapshot;
 use access_log::{AccessLog, LogFile};
 
 use io::HandshakeFailure;
+use tls::ListenerTls;
 use worker::Worker;
 
 /// How often a worker closes idle server connections that expired or whose server left
@@ -73,13 +76,20 @@ pub struct WorkerCounters {
     /// already costs a response, so a lock (never contended: status readers only) and a short
     /// list are enough; the reasons are the proxy's static texts, so the list stays short.
     refusals: std::sync::Mutex<Vec<(u16, &'static str, u64)>>,
-    /// TLS handshakes completed in full and resumed, and failed by [`HandshakeFailure`].
+    /// TLS handshakes completed in full and resumed, ClientHellos passed through (on a
+    /// passthrough listener), and handshakes failed by [`HandshakeFailure`].
     tls_full: AtomicU64,
     tls_resumed: AtomicU64,
+    tls_passed: AtomicU64,
     tls_failures: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 impl WorkerCounters {
+    /// Counts a TLS handshake (or passthrough ClientHello) that failed.
+    pub(crate) fn tls_failed(&self, failure: HandshakeFailure) {
+        self.tls_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a request refused with `status` for `reason`.
     pub(crate) fn refused(&self, status: u16, reason: &'static str) {
         let mut refusals = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,10 +281,11 @@ impl L7Workers {
                     }
                 }
                 refusals.sort_by(|a, b| (a.status, &a.reason).cmp(&(b.status, &b.reason)));
-                let terminates = snapshot.tls.config_for(index).is_some();
-                let tls = terminates.then(|| TlsHandshakes {
+                let speaks_tls = !matches!(snapshot.tls.listener(index), ListenerTls::Plain);
+                let tls = speaks_tls.then(|| TlsHandshakes {
                     full: total(|c| &c.tls_full),
                     resumed: total(|c| &c.tls_resumed),
+                    passed_through: total(|c| &c.tls_passed),
                     failures: HandshakeFailure::ALL
                         .iter()
                         .enumerate()
@@ -488,7 +499,7 @@ async fn client_conn(
             Some(conn)
         }
         Err(failure) => {
-            counters.tls_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+            counters.tls_failed(failure);
             None
         }
     }
@@ -537,7 +548,10 @@ async fn accept_loop(
             if worker.connections.get() >= limit() {
                 worker.refusing.set(worker.refusing.get() + 1);
                 let refusing = Rc::clone(&worker);
-                let tls = worker.snapshot.load().tls.config_for(index).is_some();
+                let tls = !matches!(
+                    worker.snapshot.load().tls.listener(index),
+                    ListenerTls::Plain
+                );
                 compio::runtime::spawn(async move {
                     let counters = &listeners[index].counters[refusing.index];
                     let client = io::Conn::new(stream);
@@ -564,7 +578,13 @@ async fn accept_loop(
                 let counters = &listeners[index].counters[worker.index];
                 counters.connections.fetch_add(1, Ordering::Relaxed);
                 counters.open.fetch_add(1, Ordering::Relaxed);
-                if let Some(client) = client_conn(&worker, index, stream, counters).await {
+                let passthrough = matches!(
+                    worker.snapshot.load().tls.listener(index),
+                    ListenerTls::Passthrough
+                );
+                if passthrough {
+                    passthrough::serve(&worker, index, stream, peer, counters).await;
+                } else if let Some(client) = client_conn(&worker, index, stream, counters).await {
                     proxy::serve_client(Rc::clone(&worker), index, client, peer, counters).await;
                 }
                 counters.open.fetch_sub(1, Ordering::Relaxed);

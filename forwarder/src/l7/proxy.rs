@@ -446,7 +446,7 @@ fn note_outcome(pool: &VhostPool, index: usize, ok: bool) {
 
 /// A request on its way to a server: counted in flight for as long as it lives, and timed
 /// from when the server was chosen (its response time).
-struct InFlight<'a> {
+pub(super) struct InFlight<'a> {
     server: &'a PoolServer,
     started: Instant,
     /// Header lines the vhost adds to every response (`VhostPool::response_headers`).
@@ -454,7 +454,7 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    fn new(server: &'a PoolServer, added_headers: &'a [u8]) -> Self {
+    pub(super) fn new(server: &'a PoolServer, added_headers: &'a [u8]) -> Self {
         server.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         server.stats.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
@@ -508,7 +508,7 @@ async fn exchange(
             worker
                 .balancer
                 .borrow_mut()
-                .pick(snapshot, vhost, request, peer, &state.tried);
+                .pick(snapshot, vhost, Some(request), peer, &state.tried);
         let Some(index) = picked else { break };
         if let Some(from) = retried_from.take() {
             pool.servers[from]
@@ -1045,7 +1045,7 @@ async fn splice_body(
 /// Relays bytes both ways after `101 Switching Protocols` (WebSocket and other upgrades)
 /// until both sides have closed, or nothing moved for `idle`. Returns the bytes written to
 /// the server and to the client.
-async fn tunnel(
+pub(super) async fn tunnel(
     client: &Conn,
     upstream: &Conn,
     from_client: Vec<u8>,

@@ -85,11 +85,22 @@ pub struct LoadedCertificate {
     pub not_after_unix: i64,
 }
 
+/// What one L7 listener does with TLS.
+#[derive(Debug, Clone)]
+pub enum ListenerTls {
+    /// Nothing: it speaks plain HTTP.
+    Plain,
+    /// It terminates TLS under this config.
+    Terminate(Arc<ServerConfig>),
+    /// It routes TLS by the ClientHello's SNI and relays it, untouched, to a server.
+    Passthrough,
+}
+
 /// What the TLS listeners need, built from one config.
 #[derive(Debug, Clone, Default)]
 pub struct TlsListeners {
-    /// In the order of the config's L7 listen addresses: a TLS listener's config.
-    pub configs: Vec<Option<Arc<ServerConfig>>>,
+    /// In the order of the config's L7 listen addresses.
+    pub listeners: Vec<ListenerTls>,
     /// Every TLS vhost's certificate, by vhost name, in config order.
     pub certificates: Vec<(String, LoadedCertificate)>,
 }
@@ -109,13 +120,16 @@ impl TlsListeners {
             }
             certificates.push((vhost.name.get_ref().clone(), loaded[tls].clone()));
         }
-        let configs = config
+        let listeners = config
             .l7_listen_addresses()
             .into_iter()
             .map(|address| {
-                let on_listener = || config.vhosts.iter().filter(move |v| v.listen == address);
-                if on_listener().all(|v| v.tls.is_none()) {
-                    return Ok(None);
+                // Every vhost of a listener speaks its protocol (the config checks it).
+                let first = config.vhosts.iter().find(|v| v.listen == address);
+                match first {
+                    Some(v) if v.tls_passthrough => return Ok(ListenerTls::Passthrough),
+                    Some(v) if v.tls.is_some() => {}
+                    _ => return Ok(ListenerTls::Plain),
                 }
                 let keys = config
                     .vhosts
@@ -131,18 +145,26 @@ impl TlsListeners {
                     routes: ListenerRoutes::of_config(address, config),
                     keys,
                 };
-                server_config(resolver, &provider, sessions).map(Some)
+                server_config(resolver, &provider, sessions).map(ListenerTls::Terminate)
             })
             .collect::<Result<_, _>>()?;
         Ok(TlsListeners {
-            configs,
+            listeners,
             certificates,
         })
     }
 
-    /// The config of listener `index` (config order), if it terminates TLS.
+    /// What listener `index` (config order) does with TLS.
+    pub fn listener(&self, index: usize) -> &ListenerTls {
+        self.listeners.get(index).unwrap_or(&ListenerTls::Plain)
+    }
+
+    /// The config of listener `index`, if it terminates TLS.
     pub fn config_for(&self, index: usize) -> Option<&Arc<ServerConfig>> {
-        self.configs.get(index)?.as_ref()
+        match self.listener(index) {
+            ListenerTls::Terminate(config) => Some(config),
+            _ => None,
+        }
     }
 }
 
