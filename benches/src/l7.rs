@@ -26,8 +26,9 @@ use weir_tests::netns::{Netns, Process, wait_until};
 
 use crate::{stats::Sample, wrk};
 
-const UPSTREAM: &str = "127.0.0.1:18281";
-const PROXY: &str = "127.0.0.1:18290";
+/// Where the upstream nginx listens (first of its ports) and where each proxy listens.
+pub(crate) const UPSTREAM: &str = "127.0.0.1:18281";
+pub(crate) const PROXY: &str = "127.0.0.1:18290";
 const LARGE_BYTES: usize = 64 * 1024;
 
 /// What wrk asks for.
@@ -363,15 +364,23 @@ impl L7Bench {
 
     /// Stops a proxy and waits until its port is free for the next one.
     fn stop(&self, ns: &Netns, process: Option<Process>) -> Result<()> {
-        drop(process);
-        wait_until("the proxy port to close", Duration::from_secs(5), || {
-            !ns.run(|| TcpStream::connect(PROXY).is_ok()).unwrap_or(true)
-        })
+        match process {
+            Some(process) => stop_proxy(ns, process),
+            None => Ok(()),
+        }
     }
 }
 
+/// Stops the proxy `process` and waits until [`PROXY`] is free for the next one.
+pub(crate) fn stop_proxy(ns: &Netns, process: Process) -> Result<()> {
+    drop(process);
+    wait_until("the proxy port to close", Duration::from_secs(5), || {
+        !ns.run(|| TcpStream::connect(PROXY).is_ok()).unwrap_or(true)
+    })
+}
+
 /// User + system CPU seconds of process `pid` (all its threads).
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat
@@ -389,7 +398,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / per_second)
 }
 
-fn wait_for(ns: &Netns, address: &str) -> Result<()> {
+pub(crate) fn wait_for(ns: &Netns, address: &str) -> Result<()> {
     let address: SocketAddr = address.parse()?;
     ns.wait_for_listener(address, Duration::from_secs(10))
 }
@@ -398,7 +407,7 @@ fn wait_for(ns: &Netns, address: &str) -> Result<()> {
 /// single-process nginx per CPU sharing the ports (`SO_REUSEPORT`). An upstream is a fleet of
 /// servers in production, never the bottleneck; one nginx process here was: it serialised
 /// every proxy behind it, and hid the proxies' own differences (decision 0009).
-fn start_upstream(ns: &Netns, dir: &Path) -> Result<Vec<Process>> {
+pub(crate) fn start_upstream(ns: &Netns, dir: &Path) -> Result<Vec<Process>> {
     let www = dir.join("www");
     fs::create_dir_all(&www)?;
     fs::write(www.join("small"), "srv1\n")?;

@@ -9,7 +9,8 @@
 //!   Markdown and JSON ([`report`]); and the L7 runtime
 //!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
 //!   proxy against HAProxy http mode and nginx ([`l7`]); and a Prometheus scrape of the
-//!   daemon with 1 000 servers ([`scrape`]).
+//!   daemon with 1 000 servers ([`scrape`]); and HTTPS termination against HAProxy and nginx
+//!   ([`tls`]).
 
 pub mod chart;
 pub mod l4;
@@ -20,6 +21,7 @@ pub mod report;
 pub mod scrape;
 pub mod soak;
 pub mod stats;
+pub mod tls;
 pub mod udp;
 pub mod wrk;
 pub mod xdp;

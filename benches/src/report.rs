@@ -25,6 +25,7 @@ pub struct Report {
     pub l7: Vec<L7Result>,
     pub l7_churn: Option<ChurnResult>,
     pub scrape: Option<crate::scrape::ScrapeResult>,
+    pub tls: Vec<crate::tls::TlsResult>,
 }
 
 impl Report {
@@ -102,6 +103,9 @@ impl Report {
         }
         if let Some(churn) = &self.l7_churn {
             md.push_str(&churn_table(churn));
+        }
+        if !self.tls.is_empty() {
+            md.push_str(&tls_tables(&self.tls));
         }
         if !self.l7_runtime.is_empty() {
             md.push_str(&runtime_table(&self.l7_runtime));
@@ -259,6 +263,50 @@ pub fn l7_tables(results: &[L7Result]) -> String {
         " p50 µs | p99 µs | p99.9 µs | CPU µs/req | errors |",
         &[(L7System::Haproxy, "HAProxy"), (L7System::Nginx, "nginx")],
     )
+}
+
+/// One table per HTTPS case: rate, p99 and the proxy's CPU per request (or connection), with
+/// weir's CPU and rate as multiples of HAProxy's and nginx's.
+pub fn tls_tables(results: &[crate::tls::TlsResult]) -> String {
+    use crate::tls::TlsSystem;
+    let mut md = String::new();
+    let mut cases: Vec<_> = results.iter().map(|r| r.case).collect();
+    cases.dedup();
+    for case in cases {
+        let rows: Vec<_> = results.iter().filter(|r| r.case == case).collect();
+        let peer = |system: TlsSystem| rows.iter().find(|r| r.system == system);
+        let _ = write!(
+            md,
+            "\n### {}\n\n| system | /s, median (min–max) | p99 µs | CPU µs each, median (min–max) | errors | CPU × HAProxy | CPU × nginx | rate × HAProxy |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            case.name()
+        );
+        for row in &rows {
+            let times = |system: TlsSystem, rate: bool| {
+                peer(system).map_or("–".to_string(), |p| {
+                    if rate {
+                        format!("{:.2}×", ratio(&row.per_sec, &p.per_sec))
+                    } else {
+                        format!("{:.2}×", ratio(&row.cpu_us, &p.cpu_us))
+                    }
+                })
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.system.name(),
+                row.per_sec.display(0),
+                row.p99_us
+                    .as_ref()
+                    .map_or("–".to_string(), |p| format!("{:.0}", p.median)),
+                row.cpu_us.display(1),
+                row.errors,
+                times(TlsSystem::Haproxy, false),
+                times(TlsSystem::Nginx, false),
+                times(TlsSystem::Haproxy, true),
+            );
+        }
+    }
+    md
 }
 
 /// The change-under-load run: rates steady and changing, errors, and the dip.

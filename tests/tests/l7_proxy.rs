@@ -175,7 +175,9 @@ servers = [{ address = "SERVER1" }, { address = "SERVER2" }, { address = "SERVER
         &refs(&o),
     );
     let mut servers_seen = std::collections::HashSet::new();
-    for user in 0..20 {
+    // Enough users that all three servers get some: with 20, one in a thousand tables (the
+    // servers' ports are random) left a server without any.
+    for user in 0..60 {
         let cookie = format!("Cookie: sid=user{user}\r\n");
         let first = proxy
             .conn()

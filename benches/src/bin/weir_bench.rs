@@ -12,6 +12,7 @@ use weir_benches::{
     l7_runtime::RuntimeBench,
     report::Report,
     scrape::ScrapeBench,
+    tls::{TlsBench, TlsCase, TlsLoad},
     xdp::XdpBench,
 };
 
@@ -40,6 +41,8 @@ enum Scenario {
     L7Runtime,
     /// A Prometheus scrape of `/metrics` with 1 000 servers, and forwarding while scraped.
     Scrape,
+    /// HTTPS termination vs HAProxy and nginx: keep-alive, full and resumed handshakes.
+    Tls,
 }
 
 fn main() -> Result<()> {
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
         l7: Vec::new(),
         l7_churn: None,
         scrape: None,
+        tls: Vec::new(),
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -129,6 +133,22 @@ fn main() -> Result<()> {
             connections: 64,
         };
         report.l7_runtime = bench.run(&proxy, &std::env::temp_dir().join(format!("{tag}l7rt")))?;
+    }
+    if wanted(Scenario::Tls) {
+        eprintln!("tls: HTTPS through weir, HAProxy and nginx, interleaved");
+        let loads = [TlsLoad::KeepAlive, TlsLoad::NewFull, TlsLoad::NewResumed];
+        let cases = loads
+            .into_iter()
+            .flat_map(|load| [false, true].map(|rsa| TlsCase { load, rsa }))
+            .collect();
+        let bench = TlsBench {
+            cases,
+            repetitions: if args.quick { 1 } else { 3 },
+            seconds: if args.quick { 2 } else { 5 },
+            connections: 64,
+            weir: std::env::current_exe()?.with_file_name("weir"),
+        };
+        report.tls = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}tls")))?;
     }
     if wanted(Scenario::Scrape) {
         eprintln!("scrape: /metrics with 1000 servers, and L4 forwarding with and without it");
