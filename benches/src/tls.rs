@@ -216,7 +216,7 @@ impl TlsBench {
                 fs::write(
                     &conf,
                     format!(
-                        "[daemon]\ncontrol_socket = \"{d}/weir.sock\"\nstate_file = \"{d}/state.json\"\nbpf_dir = \"/sys/fs/bpf/{tag}weir\"\n\n[l7]\nworkers = 1\n\n[[vhost]]\nname = \"bench\"\nlisten = \"{PROXY}\"\ndefault = true\ntls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{{ address = \"{UPSTREAM}\" }}]\n",
+                        "[daemon]\ncontrol_socket = \"{d}/weir.sock\"\nstate_file = \"{d}/state.json\"\nbpf_dir = \"/sys/fs/bpf/{tag}weir\"\n\n[l7]\nworkers = 1\nmax_connections_per_worker = 4096\n\n[[vhost]]\nname = \"bench\"\nlisten = \"{PROXY}\"\ndefault = true\ntls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{{ address = \"{UPSTREAM}\" }}]\n",
                         files.certificate.display(),
                         files.key.display(),
                         d = dir.display()

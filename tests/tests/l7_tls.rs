@@ -275,6 +275,39 @@ fn openssl_sees_alpn_versions_and_resumed_sessions() {
 }
 
 #[test]
+fn a_finished_connection_ends_with_close_notify_so_sessions_stay_resumable() {
+    // `openssl s_time` sends HTTP/1.0 without SNI and reads until the close: the listener's
+    // default vhost answers, and weir ends with `close_notify`. Without it OpenSSL forgets
+    // the session (an unclean end could be a truncation), and `-reuse` would print no `r`
+    // (a resumed connection) at all.
+    let scratch = Scratch::new("close-notify");
+    let ca = TestCa::new(&scratch.0);
+    let files = ca.issue(&scratch.0, "d", &["d.test"], KeyKind::EcdsaP256);
+    let origins = origins(1);
+    let proxy = Proxy::start(
+        "",
+        &tls_vhost("d", &["d.test"], &files, &[1], "default = true\n"),
+        &[&origins[0]],
+    );
+    let out = Command::new("openssl")
+        .args([
+            "s_time",
+            "-connect",
+            &proxy.address.to_string(),
+            "-reuse",
+            "-time",
+            "1",
+        ])
+        .args(["-www", "/", "-CAfile"])
+        .arg(&ca.path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let printed = text(&out);
+    assert!(printed.contains("rrrr"), "{printed}");
+}
+
+#[test]
 fn unknown_names_fail_cleanly_and_the_default_vhost_takes_them_when_there_is_one() {
     let sites = two_sites("unknown", "", KeyKind::EcdsaP256);
     let out = sites.curl("c.test", "/", &[]);

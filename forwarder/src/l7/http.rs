@@ -959,6 +959,39 @@ mod tests {
     }
 
     #[test]
+    fn a_request_that_came_over_tls_is_forwarded_as_https_and_hsts_lines_are_added() {
+        let request = parse("GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let client = ClientInfo {
+            peer: "198.18.0.1:1".parse().unwrap(),
+            tls: true,
+        };
+        let forwarded = ForwardedHeaders {
+            forwarded: true,
+            ..ForwardedHeaders::default()
+        };
+        let mut out = Vec::new();
+        write_server_head(&request, client, &forwarded, &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("X-Forwarded-Proto: https\r\n"), "{text}");
+        assert!(
+            text.contains("Forwarded: for=198.18.0.1;proto=https;host=a.test\r\n"),
+            "{text}"
+        );
+        let response = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", "GET")
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let hsts = b"Strict-Transport-Security: max-age=600\r\n";
+        write_client_head(&response, 1, false, false, false, hsts, &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nStrict-Transport-Security: max-age=600\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn a_status_code_outside_100_to_599_is_refused() {
         for line in [
             "HTTP/1.1 050 X",

@@ -407,6 +407,18 @@ impl Conn {
         Ok(())
     }
 
+    /// Ends a connection whose last exchange is complete: on TLS, `close_notify` tells the
+    /// client the end is genuine (a response delimited by the close was not truncated, and
+    /// its session stays resumable, which OpenSSL forgets after an unclean end). A plain
+    /// connection needs nothing before it is dropped. Never called on a cut exchange: there
+    /// the missing `close_notify` is what tells the client it was cut.
+    pub async fn finish(&self) {
+        if let Some(tls) = self.tls.as_deref() {
+            tls.state.borrow_mut().send_close_notify();
+            let _ = self.flush_tls(tls, Duration::from_secs(1)).await;
+        }
+    }
+
     /// Closes the sending side (the peer reads end of file), keeping the receiving side.
     pub async fn shutdown_write(&self) {
         if let Some(tls) = self.tls.as_deref() {

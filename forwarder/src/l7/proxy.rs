@@ -102,7 +102,7 @@ pub async fn serve_client(
                     buf = rest;
                     request
                 }
-                Ok((None, _)) => return,
+                Ok((None, _)) => return client.finish().await,
                 Err(err) => {
                     refuse_unread(&worker, listener, &client, peer, counters, err).await;
                     return;
@@ -144,7 +144,7 @@ pub async fn serve_client(
         );
         match outcome {
             Ok(exchange) if exchange.keep_alive => continue,
-            Ok(_) => return,
+            Ok(_) => return client.finish().await,
             Err(err) => {
                 answer_error(&client, counters, err).await;
                 return;
