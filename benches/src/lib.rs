@@ -10,7 +10,7 @@
 //!   choice, one minimal proxy on tokio-uring and on compio ([`l7_runtime`]); and the L7
 //!   proxy against HAProxy http mode and nginx ([`l7`]); and a Prometheus scrape of the
 //!   daemon with 1 000 servers ([`scrape`]); and HTTPS termination against HAProxy and nginx
-//!   ([`tls`]).
+//!   ([`tls`]), and ring against aws-lc-rs under rustls ([`tls_providers`]).
 
 pub mod chart;
 pub mod l4;
@@ -22,6 +22,7 @@ pub mod scrape;
 pub mod soak;
 pub mod stats;
 pub mod tls;
+pub mod tls_providers;
 pub mod udp;
 pub mod wrk;
 pub mod xdp;

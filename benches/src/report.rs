@@ -26,6 +26,7 @@ pub struct Report {
     pub l7_churn: Option<ChurnResult>,
     pub scrape: Option<crate::scrape::ScrapeResult>,
     pub tls: Vec<crate::tls::TlsResult>,
+    pub tls_providers: Vec<crate::tls_providers::ProviderResult>,
 }
 
 impl Report {
@@ -106,6 +107,9 @@ impl Report {
         }
         if !self.tls.is_empty() {
             md.push_str(&tls_tables(&self.tls));
+        }
+        if !self.tls_providers.is_empty() {
+            md.push_str(&provider_table(&self.tls_providers));
         }
         if !self.l7_runtime.is_empty() {
             md.push_str(&runtime_table(&self.l7_runtime));
@@ -305,6 +309,34 @@ pub fn tls_tables(results: &[crate::tls::TlsResult]) -> String {
                 times(TlsSystem::Haproxy, true),
             );
         }
+    }
+    md
+}
+
+/// ring and aws-lc-rs side by side: the server's handshakes and record throughput.
+pub fn provider_table(results: &[crate::tls_providers::ProviderResult]) -> String {
+    let mut md = String::from(
+        "\n### rustls crypto providers (server time only, in memory)\n\n| provider | certificate | full handshakes/s | seal MB/s | open MB/s | handshakes × ring |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for row in results {
+        let ring = results
+            .iter()
+            .find(|r| r.provider == "ring" && r.key == row.key)
+            .map_or("–".to_string(), |r| {
+                format!(
+                    "{:.2}×",
+                    ratio(&row.handshakes_per_sec, &r.handshakes_per_sec)
+                )
+            });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {ring} |",
+            row.provider,
+            row.key,
+            row.handshakes_per_sec.display(0),
+            row.seal_mb_per_sec.display(0),
+            row.open_mb_per_sec.display(0),
+        );
     }
     md
 }

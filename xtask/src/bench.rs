@@ -25,7 +25,7 @@ pub struct BenchArgs {
     /// Fewer and shorter runs (about a minute).
     #[arg(long)]
     quick: bool,
-    /// Scenarios to run (`xdp`, `l4`, `l7`, `l7-runtime`, `scrape`, `tls`); all when none is given.
+    /// Scenarios to run (`xdp`, `l4`, `l7`, `l7-runtime`, `scrape`, `tls`, `tls-providers`); all when none is given.
     scenarios: Vec<String>,
 }
 

@@ -43,6 +43,8 @@ enum Scenario {
     Scrape,
     /// HTTPS termination vs HAProxy and nginx: keep-alive, full and resumed handshakes.
     Tls,
+    /// rustls's crypto providers, ring and aws-lc-rs: handshakes and record throughput.
+    TlsProviders,
 }
 
 fn main() -> Result<()> {
@@ -64,6 +66,7 @@ fn main() -> Result<()> {
         l7_churn: None,
         scrape: None,
         tls: Vec::new(),
+        tls_providers: Vec::new(),
     };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
@@ -149,6 +152,15 @@ fn main() -> Result<()> {
             weir: std::env::current_exe()?.with_file_name("weir"),
         };
         report.tls = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}tls")))?;
+    }
+    if wanted(Scenario::TlsProviders) {
+        eprintln!("tls-providers: rustls on ring and on aws-lc-rs, in memory");
+        report.tls_providers = weir_benches::tls_providers::run(
+            &std::env::temp_dir().join(format!("{tag}tlsp")),
+            3,
+            if args.quick { 200 } else { 1000 },
+            if args.quick { 2000 } else { 10_000 },
+        )?;
     }
     if wanted(Scenario::Scrape) {
         eprintln!("scrape: /metrics with 1000 servers, and L4 forwarding with and without it");

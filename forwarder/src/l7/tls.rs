@@ -55,9 +55,9 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
-/// The crypto provider every TLS config uses (decision 0019).
+/// The crypto provider every TLS config uses: aws-lc-rs (decision 0019).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Session resumption state, kept for the daemon's life across reloads.
@@ -70,7 +70,7 @@ pub struct Sessions {
 impl Sessions {
     pub fn new() -> Result<Sessions, rustls::Error> {
         Ok(Sessions {
-            ticketer: rustls::crypto::ring::Ticketer::new()?,
+            ticketer: rustls::crypto::aws_lc_rs::Ticketer::new()?,
             cache: rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
         })
     }
