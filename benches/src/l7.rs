@@ -337,25 +337,9 @@ impl L7Bench {
                 )?;
                 self.spawn_weir(ns, &config)?
             }
-            L7System::Haproxy => {
-                let conf = write_haproxy_config(&dir.join("haproxy"))?;
-                Process::spawn(
-                    "haproxy",
-                    ns.command("haproxy")
-                        .args(["-db", "-q", "-f"])
-                        .arg(&conf)
-                        .stdout(Stdio::null()),
-                )?
-            }
+            L7System::Haproxy => spawn_haproxy(ns, &write_haproxy_config(&dir.join("haproxy"))?)?,
             L7System::Nginx => {
-                let conf = write_nginx_proxy_config(&dir.join("nginx-proxy"))?;
-                Process::spawn(
-                    "nginx",
-                    ns.command("nginx")
-                        .arg("-c")
-                        .arg(&conf)
-                        .stdout(Stdio::null()),
-                )?
+                spawn_nginx(ns, &write_nginx_proxy_config(&dir.join("nginx-proxy"))?)?
             }
         };
         wait_for(ns, PROXY)?;
@@ -369,6 +353,28 @@ impl L7Bench {
             None => Ok(()),
         }
     }
+}
+
+/// HAProxy in `ns` with the config file `conf`, in the foreground.
+pub(crate) fn spawn_haproxy(ns: &Netns, conf: &Path) -> Result<Process> {
+    Process::spawn(
+        "haproxy",
+        ns.command("haproxy")
+            .args(["-db", "-q", "-f"])
+            .arg(conf)
+            .stdout(Stdio::null()),
+    )
+}
+
+/// nginx in `ns` with the config file `conf` (see [`crate::nginx::config`]).
+pub(crate) fn spawn_nginx(ns: &Netns, conf: &Path) -> Result<Process> {
+    Process::spawn(
+        "nginx",
+        ns.command("nginx")
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null()),
+    )
 }
 
 /// Stops the proxy `process` and waits until [`PROXY`] is free for the next one.

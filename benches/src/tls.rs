@@ -20,7 +20,10 @@ use weir_tests::{
 };
 
 use crate::{
-    l7::{PROXY, UPSTREAM, cpu_seconds, start_upstream, stop_proxy, wait_for},
+    l7::{
+        PROXY, UPSTREAM, cpu_seconds, spawn_haproxy, spawn_nginx, start_upstream, stop_proxy,
+        wait_for,
+    },
     stats::Sample,
     wrk,
 };
@@ -249,13 +252,7 @@ impl TlsBench {
                         combined.display()
                     ),
                 )?;
-                Process::spawn(
-                    "haproxy",
-                    ns.command("haproxy")
-                        .args(["-db", "-q", "-f"])
-                        .arg(&conf)
-                        .stdout(Stdio::null()),
-                )?
+                spawn_haproxy(ns, &conf)?
             }
             TlsSystem::Nginx => {
                 let dir = dir.join("nginx");
@@ -284,13 +281,7 @@ impl TlsBench {
                         files.key.display()
                     ),
                 )?;
-                Process::spawn(
-                    "nginx",
-                    ns.command("nginx")
-                        .arg("-c")
-                        .arg(&conf)
-                        .stdout(Stdio::null()),
-                )?
+                spawn_nginx(ns, &conf)?
             }
         };
         wait_for(ns, PROXY)?;

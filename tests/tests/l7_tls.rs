@@ -182,6 +182,18 @@ impl TwoSites {
     }
 }
 
+/// One TLS vhost `d.test` that is its listener's default (so it answers any name, and no
+/// SNI), with one origin.
+fn default_site(name: &str) -> (Scratch, TestCa, Vec<HttpOrigin>, Proxy) {
+    let scratch = Scratch::new(name);
+    let ca = TestCa::new(&scratch.0);
+    let files = ca.issue(&scratch.0, "d", &["d.test"], KeyKind::EcdsaP256);
+    let origins = origins(1);
+    let vhost = tls_vhost("d", &["d.test"], &files, &[1], "default = true\n");
+    let proxy = Proxy::start("", &vhost, &[&origins[0]]);
+    (scratch, ca, origins, proxy)
+}
+
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
@@ -280,15 +292,7 @@ fn a_finished_connection_ends_with_close_notify_so_sessions_stay_resumable() {
     // default vhost answers, and weir ends with `close_notify`. Without it OpenSSL forgets
     // the session (an unclean end could be a truncation), and `-reuse` would print no `r`
     // (a resumed connection) at all.
-    let scratch = Scratch::new("close-notify");
-    let ca = TestCa::new(&scratch.0);
-    let files = ca.issue(&scratch.0, "d", &["d.test"], KeyKind::EcdsaP256);
-    let origins = origins(1);
-    let proxy = Proxy::start(
-        "",
-        &tls_vhost("d", &["d.test"], &files, &[1], "default = true\n"),
-        &[&origins[0]],
-    );
+    let (_scratch, ca, _origins, proxy) = default_site("close-notify");
     let out = Command::new("openssl")
         .args([
             "s_time",
@@ -320,15 +324,7 @@ fn unknown_names_fail_cleanly_and_the_default_vhost_takes_them_when_there_is_one
     sites.expect_failures("unknown_name", 2);
 
     // With a default vhost, unknown names and no SNI get its certificate.
-    let scratch = Scratch::new("default");
-    let ca = TestCa::new(&scratch.0);
-    let files = ca.issue(&scratch.0, "d", &["d.test"], KeyKind::EcdsaP256);
-    let origins = origins(1);
-    let proxy = Proxy::start(
-        "",
-        &tls_vhost("d", &["d.test"], &files, &[1], "default = true\n"),
-        &[&origins[0]],
-    );
+    let (_scratch, ca, _origins, proxy) = default_site("default");
     let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
     assert_eq!(client.get("other.test", "/").unwrap().body, "s1\n");
     let out = Command::new("openssl")
