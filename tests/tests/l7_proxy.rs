@@ -1037,7 +1037,9 @@ fn a_graceful_shutdown_finishes_exchanges_under_way_and_closes_idle_connections(
     let started = Instant::now();
     let open = proxy.workers.shut_down(Duration::from_secs(20));
     let took = started.elapsed();
-    assert_eq!(open, 3);
+    // The silent one is not among them: the kernel holds a connection back until its first
+    // bytes arrive (TCP_DEFER_ACCEPT), so the workers never had it.
+    assert_eq!(open, 2);
     // The exchange under way finished, and told its client the connection ends.
     let response = busy
         .read_response(false)

@@ -119,6 +119,17 @@ impl Conn {
         }
     }
 
+    /// A client connection from a listener the workers tuned and `accept4`ed non-blocking
+    /// (`l7::tune_listener`): it has `TCP_NODELAY` and `O_NONBLOCK` already, so it costs no
+    /// system call here (two per connection otherwise).
+    pub fn accepted(stream: TcpStream) -> Conn {
+        Conn {
+            stream,
+            spliceable: true,
+            tls: None,
+        }
+    }
+
     /// Completes a TLS handshake on a freshly accepted client connection under `config`,
     /// within `timeout`. A failed handshake has sent the client its alert (or, to plain HTTP,
     /// a 400) and closes the connection when the error is dropped.
@@ -130,7 +141,7 @@ impl Conn {
         let mut session =
             rustls::ServerConnection::new(config).map_err(|_| HandshakeFailure::Protocol)?;
         session.set_buffer_limit(Some(TLS_SEND_BUFFER));
-        let mut conn = Conn::new(stream);
+        let mut conn = Conn::accepted(stream);
         conn.spliceable = false;
         conn.tls = Some(Box::new(TlsSession {
             state: RefCell::new(session),

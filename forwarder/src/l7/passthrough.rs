@@ -41,7 +41,7 @@ pub async fn serve(
     peer: SocketAddr,
     counters: &WorkerCounters,
 ) {
-    let client = Conn::new(stream);
+    let client = Conn::accepted(stream);
     let settings = worker.snapshot.load().settings.clone();
     let timeout = Duration::from_millis(settings.tls_handshake_timeout_ms);
     let hello = match compio::time::timeout(timeout, read_client_hello(&client, timeout)).await {
