@@ -1,7 +1,8 @@
 //! L7 end to end: weir's reverse proxy (the `weir` daemon, its L7 workers only) against
 //! HAProxy in http mode and nginx as a reverse proxy, all in front of the same nginx upstream
 //! (one process per CPU) on loopback, with direct-to-upstream as the ceiling. One worker thread
-//! for every proxy; keep-alive to the upstream on for all; access logs off; each adds
+//! for every proxy (two in the cases that say so: weir `workers = 2`, HAProxy `nbthread 2`,
+//! nginx two worker processes); keep-alive to the upstream on for all; access logs off; each adds
 //! `X-Forwarded-For`. Cases: keep-alive and a new connection per request, × a 5-byte and a
 //! 64 KiB response. Systems run interleaved within each repetition. CPU time per request is
 //! the proxy process's user + system time (from /proc) over the requests wrk completed.
@@ -38,18 +39,25 @@ pub struct L7Case {
     pub close: bool,
     /// 64 KiB responses instead of 5 bytes.
     pub large: bool,
+    /// Worker threads (processes for nginx) of every proxy.
+    pub workers: usize,
 }
 
 impl L7Case {
     pub fn name(&self) -> String {
         format!(
-            "L7, {}, {} responses",
+            "L7, {}, {} responses{}",
             if self.close {
                 "new connection per request"
             } else {
                 "keep-alive"
             },
-            if self.large { "64 KiB" } else { "5-byte" }
+            if self.large { "64 KiB" } else { "5-byte" },
+            if self.workers > 1 {
+                format!(", {} workers", self.workers)
+            } else {
+                String::new()
+            }
         )
     }
 
@@ -150,7 +158,7 @@ impl L7Bench {
         for repetition in 0..self.repetitions {
             for (c, case) in self.cases.iter().enumerate() {
                 for (s, system) in L7System::ALL.iter().enumerate() {
-                    let proxy = self.start(&ns, *system, tag, dir)?;
+                    let proxy = self.start(&ns, *system, case.workers, tag, dir)?;
                     let target = if *system == L7System::Direct {
                         UPSTREAM
                     } else {
@@ -216,6 +224,7 @@ impl L7Bench {
         let case = L7Case {
             close: false,
             large: false,
+            workers: 1,
         };
         fs::create_dir_all(dir)?;
         let ns = Netns::new(&format!("{tag}l7c"))?;
@@ -225,7 +234,7 @@ impl L7Bench {
             .map(|s| format!("{{ address = \"{s}\" }}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let config = write_weir_config(tag, &dir.join("weir"), &servers)?;
+        let config = write_weir_config(tag, &dir.join("weir"), &servers, 1)?;
         let _weir = self.spawn_weir(&ns, &config)?;
         wait_for(&ns, PROXY)?;
         let socket = dir.join("weir").join("weir.sock");
@@ -324,6 +333,7 @@ impl L7Bench {
         &self,
         ns: &Netns,
         system: L7System,
+        workers: usize,
         tag: &str,
         dir: &Path,
     ) -> Result<Option<Process>> {
@@ -334,13 +344,17 @@ impl L7Bench {
                     tag,
                     &dir.join("weir"),
                     &format!("{{ address = \"{UPSTREAM}\" }}"),
+                    workers,
                 )?;
                 self.spawn_weir(ns, &config)?
             }
-            L7System::Haproxy => spawn_haproxy(ns, &write_haproxy_config(&dir.join("haproxy"))?)?,
-            L7System::Nginx => {
-                spawn_nginx(ns, &write_nginx_proxy_config(&dir.join("nginx-proxy"))?)?
+            L7System::Haproxy => {
+                spawn_haproxy(ns, &write_haproxy_config(&dir.join("haproxy"), workers)?)?
             }
+            L7System::Nginx => spawn_nginx(
+                ns,
+                &write_nginx_proxy_config(&dir.join("nginx-proxy"), workers)?,
+            )?,
         };
         wait_for(ns, PROXY)?;
         Ok(Some(process))
@@ -385,8 +399,33 @@ pub(crate) fn stop_proxy(ns: &Netns, process: Process) -> Result<()> {
     })
 }
 
-/// User + system CPU seconds of process `pid` (all its threads).
+/// User + system CPU seconds of process `pid` (all its threads) and of its living children
+/// (nginx's workers under its master).
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = own_cpu_seconds(pid)?;
+    for entry in fs::read_dir("/proc")?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let parent = fs::read_to_string(format!("/proc/{child}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if parent == Some(pid) {
+            total += own_cpu_seconds(child).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+/// User + system CPU seconds of process `pid` alone (all its threads).
+fn own_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat
@@ -444,9 +483,9 @@ pub(crate) fn start_upstream(ns: &Netns, dir: &Path) -> Result<Vec<Process>> {
 }
 
 /// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream.
-fn write_nginx_proxy_config(dir: &Path) -> Result<PathBuf> {
+fn write_nginx_proxy_config(dir: &Path, workers: usize) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
-    crate::nginx::config(
+    crate::nginx::config_with_workers(
         dir,
         &format!(
             r#"upstream app {{ server {UPSTREAM}; keepalive 64; }}
@@ -462,20 +501,21 @@ fn write_nginx_proxy_config(dir: &Path) -> Result<PathBuf> {
     }}
   }}"#
         ),
+        workers,
     )
 }
 
-/// HAProxy in http mode, one thread, connection reuse to the upstream (its default `safe`),
+/// HAProxy in http mode, `workers` threads, connection reuse to the upstream (its default `safe`),
 /// and splicing bodies both ways as weir does (`option splice-request`/`splice-response`; off
 /// by default in HAProxy, measured faster here with 64 KiB responses: decision 0012).
-fn write_haproxy_config(dir: &Path) -> Result<PathBuf> {
+fn write_haproxy_config(dir: &Path, workers: usize) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let conf = dir.join("haproxy.cfg");
     fs::write(
         &conf,
         format!(
             r#"global
-  nbthread 1
+  nbthread {workers}
   maxconn 4096
 defaults
   mode http
@@ -498,8 +538,8 @@ backend app
     Ok(conf)
 }
 
-/// weir with no XDP interface, one L7 worker, one default vhost in front of the upstream.
-fn write_weir_config(tag: &str, dir: &Path, servers: &str) -> Result<PathBuf> {
+/// weir with no XDP interface, `workers` L7 workers, one default vhost in front of the upstream.
+fn write_weir_config(tag: &str, dir: &Path, servers: &str, workers: usize) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let conf = dir.join("weir.toml");
     fs::write(
@@ -511,7 +551,7 @@ state_file = "{dir}/state.json"
 bpf_dir = "/sys/fs/bpf/{tag}weir"
 
 [l7]
-workers = 1
+workers = {workers}
 
 [[vhost]]
 name = "bench"

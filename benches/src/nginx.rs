@@ -15,6 +15,17 @@ use weir_tests::netns::Process;
 /// Writes `dir/nginx.conf`: the settings every benchmark nginx shares, around `server`
 /// (the `http` block's server and upstream blocks).
 pub fn config(dir: &Path, server: &str) -> Result<PathBuf> {
+    config_with_workers(dir, server, 1)
+}
+
+/// [`config`] with `workers` worker processes: more than one needs nginx's master process,
+/// whose workers are its children (their CPU time counts with it).
+pub fn config_with_workers(dir: &Path, server: &str, workers: usize) -> Result<PathBuf> {
+    let processes = if workers > 1 {
+        format!("master_process on;\nworker_processes {workers};")
+    } else {
+        "master_process off;\nworker_processes 1;".to_string()
+    };
     let temp = dir.join("nginx-temp");
     fs::create_dir_all(&temp)?;
     let conf = dir.join("nginx.conf");
@@ -22,8 +33,7 @@ pub fn config(dir: &Path, server: &str) -> Result<PathBuf> {
         &conf,
         format!(
             r#"daemon off;
-master_process off;
-worker_processes 1;
+{processes}
 pid {dir}/nginx.pid;
 error_log stderr crit;
 events {{ worker_connections 4096; }}

@@ -423,6 +423,7 @@ mod tests {
         let case = crate::l7::L7Case {
             close: false,
             large: true,
+            workers: 1,
         };
         let row = |system, rate: f64, cpu: Option<f64>| L7Result {
             case,
@@ -468,6 +469,7 @@ mod tests {
             case: crate::l7::L7Case {
                 close: false,
                 large: false,
+                workers: 1,
             },
             steady_requests_per_sec: Sample::new(vec![1000.0, 1100.0, 900.0]),
             changing_requests_per_sec: Sample::new(vec![950.0]),

@@ -110,10 +110,21 @@ fn main() -> Result<()> {
     }
     if wanted(Scenario::L7) {
         eprintln!("l7: wrk through weir, HAProxy and nginx proxies and direct, interleaved");
-        let cases = [false, true]
-            .into_iter()
-            .flat_map(|close| [false, true].map(|large| L7Case { close, large }))
-            .collect();
+        // Every case with one worker each; the small-response ones again with two (on this
+        // box's two CPUs, how each proxy scales).
+        let one = [false, true].into_iter().flat_map(|close| {
+            [false, true].map(|large| L7Case {
+                close,
+                large,
+                workers: 1,
+            })
+        });
+        let two = [false, true].map(|close| L7Case {
+            close,
+            large: false,
+            workers: 2,
+        });
+        let cases = one.chain(two).collect();
         let bench = L7Bench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
