@@ -391,9 +391,17 @@ pub(crate) fn spawn_nginx(ns: &Netns, conf: &Path) -> Result<Process> {
     )
 }
 
-/// Stops the proxy `process` and waits until [`PROXY`] is free for the next one.
+/// Stops the proxy `process` and its children (nginx's workers, which outlive a killed
+/// master) and waits until [`PROXY`] is free for the next one.
 pub(crate) fn stop_proxy(ns: &Netns, process: Process) -> Result<()> {
+    let children = children_of(process.pid());
     drop(process);
+    for child in children {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     wait_until("the proxy port to close", Duration::from_secs(5), || {
         !ns.run(|| TcpStream::connect(PROXY).is_ok()).unwrap_or(true)
     })
@@ -403,25 +411,30 @@ pub(crate) fn stop_proxy(ns: &Netns, process: Process) -> Result<()> {
 /// (nginx's workers under its master).
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let mut total = own_cpu_seconds(pid)?;
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let parent = fs::read_to_string(format!("/proc/{child}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if parent == Some(pid) {
-            total += own_cpu_seconds(child).unwrap_or(0.0);
-        }
+    for child in children_of(pid) {
+        total += own_cpu_seconds(child).unwrap_or(0.0);
     }
     Ok(total)
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            let parent = fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            parent == Some(pid)
+        })
+        .collect()
 }
 
 /// User + system CPU seconds of process `pid` alone (all its threads).
