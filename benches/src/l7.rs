@@ -353,7 +353,7 @@ impl L7Bench {
             }
             L7System::Nginx => spawn_nginx(
                 ns,
-                &write_nginx_proxy_config(&dir.join("nginx-proxy"), workers)?,
+                &write_nginx_proxy_config(&dir.join("nginx-proxy"), workers, "")?,
             )?,
         };
         wait_for(ns, PROXY)?;
@@ -495,15 +495,22 @@ pub(crate) fn start_upstream(ns: &Netns, dir: &Path) -> Result<Vec<Process>> {
     Ok(upstream)
 }
 
-/// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream.
-fn write_nginx_proxy_config(dir: &Path, workers: usize) -> Result<PathBuf> {
+/// nginx as a reverse proxy: HTTP/1.1 and a keep-alive pool to the upstream; `tls` is what
+/// the HTTPS comparison adds (`ssl` on the listen line and the `ssl_*` directives, each
+/// ending in `;`), empty for plain HTTP.
+pub(crate) fn write_nginx_proxy_config(dir: &Path, workers: usize, tls: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
+    let (listen, directives) = match tls {
+        "" => ("", ""),
+        tls => (" ssl", tls),
+    };
     crate::nginx::config_with_workers(
         dir,
         &format!(
             r#"upstream app {{ server {UPSTREAM}; keepalive 64; }}
   server {{
-    listen {PROXY};
+    listen {PROXY}{listen};
+    {directives}
     location / {{
       proxy_pass http://app;
       proxy_http_version 1.1;

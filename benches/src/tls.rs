@@ -22,7 +22,7 @@ use weir_tests::{
 use crate::{
     l7::{
         PROXY, UPSTREAM, cpu_seconds, spawn_haproxy, spawn_nginx, start_upstream, stop_proxy,
-        wait_for,
+        wait_for, write_nginx_proxy_config,
     },
     stats::Sample,
     wrk,
@@ -257,30 +257,12 @@ impl TlsBench {
             TlsSystem::Nginx => {
                 let dir = dir.join("nginx");
                 fs::create_dir_all(&dir)?;
-                let conf = crate::nginx::config(
-                    &dir,
-                    &format!(
-                        r#"upstream app {{ server {UPSTREAM}; keepalive 64; }}
-  server {{
-    listen {PROXY} ssl;
-    ssl_certificate {};
-    ssl_certificate_key {};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    ssl_session_tickets on;
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_buffering off;
-    }}
-  }}"#,
-                        files.certificate.display(),
-                        files.key.display()
-                    ),
-                )?;
+                let tls = format!(
+                    "ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; ssl_session_tickets on;",
+                    files.certificate.display(),
+                    files.key.display()
+                );
+                let conf = write_nginx_proxy_config(&dir, 1, &tls)?;
                 spawn_nginx(ns, &conf)?
             }
         };
