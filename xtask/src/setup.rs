@@ -44,6 +44,9 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",
     // The BGP test runs BIRD as the node's speaker and as the router.
     "bird2",
+    // The TLS tests drive weir with `openssl s_client` and `s_time`, serve passthrough origins
+    // with `openssl s_server`, and make RSA keys with `openssl genpkey`.
+    "openssl",
 ];
 
 /// What setup found, for commands that run tools afterwards.
