@@ -3,39 +3,22 @@
 //! when no file is set. (The daemon's side — reopening, signals, rate-limited refusals — is
 //! `access_log_e2e`.)
 
-use std::{net::TcpListener, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use serde_json::Value;
-use weir_config::{AccessLogFormat, Config};
-use weir_forwarder::{
-    l7::{L7Snapshot, L7Workers, access_log::LogFile},
-    vhosts::Vhosts,
-};
+use weir_config::AccessLogFormat;
+use weir_forwarder::l7::access_log::LogFile;
 use weir_tests::{
     http_client::{Body, HttpConn},
     http_origin::HttpOrigin,
     netns::wait_until,
+    proxy::Proxy,
 };
 
-fn start(origin: &HttpOrigin, net: u8) -> (L7Workers, std::net::SocketAddr) {
-    let port = TcpListener::bind(format!("127.0.{net}.1:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.{net}.1:{port}");
-    let text = format!(
-        "[l7]\nworkers = 2\n\n[[vhost]]\nname = \"logged\"\nlisten = \"{listen}\"\nhosts = [\"log.test\"]\nservers = [{{ address = \"{}\" }}]\n",
-        origin.address
-    );
-    let config = Config::parse(Path::new("test.toml"), &text).unwrap();
-    let vhosts = Vhosts::plan(&config, None).unwrap();
-    let workers = L7Workers::start(
-        L7Snapshot::of(&vhosts, &config, Default::default(), None),
-        2,
-    )
-    .unwrap();
-    (workers, listen.parse().unwrap())
+/// The workers with one vhost `log.test` in front of `origin` (on the origin's loopback net).
+fn start(origin: &HttpOrigin) -> Proxy {
+    let vhost = "[[vhost]]\nname = \"logged\"\nlisten = \"LISTEN\"\nhosts = [\"log.test\"]\nservers = [{ address = \"SERVER1\" }]\n";
+    Proxy::start("", vhost, &[origin])
 }
 
 fn read_lines(path: &Path, count: usize) -> Vec<String> {
@@ -56,7 +39,8 @@ fn each_request_is_logged_once_with_its_route_and_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let origin = HttpOrigin::start("127.0.200.10:0".parse().unwrap(), "s1").unwrap();
-    let (workers, address) = start(&origin, 200);
+    let proxy = start(&origin);
+    let (workers, address) = (&proxy.workers, proxy.address);
 
     let mut conn = HttpConn::connect(address).unwrap();
     let get = |conn: &mut HttpConn, target: &str, host: &str| {

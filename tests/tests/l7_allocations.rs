@@ -14,19 +14,13 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    net::TcpListener,
-    path::Path,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-use weir_config::Config;
-use weir_forwarder::{
-    l7::{L7Snapshot, L7Workers},
-    vhosts::Vhosts,
-};
 use weir_tests::{
     http_client::{Body, HttpConn},
     http_origin::HttpOrigin,
+    proxy::Proxy,
 };
 
 /// Allocations (and moving reallocations) on L7 worker threads while counting is on.
@@ -89,24 +83,10 @@ const MAX_PER_REQUEST: f64 = 17.5;
 #[test]
 fn a_kept_alive_get_allocates_within_its_budget() {
     let origin = HttpOrigin::start("127.0.210.10:0".parse().unwrap(), "s1").unwrap();
-    let port = TcpListener::bind("127.0.210.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.210.1:{port}");
-    let text = format!(
-        "[l7]\nworkers = 1\n\n[[vhost]]\nname = \"a\"\nlisten = \"{listen}\"\nhosts = [\"a.test\"]\nservers = [{{ address = \"{}\" }}]\n",
-        origin.address
-    );
-    let config = Config::parse(Path::new("test.toml"), &text).unwrap();
-    let vhosts = Vhosts::plan(&config, None).unwrap();
-    let _workers = L7Workers::start(
-        L7Snapshot::of(&vhosts, &config, Default::default(), None),
-        1,
-    )
-    .unwrap();
-    let mut conn = HttpConn::connect(listen.parse().unwrap()).unwrap();
+    // One worker, so every request is served on the one thread counted.
+    let vhost = "[[vhost]]\nname = \"a\"\nlisten = \"LISTEN\"\nhosts = [\"a.test\"]\nservers = [{ address = \"SERVER1\" }]\n";
+    let proxy = Proxy::start("workers = 1", vhost, &[&origin]);
+    let mut conn = HttpConn::connect(proxy.address).unwrap();
     let mut get = || {
         let response = conn
             .request("GET", "/items?id=7", "a.test", "", Body::None)
