@@ -177,17 +177,25 @@ fn connect(
             client.write_tls(&mut to_server)?;
         }
         let started = Instant::now();
-        server.read_tls(&mut &to_server[..])?;
-        server.process_new_packets()?;
+        feed(&mut server, &to_server)?;
         let mut to_client = Vec::new();
         while server.wants_write() {
             server.write_tls(&mut to_client)?;
         }
         spent += started.elapsed();
-        client.read_tls(&mut &to_client[..])?;
-        client.process_new_packets()?;
+        feed(&mut client, &to_client)?;
     }
     Ok((server, client, spent))
+}
+
+/// Hands all of `wire` to `conn` and processes it (one `read_tls` takes a record's worth at
+/// most).
+fn feed<Data>(conn: &mut rustls::ConnectionCommon<Data>, mut wire: &[u8]) -> Result<()> {
+    while !wire.is_empty() {
+        conn.read_tls(&mut wire)?;
+        conn.process_new_packets()?;
+    }
+    Ok(())
 }
 
 /// MB/s of plaintext the server seals into records, and opens from the client's.
@@ -210,11 +218,7 @@ fn record_rates(
             server.write_tls(&mut wire)?;
         }
         seal += started.elapsed();
-        let mut fed = &wire[..];
-        while !fed.is_empty() {
-            client.read_tls(&mut fed)?;
-            client.process_new_packets()?;
-        }
+        feed(&mut client, &wire)?;
         client
             .reader()
             .read_exact(&mut sink)
@@ -226,11 +230,7 @@ fn record_rates(
             client.write_tls(&mut wire)?;
         }
         let started = Instant::now();
-        let mut fed = &wire[..];
-        while !fed.is_empty() {
-            server.read_tls(&mut fed)?;
-            server.process_new_packets()?;
-        }
+        feed(&mut server, &wire)?;
         server
             .reader()
             .read_exact(&mut sink)

@@ -42,8 +42,7 @@ pub async fn serve(
     counters: &WorkerCounters,
 ) {
     let client = Conn::accepted(stream);
-    let settings = worker.snapshot.load().settings.clone();
-    let timeout = Duration::from_millis(settings.tls_handshake_timeout_ms);
+    let timeout = Duration::from_millis(worker.snapshot.load().settings.tls_handshake_timeout_ms);
     let hello = match compio::time::timeout(timeout, read_client_hello(&client, timeout)).await {
         Ok(hello) => hello,
         Err(_) => Err(HandshakeFailure::Timeout),
@@ -52,7 +51,9 @@ pub async fn serve(
         Ok(hello) => hello,
         Err(failure) => return counters.tls_failed(failure),
     };
+    // Routed with the snapshot as of now, not as of the accept (as a request is).
     let snapshot = worker.snapshot.load_full();
+    let settings = &snapshot.settings;
     let Some(vhost) = sni_vhost(&snapshot.listeners[listener], name.as_deref()) else {
         let idle = Duration::from_millis(settings.body_idle_timeout_ms);
         let _ = client.write_all(UNRECOGNIZED_NAME.to_vec(), idle).await;
