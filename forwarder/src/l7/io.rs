@@ -194,7 +194,10 @@ impl Conn {
     }
 
     /// Reads the next ciphertext from the socket into the session's incoming buffer, which
-    /// is handed back with the result (the caller puts it back).
+    /// is handed back with the result (the caller puts it back). `Duration::MAX` sets no
+    /// deadline of its own: the handshake runs under one deadline for the whole, and a step
+    /// timing out at the same instant would be counted as the client closing, not as
+    /// `timeout` (the same for [`Conn::flush_tls`]).
     async fn read_ciphertext(
         &self,
         tls: &TlsSession,
@@ -229,7 +232,8 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends whatever ciphertext rustls has queued, within `timeout`.
+    /// Sends whatever ciphertext rustls has queued, within `timeout` (`Duration::MAX`: none of
+    /// its own, see [`Conn::read_ciphertext`]).
     async fn flush_tls(&self, tls: &TlsSession, timeout: Duration) -> io::Result<()> {
         let _sending = tls.sending.lock().await;
         loop {
