@@ -51,6 +51,40 @@ impl VipKey {
             family,
         }
     }
+
+    /// The VIP index slot of this key: a multiplicative hash of its words. Part of the
+    /// contract between the daemon, which fills the index, and the program, which reads it.
+    #[inline(always)]
+    pub const fn index_slot(&self) -> u32 {
+        let word = self.addr[0]
+            ^ self.addr[1]
+            ^ self.addr[2]
+            ^ self.addr[3]
+            ^ ((self.port as u32) << 16 | (self.protocol as u32) << 8 | self.family as u32);
+        word.wrapping_mul(0x9e37_79b1) >> 16
+    }
+}
+
+/// Slots of the VIP index (`WEIR_VIP_INDEX`): a direct-mapped array in front of the VIP map,
+/// by [`VipKey::index_slot`]. A slot holds [`VIP_INDEX_EMPTY`], [`VIP_INDEX_SHARED`], or the
+/// id + 1 of the one VIP whose service key hashes there (whose [`VipSlot`] then confirms the
+/// key). An array lookup is one load once the verifier inlines it; the hash lookup it spares
+/// every TCP/UDP packet measured 28 ns. Address-level keys are not indexed.
+pub const VIP_INDEX_SLOTS: u32 = 1 << 16;
+/// No service key hashes to this slot: a packet whose key does is not VIP traffic.
+pub const VIP_INDEX_EMPTY: u16 = 0;
+/// More than one service key hashes to this slot (or did: the daemon leaves the mark until it
+/// restarts): ask the VIP map.
+pub const VIP_INDEX_SHARED: u16 = u16::MAX;
+
+/// Value of the VIP slot array (`WEIR_VIP_SLOTS`), indexed by VIP id: the service key the id
+/// serves and its entry, so that a VIP index hit is checked against the packet's key without
+/// a hash lookup. An unused id holds all zeros (family 0 matches no packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    pub key: VipKey,
+    pub info: VipInfo,
 }
 
 /// How a VIP's packets reach its servers.
@@ -155,6 +189,17 @@ pub struct NextHop {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub _pad: [u8; 6],
+}
+
+/// The program's clock, cached per CPU (`WEIR_CLOCK`): `bpf_ktime_get_coarse_ns` as last read
+/// at the tick `jiffies`. The coarse clock only moves on a tick, so a packet whose tick is the
+/// cached one reuses the cached time; `bpf_jiffies64`, which the verifier turns into one load,
+/// tells. The helper call it saves measured 18 ns of a 146 ns DSR hit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub ns: u64,
 }
 
 /// Settings the program reads on every packet (a one-slot array).

@@ -70,6 +70,13 @@ pub mod names {
     /// Per-CPU `u64` per [`crate::edge::Event`].
     pub const EVENTS_MAP: &str = "WEIR_EVENTS";
 
+    /// VIP index slot → the one VIP id whose service key hashes there, plus one.
+    pub const VIP_INDEX_MAP: &str = "WEIR_VIP_INDEX";
+    /// VIP id → its service key and entry (`crate::l4::VipSlot`).
+    pub const VIP_SLOTS_MAP: &str = "WEIR_VIP_SLOTS";
+    /// Per-CPU cache of the program's clock (`crate::l4::ClockCache`).
+    pub const CLOCK_MAP: &str = "WEIR_CLOCK";
+
     /// Every map of the object: the daemon pins them all, so a restarted daemon (or a newer
     /// program) takes over the very maps the running program uses.
     pub const ALL_MAPS: &[&str] = &[
@@ -89,6 +96,9 @@ pub mod names {
         EDGE_SETTINGS_MAP,
         FLOOD_WINDOW_MAP,
         EVENTS_MAP,
+        VIP_INDEX_MAP,
+        VIP_SLOTS_MAP,
+        CLOCK_MAP,
     ];
 }
 
@@ -102,7 +112,7 @@ mod layout {
         Counter, TrafficCounter,
         edge::{AddressKey, EdgeSettings, FloodWindow},
         flow::{Embryonic, EmbryonicKey, FlowKey, FlowState, NatReturn},
-        l4::{DatapathSettings, NextHop, ServerInfo, VipInfo, VipKey},
+        l4::{ClockCache, DatapathSettings, NextHop, ServerInfo, VipInfo, VipKey, VipSlot},
     };
 
     const _: () = assert!(size_of::<Counter>() == 16);
@@ -120,4 +130,6 @@ mod layout {
     const _: () = assert!(size_of::<AddressKey>() == 20);
     const _: () = assert!(size_of::<EdgeSettings>() == 16);
     const _: () = assert!(size_of::<FloodWindow>() == 16);
+    const _: () = assert!(size_of::<VipSlot>() == 28);
+    const _: () = assert!(size_of::<ClockCache>() == 16);
 }

@@ -27,6 +27,8 @@ unsafe impl aya::Pod for crate::flow::Embryonic {}
 unsafe impl aya::Pod for crate::edge::AddressKey {}
 unsafe impl aya::Pod for crate::edge::EdgeSettings {}
 unsafe impl aya::Pod for crate::edge::FloodWindow {}
+unsafe impl aya::Pod for crate::l4::VipSlot {}
+unsafe impl aya::Pod for crate::l4::ClockCache {}
 
 impl crate::edge::AddressKey {
     /// The key of `ip` in the self-address set.

@@ -72,9 +72,8 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64, now: u64) -> u32 {
         protocol: quoted.protocol,
         family: quoted.family,
     };
-    // SAFETY: the value is copied out at once.
-    let vip = match unsafe { WEIR_VIPS.get(vip_key) } {
-        Some(vip) if quoted.src == packet.dst => *vip,
+    let vip = match maps::vip(&vip_key) {
+        Some(vip) if quoted.src == packet.dst => vip,
         _ => return verdict::pass(Stat::PassIcmp, len),
     };
     // The quote went VIP → client; the flow table holds the client → VIP direction.

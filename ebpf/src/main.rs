@@ -63,7 +63,7 @@ fn try_weir_xdp(ctx: &XdpContext) -> Result<u32, u32> {
         }
         Parsed::Icmp(packet) => icmp::handle(ctx, &packet, len, clock::now_ns()),
         Parsed::Transport(packet) => {
-            if let Some(vip) = unsafe { WEIR_VIPS.get(packet.vip_key()) }.copied() {
+            if let Some(vip) = maps::vip(&packet.vip_key()) {
                 balance(ctx, &packet, &vip, len)
             } else if unsafe { WEIR_NAT_RETURN.get(packet.flow_key()) }.is_some()
                 || (flow::may_answer_embryonic(&packet)

@@ -12,7 +12,10 @@ use weir_common::{
     Counter, Stat, TrafficCounter,
     edge::{AddressKey, EdgeSettings, Event, FloodWindow},
     flow::{Embryonic, EmbryonicKey, FlowKey, FlowState, NatReturn},
-    l4::{DatapathSettings, MAX_SERVERS, MAX_VIPS, NextHop, ServerInfo, VipInfo, VipKey},
+    l4::{
+        ClockCache, DatapathSettings, MAX_SERVERS, MAX_VIPS, NextHop, ServerInfo, VIP_INDEX_EMPTY,
+        VIP_INDEX_SHARED, VIP_INDEX_SLOTS, VipInfo, VipKey, VipSlot,
+    },
 };
 
 /// Flow-table size compiled in; the daemon sets the real size from its config at load time.
@@ -32,6 +35,18 @@ static WEIR_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Stat::SL
 #[map(name = "WEIR_VIPS")]
 pub static WEIR_VIPS: HashMap<VipKey, VipInfo> =
     HashMap::with_max_entries(2 * MAX_VIPS, BPF_F_NO_PREALLOC);
+
+/// The VIP index: `VipKey::index_slot` → id + 1 of the one VIP there (see `VIP_INDEX_SLOTS`).
+#[map(name = "WEIR_VIP_INDEX")]
+static WEIR_VIP_INDEX: Array<u16> = Array::with_max_entries(VIP_INDEX_SLOTS, 0);
+
+/// VIPs by id: the service key each id serves and its entry, to confirm a VIP index hit.
+#[map(name = "WEIR_VIP_SLOTS")]
+static WEIR_VIP_SLOTS: Array<VipSlot> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// The program's clock as last read, per CPU (one slot; `crate::clock`).
+#[map(name = "WEIR_CLOCK")]
+pub static WEIR_CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// Servers by id: where NAT rewrites to and whether the server still exists.
 #[map(name = "WEIR_SERVERS")]
@@ -162,6 +177,21 @@ pub fn edge_settings() -> EdgeSettings {
 #[inline(always)]
 pub fn settings() -> DatapathSettings {
     WEIR_SETTINGS.get(0).copied().unwrap_or_default()
+}
+
+/// The VIP serving `key` (a service key, not an address-level one), if any: through the VIP
+/// index, and the VIP map only for a slot several keys share.
+#[inline(always)]
+pub fn vip(key: &VipKey) -> Option<VipInfo> {
+    match WEIR_VIP_INDEX.get(key.index_slot()).copied()? {
+        VIP_INDEX_EMPTY => None,
+        // SAFETY: the value is copied out before the next helper call.
+        VIP_INDEX_SHARED => unsafe { WEIR_VIPS.get(key) }.copied(),
+        id_plus_one => {
+            let slot = WEIR_VIP_SLOTS.get(id_plus_one as u32 - 1)?;
+            (slot.key == *key).then_some(slot.info)
+        }
+    }
 }
 
 /// The server with id `id` if it still exists.

@@ -32,7 +32,10 @@ use weir_common::{
     Counter, Stat, TrafficCounter,
     edge::{AddressKey, EdgeSettings, Event},
     flow::{Embryonic, EmbryonicKey, FLOW_CLOSING, FlowKey, FlowState},
-    l4::{DatapathSettings, ServerInfo, VipInfo, VipKey},
+    l4::{
+        DatapathSettings, ServerInfo, VIP_INDEX_EMPTY, VIP_INDEX_SHARED, VIP_INDEX_SLOTS, VipInfo,
+        VipKey, VipSlot,
+    },
     names,
 };
 use weir_config::{Config, XdpMode, control::XdpAttachment};
@@ -447,6 +450,8 @@ fn replace_pinned<L: TryFrom<FdLink, Error = LinkError>>(
 pub struct DatapathMaps {
     stats: PerCpuArray<MapData, Counter>,
     vips: HashMap<MapData, VipKey, VipInfo>,
+    vip_index: Array<MapData, u16>,
+    vip_slots: Array<MapData, VipSlot>,
     servers: Array<MapData, ServerInfo>,
     maglev: ArrayOfMaps<MapData, Array<MapData, u32>>,
     flows: HashMap<MapData, FlowKey, FlowState>,
@@ -458,6 +463,12 @@ pub struct DatapathMaps {
     self_addresses: HashMap<MapData, AddressKey, u8>,
     edge_settings: Array<MapData, EdgeSettings>,
     events: PerCpuArray<MapData, u64>,
+}
+
+/// The VIP index entry that names VIP `id`.
+fn index_entry(id: u32) -> u16 {
+    // VIP ids are below `MAX_VIPS` (256), far from the shared mark.
+    id as u16 + 1
 }
 
 /// Takes the map `name` out of `ebpf` as a typed handle.
@@ -476,6 +487,8 @@ impl DatapathMaps {
         Ok(DatapathMaps {
             stats: take(ebpf, names::STATS_MAP)?,
             vips: take(ebpf, names::VIPS_MAP)?,
+            vip_index: take(ebpf, names::VIP_INDEX_MAP)?,
+            vip_slots: take(ebpf, names::VIP_SLOTS_MAP)?,
             servers: take(ebpf, names::SERVERS_MAP)?,
             maglev: take(ebpf, names::MAGLEV_MAP)?,
             flows: take(ebpf, names::FLOWS_MAP)?,
@@ -561,10 +574,82 @@ impl DatapathMaps {
     }
 
     /// Adds or replaces a VIP entry (a service, or an address-level entry).
+    ///
+    /// A service key is also indexed (`weir_common::l4::VIP_INDEX_SLOTS`), in the order that
+    /// keeps the program's reads whole: the id's slot first, the VIP map, the index last — the
+    /// program never follows the index to a slot being written.
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
+        let indexed = key.protocol != 0;
+        if indexed {
+            self.set_vip_slot(info.id, VipSlot { key, info })?;
+        }
         self.vips
             .insert(key, info, 0)
-            .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))
+            .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))?;
+        if !indexed {
+            return Ok(());
+        }
+        let slot = key.index_slot();
+        let ours = index_entry(info.id);
+        let entry = match self.vip_index_entry(slot)? {
+            VIP_INDEX_EMPTY => ours,
+            entry if entry == ours || entry == VIP_INDEX_SHARED => entry,
+            other => {
+                if self.indexes_another_vip(other, &key)? {
+                    VIP_INDEX_SHARED
+                } else {
+                    ours
+                }
+            }
+        };
+        self.vip_index
+            .set(slot, entry, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))
+    }
+
+    /// Rebuilds the VIP index from the VIP map, in one write: a daemon that starts clears the
+    /// marks of slots that were shared by VIPs since removed.
+    pub fn rebuild_vip_index(&mut self) -> Result<(), DatapathError> {
+        let mut index = vec![VIP_INDEX_EMPTY; VIP_INDEX_SLOTS as usize];
+        for entry in self.vips.iter() {
+            let (key, info) = entry.map_err(|e| DatapathError::Map(names::VIPS_MAP, e))?;
+            if key.protocol == 0 {
+                continue;
+            }
+            let slot = &mut index[key.index_slot() as usize];
+            *slot = if *slot == VIP_INDEX_EMPTY {
+                index_entry(info.id)
+            } else {
+                VIP_INDEX_SHARED
+            };
+        }
+        map_batch::fill_array(&self.vip_index, &index)
+            .map_err(|e| DatapathError::MapBatch(names::VIP_INDEX_MAP, e))
+    }
+
+    /// Whether index entry `entry` (neither empty nor shared) names a live VIP other than
+    /// `key`'s, whose key hashes to the same slot.
+    fn indexes_another_vip(&self, entry: u16, key: &VipKey) -> Result<bool, DatapathError> {
+        let id = u32::from(entry) - 1;
+        let holder = self
+            .vip_slots
+            .get(&id, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))?;
+        Ok(holder.key != *key
+            && holder.key.index_slot() == key.index_slot()
+            && self.vip(&holder.key)?.is_some_and(|info| info.id == id))
+    }
+
+    fn vip_index_entry(&self, slot: u32) -> Result<u16, DatapathError> {
+        self.vip_index
+            .get(&slot, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))
+    }
+
+    fn set_vip_slot(&mut self, id: u32, slot: VipSlot) -> Result<(), DatapathError> {
+        self.vip_slots
+            .set(id, slot, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))
     }
 
     /// Replaces the datapath settings (timeouts, hash seed).
@@ -582,12 +667,35 @@ impl DatapathMaps {
             .map_err(|e| DatapathError::Map(names::VIPS_MAP, e))
     }
 
-    /// Removes a VIP entry; removing one that is not there is not an error.
+    /// Removes a VIP entry; removing one that is not there is not an error. A service key
+    /// leaves the index first and its slot last (the reverse of [`DatapathMaps::set_vip`]); a
+    /// slot it shared stays marked shared, which costs its keys a hash lookup, no more.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
-        match self.vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(DatapathError::Map(names::VIPS_MAP, e)),
+        let indexed = match self.vip(key)? {
+            Some(info) if key.protocol != 0 => Some(info.id),
+            _ => None,
+        };
+        if let Some(id) = indexed
+            && self.vip_index_entry(key.index_slot())? == index_entry(id)
+        {
+            self.vip_index
+                .set(key.index_slot(), VIP_INDEX_EMPTY, 0)
+                .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))?;
         }
+        match self.vips.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::Map(names::VIPS_MAP, e)),
+        }
+        if let Some(id) = indexed {
+            let slot = self
+                .vip_slots
+                .get(&id, 0)
+                .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))?;
+            if slot.key == *key {
+                self.set_vip_slot(id, VipSlot::default())?;
+            }
+        }
+        Ok(())
     }
 
     /// What slot `id` of the server array holds.

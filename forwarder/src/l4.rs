@@ -774,6 +774,9 @@ impl L4Services {
                 .collect(),
             None => maps.vip_keys()?,
         };
+        if old.is_none() {
+            maps.rebuild_vip_index()?;
+        }
         for key in present.iter().filter(|k| !wanted.contains(k)) {
             maps.remove_vip(key)?;
         }

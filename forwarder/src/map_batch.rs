@@ -4,7 +4,8 @@
 //! Why: a Maglev table is 65 537 slots by default, and writing it one element per syscall
 //! made a table switch take 78 ms; with one batch call it takes 23 ms (decision 0011). The
 //! kernel copies and stores the elements in order; on failure part of the batch may have
-//! been written, which is harmless for a table that is not installed yet (the only use).
+//! been written, which is harmless for the two uses: a table that is not installed yet, and
+//! the VIP index rebuilt at start (rewritten whole the next time).
 
 use std::{
     io,

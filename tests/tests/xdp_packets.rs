@@ -22,7 +22,7 @@ use weir_common::{
     Counter, Stat,
     edge::{EdgeSettings, Event},
     flow::flow_hash,
-    l4::HashFields,
+    l4::{HashFields, PROTO_TCP, VipKey},
 };
 use weir_config::{Config, control::AdminState};
 use weir_forwarder::{
@@ -2109,4 +2109,89 @@ fn well_formed(frame: &[u8], out: &[u8]) -> Result<(), String> {
         return Err("transport checksum broken".into());
     }
     Ok(())
+}
+
+/// Three TCP service keys on 198.18.100.40–42 whose VIP index slots are the same.
+fn keys_sharing_an_index_slot() -> [SocketAddr; 3] {
+    let key = |host: u8, port: u16| {
+        let address = SocketAddr::new(IpAddr::from([198, 18, 100, host]), port);
+        (address, VipKey::new(address, PROTO_TCP).index_slot())
+    };
+    let (first, slot) = key(40, 80);
+    let sharing = |host| {
+        (1..=u16::MAX)
+            .map(|port| key(host, port))
+            .find(|&(_, other)| other == slot)
+            .expect("a 16-bit slot is shared by some port of every address")
+            .0
+    };
+    [first, sharing(41), sharing(42)]
+}
+
+#[test]
+#[ignore = "needs root: loads the XDP program and creates a network namespace"]
+fn vips_sharing_an_index_slot_are_all_found_and_other_keys_there_are_not() {
+    in_bed("vipindex", || {
+        let mut lb = Balancer::new();
+        let [a, b, host] = keys_sharing_an_index_slot();
+        let vip = |name: &str, address: SocketAddr| {
+            format!(
+                "\n[[l4_vip]]\nname = \"{name}\"\naddress = \"{}\"\nport = {}\nprotocol = \"tcp\"\n\
+                 servers = [{{ address = \"198.18.1.10:8080\" }}]\n",
+                address.ip(),
+                address.port()
+            )
+        };
+        let reload = |lb: &mut Balancer, source: String, restart: bool| {
+            let config = Config::parse("packets.toml".as_ref(), &source).unwrap();
+            let state = lb.services.runtime_state();
+            let next = L4Services::plan(&config, Some(&state)).unwrap();
+            let old = (!restart).then_some(&lb.services);
+            next.sync(lb.datapath.maps_mut(), old).unwrap();
+            lb.services = next;
+        };
+        let to = |lb: &Balancer, address: SocketAddr, port: u16| {
+            lb.run(lb.up, &tcp(IN, client(port), address, 64, Flags::Syn))
+        };
+        let forwarded = |lb: &Balancer, address: SocketAddr, port: u16| {
+            let (fate, out) = to(lb, address, port);
+            assert_eq!(fate, Fate::Redirect, "{address} is a VIP: forwarded");
+            assert_eq!(destination(&out), addr("198.18.1.10:8080"));
+        };
+        let passed = |lb: &Balancer, address: SocketAddr, port: u16| {
+            let packet = tcp(IN, client(port), address, 64, Flags::Syn);
+            lb.check(&untouched(
+                &format!("{address} is not a VIP, though its index slot holds one"),
+                lb.up,
+                packet,
+                Fate::Pass,
+                Stat::PassNotVip,
+            ));
+        };
+
+        // Two VIPs in one slot: both balanced; a third key there is host traffic.
+        reload(
+            &mut lb,
+            format!("{CONFIG}{}{}", vip("a", a), vip("b", b)),
+            false,
+        );
+        forwarded(&lb, a, 50000);
+        forwarded(&lb, b, 50001);
+        passed(&lb, host, 50002);
+        // One of them removed: the other is still found, the removed one no longer.
+        reload(&mut lb, format!("{CONFIG}{}", vip("b", b)), false);
+        forwarded(&lb, b, 50003);
+        passed(&lb, a, 50004);
+        passed(&lb, host, 50005);
+        // A restarted daemon rebuilds the index from the VIP map: the same answers.
+        reload(&mut lb, format!("{CONFIG}{}", vip("b", b)), true);
+        forwarded(&lb, b, 50006);
+        passed(&lb, a, 50007);
+        // The slot held by one VIP alone, then by none.
+        reload(&mut lb, format!("{CONFIG}{}", vip("a", a)), false);
+        forwarded(&lb, a, 50008);
+        passed(&lb, b, 50009);
+        reload(&mut lb, CONFIG.to_string(), false);
+        passed(&lb, a, 50010);
+    });
 }
