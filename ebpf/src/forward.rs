@@ -20,11 +20,13 @@ use weir_common::{
 
 use crate::{
     maps::{WEIR_NEXT_HOPS, WEIR_TX_PORTS},
-    parse::{ETH_HLEN, Packet, write},
+    parse::{ETH_HLEN, Packet, Words},
     rewrite, verdict,
 };
 
 const AF_INET: u8 = 2;
+/// The destination and source MACs, the bytes a forwarded frame's Ethernet header changes.
+const ETH_MACS: usize = 12;
 const AF_INET6: u8 = 10;
 pub const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 /// The route exists but the next hop's MAC is not resolved yet.
@@ -70,13 +72,14 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     let ip_len = (len as usize).saturating_sub(ETH_HLEN) as u16;
     let cache = server.and_then(|id| WEIR_NEXT_HOPS.get_ptr_mut(id));
     // SAFETY: the pointer is from a per-CPU map lookup and valid for this run; only this CPU
-    // touches its copy.
-    let cached = cache.map(|entry| unsafe { *entry }).filter(|entry| {
+    // touches its copy. Read in place: the fields are checked, then the MACs copied.
+    let cached = cache.map(|entry| unsafe { &*entry }).filter(|entry| {
         entry.ifindex != 0
             && entry.addr == *dst
             && ip_len <= entry.ok_len
             && now.saturating_sub(entry.checked_ns) < NEXT_HOP_TTL_NS
     });
+    let fresh;
     let next = match cached {
         Some(entry) => entry,
         None => match fib_next_hop(
@@ -93,7 +96,8 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
                     // SAFETY: as above.
                     unsafe { *entry = next };
                 }
-                next
+                fresh = next;
+                &fresh
             }
             Err(rc) => {
                 return match (rc, hop) {
@@ -111,8 +115,13 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     if hop == Hop::Routed && rewrite::decrement_ttl(ctx, packet).is_none() {
         return verdict::drop(Stat::DropMalformed, len);
     }
-    if write(ctx, 0, next.dmac).is_none() || write(ctx, 6, next.smac).is_none() {
+    let Some(ethernet) = Words::<ETH_MACS>::of(ctx) else {
         return verdict::drop(Stat::DropMalformed, len);
+    };
+    for (at, pair) in [(0, &next.dmac), (6, &next.smac)] {
+        ethernet.set(at, u16::from_ne_bytes([pair[0], pair[1]]));
+        ethernet.set(at + 2, u16::from_ne_bytes([pair[2], pair[3]]));
+        ethernet.set(at + 4, u16::from_ne_bytes([pair[4], pair[5]]));
     }
     // Out of the interface it came in on (a one-armed balancer): XDP_TX, which skips the
     // device map and the redirect's flush.

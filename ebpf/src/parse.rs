@@ -298,14 +298,14 @@ fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize, payload_len: usize)
 /// DSR would deliver unchanged.
 #[inline(always)]
 pub fn ipv4_checksum_ok(ctx: &impl Frame) -> bool {
-    let Some(header) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
+    let Some(headers) = Words::<L4_OFFSET_V4>::of(ctx) else {
         return false;
     };
     let mut sum = 0u32;
-    let mut i = 0;
-    while i < IPV4_HLEN {
-        sum += u16::from_ne_bytes([header[i], header[i + 1]]) as u32;
-        i += 2;
+    let mut at = ETH_HLEN;
+    while at < L4_OFFSET_V4 {
+        sum += headers.get(at) as u32;
+        at += 2;
     }
     csum::fold(sum) == 0xffff
 }
@@ -344,6 +344,51 @@ pub fn ipv6_addr(header: &[u8], at: usize) -> [u32; 4] {
 #[inline(always)]
 fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// The frame's first `N` bytes (`N` even), bounds-checked once, as 16-bit words: what the
+/// rewrites read and write in place. Every header field weir edits sits at an even offset,
+/// and a frame starts 2-byte aligned (the kernel's headroom keeps it so, on every path), so
+/// each access is one aligned 16-bit load or store; the unaligned `read`/`write`, which the
+/// BPF backend must split into single bytes, are for the parser's odd cases.
+#[derive(Clone, Copy)]
+pub struct Words<const N: usize> {
+    base: *mut u16,
+}
+
+impl<const N: usize> Words<N> {
+    /// The frame's first `N` bytes, if it holds them.
+    #[inline(always)]
+    pub fn of(ctx: &impl Frame) -> Option<Words<N>> {
+        ptr_at::<[u8; N]>(ctx, 0).map(|base| Words {
+            base: base as *mut u16,
+        })
+    }
+
+    /// The 16-bit word at byte `offset` (even, below `N`), in memory order.
+    #[inline(always)]
+    pub fn get(&self, offset: usize) -> u16 {
+        debug_assert!(offset % 2 == 0 && offset + 2 <= N);
+        // SAFETY: `of` checked that the frame holds `N` bytes; the word is inside them and
+        // aligned (see the type's docs).
+        unsafe { self.base.add(offset / 2).read() }
+    }
+
+    /// Stores `value` (memory order) at byte `offset` (even, below `N`).
+    #[inline(always)]
+    pub fn set(&self, offset: usize, value: u16) {
+        debug_assert!(offset % 2 == 0 && offset + 2 <= N);
+        // SAFETY: as in `get`; XDP and TC programs may write their packet.
+        unsafe { self.base.add(offset / 2).write(value) }
+    }
+
+    /// Stores the raw 32-bit word `value` (network bytes, native load) at byte `offset`.
+    #[inline(always)]
+    pub fn set32(&self, offset: usize, value: u32) {
+        let bytes = value.to_ne_bytes();
+        self.set(offset, u16::from_ne_bytes([bytes[0], bytes[1]]));
+        self.set(offset + 2, u16::from_ne_bytes([bytes[2], bytes[3]]));
+    }
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, or `None` if it would run past the end.

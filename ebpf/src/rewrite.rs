@@ -8,21 +8,73 @@
 use aya_ebpf::programs::XdpContext;
 use weir_common::{csum, l4::FAMILY_IPV4};
 
-use crate::parse::{ETH_HLEN, Packet, read, write};
+use crate::parse::{ETH_HLEN, L4_OFFSET_V4, L4_OFFSET_V6, Packet, Words};
+
+/// Where the TCP and UDP checksums sit in their headers, and where the headers end for a
+/// rewrite (the checksum is the last field it touches).
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+const TCP_REWRITTEN: usize = TCP_CHECK + 2;
+const UDP_REWRITTEN: usize = 8;
 
 /// Replaces the destination of the TCP/UDP packet `packet` with `addr`:`port` (raw values).
-/// Returns `None` if a field is out of bounds, which the parser's checks rule out; the caller
-/// drops the packet then, so a half-rewritten packet never leaves.
+/// Returns `None` if the headers are not all in the frame, which the parser's checks rule
+/// out; the caller drops the packet then, and nothing was written.
 ///
 /// In place, with checksum arithmetic of our own: an XDP frame is as it came off the wire,
 /// its checksums complete. (The NAT return path, at TC, patches merged buffers through the
-/// kernel's helpers instead: see `nat_return`.)
+/// kernel's helpers instead: see `nat_return`.) One bounds check covers every field, sized by
+/// family and protocol so that each arm's offsets are constants the verifier can check.
 #[inline(always)]
 pub fn destination(ctx: &XdpContext, packet: &Packet, addr: &[u32; 4], port: u16) -> Option<()> {
+    match (packet.family == FAMILY_IPV4, packet.is_tcp()) {
+        (true, true) => rewrite_destination(
+            Words::<{ L4_OFFSET_V4 + TCP_REWRITTEN }>::of(ctx)?,
+            packet,
+            addr,
+            port,
+        ),
+        (true, false) => rewrite_destination(
+            Words::<{ L4_OFFSET_V4 + UDP_REWRITTEN }>::of(ctx)?,
+            packet,
+            addr,
+            port,
+        ),
+        (false, true) => rewrite_destination(
+            Words::<{ L4_OFFSET_V6 + TCP_REWRITTEN }>::of(ctx)?,
+            packet,
+            addr,
+            port,
+        ),
+        (false, false) => rewrite_destination(
+            Words::<{ L4_OFFSET_V6 + UDP_REWRITTEN }>::of(ctx)?,
+            packet,
+            addr,
+            port,
+        ),
+    }
+    Some(())
+}
+
+/// The rewrite itself: the TCP/UDP checksum covers the address (through the pseudo-header)
+/// and the port, the IPv4 header checksum the address. A UDP/IPv4 checksum of 0 means "none"
+/// and stays 0.
+#[inline(always)]
+fn rewrite_destination<const N: usize>(
+    headers: Words<N>,
+    packet: &Packet,
+    addr: &[u32; 4],
+    port: u16,
+) {
     let v4 = packet.family == FAMILY_IPV4;
     let l4 = packet.l4_offset();
-    let check_at = if packet.is_tcp() { l4 + 16 } else { l4 + 6 };
-    let check: u16 = read(ctx, check_at)?;
+    let check_at = l4
+        + if packet.is_tcp() {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        };
+    let check = headers.get(check_at);
     if packet.is_tcp() || !v4 || check != 0 {
         // The pseudo-header sum over four words is right for IPv4 too: its unused words are
         // zero in both the old and the new address.
@@ -31,35 +83,42 @@ pub fn destination(ctx: &XdpContext, packet: &Packet, addr: &[u32; 4], port: u16
         if !packet.is_tcp() {
             check = csum::udp_nonzero(check);
         }
-        write(ctx, check_at, check)?;
+        headers.set(check_at, check);
     }
-    write(ctx, l4 + 2, port)?;
+    headers.set(l4 + 2, port);
     if v4 {
-        write(ctx, ETH_HLEN + 16, addr[0])?;
-        let ip_check: u16 = read(ctx, ETH_HLEN + 10)?;
-        write(
-            ctx,
+        headers.set32(ETH_HLEN + 16, addr[0]);
+        let ip_check = headers.get(ETH_HLEN + 10);
+        headers.set(
             ETH_HLEN + 10,
             csum::replace32(ip_check, packet.dst[0], addr[0]),
-        )?;
+        );
     } else {
-        write(ctx, ETH_HLEN + 24, *addr)?;
+        for (i, word) in addr.iter().enumerate() {
+            headers.set32(ETH_HLEN + 24 + 4 * i, *word);
+        }
     }
-    Some(())
 }
 
 /// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit. The caller has
 /// checked that it is above 1.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &XdpContext, packet: &Packet) -> Option<()> {
+    // Both fields lie within an IPv4 header's span, which any parsed packet holds.
+    let headers = Words::<L4_OFFSET_V4>::of(ctx)?;
     if packet.family == FAMILY_IPV4 {
         // TTL is the high byte of the (TTL, protocol) word that the checksum covers.
-        let old: u16 = read(ctx, ETH_HLEN + 8)?;
+        let old = headers.get(ETH_HLEN + 8);
         let new = u16::from_ne_bytes([packet.ttl - 1, packet.protocol]);
-        write(ctx, ETH_HLEN + 8, new)?;
-        let check: u16 = read(ctx, ETH_HLEN + 10)?;
-        write(ctx, ETH_HLEN + 10, csum::replace16(check, old, new))
+        headers.set(ETH_HLEN + 8, new);
+        let check = headers.get(ETH_HLEN + 10);
+        headers.set(ETH_HLEN + 10, csum::replace16(check, old, new));
     } else {
-        write(ctx, ETH_HLEN + 7, packet.ttl - 1)
+        // The hop limit is the low byte of the (next header, hop limit) word.
+        headers.set(
+            ETH_HLEN + 6,
+            u16::from_ne_bytes([packet.protocol, packet.ttl - 1]),
+        );
     }
+    Some(())
 }
