@@ -125,6 +125,16 @@ enum Program {
     FlowLookup,
 }
 
+/// Where a case's packets arrive. The bed is two-armed (clients on the uplink, servers on the
+/// downlink), so a forwarded packet is redirected to the other interface. A packet arriving
+/// on the downlink is what a one-armed balancer sees — clients and servers behind one
+/// interface — and leaves with XDP_TX, the action the reference programs return.
+#[derive(Clone, Copy)]
+enum Ingress {
+    Uplink,
+    Downlink,
+}
+
 /// Which packets a case sends.
 enum Packets {
     /// The same packet every run.
@@ -141,6 +151,8 @@ struct Case {
     program: Program,
     mode: Mode,
     packets: Packets,
+    /// The interface the packets arrive on.
+    ingress: Ingress,
     /// Counter that must move once per measured packet (`None` for the trivial programs).
     stat: Option<Stat>,
     floor: &'static str,
@@ -203,6 +215,7 @@ impl XdpBench {
             program,
             mode,
             packets,
+            ingress: Ingress::Uplink,
             stat,
             floor,
             reference: None,
@@ -212,9 +225,14 @@ impl XdpBench {
             program: Weir,
             mode,
             packets,
+            ingress: Ingress::Uplink,
             stat,
             floor,
             reference,
+        };
+        let one_armed = |name, mode, packets, stat, floor, reference| Case {
+            ingress: Ingress::Downlink,
+            ..hit(name, mode, packets, stat, floor, reference)
         };
         let cases = vec![
             case(
@@ -340,6 +358,55 @@ impl XdpBench {
                 tx,
                 lookup6_per_call,
             ),
+            // The same flows on a one-armed balancer: out of the interface they came in on.
+            one_armed(
+                "DSR established flow, IPv4, one-armed",
+                Repeated,
+                same(client(2), vip4(20)),
+                Some(Stat::ForwardDsr),
+                pass,
+                lookup4,
+            ),
+            one_armed(
+                "DSR established flow, IPv6, one-armed",
+                Repeated,
+                same(client6(2), vip6("fd00:100::20")),
+                Some(Stat::ForwardDsr),
+                pass,
+                lookup6,
+            ),
+            one_armed(
+                "DSR established flow, IPv4, one-armed, per call",
+                PerCall,
+                same(client(2), vip4(20)),
+                Some(Stat::ForwardDsr),
+                tx,
+                lookup4_per_call,
+            ),
+            one_armed(
+                "DSR established flow, IPv6, one-armed, per call",
+                PerCall,
+                same(client6(2), vip6("fd00:100::20")),
+                Some(Stat::ForwardDsr),
+                tx,
+                lookup6_per_call,
+            ),
+            one_armed(
+                "NAT established flow, IPv4, one-armed",
+                PerCall,
+                same(client(3), vip4(10)),
+                Some(Stat::ForwardNat),
+                tx,
+                lookup4_per_call,
+            ),
+            one_armed(
+                "NAT established flow, IPv6, one-armed",
+                PerCall,
+                same(client6(3), vip6("fd00:100::10")),
+                Some(Stat::ForwardNat),
+                tx,
+                lookup6_per_call,
+            ),
             case(
                 "NAT new flow, IPv4",
                 Weir,
@@ -394,31 +461,36 @@ impl XdpBench {
         for case in &cases {
             // An established case's first packet creates its flow, unmeasured.
             if let Packets::Same(packet) = &case.packets {
-                balancer.run(&case.program, packet, 1)?;
+                balancer.run(&case.program, case.ingress, packet, 1)?;
             }
             let mut values = Vec::with_capacity(self.repetitions);
             for _ in 0..self.repetitions {
                 let before = balancer.count(case.stat)?;
                 let mean = match (&case.packets, case.mode) {
                     (Packets::Same(packet), Mode::Repeated) => {
-                        balancer.run(&case.program, packet, self.runs)?
+                        balancer.run(&case.program, case.ingress, packet, self.runs)?
                     }
                     // Per call: one run per syscall, on the same packet or a new flow's.
                     (packets, _) => {
                         let mut total = 0.0;
                         for _ in 0..self.runs {
                             total += match packets {
-                                Packets::Same(packet) => balancer.run(&case.program, packet, 1)?,
+                                Packets::Same(packet) => {
+                                    balancer.run(&case.program, case.ingress, packet, 1)?
+                                }
                                 Packets::NewFlows { dst } => {
                                     let src = new_client(flows, dst.is_ipv6());
                                     flows += 1;
-                                    balancer.run(&case.program, &segment(src, *dst, true), 1)?
+                                    let syn = segment(src, *dst, true);
+                                    balancer.run(&case.program, case.ingress, &syn, 1)?
                                 }
                                 Packets::Handshakes { dst } => {
                                     let src = new_client(flows, dst.is_ipv6());
                                     flows += 1;
-                                    balancer.run(&case.program, &segment(src, *dst, true), 1)?;
-                                    balancer.run(&case.program, &segment(src, *dst, false), 1)?
+                                    let (syn, ack) =
+                                        (segment(src, *dst, true), segment(src, *dst, false));
+                                    balancer.run(&case.program, case.ingress, &syn, 1)?;
+                                    balancer.run(&case.program, case.ingress, &ack, 1)?
                                 }
                             };
                         }
@@ -473,6 +545,7 @@ struct Balancer {
     datapath: Datapath,
     services: L4Services,
     uplink: u32,
+    downlink: u32,
 }
 
 impl Balancer {
@@ -493,12 +566,25 @@ impl Balancer {
             datapath,
             services,
             uplink: nix::net::if_::if_nametoindex(UPLINK)?,
+            downlink: nix::net::if_::if_nametoindex(DOWNLINK)?,
         })
     }
 
-    /// Runs `program` `repeat` times on `packet`; the kernel's mean ns per run.
-    fn run(&mut self, program: &Program, packet: &[u8], repeat: u32) -> Result<f64> {
-        let ctx = xdp_context(self.uplink, packet.len());
+    /// Runs `program` `repeat` times on `packet` arriving on `ingress`; the kernel's mean ns
+    /// per run.
+    fn run(
+        &mut self,
+        program: &Program,
+        ingress: Ingress,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<f64> {
+        let ifindex = match ingress {
+            Ingress::Uplink => self.uplink,
+            Ingress::Downlink => self.downlink,
+        };
+        let ctx = xdp_context(ifindex, packet.len());
+        let program_kind = program;
         let (program, must_hit): (&Xdp, bool) = match program {
             Program::Balancer => (self.datapath.program()?, false),
             Program::FloorPass => (
@@ -524,6 +610,15 @@ impl Balancer {
         ensure!(
             !must_hit || result.return_value == XDP_TX,
             "the flow lookup reference missed its flow"
+        );
+        // Anything weir forwards from the downlink goes back out of it.
+        ensure!(
+            !matches!(
+                (program_kind, ingress),
+                (Program::Balancer, Ingress::Downlink)
+            ) || result.return_value == XDP_TX,
+            "a one-armed case left with action {} instead of XDP_TX",
+            result.return_value
         );
         Ok(result.duration.as_nanos() as f64)
     }

@@ -37,6 +37,19 @@ pub fn sum_words(words: &[u32]) -> u16 {
     fold(sum)
 }
 
+/// One's-complement sum of an address's words and a port: what a NAT rewrite of both
+/// removes from and adds to a TCP/UDP checksum, in one [`update`].
+#[inline(always)]
+pub fn sum_with_port(addr: &[u32; 4], port: u16) -> u16 {
+    let mut sum = port as u32;
+    let mut i = 0;
+    while i < addr.len() {
+        sum += (addr[i] & 0xffff) + (addr[i] >> 16);
+        i += 1;
+    }
+    fold(sum)
+}
+
 /// The checksum after a 16-bit word changed from `old` to `new`.
 #[inline(always)]
 pub const fn replace16(check: u16, old: u16, new: u16) -> u16 {
@@ -100,6 +113,31 @@ mod tests {
         let updated = replace32(stored, old, new);
         header[10..12].copy_from_slice(&updated.to_ne_bytes());
         assert_eq!(full(&header), 0, "header no longer sums to zero");
+    }
+
+    #[test]
+    fn one_update_of_address_and_port_equals_two() {
+        let addresses = [
+            [0, 0, 0, 0],
+            [0x0a64_12c6, 0, 0, 0],
+            [u32::MAX, 1, 0xffff, 7],
+        ];
+        for (old, new) in addresses.iter().zip(addresses.iter().rev()) {
+            for (check, old_port, new_port) in [(0x1234u16, 80u16, 8080u16), (0xffff, 0, 0xffff)] {
+                let two = replace16(replace128(check, old, new), old_port, new_port);
+                let one = update(
+                    check,
+                    sum_with_port(old, old_port),
+                    sum_with_port(new, new_port),
+                );
+                // 0x0000 and 0xffff are the same one's-complement value.
+                assert_eq!(
+                    fold(one as u32 + 1),
+                    fold(two as u32 + 1),
+                    "{old:?} → {new:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -118,10 +118,14 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
     let Some(ethernet) = Words::<ETH_MACS>::of(ctx) else {
         return verdict::drop(Stat::DropMalformed, len);
     };
-    for (at, pair) in [(0, &next.dmac), (6, &next.smac)] {
-        ethernet.set(at, u16::from_ne_bytes([pair[0], pair[1]]));
-        ethernet.set(at + 2, u16::from_ne_bytes([pair[2], pair[3]]));
-        ethernet.set(at + 4, u16::from_ne_bytes([pair[4], pair[5]]));
+    for (at, mac) in [(0, &next.dmac), (6, &next.smac)] {
+        let mac = mac as *const [u8; 6] as *const u16;
+        for i in 0..3 {
+            // SAFETY: `mac` points to 6 bytes at an even offset of the 8-aligned `NextHop`
+            // (`weir_common::l4` fixes the layout), so each 16-bit read is in bounds and
+            // aligned.
+            ethernet.set(at + 2 * i, unsafe { mac.add(i).read() });
+        }
     }
     // Out of the interface it came in on (a one-armed balancer): XDP_TX, which skips the
     // device map and the redirect's flush.

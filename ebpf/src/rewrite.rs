@@ -78,8 +78,8 @@ fn rewrite_destination<const N: usize>(
     if packet.is_tcp() || !v4 || check != 0 {
         // The pseudo-header sum over four words is right for IPv4 too: its unused words are
         // zero in both the old and the new address.
-        let mut check = csum::replace128(check, &packet.dst, addr);
-        check = csum::replace16(check, packet.dst_port, port);
+        let removed = csum::sum_with_port(&packet.dst, packet.dst_port);
+        let mut check = csum::update(check, removed, csum::sum_with_port(addr, port));
         if !packet.is_tcp() {
             check = csum::udp_nonzero(check);
         }
