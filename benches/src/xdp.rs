@@ -16,7 +16,13 @@
 //!   (Live-frames mode does not help: it reuses frames without restoring their bytes.)
 //!
 //! Each case checks that the counter of its verdict moved once per run: a benchmark of the
-//! wrong path fails instead of reporting.
+//! wrong path fails instead of reporting. Repetitions are rounds of every case in turn, so a
+//! case and the reference it is divided by are measured side by side.
+//!
+//! The bed is two-armed (clients on the uplink, servers on the downlink), so a forwarded
+//! packet is redirected through the device map; the "one-armed" cases send the same packets
+//! in on the downlink, as a balancer with clients and servers behind one interface sees them,
+//! and they leave with XDP_TX — the action the reference programs return.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -456,73 +462,84 @@ impl XdpBench {
                 tx,
             ),
         ];
-        let mut results = Vec::new();
-        let mut flows = 0u64;
+        // An established case's first packet creates its flow, unmeasured.
         for case in &cases {
-            // An established case's first packet creates its flow, unmeasured.
             if let Packets::Same(packet) = &case.packets {
                 balancer.run(&case.program, case.ingress, packet, 1)?;
             }
-            let mut values = Vec::with_capacity(self.repetitions);
-            for _ in 0..self.repetitions {
-                let before = balancer.count(case.stat)?;
-                let mean = match (&case.packets, case.mode) {
-                    (Packets::Same(packet), Mode::Repeated) => {
-                        balancer.run(&case.program, case.ingress, packet, self.runs)?
-                    }
-                    // Per call: one run per syscall, on the same packet or a new flow's.
-                    (packets, _) => {
-                        let mut total = 0.0;
-                        for _ in 0..self.runs {
-                            total += match packets {
-                                Packets::Same(packet) => {
-                                    balancer.run(&case.program, case.ingress, packet, 1)?
-                                }
-                                Packets::NewFlows { dst } => {
-                                    let src = new_client(flows, dst.is_ipv6());
-                                    flows += 1;
-                                    let syn = segment(src, *dst, true);
-                                    balancer.run(&case.program, case.ingress, &syn, 1)?
-                                }
-                                Packets::Handshakes { dst } => {
-                                    let src = new_client(flows, dst.is_ipv6());
-                                    flows += 1;
-                                    let (syn, ack) =
-                                        (segment(src, *dst, true), segment(src, *dst, false));
-                                    balancer.run(&case.program, case.ingress, &syn, 1)?;
-                                    balancer.run(&case.program, case.ingress, &ack, 1)?
-                                }
-                            };
-                        }
-                        total / f64::from(self.runs)
-                    }
-                };
-                if case.stat.is_some() {
-                    let moved = balancer.count(case.stat)? - before;
-                    // A handshake case forwards its unmeasured SYN too.
-                    let per_run = match case.packets {
-                        Packets::Handshakes { .. } => 2,
-                        _ => 1,
-                    };
-                    ensure!(
-                        moved == per_run * u64::from(self.runs),
-                        "`{}`: {moved} of {} runs took the expected path ({:?})",
-                        case.name,
-                        self.runs,
-                        case.stat
-                    );
-                }
-                values.push(mean);
+        }
+        // Rounds of every case in turn, so that a slower phase of the shared machine falls on
+        // all of them alike, and each ratio compares figures taken side by side.
+        let mut values = vec![Vec::with_capacity(self.repetitions); cases.len()];
+        let mut flows = 0u64;
+        for _ in 0..self.repetitions {
+            for (case, values) in cases.iter().zip(&mut values) {
+                values.push(self.measure(balancer, case, &mut flows)?);
             }
-            results.push(XdpResult {
+        }
+        Ok(cases
+            .iter()
+            .zip(values)
+            .map(|(case, values)| XdpResult {
                 case: case.name.to_string(),
                 mode: case.mode,
                 floor: case.floor.to_string(),
                 reference: case.reference.map(str::to_string),
                 ns_per_packet: Sample::new(values),
-            });
+            })
+            .collect())
+    }
+
+    /// One measurement of `case`: the mean ns per run over `runs` runs, after checking that
+    /// every run took the case's path. `flows` numbers the new flows made so far.
+    fn measure(&self, balancer: &mut Balancer, case: &Case, flows: &mut u64) -> Result<f64> {
+        let before = balancer.count(case.stat)?;
+        let mean = match (&case.packets, case.mode) {
+            (Packets::Same(packet), Mode::Repeated) => {
+                balancer.run(&case.program, case.ingress, packet, self.runs)?
+            }
+            // Per call: one run per syscall, on the same packet or a new flow's.
+            (packets, _) => {
+                let mut total = 0.0;
+                for _ in 0..self.runs {
+                    total += match packets {
+                        Packets::Same(packet) => {
+                            balancer.run(&case.program, case.ingress, packet, 1)?
+                        }
+                        Packets::NewFlows { dst } => {
+                            let src = new_client(*flows, dst.is_ipv6());
+                            *flows += 1;
+                            let syn = segment(src, *dst, true);
+                            balancer.run(&case.program, case.ingress, &syn, 1)?
+                        }
+                        Packets::Handshakes { dst } => {
+                            let src = new_client(*flows, dst.is_ipv6());
+                            *flows += 1;
+                            let (syn, ack) = (segment(src, *dst, true), segment(src, *dst, false));
+                            balancer.run(&case.program, case.ingress, &syn, 1)?;
+                            balancer.run(&case.program, case.ingress, &ack, 1)?
+                        }
+                    };
+                }
+                total / f64::from(self.runs)
+            }
+        };
+        if case.stat.is_some() {
+            let moved = balancer.count(case.stat)? - before;
+            // A handshake case forwards its unmeasured SYN too.
+            let per_run = match case.packets {
+                Packets::Handshakes { .. } => 2,
+                _ => 1,
+            };
+            ensure!(
+                moved == per_run * u64::from(self.runs),
+                "`{}`: {moved} of {} runs took the expected path ({:?})",
+                case.name,
+                self.runs,
+                case.stat
+            );
         }
-        Ok(results)
+        Ok(mean)
     }
 }
 
