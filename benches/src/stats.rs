@@ -49,6 +49,18 @@ pub fn ratio(a: &Sample, b: &Sample) -> f64 {
     a.median / b.median
 }
 
+/// `a / b` round by round, for samples measured in interleaved rounds (value `i` of both
+/// taken side by side): a slow phase of the machine then divides out instead of landing on
+/// one side of the ratio.
+pub fn paired_ratio(a: &Sample, b: &Sample) -> Sample {
+    assert_eq!(
+        a.values.len(),
+        b.values.len(),
+        "paired samples have one value per round"
+    );
+    Sample::new(a.values.iter().zip(&b.values).map(|(a, b)| a / b).collect())
+}
+
 /// Seconds the whole machine has spent busy (every CPU, everything but idle and iowait),
 /// from `/proc/stat`: the difference over a run is the CPU the run cost.
 pub fn machine_busy_seconds() -> anyhow::Result<f64> {

@@ -38,9 +38,10 @@ pub fn sum_words(words: &[u32]) -> u16 {
 }
 
 /// One's-complement sum of an address's words and a port: what a NAT rewrite of both
-/// removes from and adds to a TCP/UDP checksum, in one [`update`].
+/// removes from and adds to a TCP/UDP checksum, in one [`update`]. An IPv4 address passes its
+/// one word: the others are zero, and the program cannot know that unless told.
 #[inline(always)]
-pub fn sum_with_port(addr: &[u32; 4], port: u16) -> u16 {
+pub fn sum_with_port(addr: &[u32], port: u16) -> u16 {
     let mut sum = port as u32;
     let mut i = 0;
     while i < addr.len() {

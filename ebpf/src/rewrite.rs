@@ -78,8 +78,10 @@ fn rewrite_destination<const N: usize>(
     if packet.is_tcp() || !v4 || check != 0 {
         // The pseudo-header sum over four words is right for IPv4 too: its unused words are
         // zero in both the old and the new address.
-        let removed = csum::sum_with_port(&packet.dst, packet.dst_port);
-        let mut check = csum::update(check, removed, csum::sum_with_port(addr, port));
+        let words = if v4 { 1 } else { 4 };
+        let removed = csum::sum_with_port(&packet.dst[..words], packet.dst_port);
+        let added = csum::sum_with_port(&addr[..words], port);
+        let mut check = csum::update(check, removed, added);
         if !packet.is_tcp() {
             check = csum::udp_nonzero(check);
         }
