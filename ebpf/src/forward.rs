@@ -37,9 +37,10 @@ pub const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 /// How the packet is passed on.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hop {
-    /// As a router (NAT): the TTL is decremented, and when the next hop is not resolved yet or
-    /// the packet exceeds the egress MTU, the rewritten packet goes to the kernel, which
-    /// forwards it the slow way (resolving the neighbour, or answering "fragmentation needed").
+    /// As a router (NAT): the caller has decremented the TTL with its rewrite. When the next
+    /// hop is not resolved yet or the packet exceeds the egress MTU, the TTL is put back and
+    /// the rewritten packet goes to the kernel, which forwards it the slow way (resolving the
+    /// neighbour, or answering "fragmentation needed") and decrements the TTL itself.
     Routed,
     /// At L2 (DSR): only the MACs change. The kernel must not see it — its destination is a
     /// local VIP — so what the fast path cannot send is dropped.
@@ -102,6 +103,9 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
             Err(rc) => {
                 return match (rc, hop) {
                     (BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_FRAG_NEEDED, Hop::Routed) => {
+                        if rewrite::set_ttl(ctx, packet, packet.ttl).is_none() {
+                            return verdict::drop(Stat::DropMalformed, len);
+                        }
                         verdict::pass(Stat::PassSlowPath, len)
                     }
                     (BPF_FIB_LKUP_RET_NO_NEIGH, Hop::Bridged) => {
@@ -112,9 +116,6 @@ pub fn to_next_hop(ctx: &XdpContext, packet: &Packet, route: Route, stat: Stat, 
             }
         },
     };
-    if hop == Hop::Routed && rewrite::decrement_ttl(ctx, packet).is_none() {
-        return verdict::drop(Stat::DropMalformed, len);
-    }
     let Some(ethernet) = Words::<ETH_MACS>::of(ctx) else {
         return verdict::drop(Stat::DropMalformed, len);
     };

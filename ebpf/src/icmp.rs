@@ -21,7 +21,7 @@ use crate::{
     forward::{self, Hop, Route},
     maps::{self, WEIR_VIPS},
     parse::{ETH_HLEN, IPV4_HLEN, IPV6_HLEN, Packet, ipv4_addr, ipv6_addr, read, write},
-    verdict,
+    rewrite, verdict,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -102,7 +102,9 @@ pub fn handle(ctx: &XdpContext, packet: &Packet, len: u64, now: u64) -> u32 {
     if packet.ttl <= 1 {
         return verdict::drop(Stat::DropTtlExceeded, len);
     }
-    if rewrite_for_server(ctx, packet, &quoted, &server).is_none() {
+    if rewrite_for_server(ctx, packet, &quoted, &server).is_none()
+        || rewrite::set_ttl(ctx, packet, packet.ttl - 1).is_none()
+    {
         return verdict::drop(Stat::DropMalformed, len);
     }
     forward::to_next_hop(

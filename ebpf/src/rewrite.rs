@@ -17,9 +17,11 @@ const UDP_CHECK: usize = 6;
 const TCP_REWRITTEN: usize = TCP_CHECK + 2;
 const UDP_REWRITTEN: usize = 8;
 
-/// Replaces the destination of the TCP/UDP packet `packet` with `addr`:`port` (raw values).
-/// Returns `None` if the headers are not all in the frame, which the parser's checks rule
-/// out; the caller drops the packet then, and nothing was written.
+/// Replaces the destination of the TCP/UDP packet `packet` with `addr`:`port` (raw values)
+/// and decrements its TTL (the caller checked it is above 1), as the router NAT makes weir
+/// is; [`set_ttl`] puts the TTL back if the packet goes to the kernel, which decrements it
+/// itself. Returns `None` if the headers are not all in the frame, which the parser's checks
+/// rule out; the caller drops the packet then, and nothing was written.
 ///
 /// In place, with checksum arithmetic of our own: an XDP frame is as it came off the wire,
 /// its checksums complete. (The NAT return path, at TC, patches merged buffers through the
@@ -57,8 +59,8 @@ pub fn destination(ctx: &XdpContext, packet: &Packet, addr: &[u32; 4], port: u16
 }
 
 /// The rewrite itself: the TCP/UDP checksum covers the address (through the pseudo-header)
-/// and the port, the IPv4 header checksum the address. A UDP/IPv4 checksum of 0 means "none"
-/// and stays 0.
+/// and the port, the IPv4 header checksum the address and the TTL (one update for both). A
+/// UDP/IPv4 checksum of 0 means "none" and stays 0.
 #[inline(always)]
 fn rewrite_destination<const N: usize>(
     headers: Words<N>,
@@ -88,39 +90,49 @@ fn rewrite_destination<const N: usize>(
         headers.set(check_at, check);
     }
     headers.set(l4 + 2, port);
+    let ttl = ttl_word(packet, packet.ttl - 1);
     if v4 {
         headers.set32(ETH_HLEN + 16, addr[0]);
+        let old_ttl = ttl_word(packet, packet.ttl);
+        headers.set(ETH_HLEN + 8, ttl);
+        // The TTL word stands in for the port: one more 16-bit word in each sum.
+        let removed = csum::sum_with_port(&packet.dst[..1], old_ttl);
+        let added = csum::sum_with_port(&addr[..1], ttl);
         let ip_check = headers.get(ETH_HLEN + 10);
-        headers.set(
-            ETH_HLEN + 10,
-            csum::replace32(ip_check, packet.dst[0], addr[0]),
-        );
+        headers.set(ETH_HLEN + 10, csum::update(ip_check, removed, added));
     } else {
         for (i, word) in addr.iter().enumerate() {
             headers.set32(ETH_HLEN + 24 + 4 * i, *word);
         }
+        headers.set(ETH_HLEN + 6, ttl);
     }
 }
 
-/// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit. The caller has
-/// checked that it is above 1.
+/// The 16-bit header word that holds the TTL, as it reads with TTL `ttl`: IPv4's (TTL,
+/// protocol), which its header checksum covers, or IPv6's (next header, hop limit).
 #[inline(always)]
-pub fn decrement_ttl(ctx: &XdpContext, packet: &Packet) -> Option<()> {
+fn ttl_word(packet: &Packet, ttl: u8) -> u16 {
+    if packet.family == FAMILY_IPV4 {
+        u16::from_ne_bytes([ttl, packet.protocol])
+    } else {
+        u16::from_ne_bytes([packet.protocol, ttl])
+    }
+}
+
+/// Sets the TTL (IPv4, fixing the header checksum) or hop limit (IPv6) to `ttl`, from what
+/// the packet holds now.
+#[inline(always)]
+pub fn set_ttl(ctx: &XdpContext, packet: &Packet, ttl: u8) -> Option<()> {
     // Both fields lie within an IPv4 header's span, which any parsed packet holds.
     let headers = Words::<L4_OFFSET_V4>::of(ctx)?;
+    let new = ttl_word(packet, ttl);
     if packet.family == FAMILY_IPV4 {
-        // TTL is the high byte of the (TTL, protocol) word that the checksum covers.
         let old = headers.get(ETH_HLEN + 8);
-        let new = u16::from_ne_bytes([packet.ttl - 1, packet.protocol]);
         headers.set(ETH_HLEN + 8, new);
         let check = headers.get(ETH_HLEN + 10);
         headers.set(ETH_HLEN + 10, csum::replace16(check, old, new));
     } else {
-        // The hop limit is the low byte of the (next header, hop limit) word.
-        headers.set(
-            ETH_HLEN + 6,
-            u16::from_ne_bytes([packet.protocol, packet.ttl - 1]),
-        );
+        headers.set(ETH_HLEN + 6, new);
     }
     Some(())
 }

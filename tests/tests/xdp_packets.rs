@@ -809,8 +809,9 @@ fn packet_table() {
             untouched(
                 "NAT to a server with no route",
                 lb.up,
-                // The destination is rewritten before the route lookup fails; the packet is
-                // dropped, so its bytes do not matter, only that it never leaves.
+                // The destination is rewritten (and the TTL decremented, as a router does)
+                // before the route lookup fails; the packet is dropped, so its bytes do not
+                // matter, only that it never leaves.
                 tcp(IN, client4(40006), addr("198.18.100.30:80"), 64, Flags::Syn),
                 Fate::Drop,
                 Stat::DropNoRoute,
@@ -930,8 +931,8 @@ fn packet_table() {
     });
 }
 
-/// `packet` with its IPv4 destination replaced by `to` and checksums recomputed (what NAT
-/// writes before it looks for a route).
+/// `packet` (IPv4 TCP) as the NAT rewrite leaves it before it looks for a route: addressed to
+/// `to`, its TTL decremented, checksums recomputed.
 fn nat_rewritten(packet: &[u8], to: SocketAddr) -> Vec<u8> {
     let sliced = etherparse::SlicedPacket::from_ethernet(packet).unwrap();
     let Some(etherparse::NetSlice::Ipv4(ipv4)) = sliced.net else {
@@ -949,7 +950,7 @@ fn nat_rewritten(packet: &[u8], to: SocketAddr) -> Vec<u8> {
     let header = ipv4.header().to_header();
     let mut out = Vec::new();
     PacketBuilder::ethernet2(eth.source, eth.destination)
-        .ipv4(header.source, to_ip.octets(), header.time_to_live)
+        .ipv4(header.source, to_ip.octets(), header.time_to_live - 1)
         .tcp_header({
             let mut tcp = tcp_slice.to_header();
             tcp.destination_port = to.port();
