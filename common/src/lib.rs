@@ -52,8 +52,9 @@ pub mod names {
     pub const SETTINGS_MAP: &str = "WEIR_SETTINGS";
     /// Device map of the interfaces the program may redirect to, keyed by ifindex.
     pub const TX_PORTS_MAP: &str = "WEIR_TX_PORTS";
-    /// Per-CPU [`crate::TrafficCounter`] per VIP id.
-    pub const VIP_STATS_MAP: &str = "WEIR_VIP_STATS";
+    /// [`crate::TrafficCounter`] per VIP id: what the VIP's servers carried before they left
+    /// it (a VIP's traffic is that plus its current servers'; the daemon writes it).
+    pub const VIP_RETIRED_TRAFFIC_MAP: &str = "WEIR_VIP_RETIRED";
     /// Per-CPU [`crate::TrafficCounter`] per server id.
     pub const SERVER_STATS_MAP: &str = "WEIR_SERVER_STATS";
     /// Per-CPU [`crate::l4::NextHop`] per server id: the program's next-hop cache.
@@ -77,6 +78,11 @@ pub mod names {
     /// Per-CPU cache of the program's clock (`crate::l4::ClockCache`).
     pub const CLOCK_MAP: &str = "WEIR_CLOCK";
 
+    /// Maps an earlier version pinned that this one no longer has: the daemon unpins them.
+    /// `WEIR_VIP_STATS` counted every packet per VIP as well as per server; a VIP's traffic
+    /// is now the sum of its servers' (see `VIP_RETIRED_TRAFFIC_MAP`).
+    pub const RETIRED_MAPS: &[&str] = &["WEIR_VIP_STATS"];
+
     /// Every map of the object: the daemon pins them all, so a restarted daemon (or a newer
     /// program) takes over the very maps the running program uses.
     pub const ALL_MAPS: &[&str] = &[
@@ -88,7 +94,7 @@ pub mod names {
         NAT_RETURN_MAP,
         SETTINGS_MAP,
         TX_PORTS_MAP,
-        VIP_STATS_MAP,
+        VIP_RETIRED_TRAFFIC_MAP,
         SERVER_STATS_MAP,
         NEXT_HOPS_MAP,
         EMBRYONIC_MAP,

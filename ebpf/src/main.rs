@@ -96,7 +96,7 @@ fn balance(ctx: &XdpContext, packet: &Packet, vip: &VipInfo, len: u64) -> u32 {
         Err(stat) => return verdict::drop(stat, len),
     };
     let server = pinned.info;
-    maps::count_traffic(vip.id, pinned.server, len, pinned.new_flow);
+    maps::count_traffic(pinned.server, len, pinned.new_flow);
     if !nat {
         return forward::to_next_hop(
             ctx,

@@ -109,9 +109,10 @@ pub static WEIR_SETTINGS: Array<DatapathSettings> = Array::with_max_entries(1, 0
 #[map(name = "WEIR_TX_PORTS")]
 pub static WEIR_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
-/// Per-CPU traffic per VIP id.
-#[map(name = "WEIR_VIP_STATS")]
-static WEIR_VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+/// Traffic per VIP id of the servers that have left it; written by the daemon only (the
+/// program counts per server, and a VIP's traffic is this plus its servers').
+#[map(name = "WEIR_VIP_RETIRED")]
+static WEIR_VIP_RETIRED: Array<TrafficCounter> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Per-CPU traffic per server id (client→server direction).
 #[map(name = "WEIR_SERVER_STATS")]
@@ -139,16 +140,11 @@ pub fn count_frames(stat: Stat, frames: u64, len: u64) {
     }
 }
 
-/// Counts one packet for a VIP and its server; `new_flow` when it opened a flow.
+/// Counts one packet for its server; `new_flow` when it opened a flow. Per server only: the
+/// daemon sums a VIP's servers (the per-VIP count this replaced cost 7–10 ns per packet).
 #[inline(always)]
-pub fn count_traffic(vip: u32, server: u32, len: u64, new_flow: bool) {
-    for counter in [
-        WEIR_VIP_STATS.get_ptr_mut(vip),
-        WEIR_SERVER_STATS.get_ptr_mut(server),
-    ]
-    .into_iter()
-    .flatten()
-    {
+pub fn count_traffic(server: u32, len: u64, new_flow: bool) {
+    if let Some(counter) = WEIR_SERVER_STATS.get_ptr_mut(server) {
         // SAFETY: as in `count`.
         unsafe {
             (*counter).packets += 1;

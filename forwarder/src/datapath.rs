@@ -196,6 +196,20 @@ impl Datapath {
             for &name in names::ALL_MAPS {
                 loader.map_pin_path(name, pins.map(name));
             }
+            // A map an earlier version pinned and this one has no use for: the running
+            // program keeps its own reference until it is replaced.
+            for &name in names::RETIRED_MAPS {
+                let path = pins.map(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(map = name, "unpinned a map this version no longer uses")
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(map = name, path = %path.display(), %e, "cannot unpin a retired map")
+                    }
+                }
+            }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let mut maps = DatapathMaps::take(&mut ebpf)?;
@@ -457,7 +471,7 @@ pub struct DatapathMaps {
     flows: HashMap<MapData, FlowKey, FlowState>,
     settings: Array<MapData, DatapathSettings>,
     tx_ports: DevMapHash<MapData>,
-    vip_stats: PerCpuArray<MapData, TrafficCounter>,
+    vip_retired: Array<MapData, TrafficCounter>,
     server_stats: PerCpuArray<MapData, TrafficCounter>,
     embryonic: HashMap<MapData, EmbryonicKey, Embryonic>,
     self_addresses: HashMap<MapData, AddressKey, u8>,
@@ -494,7 +508,7 @@ impl DatapathMaps {
             flows: take(ebpf, names::FLOWS_MAP)?,
             settings: take(ebpf, names::SETTINGS_MAP)?,
             tx_ports: take(ebpf, names::TX_PORTS_MAP)?,
-            vip_stats: take(ebpf, names::VIP_STATS_MAP)?,
+            vip_retired: take(ebpf, names::VIP_RETIRED_TRAFFIC_MAP)?,
             server_stats: take(ebpf, names::SERVER_STATS_MAP)?,
             embryonic: take(ebpf, names::EMBRYONIC_MAP)?,
             self_addresses: take(ebpf, names::SELF_ADDRESSES_MAP)?,
@@ -755,19 +769,54 @@ impl DatapathMaps {
         }
     }
 
-    /// Zeroes VIP `id`'s traffic on every CPU (the id is given to a new VIP).
+    /// Zeroes what VIP `id`'s former servers carried (the id is given to a new VIP).
     pub fn clear_vip_traffic(&mut self, id: u32) -> Result<(), DatapathError> {
-        clear_traffic(&mut self.vip_stats, id, names::VIP_STATS_MAP)
+        self.set_vip_retired(id, TrafficCounter::default())
     }
 
-    /// Zeroes server `id`'s traffic on every CPU (the id is given to a new server).
-    pub fn clear_server_traffic(&mut self, id: u32) -> Result<(), DatapathError> {
-        clear_traffic(&mut self.server_stats, id, names::SERVER_STATS_MAP)
+    /// Zeroes server `server`'s counters, first moving what they hold into what VIP `vip`'s
+    /// former servers carried (`None`: the VIP is gone, or was never known). The server has
+    /// left the VIP, or its id starts anew (a new holder, or a server whose entry was emptied
+    /// while it was down), and the VIP's traffic, the sum of both, must not go down. A packet
+    /// counted between the read and the zeroing is lost: only one in flight as the server's
+    /// entry changes can be.
+    pub fn retire_server_traffic(
+        &mut self,
+        vip: Option<u32>,
+        server: u32,
+    ) -> Result<(), DatapathError> {
+        if let Some(vip) = vip {
+            let mut retired = self.vip_retired(vip)?;
+            retired.merge(&self.server_traffic(server)?);
+            self.set_vip_retired(vip, retired)?;
+        }
+        clear_traffic(&mut self.server_stats, server, names::SERVER_STATS_MAP)
     }
 
-    /// Traffic of VIP `id`, summed over CPUs.
-    pub fn vip_traffic(&self, id: u32) -> Result<TrafficCounter, DatapathError> {
-        sum_traffic(&self.vip_stats, id, names::VIP_STATS_MAP)
+    fn vip_retired(&self, vip: u32) -> Result<TrafficCounter, DatapathError> {
+        self.vip_retired
+            .get(&vip, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_RETIRED_TRAFFIC_MAP, e))
+    }
+
+    fn set_vip_retired(&mut self, vip: u32, traffic: TrafficCounter) -> Result<(), DatapathError> {
+        self.vip_retired
+            .set(vip, traffic, 0)
+            .map_err(|e| DatapathError::Map(names::VIP_RETIRED_TRAFFIC_MAP, e))
+    }
+
+    /// Traffic of VIP `id` whose servers are `servers`: theirs, summed over CPUs, and what
+    /// its former servers carried. (The program counts per server only.)
+    pub fn vip_traffic(
+        &self,
+        id: u32,
+        servers: impl IntoIterator<Item = u32>,
+    ) -> Result<TrafficCounter, DatapathError> {
+        let mut total = self.vip_retired(id)?;
+        for server in servers {
+            total.merge(&self.server_traffic(server)?);
+        }
+        Ok(total)
     }
 
     /// Traffic sent to server `id`, summed over CPUs.

@@ -723,6 +723,24 @@ impl L4Services {
         let old_servers: HashMap<u32, SocketAddr> =
             old.map(L4Services::server_addresses).unwrap_or_default();
         let servers = self.server_addresses();
+        // Which VIP each server id counted for: a VIP's traffic is its servers' plus what its
+        // former servers carried (`DatapathMaps::vip_traffic`), as long as the VIP keeps its
+        // id (one given to another VIP starts from zero). A restarted daemon takes the ids'
+        // holders as they are now.
+        let members = self.server_vips();
+        let kept_vips: HashSet<u32> = self
+            .services
+            .values()
+            .filter(|s| {
+                old.is_none_or(|old| old.services.get(&s.name).is_some_and(|o| o.id == s.id))
+            })
+            .map(|s| s.id)
+            .collect();
+        let old_members = old.map_or_else(|| members.clone(), L4Services::server_vips);
+        let counted_for = |id: u32| {
+            let (vip, _) = old_members.get(&id)?;
+            kept_vips.contains(vip).then_some(*vip)
+        };
         for (&id, &address) in &servers {
             if old_servers.get(&id) != Some(&address) {
                 // The same server in a live slot keeps its generation (a restarted daemon
@@ -732,8 +750,9 @@ impl L4Services {
                 let generation = if slot.is_present() && slot.socket_addr() == address {
                     slot.generation()
                 } else {
-                    // A new holder of the id starts with zero counters, not its predecessor's.
-                    maps.clear_server_traffic(id)?;
+                    // A new holder of the id starts with zero counters, not its predecessor's;
+                    // those stay in the total of the VIP it counted for.
+                    maps.retire_server_traffic(counted_for(id), id)?;
                     ServerInfo::next_generation(slot.generation())
                 };
                 maps.set_server(id, ServerInfo::with_generation(address, generation))?;
@@ -795,8 +814,26 @@ impl L4Services {
             let generation = maps.server(id)?.generation();
             maps.set_server(id, ServerInfo::emptied(generation))?;
         }
+        // Servers that left their VIP, their entries emptied: what they carried stays the VIP's.
+        for (&id, &(_, vip)) in &old_members {
+            if members.get(&id).map(|&(_, name)| name) != Some(vip) {
+                maps.retire_server_traffic(counted_for(id), id)?;
+            }
+        }
         maps.set_self_addresses(&self_addresses(self.services.values()))?;
         Ok(())
+    }
+
+    /// Every server id, with the id and name of the VIP it belongs to.
+    fn server_vips(&self) -> HashMap<u32, (u32, &str)> {
+        self.services
+            .values()
+            .flat_map(|s| {
+                s.servers
+                    .iter()
+                    .map(|server| (server.id, (s.id, s.name.as_str())))
+            })
+            .collect()
     }
 
     /// The server entries the datapath holds: every server, except down ones whose flows

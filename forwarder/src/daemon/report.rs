@@ -216,7 +216,7 @@ impl Inner {
             .services()
             .map(|service| {
                 let traffic = maps
-                    .vip_traffic(service.id)
+                    .vip_traffic(service.id, service.servers.iter().map(|s| s.id))
                     .map_err(|err| internal(err.to_string()))?;
                 Ok(VipReport {
                     name: service.name.clone(),
