@@ -165,10 +165,10 @@ impl Frame for TcContext {
 /// Parses the packet in `ctx`.
 #[inline(always)]
 pub fn parse(ctx: &impl Frame) -> Parsed {
-    let Some(ethertype) = read::<[u8; 2]>(ctx, 12) else {
+    let Some(ethernet) = Words::<ETH_HLEN>::of(ctx) else {
         return Parsed::Malformed;
     };
-    match u16::from_be_bytes(ethertype) {
+    match u16::from_be(ethernet.get(12)) {
         ETH_P_IP => parse_ipv4(ctx),
         ETH_P_IPV6 => parse_ipv6(ctx),
         _ => Parsed::NotIp,
@@ -177,25 +177,27 @@ pub fn parse(ctx: &impl Frame) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &impl Frame) -> Parsed {
-    let Some(header) = read::<[u8; IPV4_HLEN]>(ctx, ETH_HLEN) else {
+    let Some(header) = Words::<IPV4_HLEN>::at(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
-    let ihl = (header[0] & 0x0f) as usize * 4;
-    let total_len = u16::from_be_bytes([header[2], header[3]]) as usize;
-    if header[0] >> 4 != 4 || ihl < IPV4_HLEN || total_len < ihl {
+    let [version_ihl, _] = header.get(0).to_ne_bytes();
+    let ihl = (version_ihl & 0x0f) as usize * 4;
+    let total_len = u16::from_be(header.get(2)) as usize;
+    if version_ihl >> 4 != 4 || ihl < IPV4_HLEN || total_len < ihl {
         return Parsed::Malformed;
     }
+    let [ttl, protocol] = header.get(8).to_ne_bytes();
     let packet = Packet {
         family: FAMILY_IPV4,
-        protocol: header[9],
-        ttl: header[8],
+        protocol,
+        ttl,
         tcp_flags: 0,
-        src: ipv4_addr(&header, 12),
-        dst: ipv4_addr(&header, 16),
+        src: [header.get32(12), 0, 0, 0],
+        dst: [header.get32(16), 0, 0, 0],
         src_port: 0,
         dst_port: 0,
     };
-    let frag_off = u16::from_be_bytes([header[6], header[7]]);
+    let frag_off = u16::from_be(header.get(6));
     if frag_off & (IP_MF | IP_OFFSET) != 0 {
         return Parsed::Unbalanced(packet, Stat::DropFragment);
     }
@@ -211,19 +213,29 @@ fn parse_ipv4(ctx: &impl Frame) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &impl Frame) -> Parsed {
-    let Some(header) = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
+    let Some(header) = Words::<IPV6_HLEN>::at(ctx, ETH_HLEN) else {
         return Parsed::Malformed;
     };
-    if header[0] >> 4 != 6 {
+    let [version_class, _] = header.get(0).to_ne_bytes();
+    if version_class >> 4 != 6 {
         return Parsed::Malformed;
     }
+    let [next_header, hop_limit] = header.get(6).to_ne_bytes();
+    let address = |at: usize| {
+        [
+            header.get32(at),
+            header.get32(at + 4),
+            header.get32(at + 8),
+            header.get32(at + 12),
+        ]
+    };
     let packet = Packet {
         family: FAMILY_IPV6,
-        protocol: header[6],
-        ttl: header[7],
+        protocol: next_header,
+        ttl: hop_limit,
         tcp_flags: 0,
-        src: ipv6_addr(&header, 8),
-        dst: ipv6_addr(&header, 24),
+        src: address(8),
+        dst: address(24),
         src_port: 0,
         dst_port: 0,
     };
@@ -234,7 +246,7 @@ fn parse_ipv6(ctx: &impl Frame) -> Parsed {
         return Parsed::Unbalanced(packet, Stat::DropIpv6Extension);
     }
     let in_frame = ctx.frame_len() - L4_OFFSET_V6.min(ctx.frame_len());
-    let payload_len = match u16::from_be_bytes([header[4], header[5]]) as usize {
+    let payload_len = match u16::from_be(header.get(4)) as usize {
         // Only a buffer merged beyond 64 KiB (BIG TCP, seen at TC) says 0: the frame knows.
         0 => in_frame,
         claimed if claimed > in_frame => {
@@ -251,16 +263,17 @@ fn parse_ipv6(ctx: &impl Frame) -> Parsed {
 fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize, payload_len: usize) -> Parsed {
     match packet.protocol {
         PROTO_TCP => {
-            let Some(tcp) = read::<[u8; 20]>(ctx, l4) else {
+            let Some(tcp) = Words::<20>::at(ctx, l4) else {
                 return Parsed::Unbalanced(packet, Stat::DropMalformed);
             };
-            let header_len = (tcp[12] >> 4) as usize * 4;
+            let [data_offset, flags] = tcp.get(12).to_ne_bytes();
+            let header_len = (data_offset >> 4) as usize * 4;
             if header_len < 20 {
                 return Parsed::Unbalanced(packet, Stat::DropMalformed);
             }
-            packet.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
-            packet.dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
-            packet.tcp_flags = tcp[13];
+            packet.src_port = tcp.get(0);
+            packet.dst_port = tcp.get(2);
+            packet.tcp_flags = flags;
             if header_len > payload_len {
                 return Parsed::Unbalanced(packet, Stat::DropBadLength);
             }
@@ -270,12 +283,12 @@ fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize, payload_len: usize)
             Parsed::Transport(packet)
         }
         PROTO_UDP => {
-            let Some(udp) = read::<[u8; 8]>(ctx, l4) else {
+            let Some(udp) = Words::<8>::at(ctx, l4) else {
                 return Parsed::Unbalanced(packet, Stat::DropMalformed);
             };
-            packet.src_port = u16::from_ne_bytes([udp[0], udp[1]]);
-            packet.dst_port = u16::from_ne_bytes([udp[2], udp[3]]);
-            let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+            packet.src_port = udp.get(0);
+            packet.dst_port = udp.get(2);
+            let udp_len = u16::from_be(udp.get(4)) as usize;
             // A merged UDP buffer (GSO, seen at TC) may say 0 like BIG TCP; the rest must fit.
             if udp_len != 0 && (udp_len < 8 || udp_len > payload_len) {
                 return Parsed::Unbalanced(packet, Stat::DropBadLength);
@@ -283,7 +296,7 @@ fn parse_l4(ctx: &impl Frame, mut packet: Packet, l4: usize, payload_len: usize)
             Parsed::Transport(packet)
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            if read::<[u8; 8]>(ctx, l4).is_none() {
+            if Words::<8>::at(ctx, l4).is_none() {
                 return Parsed::Unbalanced(packet, Stat::DropMalformed);
             }
             Parsed::Icmp(packet)
@@ -346,11 +359,12 @@ fn word(bytes: &[u8], at: usize) -> u32 {
     u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-/// The frame's first `N` bytes (`N` even), bounds-checked once, as 16-bit words: what the
-/// rewrites read and write in place. Every header field weir edits sits at an even offset,
-/// and a frame starts 2-byte aligned (the kernel's headroom keeps it so, on every path), so
-/// each access is one aligned 16-bit load or store; the unaligned `read`/`write`, which the
-/// BPF backend must split into single bytes, are for the parser's odd cases.
+/// `N` bytes of the frame (`N` even) from an even offset, bounds-checked once, as 16-bit
+/// words: how the parser reads headers and the rewrites edit them in place. Every header
+/// field weir reads at a fixed place or edits sits at an even offset, and a frame starts
+/// 2-byte aligned (the kernel's headroom keeps it so, on every path), so each access is one
+/// aligned 16-bit load or store. (The unaligned `read`/`write`, which the BPF backend must
+/// split into single bytes, are for fields at variable offsets, such as an ICMP quote's.)
 #[derive(Clone, Copy)]
 pub struct Words<const N: usize> {
     base: *mut u16,
@@ -360,9 +374,25 @@ impl<const N: usize> Words<N> {
     /// The frame's first `N` bytes, if it holds them.
     #[inline(always)]
     pub fn of(ctx: &impl Frame) -> Option<Words<N>> {
-        ptr_at::<[u8; N]>(ctx, 0).map(|base| Words {
+        Self::at(ctx, 0)
+    }
+
+    /// The `N` bytes at `start` (even; a constant once inlined, as the verifier needs), if
+    /// the frame holds them. Offsets passed to the accessors are then relative to `start`.
+    #[inline(always)]
+    pub fn at(ctx: &impl Frame, start: usize) -> Option<Words<N>> {
+        ptr_at::<[u8; N]>(ctx, start).map(|base| Words {
             base: base as *mut u16,
         })
+    }
+
+    /// The raw 32-bit word (network bytes, native load) at byte `offset`: an IPv4 address or
+    /// a quarter of an IPv6 one, in the datapath's form.
+    #[inline(always)]
+    pub fn get32(&self, offset: usize) -> u32 {
+        let [a, b] = self.get(offset).to_ne_bytes();
+        let [c, d] = self.get(offset + 2).to_ne_bytes();
+        u32::from_ne_bytes([a, b, c, d])
     }
 
     /// The 16-bit word at byte `offset` (even, below `N`), in memory order.
