@@ -398,7 +398,7 @@ impl<const N: usize> Words<N> {
     /// The 16-bit word at byte `offset` (even, below `N`), in memory order.
     #[inline(always)]
     pub fn get(&self, offset: usize) -> u16 {
-        debug_assert!(offset % 2 == 0 && offset + 2 <= N);
+        debug_assert!(offset.is_multiple_of(2) && offset + 2 <= N);
         // SAFETY: `of` checked that the frame holds `N` bytes; the word is inside them and
         // aligned (see the type's docs).
         unsafe { self.base.add(offset / 2).read() }
@@ -407,7 +407,7 @@ impl<const N: usize> Words<N> {
     /// Stores `value` (memory order) at byte `offset` (even, below `N`).
     #[inline(always)]
     pub fn set(&self, offset: usize, value: u16) {
-        debug_assert!(offset % 2 == 0 && offset + 2 <= N);
+        debug_assert!(offset.is_multiple_of(2) && offset + 2 <= N);
         // SAFETY: as in `get`; XDP and TC programs may write their packet.
         unsafe { self.base.add(offset / 2).write(value) }
     }
