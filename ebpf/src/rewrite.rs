@@ -29,31 +29,17 @@ const UDP_REWRITTEN: usize = 8;
 /// family and protocol so that each arm's offsets are constants the verifier can check.
 #[inline(always)]
 pub fn destination(ctx: &XdpContext, packet: &Packet, addr: &[u32; 4], port: u16) -> Option<()> {
+    // The headers up to the end of the transport checksum, as one bounds check.
+    macro_rules! through {
+        ($end:expr) => {
+            rewrite_destination(Words::<{ $end }>::of(ctx)?, packet, addr, port)
+        };
+    }
     match (packet.family == FAMILY_IPV4, packet.is_tcp()) {
-        (true, true) => rewrite_destination(
-            Words::<{ L4_OFFSET_V4 + TCP_REWRITTEN }>::of(ctx)?,
-            packet,
-            addr,
-            port,
-        ),
-        (true, false) => rewrite_destination(
-            Words::<{ L4_OFFSET_V4 + UDP_REWRITTEN }>::of(ctx)?,
-            packet,
-            addr,
-            port,
-        ),
-        (false, true) => rewrite_destination(
-            Words::<{ L4_OFFSET_V6 + TCP_REWRITTEN }>::of(ctx)?,
-            packet,
-            addr,
-            port,
-        ),
-        (false, false) => rewrite_destination(
-            Words::<{ L4_OFFSET_V6 + UDP_REWRITTEN }>::of(ctx)?,
-            packet,
-            addr,
-            port,
-        ),
+        (true, true) => through!(L4_OFFSET_V4 + TCP_REWRITTEN),
+        (true, false) => through!(L4_OFFSET_V4 + UDP_REWRITTEN),
+        (false, true) => through!(L4_OFFSET_V6 + TCP_REWRITTEN),
+        (false, false) => through!(L4_OFFSET_V6 + UDP_REWRITTEN),
     }
     Some(())
 }

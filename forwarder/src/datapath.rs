@@ -616,9 +616,7 @@ impl DatapathMaps {
                 }
             }
         };
-        self.vip_index
-            .set(slot, entry, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))
+        set_at(&mut self.vip_index, slot, entry, names::VIP_INDEX_MAP)
     }
 
     /// Rebuilds the VIP index from the VIP map, in one write: a daemon that starts clears the
@@ -645,25 +643,18 @@ impl DatapathMaps {
     /// `key`'s, whose key hashes to the same slot.
     fn indexes_another_vip(&self, entry: u16, key: &VipKey) -> Result<bool, DatapathError> {
         let id = u32::from(entry) - 1;
-        let holder = self
-            .vip_slots
-            .get(&id, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))?;
+        let holder = get_at(&self.vip_slots, id, names::VIP_SLOTS_MAP)?;
         Ok(holder.key != *key
             && holder.key.index_slot() == key.index_slot()
             && self.vip(&holder.key)?.is_some_and(|info| info.id == id))
     }
 
     fn vip_index_entry(&self, slot: u32) -> Result<u16, DatapathError> {
-        self.vip_index
-            .get(&slot, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))
+        get_at(&self.vip_index, slot, names::VIP_INDEX_MAP)
     }
 
     fn set_vip_slot(&mut self, id: u32, slot: VipSlot) -> Result<(), DatapathError> {
-        self.vip_slots
-            .set(id, slot, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))
+        set_at(&mut self.vip_slots, id, slot, names::VIP_SLOTS_MAP)
     }
 
     /// Replaces the datapath settings (timeouts, hash seed).
@@ -692,19 +683,19 @@ impl DatapathMaps {
         if let Some(id) = indexed
             && self.vip_index_entry(key.index_slot())? == index_entry(id)
         {
-            self.vip_index
-                .set(key.index_slot(), VIP_INDEX_EMPTY, 0)
-                .map_err(|e| DatapathError::Map(names::VIP_INDEX_MAP, e))?;
+            set_at(
+                &mut self.vip_index,
+                key.index_slot(),
+                VIP_INDEX_EMPTY,
+                names::VIP_INDEX_MAP,
+            )?;
         }
         match self.vips.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(DatapathError::Map(names::VIPS_MAP, e)),
         }
         if let Some(id) = indexed {
-            let slot = self
-                .vip_slots
-                .get(&id, 0)
-                .map_err(|e| DatapathError::Map(names::VIP_SLOTS_MAP, e))?;
+            let slot = get_at(&self.vip_slots, id, names::VIP_SLOTS_MAP)?;
             if slot.key == *key {
                 self.set_vip_slot(id, VipSlot::default())?;
             }
@@ -714,16 +705,12 @@ impl DatapathMaps {
 
     /// What slot `id` of the server array holds.
     pub fn server(&self, id: u32) -> Result<ServerInfo, DatapathError> {
-        self.servers
-            .get(&id, 0)
-            .map_err(|e| DatapathError::Map(names::SERVERS_MAP, e))
+        get_at(&self.servers, id, names::SERVERS_MAP)
     }
 
     /// Writes server `id` (a present server, or `ServerInfo::emptied` to mark it removed).
     pub fn set_server(&mut self, id: u32, info: ServerInfo) -> Result<(), DatapathError> {
-        self.servers
-            .set(id, info, 0)
-            .map_err(|e| DatapathError::Map(names::SERVERS_MAP, e))
+        set_at(&mut self.servers, id, info, names::SERVERS_MAP)
     }
 
     /// Switches VIP `vip_id` to a new Maglev table holding server ids `slots` (empty: no
@@ -794,15 +781,16 @@ impl DatapathMaps {
     }
 
     fn vip_retired(&self, vip: u32) -> Result<TrafficCounter, DatapathError> {
-        self.vip_retired
-            .get(&vip, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_RETIRED_TRAFFIC_MAP, e))
+        get_at(&self.vip_retired, vip, names::VIP_RETIRED_TRAFFIC_MAP)
     }
 
     fn set_vip_retired(&mut self, vip: u32, traffic: TrafficCounter) -> Result<(), DatapathError> {
-        self.vip_retired
-            .set(vip, traffic, 0)
-            .map_err(|e| DatapathError::Map(names::VIP_RETIRED_TRAFFIC_MAP, e))
+        set_at(
+            &mut self.vip_retired,
+            vip,
+            traffic,
+            names::VIP_RETIRED_TRAFFIC_MAP,
+        )
     }
 
     /// Traffic of VIP `id` whose servers are `servers`: theirs, summed over CPUs, and what
@@ -867,6 +855,29 @@ impl DatapathMaps {
     pub fn flow(&self, key: &FlowKey) -> Option<FlowState> {
         self.flows.get(key, 0).ok()
     }
+}
+
+/// Element `index` of the array `name`.
+fn get_at<V: aya::Pod>(
+    array: &Array<MapData, V>,
+    index: u32,
+    name: &'static str,
+) -> Result<V, DatapathError> {
+    array
+        .get(&index, 0)
+        .map_err(|e| DatapathError::Map(name, e))
+}
+
+/// Writes element `index` of the array `name`.
+fn set_at<V: aya::Pod>(
+    array: &mut Array<MapData, V>,
+    index: u32,
+    value: V,
+    name: &'static str,
+) -> Result<(), DatapathError> {
+    array
+        .set(index, value, 0)
+        .map_err(|e| DatapathError::Map(name, e))
 }
 
 fn clear_traffic(
