@@ -10,6 +10,7 @@ use std::{
     fs,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -86,6 +87,17 @@ impl LongLived {
     }
 }
 
+/// Pins a map under the name of one an earlier version pinned and this one retired
+/// (`names::RETIRED_MAPS`), in the lab's pin directory under `dir`; returns its path.
+fn pin_a_retired_map(dir: &Path) -> PathBuf {
+    let name = weir_common::names::RETIRED_MAPS[0];
+    let path = dir.join("bpf/weir/maps").join(name);
+    let map = aya::maps::Array::<aya::maps::MapData, u64>::create(1, 0).expect("a map");
+    map.pin(&path)
+        .expect("pinned where the daemon pins its maps");
+    path
+}
+
 /// Waits (bounded) until `load` has served `n` more responses.
 fn served_more(load: &HttpLoad, n: u64, what: &str) {
     let target = load.served() + n;
@@ -134,9 +146,14 @@ fn restarts_and_an_upgrade_under_load_refuse_nothing() {
     let upgraded = dir.join("weir-upgraded");
     fs::copy(&weir, &upgraded).unwrap();
     fs::set_permissions(&upgraded, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut retired = None;
     for round in 0..=RESTARTS {
         let binary = if round == RESTARTS { &upgraded } else { &weir };
         let status = lab.terminate_weir().expect("SIGTERM");
+        if round == RESTARTS {
+            // The upgrade comes from a version that pinned a map this one no longer has.
+            retired = Some(pin_a_retired_map(&dir));
+        }
         assert!(status.success(), "round {round}: weir exited {status}");
         supervisor.collect().expect("notifications");
         assert_eq!(
@@ -151,6 +168,12 @@ fn restarts_and_an_upgrade_under_load_refuse_nothing() {
     }
     let status = lab.status().expect("status");
     assert!(status.daemon.adopted_datapath);
+    let retired = retired.expect("the upgrade round ran");
+    assert!(
+        !retired.exists(),
+        "the upgraded daemon left {} pinned",
+        retired.display()
+    );
 
     let (served, errors) = load.finish();
     let (rounds, broken) = long_lived.finish();
