@@ -519,7 +519,9 @@ async fn client_conn(
         let timeout = Duration::from_millis(snapshot.settings.tls_handshake_timeout_ms);
         (Arc::clone(config), timeout)
     };
-    match io::Conn::accept_tls(stream, config, timeout).await {
+    // Boxed: a handshake's state is kilobytes, and a future awaited inline is laid out in the
+    // connection's task for its whole life, plain connections' included.
+    match Box::pin(io::Conn::accept_tls(stream, config, timeout)).await {
         Ok(conn) => {
             let completed = if conn.resumed() {
                 &counters.tls_resumed
@@ -616,7 +618,10 @@ async fn accept_loop(
             let worker = Rc::clone(&worker);
             worker.connections.set(worker.connections.get() + 1);
             let at_limit = worker.connections.get() + worker.refusing.get() >= ceiling();
-            compio::runtime::spawn(async move {
+            // The connection's task: its future is copied into the task's allocation, which
+            // it keeps for the connection's life (4.4 KiB, from 8.0 before the TLS handshake
+            // and passthrough were boxed).
+            let connection = async move {
                 let counters = &listeners[index].counters[worker.index];
                 counters.connections.fetch_add(1, Ordering::Relaxed);
                 counters.open.fetch_add(1, Ordering::Relaxed);
@@ -625,14 +630,16 @@ async fn accept_loop(
                     ListenerTls::Passthrough
                 );
                 if passthrough {
-                    passthrough::serve(&worker, index, stream, peer, counters).await;
+                    // Boxed, like the TLS handshake (`client_conn`): its state stays out of
+                    // every other connection's task.
+                    Box::pin(passthrough::serve(&worker, index, stream, peer, counters)).await;
                 } else if let Some(client) = client_conn(&worker, index, stream, counters).await {
                     proxy::serve_client(Rc::clone(&worker), index, client, peer, counters).await;
                 }
                 counters.open.fetch_sub(1, Ordering::Relaxed);
                 worker.connections.set(worker.connections.get() - 1);
-            })
-            .detach();
+            };
+            compio::runtime::spawn(connection).detach();
             if at_limit {
                 break;
             }
