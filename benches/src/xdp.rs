@@ -172,6 +172,7 @@ impl XdpBench {
         let bed = PacketBed::new(bed_name, 2)?;
         bed.ns
             .run(|| {
+                pin_to_last_cpu()?;
                 let mut balancer = Balancer::load()?;
                 let packets = self.packet_cases(&mut balancer)?;
                 Ok((packets, self.table_switches(&mut balancer)?))
@@ -541,6 +542,16 @@ impl XdpBench {
         }
         Ok(mean)
     }
+}
+
+/// Keeps the measuring thread (and so every program run, which the kernel does on the
+/// caller's CPU) on one CPU: runs that hop between CPUs spread the figures more.
+fn pin_to_last_cpu() -> Result<()> {
+    let cpus = std::thread::available_parallelism()?.get();
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpus - 1)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
 }
 
 /// The client of new flow number `n`: a new port each time, a new address every 60000.
