@@ -25,9 +25,9 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// The destination and source MACs, the bytes a forwarded frame's Ethernet header changes.
 const ETH_MACS: usize = 12;
-const AF_INET6: u8 = 10;
 pub const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 /// The route exists but the next hop's MAC is not resolved yet.
 pub const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;

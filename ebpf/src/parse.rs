@@ -1,9 +1,10 @@
 //! Header parsing with the bounds checks the verifier requires.
 //!
 //! The parser reads Ethernet, the IP header and the first bytes of TCP/UDP/ICMP into a
-//! [`Packet`] of plain values (addresses, ports, flags). Later stages re-derive packet pointers
-//! through [`ptr_at`] when they write, because the verifier forgets a pointer's proven range
-//! once it is spilled or recomputed.
+//! [`Packet`] of plain values (addresses, ports, flags), each header as aligned 16-bit words
+//! behind one bounds check ([`Words`]). Later stages check again when they write (a `Words` of
+//! their own, or [`ptr_at`]), because the verifier forgets a pointer's proven range once it is
+//! spilled or recomputed.
 //!
 //! Only the common shape is balanced: an IPv4 header without options or an IPv6 header whose
 //! next header is the transport. Everything else is classified so the caller can apply the

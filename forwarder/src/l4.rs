@@ -714,7 +714,9 @@ impl L4Services {
     /// Order keeps every packet safe: new servers' entries first, so no table points at an
     /// empty slot; then tables (each an atomic switch) and VIP entries; then VIP entries no
     /// longer served; and last, entries of servers that are gone, so their pinned flows
-    /// re-pick only once no table sends new flows there.
+    /// re-pick only once no table sends new flows there. A server that leaves its VIP (or
+    /// whose id starts anew) has its traffic moved to the VIP's retired total, so a VIP's
+    /// counters never go down; with `old` unknown, the VIP index is rebuilt from the VIP map.
     pub fn sync(
         &self,
         maps: &mut DatapathMaps,
@@ -815,8 +817,8 @@ impl L4Services {
             maps.set_server(id, ServerInfo::emptied(generation))?;
         }
         // Servers that left their VIP, their entries emptied: what they carried stays the VIP's.
-        for (&id, &(_, vip)) in &old_members {
-            if members.get(&id).map(|&(_, name)| name) != Some(vip) {
+        for (&id, &(_, vip_name)) in &old_members {
+            if members.get(&id).map(|&(_, name)| name) != Some(vip_name) {
                 maps.retire_server_traffic(counted_for(id), id)?;
             }
         }
