@@ -121,6 +121,11 @@ impl Report {
     }
 }
 
+/// A ratio cell: `a`'s median over `b`'s, as `1.23×`, or `–` when there is no `b`.
+fn ratio_cell(a: &Sample, b: Option<&Sample>) -> String {
+    b.map_or("–".to_string(), |b| format!("{:.2}×", ratio(a, b)))
+}
+
 /// ns/packet per case, with the ratio to the case's floor and, for established hits, to the
 /// "parse + one flow lookup" reference: the median of the rounds' ratios (the cases run in
 /// interleaved rounds), with their spread.
@@ -131,9 +136,10 @@ pub fn xdp_table(results: &[XdpResult]) -> String {
     let find =
         |name: Option<&String>| name.and_then(|name| results.iter().find(|r| &r.case == name));
     let ratio_to = |result: &XdpResult, name: Option<&String>| {
-        find(name)
-            .map(|other| ratio(&result.ns_per_packet, &other.ns_per_packet))
-            .map_or("–".to_string(), |r| format!("{r:.2}×"))
+        ratio_cell(
+            &result.ns_per_packet,
+            find(name).map(|other| &other.ns_per_packet),
+        )
     };
     let paired_to = |result: &XdpResult, name: Option<&String>| {
         find(name)
@@ -195,12 +201,11 @@ fn per_case_tables<'a, C: PartialEq + Copy, S: PartialEq + Copy>(
             let ratios: String = peers
                 .iter()
                 .map(|(peer, _)| {
-                    let cell = in_case
+                    let peer_rate = in_case
                         .iter()
                         .find(|(_, _, r)| r.system == *peer)
-                        .map_or("–".to_string(), |(_, _, p)| {
-                            format!("{:.2}×", ratio(row.rate, p.rate))
-                        });
+                        .map(|(_, _, p)| p.rate);
+                    let cell = ratio_cell(row.rate, peer_rate);
                     format!(" {cell} |")
                 })
                 .collect();
@@ -296,13 +301,11 @@ pub fn tls_tables(results: &[crate::tls::TlsResult]) -> String {
         );
         for row in &rows {
             let times = |system: TlsSystem, rate: bool| {
-                peer(system).map_or("–".to_string(), |p| {
-                    if rate {
-                        format!("{:.2}×", ratio(&row.per_sec, &p.per_sec))
-                    } else {
-                        format!("{:.2}×", ratio(&row.cpu_us, &p.cpu_us))
-                    }
-                })
+                if rate {
+                    ratio_cell(&row.per_sec, peer(system).map(|p| &p.per_sec))
+                } else {
+                    ratio_cell(&row.cpu_us, peer(system).map(|p| &p.cpu_us))
+                }
             };
             let _ = writeln!(
                 md,
@@ -332,12 +335,8 @@ pub fn provider_table(results: &[crate::tls_providers::ProviderResult]) -> Strin
         let ring = results
             .iter()
             .find(|r| r.provider == "ring" && r.key == row.key)
-            .map_or("–".to_string(), |r| {
-                format!(
-                    "{:.2}×",
-                    ratio(&row.handshakes_per_sec, &r.handshakes_per_sec)
-                )
-            });
+            .map(|r| &r.handshakes_per_sec);
+        let ring = ratio_cell(&row.handshakes_per_sec, ring);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {ring} |",
@@ -378,9 +377,8 @@ pub fn runtime_table(results: &[RuntimeResult]) -> String {
         let other = results
             .iter()
             .find(|r| r.workers == row.workers && r.runtime != row.runtime)
-            .map_or("–".to_string(), |o| {
-                format!("{:.2}×", ratio(&row.requests_per_sec, &o.requests_per_sec))
-            });
+            .map(|o| &o.requests_per_sec);
+        let other = ratio_cell(&row.requests_per_sec, other);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {:.0} | {:.0} | {} | {} |",

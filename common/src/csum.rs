@@ -42,13 +42,7 @@ pub fn sum_words(words: &[u32]) -> u16 {
 /// one word: the others are zero, and the program cannot know that unless told.
 #[inline(always)]
 pub fn sum_with_port(addr: &[u32], port: u16) -> u16 {
-    let mut sum = port as u32;
-    let mut i = 0;
-    while i < addr.len() {
-        sum += (addr[i] & 0xffff) + (addr[i] >> 16);
-        i += 1;
-    }
-    fold(sum)
+    fold(sum_words(addr) as u32 + port as u32)
 }
 
 /// The checksum after a 16-bit word changed from `old` to `new`.

@@ -52,6 +52,12 @@ impl VipKey {
         }
     }
 
+    /// Whether this is an address-level entry (see the type's docs) rather than a service's.
+    #[inline(always)]
+    pub const fn is_address_level(&self) -> bool {
+        self.protocol == 0
+    }
+
     /// The VIP index slot of this key: a multiplicative hash of its words. Part of the
     /// contract between the daemon, which fills the index, and the program, which reads it.
     #[inline(always)]

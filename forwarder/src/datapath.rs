@@ -519,9 +519,7 @@ impl DatapathMaps {
 
     /// Replaces the edge settings (embryonic timeout, flood guard).
     pub fn set_edge_settings(&mut self, edge: EdgeSettings) -> Result<(), DatapathError> {
-        self.edge_settings
-            .set(0, edge, 0)
-            .map_err(|e| DatapathError::Map(names::EDGE_SETTINGS_MAP, e))
+        set_at(&mut self.edge_settings, 0, edge, names::EDGE_SETTINGS_MAP)
     }
 
     /// Makes the self-address set exactly `addresses`: new flows from them are dropped as
@@ -593,7 +591,7 @@ impl DatapathMaps {
     /// keeps the program's reads whole: the id's slot first, the VIP map, the index last — the
     /// program never follows the index to a slot being written.
     pub fn set_vip(&mut self, key: VipKey, info: VipInfo) -> Result<(), DatapathError> {
-        let indexed = key.protocol != 0;
+        let indexed = !key.is_address_level();
         if indexed {
             self.set_vip_slot(info.id, VipSlot { key, info })?;
         }
@@ -625,7 +623,7 @@ impl DatapathMaps {
         let mut index = vec![VIP_INDEX_EMPTY; VIP_INDEX_SLOTS as usize];
         for entry in self.vips.iter() {
             let (key, info) = entry.map_err(|e| DatapathError::Map(names::VIPS_MAP, e))?;
-            if key.protocol == 0 {
+            if key.is_address_level() {
                 continue;
             }
             let slot = &mut index[key.index_slot() as usize];
@@ -659,9 +657,7 @@ impl DatapathMaps {
 
     /// Replaces the datapath settings (timeouts, hash seed).
     pub fn set_settings(&mut self, settings: DatapathSettings) -> Result<(), DatapathError> {
-        self.settings
-            .set(0, settings, 0)
-            .map_err(|e| DatapathError::Map(names::SETTINGS_MAP, e))
+        set_at(&mut self.settings, 0, settings, names::SETTINGS_MAP)
     }
 
     /// Every key of the VIP map.
@@ -677,7 +673,7 @@ impl DatapathMaps {
     /// slot it shared stays marked shared, which costs its keys a hash lookup, no more.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
         let indexed = match self.vip(key)? {
-            Some(info) if key.protocol != 0 => Some(info.id),
+            Some(info) if !key.is_address_level() => Some(info.id),
             _ => None,
         };
         if let Some(id) = indexed
