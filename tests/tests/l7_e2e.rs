@@ -163,3 +163,52 @@ fn an_l4_change_leaves_the_l7_rotation_where_it_was() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn idle_connections_that_all_send_at_once_are_all_served() {
+    let dir = std::env::temp_dir().join(format!("weirt-{}-l7burst", std::process::id()));
+    let lab = Lab::start(&prefix("l7burst"), 2, &dir, "native").expect("lab starts");
+    // Idle kept-alive connections wait for their next request in their worker's ring of 128
+    // buffers (decision 0023). With the daemon stopped, every one of them gets its request at
+    // once; resumed, each worker finds about 300 reads ready together: the ring serves 128,
+    // the others must be read with a buffer of their own, not failed.
+    let connections = 600;
+    let pid = nix::unistd::Pid::from_raw(lab.weir_pid() as i32);
+    let statuses = lab
+        .topology
+        .client
+        .run(move || {
+            let vip = SocketAddr::new(L7_VIP.into(), 80);
+            let mut conns: Vec<HttpConn> = (0..connections)
+                .map(|_| HttpConn::connect(vip).unwrap())
+                .collect();
+            for conn in &mut conns {
+                let response = conn.request("GET", "/", HOST, "", Body::None).unwrap();
+                assert_eq!(response.status, 200);
+            }
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            let sent: Vec<std::io::Result<()>> = conns
+                .iter_mut()
+                .map(|conn| conn.send("GET", "/", HOST, "", Body::None))
+                .collect();
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+            sent.into_iter().for_each(|sent| sent.unwrap());
+            conns
+                .iter_mut()
+                .map(|conn| conn.read_response(false).map(|r| r.status))
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    let failed: Vec<_> = statuses
+        .iter()
+        .enumerate()
+        .filter(|(_, status)| !matches!(status, Ok(200)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {connections} requests failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}

@@ -29,8 +29,9 @@ use std::{
 use compio::{
     BufResult,
     buf::{IntoInner, IoBuf},
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadManaged, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    runtime::{BorrowedBuffer, BufferPool},
 };
 
 /// A TCP connection (to a client or to a server), with TLS on a client's if its listener
@@ -326,6 +327,33 @@ impl Conn {
             Ok(result) => result.map_buffer(IntoInner::into_inner),
             // The cancelled read keeps the buffer; the connection is given up anyway.
             Err(_) => BufResult(Err(timed_out()), Vec::new()),
+        }
+    }
+
+    /// Waits for what the peer sends next while holding no buffer: the kernel takes one from
+    /// `ring` (a provided-buffer ring) only when bytes arrive, so a connection idle between
+    /// requests costs no read buffer (decision 0023). The bytes stay in the ring until the
+    /// returned buffer drops; empty means the peer closed its side. `Ok(None)` when the ring
+    /// did not serve — a TLS connection (rustls reads ciphertext into its own buffer), or a
+    /// read that failed: the caller then reads with [`Conn::read_more`], which reports the
+    /// socket's own error if it has one. A read fails here when the ring had no free buffer
+    /// (more connections became readable at once than it holds), and compio reports every
+    /// failure that returned no buffer alike ("flags are invalid"), so they are told apart by
+    /// reading again.
+    pub async fn read_idle<'a>(
+        &self,
+        ring: &'a BufferPool,
+        timeout: Duration,
+    ) -> io::Result<Option<BorrowedBuffer<'a>>> {
+        if self.tls.is_some() {
+            return Ok(None);
+        }
+        let mut stream = &self.stream;
+        // Length 0: as much as one of the ring's buffers holds.
+        match compio::time::timeout(timeout, stream.read_managed(ring, 0)).await {
+            Ok(Ok(bytes)) => Ok(Some(bytes)),
+            Ok(Err(_)) => Ok(None),
+            Err(_) => Err(timed_out()),
         }
     }
 

@@ -40,7 +40,10 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use compio::runtime::event::{Event, EventHandle};
+use compio::runtime::{
+    BufferPool,
+    event::{Event, EventHandle},
+};
 use socket2::{Domain, Socket, Type};
 use weir_config::control::{ListenerStatus, RefusalCount, TlsHandshakes};
 
@@ -60,6 +63,11 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// How long a stopping worker leaves kept-alive connections idle between requests open, so
 /// that a request their clients are sending gets its answer (see `drain`).
 const IDLE_LINGER: Duration = Duration::from_secs(1);
+/// Buffers in each worker's provided-buffer ring (of [`proxy::READ_CHUNK`] bytes: 2 MiB a
+/// worker), which client connections waiting for their next request read into (decision
+/// 0023). It bounds how many such reads can complete at once, between two turns of the
+/// worker's loop; past it a read finds no buffer and is made again with one of its own.
+const READ_RING_BUFFERS: u16 = 128;
 /// How long a worker at its connection limit waits before looking again.
 const FULL_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -447,7 +455,16 @@ fn run_worker(
         stopping,
         grace_ms,
     } = shared;
-    let worker = Rc::new(Worker::new(index, snapshot, stopping).with_access_log(access_log));
+    let mut worker = Worker::new(index, snapshot, stopping).with_access_log(access_log);
+    match runtime.enter(|| BufferPool::new(READ_RING_BUFFERS, proxy::READ_CHUNK)) {
+        Ok(ring) => worker = worker.with_read_ring(ring),
+        Err(err) => tracing::warn!(
+            worker = index,
+            %err,
+            "no provided-buffer ring: idle client connections keep a read buffer each"
+        ),
+    }
+    let worker = Rc::new(worker);
     runtime.block_on(async move {
         let sweeper = {
             let worker = Rc::clone(&worker);

@@ -35,6 +35,9 @@ pub struct Worker {
     pub refusing: std::cell::Cell<usize>,
     /// Spare I/O buffers, so a request does not allocate its own.
     pub buffers: RefCell<Vec<Vec<u8>>>,
+    /// The provided-buffer ring a client connection waiting for its next request reads into
+    /// ([`Conn::read_idle`]); `None` where the kernel has none (before Linux 5.19).
+    pub read_ring: Option<compio::runtime::BufferPool>,
     /// Spare (empty) pipes for spliced bodies.
     pub pipes: RefCell<Vec<Pipe>>,
     /// Pipes lent to bodies being spliced.
@@ -99,6 +102,7 @@ impl Worker {
             connections: Default::default(),
             refusing: Default::default(),
             buffers: Default::default(),
+            read_ring: None,
             pipes: Default::default(),
             pipes_lent: Default::default(),
             stopping,
@@ -112,6 +116,14 @@ impl Worker {
     /// The worker, logging requests to `access_log`.
     pub fn with_access_log(self, access_log: Arc<AccessLog>) -> Worker {
         Worker { access_log, ..self }
+    }
+
+    /// The worker, its idle client connections reading into `ring`.
+    pub fn with_read_ring(self, ring: compio::runtime::BufferPool) -> Worker {
+        Worker {
+            read_ring: Some(ring),
+            ..self
+        }
     }
 
     /// Whether a refusal may be logged now (at most [`REFUSALS_LOGGED_PER_SEC`] per second);
