@@ -49,6 +49,9 @@ const TLS_READ_CHUNK: usize = 16 * 1024 + 256;
 /// Plaintext rustls holds encrypted but not yet sent, at most: a write waits for the socket
 /// beyond it.
 const TLS_SEND_BUFFER: usize = 64 * 1024;
+/// The outgoing ciphertext buffer an idle TLS connection keeps, at most: what small
+/// responses need, so that serving them allocates nothing; a larger one is let go.
+const IDLE_OUTGOING_KEPT: usize = 4 * 1024;
 
 /// A TLS session over a client connection.
 struct TlsSession {
@@ -333,21 +336,32 @@ impl Conn {
     /// Waits for what the peer sends next while holding no buffer: the kernel takes one from
     /// `ring` (a provided-buffer ring) only when bytes arrive, so a connection idle between
     /// requests costs no read buffer (decision 0023). The bytes stay in the ring until the
-    /// returned buffer drops; empty means the peer closed its side. `Ok(None)` when the ring
-    /// did not serve — a TLS connection (rustls reads ciphertext into its own buffer), or a
-    /// read that failed: the caller then reads with [`Conn::read_more`], which reports the
-    /// socket's own error if it has one. A read fails here when the ring had no free buffer
-    /// (more connections became readable at once than it holds), and compio reports every
-    /// failure that returned no buffer alike ("flags are invalid"), so they are told apart by
-    /// reading again.
+    /// returned buffer drops; empty means the peer closed its side.
+    ///
+    /// `Ok(None)` when the caller is to read with [`Conn::read_more`], which then does not
+    /// wait long: on a TLS connection, whose ciphertext came through the ring and went to
+    /// rustls, what rustls has decrypted or its end; or when the read failed, and
+    /// [`Conn::read_more`] reports the socket's own error if it has one. A read fails here
+    /// when the ring had no free buffer (more connections became readable at once than it
+    /// holds), and compio reports every failure that returned no buffer alike ("flags are
+    /// invalid"), so they are told apart by reading again.
     pub async fn read_idle<'a>(
         &self,
         ring: &'a BufferPool,
         timeout: Duration,
     ) -> io::Result<Option<BorrowedBuffer<'a>>> {
-        if self.tls.is_some() {
-            return Ok(None);
+        if let Some(tls) = self.tls.as_deref() {
+            return self.read_idle_tls(tls, ring, timeout).await.map(|()| None);
         }
+        self.read_into_ring(ring, timeout).await
+    }
+
+    /// One read into a buffer of `ring`; `Ok(None)` when it failed (see [`Conn::read_idle`]).
+    async fn read_into_ring<'a>(
+        &self,
+        ring: &'a BufferPool,
+        timeout: Duration,
+    ) -> io::Result<Option<BorrowedBuffer<'a>>> {
         let mut stream = &self.stream;
         // Length 0: as much as one of the ring's buffers holds.
         match compio::time::timeout(timeout, stream.read_managed(ring, 0)).await {
@@ -355,6 +369,44 @@ impl Conn {
             Ok(Err(_)) => Ok(None),
             Err(_) => Err(timed_out()),
         }
+    }
+
+    /// [`Conn::read_idle`] on a TLS connection: unless rustls already holds plaintext (or the
+    /// stream's end), the session's own ciphertext buffers are let go — the incoming one
+    /// entirely, the outgoing one when a large response grew it — and the next ciphertext
+    /// is read through the ring and fed to rustls.
+    async fn read_idle_tls(
+        &self,
+        tls: &TlsSession,
+        ring: &BufferPool,
+        timeout: Duration,
+    ) -> io::Result<()> {
+        {
+            let mut state = tls.state.borrow_mut();
+            match state.reader().fill_buf() {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return Ok(()),
+            }
+        }
+        tls.incoming.take();
+        if tls.outgoing.borrow().capacity() > IDLE_OUTGOING_KEPT {
+            tls.outgoing.take();
+        }
+        let Some(cipher) = self.read_into_ring(ring, timeout).await? else {
+            return Ok(());
+        };
+        let fed = if cipher.is_empty() {
+            // End of file: rustls tells a clean close from a cut one.
+            let _ = tls.state.borrow_mut().read_tls(&mut &[][..]);
+            Ok(())
+        } else {
+            self.feed(tls, &cipher)
+        };
+        drop(cipher);
+        // Something to answer (an alert, a key update), or nothing: sent either way.
+        let flushed = self.flush_tls(tls, timeout).await;
+        fed.map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
+        flushed
     }
 
     /// [`Conn::read_more`] on a TLS connection: what rustls has decrypted, else ciphertext
