@@ -39,9 +39,10 @@ const fn refuse(status: u16, reason: &'static str) -> RequestError {
 }
 
 /// How long a message body is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BodyLength {
     /// No body.
+    #[default]
     Empty,
     /// `Content-Length` bytes.
     Fixed(u64),
@@ -52,7 +53,10 @@ pub enum BodyLength {
 }
 
 /// A request head, checked and ready to route.
-#[derive(Debug, Clone)]
+///
+/// A head can be parsed into again ([`parse_request_into`]): its strings and fields keep
+/// their allocations, so a worker that reuses heads parses without allocating.
+#[derive(Debug, Clone, Default)]
 pub struct RequestHead {
     /// The standard methods borrow a static name; others (extension methods) own theirs.
     pub method: Cow<'static, str>,
@@ -119,11 +123,9 @@ pub struct Fields {
 }
 
 impl Fields {
-    fn with_capacity(fields: usize, bytes: usize) -> Fields {
-        Fields {
-            bytes: Vec::with_capacity(bytes),
-            ends: Vec::with_capacity(fields),
-        }
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
     }
 
     fn push(&mut self, name: &str, value: &[u8]) {
@@ -146,22 +148,33 @@ impl Fields {
         })
     }
 
-    /// Keeps the fields for which `keep(name)` holds.
+    /// Keeps the fields for which `keep(name)` holds, moving them down in place.
     fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        if self.iter().all(|(name, _)| keep(name)) {
-            return;
-        }
-        let mut kept = Fields::with_capacity(self.ends.len(), self.bytes.len());
-        for (name, value) in self.iter() {
+        let (mut start, mut written, mut kept) = (0, 0, 0);
+        for i in 0..self.ends.len() {
+            let (name_end, value_end) = (self.ends[i].0 as usize, self.ends[i].1 as usize);
+            // Names were `&str` (tokens) when pushed.
+            let name = std::str::from_utf8(&self.bytes[start..name_end]).unwrap_or_default();
             if keep(name) {
-                kept.push(name, value);
+                self.bytes.copy_within(start..value_end, written);
+                let moved_by = start - written;
+                self.ends[kept] = ((name_end - moved_by) as u32, (value_end - moved_by) as u32);
+                written += value_end - start;
+                kept += 1;
             }
+            start = value_end;
         }
-        *self = kept;
+        self.bytes.truncate(written);
+        self.ends.truncate(kept);
     }
 
     pub fn len(&self) -> usize {
         self.ends.len()
+    }
+
+    /// The bytes the fields' buffer holds room for.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -213,6 +226,18 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 /// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete and
 /// within limits.
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, RequestError> {
+    let mut head = RequestHead::default();
+    Ok(parse_request_into(buf, limits, &mut head)?.then_some(head))
+}
+
+/// [`parse_request`] into `head`, reusing its allocations: `Ok(true)` when `head` now holds
+/// the request, `Ok(false)` while it is incomplete (`head` is then left in any state, as it
+/// is after an error).
+pub fn parse_request_into(
+    buf: &[u8],
+    limits: &HeadLimits,
+    head: &mut RequestHead,
+) -> Result<bool, RequestError> {
     // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
     let skipped = if buf.starts_with(b"\r\n") { 2 } else { 0 };
     let rest = &buf[skipped..];
@@ -228,13 +253,13 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         if has_bare_lf(rest) {
             return Err(refuse(400, "bare LF in request head"));
         }
-        return Ok(None);
+        return Ok(false);
     };
     if end > limits.max_header_bytes {
         return Err(refuse(431, "request head too large"));
     }
-    let head = &rest[..end];
-    if has_bare_lf(head) {
+    let text = &rest[..end];
+    if has_bare_lf(text) {
         return Err(refuse(400, "bare LF in request head"));
     }
     // The usual limit fits on the stack; a larger one configured takes the heap.
@@ -247,7 +272,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         &mut on_heap
     };
     let mut request = httparse::Request::new(headers);
-    match request.parse(head) {
+    match request.parse(text) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(refuse(400, "malformed request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
@@ -263,10 +288,11 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     let mut host_header: Option<&[u8]> = None;
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
-    let mut connection_tokens: Vec<&[u8]> = Vec::new();
-    let mut upgrade: Option<Vec<u8>> = None;
+    let mut connection_tokens = ConnectionTokens::new();
+    let mut upgrade: Option<&[u8]> = None;
     let mut expect_continue = false;
-    let mut kept = Fields::with_capacity(request.headers.len(), end);
+    let kept = &mut head.headers;
+    kept.clear();
     for header in request.headers.iter() {
         let name = header.name;
         let value = header.value;
@@ -291,7 +317,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
             connection_tokens.extend(tokens(value));
             continue;
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = Some(value.to_vec());
+            upgrade = Some(value);
             continue;
         } else if name.eq_ignore_ascii_case("expect") {
             if value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
@@ -320,10 +346,16 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     // The target: origin form, asterisk form for OPTIONS, or absolute form whose authority
     // must agree with Host (RFC 9112 §3.2.2 makes the target win; weir refuses the mismatch).
     let origin_form = raw_target.starts_with('/') || (raw_target == "*" && method == "OPTIONS");
-    let (target, target_authority) = if origin_form {
-        (raw_target.to_string(), None)
+    head.target.clear();
+    let target_authority = if origin_form {
+        head.target.push_str(raw_target);
+        None
     } else if let Some((authority, path)) = split_absolute(raw_target) {
-        (path, Some(authority))
+        if !path.starts_with('/') {
+            head.target.push('/');
+        }
+        head.target.push_str(path);
+        Some(authority)
     } else {
         return Err(refuse(400, "invalid request target"));
     };
@@ -333,16 +365,19 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         None => None,
     };
     let host_name = host_value.map(host_of).transpose()?;
+    // The authority to send on, and the host it names.
     let (host, authority) = match target_authority {
         Some(authority) => {
             let from_target = host_of(authority)?;
-            if host_name.as_ref().is_some_and(|h| *h != from_target) {
+            if host_name.is_some_and(|h| !h.eq_ignore_ascii_case(from_target)) {
                 return Err(refuse(400, "Host disagrees with the request target"));
             }
-            (Some(from_target), Some(authority.to_string()))
+            (Some(from_target), Some(authority))
         }
-        None => (host_name, host_value.map(str::to_string)),
+        None => (host_name, host_value),
     };
+    refill_lowercase(&mut head.host, host);
+    refill(&mut head.authority, authority);
 
     // Headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
     kept.retain(|name| !is_hop_by_hop(name, &connection_tokens));
@@ -359,35 +394,48 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     // An upgrade to h2c (cleartext HTTP/2, deprecated by RFC 9113) is not passed on: weir
     // speaks HTTP/1.1 to clients and would tunnel an HTTP/2 connection it cannot see into.
     // The request goes on as a plain HTTP/1.1 one, which a server must accept.
-    let h2c = upgrade
-        .as_deref()
-        .is_some_and(|u| tokens(u).any(|t| t.eq_ignore_ascii_case(b"h2c")));
+    let h2c = upgrade.is_some_and(|u| tokens(u).any(|t| t.eq_ignore_ascii_case(b"h2c")));
     if h2c {
         kept.retain(|name| !name.eq_ignore_ascii_case("http2-settings"));
     }
-    let upgrade = if has("upgrade") && minor_version == 1 && !h2c {
-        upgrade
-    } else {
-        None
-    };
-    let body = match (chunked, content_length) {
+    head.upgrade = upgrade
+        .filter(|_| has("upgrade") && minor_version == 1 && !h2c)
+        .map(<[u8]>::to_vec);
+    head.body = match (chunked, content_length) {
         (true, _) => BodyLength::Chunked,
         (false, Some(0) | None) => BodyLength::Empty,
         (false, Some(length)) => BodyLength::Fixed(length),
     };
-    Ok(Some(RequestHead {
-        method,
-        target,
-        minor_version,
-        headers: kept,
-        host,
-        authority,
-        body,
-        keep_alive,
-        upgrade,
-        expect_continue,
-        head_len: skipped + end,
-    }))
+    head.method = method;
+    head.minor_version = minor_version;
+    head.keep_alive = keep_alive;
+    head.expect_continue = expect_continue;
+    head.head_len = skipped + end;
+    Ok(true)
+}
+
+/// The tokens of a head's `Connection` headers, borrowed from the head: on the stack up to
+/// eight (a head has one or two).
+type ConnectionTokens<'a> = smallvec::SmallVec<[&'a [u8]; 8]>;
+
+/// Sets `slot` to `value`, reusing the string already there.
+fn refill(slot: &mut Option<String>, value: Option<&str>) {
+    match value {
+        Some(value) => {
+            let string = slot.get_or_insert_with(String::new);
+            string.clear();
+            string.push_str(value);
+        }
+        None => *slot = None,
+    }
+}
+
+/// [`refill`] with `value` in lower case.
+fn refill_lowercase(slot: &mut Option<String>, value: Option<&str>) {
+    refill(slot, value);
+    if let Some(string) = slot {
+        string.make_ascii_lowercase();
+    }
 }
 
 /// A method's name: one of the standard ones without allocating, else a copy.
@@ -427,8 +475,9 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
         .filter(|t| !t.is_empty())
 }
 
-/// `http://authority/path` → (authority, `/path`).
-fn split_absolute(target: &str) -> Option<(&str, String)> {
+/// `http://authority/path` → (authority, `/path`); the path lacks its `/` when the target
+/// starts it with `?` or ends at the authority.
+fn split_absolute(target: &str) -> Option<(&str, &str)> {
     let scheme_end = target.find("://")?;
     if !target[..scheme_end].eq_ignore_ascii_case("http") {
         return None;
@@ -439,17 +488,12 @@ fn split_absolute(target: &str) -> Option<(&str, String)> {
     if authority.is_empty() || authority.contains('@') {
         return None;
     }
-    let path = if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("/{path}")
-    };
     Some((authority, path))
 }
 
-/// The host name of an authority (`name[:port]` or `[v6][:port]`): lower case, without the
-/// port and a trailing dot.
-fn host_of(authority: &str) -> Result<String, RequestError> {
+/// The host name of an authority (`name[:port]` or `[v6][:port]`), without the port and a
+/// trailing dot; routing takes it in lower case.
+fn host_of(authority: &str) -> Result<&str, RequestError> {
     let bad = || refuse(400, "invalid Host");
     let (host, port) = if authority.starts_with('[') {
         let close = authority.find(']').ok_or_else(bad)?;
@@ -473,12 +517,11 @@ fn host_of(authority: &str) -> Result<String, RequestError> {
     if !port_ok || !name_ok {
         return Err(bad());
     }
-    let host = host.strip_suffix('.').unwrap_or(host);
-    Ok(host.to_ascii_lowercase())
+    Ok(host.strip_suffix('.').unwrap_or(host))
 }
 
 /// A response head from a server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ResponseHead {
     pub status: u16,
     pub reason: String,
@@ -505,6 +548,16 @@ pub const MAX_RESPONSE_HEADERS: usize = 128;
 
 /// Parses the response head at the start of `buf`, for a request with method `method`.
 pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, ResponseError> {
+    let mut head = ResponseHead::default();
+    Ok(parse_response_into(buf, method, &mut head)?.then_some(head))
+}
+
+/// [`parse_response`] into `head`, reusing its allocations (as [`parse_request_into`]).
+pub fn parse_response_into(
+    buf: &[u8],
+    method: &str,
+    head: &mut ResponseHead,
+) -> Result<bool, ResponseError> {
     let Some(end) = head_end(buf) else {
         if buf.len() > MAX_RESPONSE_HEAD {
             return Err(ResponseError("head too large"));
@@ -516,7 +569,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         if httparse::Response::new(&mut headers).parse(buf).is_err() {
             return Err(ResponseError("malformed head"));
         }
-        return Ok(None);
+        return Ok(false);
     };
     if end > MAX_RESPONSE_HEAD {
         return Err(ResponseError("head too large"));
@@ -534,13 +587,15 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         return Err(ResponseError("status code out of range"));
     }
     let minor_version = response.version.unwrap_or(1);
-    let reason = response.reason.unwrap_or_default().to_string();
+    head.reason.clear();
+    head.reason.push_str(response.reason.unwrap_or_default());
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut other_coding = false;
-    let mut connection_tokens: Vec<&[u8]> = Vec::new();
+    let mut connection_tokens = ConnectionTokens::new();
     let mut upgrade = None;
-    let mut kept = Fields::with_capacity(response.headers.len(), end);
+    let kept = &mut head.headers;
+    kept.clear();
     for header in response.headers.iter() {
         let (name, value) = (header.name, header.value);
         if name.eq_ignore_ascii_case("content-length") {
@@ -564,7 +619,7 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
             connection_tokens.extend(tokens(value));
             continue;
         } else if name.eq_ignore_ascii_case("upgrade") {
-            upgrade = Some(value.to_vec());
+            upgrade = Some(value);
             continue;
         }
         kept.push(name, value);
@@ -599,16 +654,13 @@ pub fn parse_response(buf: &[u8], method: &str) -> Result<Option<ResponseHead>, 
         } else {
             has("keep-alive")
         };
-    Ok(Some(ResponseHead {
-        status,
-        reason,
-        minor_version,
-        headers: kept,
-        body,
-        keep_alive,
-        upgrade: if status == 101 { upgrade } else { None },
-        head_len: end,
-    }))
+    head.status = status;
+    head.minor_version = minor_version;
+    head.body = body;
+    head.keep_alive = keep_alive;
+    head.upgrade = upgrade.filter(|_| status == 101).map(<[u8]>::to_vec);
+    head.head_len = end;
+    Ok(true)
 }
 
 /// Who sent a request, for the forwarding headers.
@@ -834,6 +886,55 @@ mod tests {
 
     fn parse(head: &str) -> Result<Option<RequestHead>, RequestError> {
         parse_request(head.as_bytes(), &LIMITS)
+    }
+
+    #[test]
+    fn a_head_parsed_into_again_is_the_head_parsed_afresh() {
+        // Each request sets what the one before left behind: absolute target, upgrade,
+        // hop-by-hop fields, HTTP/1.0 without Host, expectation.
+        let requests = [
+            "GET http://Shop.Test:81?q HTTP/1.1\r\nHost: shop.test:81\r\nConnection: upgrade, X-A\r\nUpgrade: websocket\r\nX-A: 1\r\nX-B: 2\r\n\r\n",
+            "POST /upload HTTP/1.1\r\nHost: b.test\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.0\r\nX-C: 3\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: c.test\r\nConnection: close\r\n\r\n",
+            "GET http://d.test/x HTTP/1.1\r\nHost: D.test\r\n\r\n",
+        ];
+        let mut reused = RequestHead::default();
+        for text in requests.iter().chain(requests.iter().rev()) {
+            assert!(parse_request_into(text.as_bytes(), &LIMITS, &mut reused).unwrap());
+            let fresh = parse(text).unwrap().unwrap();
+            assert_eq!(format!("{reused:?}"), format!("{fresh:?}"), "{text:?}");
+        }
+        let responses = [
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Gone\r\nX-Gone: 1\r\nX-Kept: 2\r\n\r\n",
+            "HTTP/1.0 404 Not Found\r\n\r\n",
+        ];
+        let mut reused = ResponseHead::default();
+        for text in responses.iter().chain(responses.iter().rev()) {
+            assert!(parse_response_into(text.as_bytes(), "GET", &mut reused).unwrap());
+            let fresh = parse_response(text.as_bytes(), "GET").unwrap().unwrap();
+            assert_eq!(format!("{reused:?}"), format!("{fresh:?}"), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn fields_left_out_close_up_and_the_rest_keep_their_order_and_values() {
+        let mut fields = Fields::default();
+        for (name, value) in [
+            ("a", "1"),
+            ("gone", "x"),
+            ("b", "22"),
+            ("gone", ""),
+            ("c", ""),
+        ] {
+            fields.push(name, value.as_bytes());
+        }
+        fields.retain(|name| name != "gone");
+        let kept: Vec<(&str, &[u8])> = fields.iter().collect();
+        assert_eq!(kept, [("a", &b"1"[..]), ("b", &b"22"[..]), ("c", &b""[..])]);
+        fields.retain(|_| false);
+        assert!(fields.is_empty() && fields.iter().next().is_none());
     }
 
     #[test]

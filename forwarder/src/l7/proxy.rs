@@ -35,8 +35,8 @@ use super::{
     chunked::{ChunkError, ChunkedDecoder},
     error::{ProxyError, Retry, Side},
     http::{
-        BodyLength, ClientInfo, HeadLimits, RequestHead, ResponseHead, local_response,
-        parse_request, parse_response, write_client_head, write_server_head,
+        BodyLength, ClientInfo, HeadLimits, RequestHead, local_response, parse_request_into,
+        parse_response_into, write_client_head, write_server_head,
     },
     io::Conn,
     snapshot::{L7Snapshot, PoolServer, VhostPool},
@@ -132,17 +132,17 @@ pub async fn serve_client(
             }
         };
         let address = snapshot.listeners[listener].address;
-        let request = Some(&request);
         log_exchange(
             &worker,
             &snapshot,
             address,
             peer,
-            request,
+            Some(&request),
             routed,
             &outcome,
             Some(started),
         );
+        worker.recycle_request_head(request);
         match outcome {
             Ok(exchange) if exchange.keep_alive => continue,
             Ok(_) => return client.finish().await,
@@ -383,13 +383,14 @@ async fn read_request(
     // later request; the wait before that byte is the keep-alive timeout.
     let mut deadline =
         (first || !buf.is_empty()).then(|| Instant::now() + ms(settings.header_timeout_ms));
+    let mut request = worker.request_head();
     loop {
-        match parse_request(&buf, &limits) {
-            Ok(Some(request)) => {
+        match parse_request_into(&buf, &limits, &mut request) {
+            Ok(true) => {
                 buf.drain(..request.head_len);
                 return Ok((Some(request), buf));
             }
-            Ok(None) => {}
+            Ok(false) => {}
             Err(err) => return Err(ProxyError::client(err.status, err.reason)),
         }
         let wait = match deadline {
@@ -752,11 +753,10 @@ async fn relay_response(
     let mut rbuf = worker.buffer();
     let mut relayed_interim = false;
     let mut interim_bytes = 0;
-    let response: ResponseHead = loop {
-        match parse_response(&rbuf, &request.method) {
-            Ok(Some(response))
-                if (100..200).contains(&response.status) && response.status != 101 =>
-            {
+    let mut response = worker.response_head();
+    loop {
+        match parse_response_into(&rbuf, &request.method, &mut response) {
+            Ok(true) if (100..200).contains(&response.status) && response.status != 101 => {
                 // Interim responses pass through to HTTP/1.1 clients.
                 let length = response.head_len;
                 if request.minor_version == 1 {
@@ -774,8 +774,8 @@ async fn relay_response(
                 rbuf.drain(..length);
                 continue;
             }
-            Ok(Some(response)) => break response,
-            Ok(None) => {}
+            Ok(true) => break,
+            Ok(false) => {}
             Err(err) => return Err(ResponseFailure::Invalid(err.0)),
         }
         let BufResult(read, back) = upstream
@@ -795,7 +795,7 @@ async fn relay_response(
             Err(err) if !relayed_interim => return Err(ResponseFailure::Nothing(err)),
             _ => return Err(ResponseFailure::Invalid("server closed mid-response")),
         }
-    };
+    }
     stats.response(response.status, in_flight.started.elapsed());
     rbuf.drain(..response.head_len);
     let mut out = worker.buffer();
@@ -872,7 +872,9 @@ async fn relay_response(
         }
     }
     worker.recycle(rbuf);
-    Ok((response.status, !close, interim_bytes + relayed_bytes))
+    let status = response.status;
+    worker.recycle_response_head(response);
+    Ok((status, !close, interim_bytes + relayed_bytes))
 }
 
 /// The two ends of a body relay.

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use super::{
     access_log::{AccessLog, WorkerLog},
     balance::Balancer,
+    http::{RequestHead, ResponseHead},
     io::{Conn, Pipe},
     snapshot::L7Snapshot,
     upstream::UpstreamPool,
@@ -34,7 +35,10 @@ pub struct Worker {
     /// Connections past the limit being answered 503 (`proxy::refuse_over_limit`).
     pub refusing: std::cell::Cell<usize>,
     /// Spare I/O buffers, so a request does not allocate its own.
-    pub buffers: RefCell<Vec<Vec<u8>>>,
+    buffers: Spares<Vec<u8>>,
+    /// Spare request and response heads, parsed into again with their allocations.
+    request_heads: Spares<RequestHead>,
+    response_heads: Spares<ResponseHead>,
     /// The provided-buffer ring a client connection waiting for its next request reads into
     /// ([`Conn::read_idle`]); `None` where the kernel has none (before Linux 5.19).
     pub read_ring: Option<compio::runtime::BufferPool>,
@@ -81,9 +85,37 @@ impl RefusalLog {
 /// turn the daemon's log into its amplifier. The counters count every refusal.
 const REFUSALS_LOGGED_PER_SEC: u32 = 10;
 
-/// Buffers a worker keeps for reuse, and the largest it keeps.
-const SPARE_BUFFERS: usize = 256;
+/// Buffers (and heads of each kind) a worker keeps for reuse, and the largest buffer it
+/// keeps.
+const SPARES: usize = 256;
 const MAX_SPARE_CAPACITY: usize = 256 * 1024;
+/// The largest head (its fields' bytes) a worker keeps for reuse: most are well under it.
+const MAX_SPARE_HEAD: usize = 16 * 1024;
+
+/// Things a worker lends to one request at a time and takes back emptied, so that the next
+/// request reuses their allocations: at most [`SPARES`] of them.
+struct Spares<T>(RefCell<Vec<T>>);
+
+impl<T> Default for Spares<T> {
+    fn default() -> Self {
+        Spares(RefCell::new(Vec::new()))
+    }
+}
+
+impl<T: Default> Spares<T> {
+    /// A spare, or a new (empty) one.
+    fn take(&self) -> T {
+        self.0.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Keeps `value` for reuse if there is room; the caller has emptied it.
+    fn give(&self, value: T) {
+        let mut spares = self.0.borrow_mut();
+        if spares.len() < SPARES {
+            spares.push(value);
+        }
+    }
+}
 /// Pipes a worker keeps for reuse (two descriptors each).
 const SPARE_PIPES: usize = 64;
 
@@ -102,6 +134,8 @@ impl Worker {
             connections: Default::default(),
             refusing: Default::default(),
             buffers: Default::default(),
+            request_heads: Default::default(),
+            response_heads: Default::default(),
             read_ring: None,
             pipes: Default::default(),
             pipes_lent: Default::default(),
@@ -140,16 +174,38 @@ impl Worker {
 
     /// An empty buffer, reused when one is spare.
     pub(super) fn buffer(&self) -> Vec<u8> {
-        self.buffers.borrow_mut().pop().unwrap_or_default()
+        self.buffers.take()
     }
 
     /// Gives a buffer back for reuse.
     pub(super) fn recycle(&self, mut buf: Vec<u8>) {
-        let mut spare = self.buffers.borrow_mut();
-        if spare.len() < SPARE_BUFFERS && buf.capacity() <= MAX_SPARE_CAPACITY && buf.capacity() > 0
-        {
+        if buf.capacity() <= MAX_SPARE_CAPACITY && buf.capacity() > 0 {
             buf.clear();
-            spare.push(buf);
+            self.buffers.give(buf);
+        }
+    }
+
+    /// A request head to parse into (a spare one keeps its allocations).
+    pub(super) fn request_head(&self) -> RequestHead {
+        self.request_heads.take()
+    }
+
+    /// Gives a request head back for reuse.
+    pub(super) fn recycle_request_head(&self, head: RequestHead) {
+        if head.headers.capacity() <= MAX_SPARE_HEAD {
+            self.request_heads.give(head);
+        }
+    }
+
+    /// A response head to parse into (a spare one keeps its allocations).
+    pub(super) fn response_head(&self) -> ResponseHead {
+        self.response_heads.take()
+    }
+
+    /// Gives a response head back for reuse.
+    pub(super) fn recycle_response_head(&self, head: ResponseHead) {
+        if head.headers.capacity() <= MAX_SPARE_HEAD {
+            self.response_heads.give(head);
         }
     }
 
