@@ -1,10 +1,11 @@
 //! Parsing one request head: weir's strict parser (httparse plus framing, Host and
-//! hop-by-hop checks, and the owned head it builds) next to httparse alone, the floor.
+//! hop-by-hop checks, and the owned head it builds, new or reused as a worker reuses it) next
+//! to httparse alone, the floor.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use weir_forwarder::l7::http::{HeadLimits, parse_request};
+use weir_forwarder::l7::http::{HeadLimits, RequestHead, parse_request, parse_request_into};
 
 /// A browser's GET: 13 header fields, about 600 bytes.
 const BROWSER_GET: &[u8] = b"GET /products/42?ref=home HTTP/1.1\r\n\
@@ -31,6 +32,10 @@ fn parse(c: &mut Criterion) {
     let mut group = c.benchmark_group("http_request_head");
     group.bench_function("weir parse_request", |b| {
         b.iter(|| parse_request(black_box(BROWSER_GET), &limits).unwrap())
+    });
+    group.bench_function("weir parse_request_into, a reused head", |b| {
+        let mut head = RequestHead::default();
+        b.iter(|| parse_request_into(black_box(BROWSER_GET), &limits, &mut head).unwrap())
     });
     group.bench_function("httparse alone", |b| {
         b.iter(|| {

@@ -156,9 +156,11 @@ impl Fields {
             // Names were `&str` (tokens) when pushed.
             let name = std::str::from_utf8(&self.bytes[start..name_end]).unwrap_or_default();
             if keep(name) {
-                self.bytes.copy_within(start..value_end, written);
                 let moved_by = start - written;
-                self.ends[kept] = ((name_end - moved_by) as u32, (value_end - moved_by) as u32);
+                if moved_by > 0 {
+                    self.bytes.copy_within(start..value_end, written);
+                    self.ends[kept] = ((name_end - moved_by) as u32, (value_end - moved_by) as u32);
+                }
                 written += value_end - start;
                 kept += 1;
             }
@@ -220,7 +222,7 @@ const STACK_HEADERS: usize = 128;
 
 /// Where the head in `buf` ends (after its blank line), if it is complete.
 fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4)
 }
 
 /// Parses the request head at the start of `buf`: `Ok(None)` while it is incomplete and
@@ -241,7 +243,7 @@ pub fn parse_request_into(
     // RFC 9112 §2.2: a server SHOULD ignore at least one empty line before the request line.
     let skipped = if buf.starts_with(b"\r\n") { 2 } else { 0 };
     let rest = &buf[skipped..];
-    let line_end = rest.iter().position(|&b| b == b'\n');
+    let line_end = memchr::memchr(b'\n', rest);
     if line_end.unwrap_or(rest.len()) > limits.max_request_line {
         return Err(refuse(414, "request line too long"));
     }
@@ -450,9 +452,7 @@ fn method_name(raw: &str) -> Cow<'static, str> {
 }
 
 fn has_bare_lf(head: &[u8]) -> bool {
-    head.iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    memchr::memchr_iter(b'\n', head).any(|i| i == 0 || head[i - 1] != b'\r')
 }
 
 /// `1*DIGIT`, nothing else, and small enough to count.
