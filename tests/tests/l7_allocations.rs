@@ -100,28 +100,41 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 /// request.
 const MAX_PER_REQUEST: f64 = 8.5;
 
+/// An origin on loopback network `net` and a proxy in front of it with one worker (so every
+/// request is served on the one thread counted): vhost `a.test`, with `more` (`tls = …`).
+fn one_worker_proxy(net: u8, more: &str) -> (HttpOrigin, Proxy) {
+    let origin = HttpOrigin::start(format!("127.0.{net}.10:0").parse().unwrap(), "s1").unwrap();
+    let vhost = format!(
+        "[[vhost]]\nname = \"a\"\nlisten = \"LISTEN\"\nhosts = [\"a.test\"]\n{more}servers = [{{ address = \"SERVER1\" }}]\n"
+    );
+    let proxy = Proxy::start("workers = 1", &vhost, &[&origin]);
+    (origin, proxy)
+}
+
+/// A GET through a kept-alive `conn`, answered 200.
+fn get(conn: &mut HttpConn) {
+    let response = conn
+        .request("GET", "/items?id=7", "a.test", "", Body::None)
+        .unwrap();
+    assert_eq!(response.status, 200);
+}
+
+/// Requests sent before measuring: buffers, the server connection and the worker's spares
+/// are then in place.
+const WARM_UP: usize = 200;
+
 #[test]
 fn a_kept_alive_get_allocates_within_its_budget() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let origin = HttpOrigin::start("127.0.210.10:0".parse().unwrap(), "s1").unwrap();
-    // One worker, so every request is served on the one thread counted.
-    let vhost = "[[vhost]]\nname = \"a\"\nlisten = \"LISTEN\"\nhosts = [\"a.test\"]\nservers = [{ address = \"SERVER1\" }]\n";
-    let proxy = Proxy::start("workers = 1", vhost, &[&origin]);
+    let (_origin, proxy) = one_worker_proxy(210, "");
     let mut conn = HttpConn::connect(proxy.address).unwrap();
-    let mut get = || {
-        let response = conn
-            .request("GET", "/items?id=7", "a.test", "", Body::None)
-            .unwrap();
-        assert_eq!(response.status, 200);
-    };
-    // Warm up: buffers, the server connection and the worker's spares are in place.
-    for _ in 0..200 {
-        get();
+    for _ in 0..WARM_UP {
+        get(&mut conn);
     }
     let requests = 2000;
     COUNTING.store(true, Ordering::Relaxed);
     for _ in 0..requests {
-        get();
+        get(&mut conn);
     }
     COUNTING.store(false, Ordering::Relaxed);
     let per_request = ALLOCATIONS.load(Ordering::Relaxed) as f64 / f64::from(requests);
@@ -152,18 +165,9 @@ fn settled() -> i64 {
 #[test]
 fn an_idle_kept_alive_connection_holds_no_read_buffer() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let origin = HttpOrigin::start("127.0.211.10:0".parse().unwrap(), "s1").unwrap();
-    let vhost = "[[vhost]]\nname = \"a\"\nlisten = \"LISTEN\"\nhosts = [\"a.test\"]\nservers = [{ address = \"SERVER1\" }]\n";
-    let proxy = Proxy::start("workers = 1", vhost, &[&origin]);
-    let get = |conn: &mut HttpConn| {
-        let response = conn
-            .request("GET", "/items?id=7", "a.test", "", Body::None)
-            .unwrap();
-        assert_eq!(response.status, 200);
-    };
-    // Warm up as above, and let the worker settle between its requests.
+    let (_origin, proxy) = one_worker_proxy(211, "");
     let mut warm = HttpConn::connect(proxy.address).unwrap();
-    for _ in 0..200 {
+    for _ in 0..WARM_UP {
         get(&mut warm);
     }
     let before = settled();
@@ -195,19 +199,18 @@ fn an_idle_kept_alive_tls_connection_holds_no_read_buffer() {
     std::fs::create_dir_all(&dir).unwrap();
     let ca = TestCa::new(&dir);
     let files = ca.issue(&dir, "a", &["a.test"], KeyKind::EcdsaP256);
-    let origin = HttpOrigin::start("127.0.212.10:0".parse().unwrap(), "s1").unwrap();
-    let vhost = format!(
-        "[[vhost]]\nname = \"a\"\nlisten = \"LISTEN\"\nhosts = [\"a.test\"]\ntls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{{ address = \"SERVER1\" }}]\n",
+    let tls = format!(
+        "tls = {{ certificate = \"{}\", key = \"{}\" }}\n",
         files.certificate.display(),
         files.key.display()
     );
-    let proxy = Proxy::start("workers = 1", &vhost, &[&origin]);
+    let (_origin, proxy) = one_worker_proxy(212, &tls);
     let connect = || TlsClient::connect(proxy.address, "a.test", ca.client_config()).unwrap();
     let get = |client: &mut TlsClient| {
         assert_eq!(client.get("a.test", "/items?id=7").unwrap().status, 200);
     };
     let mut warm = connect();
-    for _ in 0..200 {
+    for _ in 0..WARM_UP {
         get(&mut warm);
     }
     let before = settled();

@@ -383,15 +383,20 @@ async fn read_request(
     // later request; the wait before that byte is the keep-alive timeout.
     let mut deadline =
         (first || !buf.is_empty()).then(|| Instant::now() + ms(settings.header_timeout_ms));
-    let mut request = worker.request_head();
+    // Taken from the worker's spares once there is something to parse, so a client that
+    // closes while idle takes none.
+    let mut request = None;
     loop {
-        match parse_request_into(&buf, &limits, &mut request) {
-            Ok(true) => {
-                buf.drain(..request.head_len);
-                return Ok((Some(request), buf));
+        if !buf.is_empty() {
+            let head = request.get_or_insert_with(|| worker.request_head());
+            match parse_request_into(&buf, &limits, head) {
+                Ok(true) => {
+                    buf.drain(..head.head_len);
+                    return Ok((request, buf));
+                }
+                Ok(false) => {}
+                Err(err) => return Err(ProxyError::client(err.status, err.reason)),
             }
-            Ok(false) => {}
-            Err(err) => return Err(ProxyError::client(err.status, err.reason)),
         }
         let wait = match deadline {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
