@@ -96,7 +96,7 @@ pub async fn serve_client(
         // A stopping worker still answers the request a client is sending (with
         // `Connection: close`): closing a connection that may carry one would reset it. One
         // that stays idle is closed by the drain (`l7::drain`).
-        let head_snapshot = worker.snapshot.load_full();
+        let head_snapshot = worker.current_snapshot();
         let request =
             match read_request(&worker, &client, buf, &head_snapshot.settings, first).await {
                 Ok((Some(request), rest)) => {
@@ -115,7 +115,7 @@ pub async fn serve_client(
         // server drained meanwhile gets no new request. From here to the server's in-flight
         // count going up nothing awaits, so a drain that waits for that count to reach zero
         // cannot miss a request that chose the server.
-        let snapshot = worker.snapshot.load_full();
+        let snapshot = worker.current_snapshot();
         let started = Instant::now();
         let routed = snapshot.listeners[listener].route(request.host.as_deref());
         let outcome = match routed {
@@ -226,7 +226,7 @@ async fn refuse_unread(
     counters: &WorkerCounters,
     err: ProxyError,
 ) {
-    let snapshot = worker.snapshot.load_full();
+    let snapshot = worker.current_snapshot();
     let address = snapshot.listeners[listener].address;
     log_exchange(
         worker,

@@ -7,6 +7,7 @@ use std::{
     cell::RefCell,
     collections::HashSet,
     os::fd::RawFd,
+    rc::Rc,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,6 +29,8 @@ use super::{
 pub struct Worker {
     pub index: usize,
     pub snapshot: Arc<ArcSwap<L7Snapshot>>,
+    /// The last snapshot [`Worker::current_snapshot`] handed out.
+    current: RefCell<Rc<Arc<L7Snapshot>>>,
     pub balancer: RefCell<Balancer>,
     pub upstreams: UpstreamPool,
     /// Client connections open on this worker.
@@ -128,6 +131,7 @@ impl Worker {
     ) -> Worker {
         Worker {
             index,
+            current: RefCell::new(Rc::new(snapshot.load_full())),
             snapshot,
             balancer: Default::default(),
             upstreams: Default::default(),
@@ -145,6 +149,19 @@ impl Worker {
             access_log: Default::default(),
             log: Default::default(),
         }
+    }
+
+    /// The snapshot as of now, for a request to hold while it is served. Shared through an
+    /// `Rc` among this worker's requests: cloning the published `Arc` instead would write its
+    /// count, which every worker shares, twice per request, and pull that cache line from CPU
+    /// to CPU. The `Arc` is taken once per snapshot the control plane publishes.
+    pub(super) fn current_snapshot(&self) -> Rc<Arc<L7Snapshot>> {
+        let published = self.snapshot.load();
+        let mut current = self.current.borrow_mut();
+        if !Arc::ptr_eq(&current, &published) {
+            *current = Rc::new(arc_swap::Guard::into_inner(published));
+        }
+        Rc::clone(&current)
     }
 
     /// The worker, logging requests to `access_log`.
