@@ -25,12 +25,17 @@ use super::{
     upstream::UpstreamPool,
 };
 
+/// A snapshot shared among one worker's requests: the `Rc` around the published `Arc` is
+/// the point (see [`Worker::current_snapshot`]), its count is the worker's own.
+#[allow(clippy::redundant_allocation)]
+pub(super) type SharedSnapshot = Rc<Arc<L7Snapshot>>;
+
 /// What one worker thread shares between its connections (single-threaded: `Rc`/`RefCell`).
 pub struct Worker {
     pub index: usize,
     pub snapshot: Arc<ArcSwap<L7Snapshot>>,
     /// The last snapshot [`Worker::current_snapshot`] handed out.
-    current: RefCell<Rc<Arc<L7Snapshot>>>,
+    current: RefCell<SharedSnapshot>,
     pub balancer: RefCell<Balancer>,
     pub upstreams: UpstreamPool,
     /// Client connections open on this worker.
@@ -155,7 +160,7 @@ impl Worker {
     /// `Rc` among this worker's requests: cloning the published `Arc` instead would write its
     /// count, which every worker shares, twice per request, and pull that cache line from CPU
     /// to CPU. The `Arc` is taken once per snapshot the control plane publishes.
-    pub(super) fn current_snapshot(&self) -> Rc<Arc<L7Snapshot>> {
+    pub(super) fn current_snapshot(&self) -> SharedSnapshot {
         let published = self.snapshot.load();
         let mut current = self.current.borrow_mut();
         if !Arc::ptr_eq(&current, &published) {
