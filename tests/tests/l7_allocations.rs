@@ -123,14 +123,20 @@ fn get(conn: &mut HttpConn) {
 /// are then in place.
 const WARM_UP: usize = 200;
 
-#[test]
-fn a_kept_alive_get_allocates_within_its_budget() {
-    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let (_origin, proxy) = one_worker_proxy(210, "");
+/// A kept-alive connection to `proxy` that has sent [`WARM_UP`] requests.
+fn warmed_up(proxy: &Proxy) -> HttpConn {
     let mut conn = HttpConn::connect(proxy.address).unwrap();
     for _ in 0..WARM_UP {
         get(&mut conn);
     }
+    conn
+}
+
+#[test]
+fn a_kept_alive_get_allocates_within_its_budget() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (_origin, proxy) = one_worker_proxy(210, "");
+    let mut conn = warmed_up(&proxy);
     let requests = 2000;
     COUNTING.store(true, Ordering::Relaxed);
     for _ in 0..requests {
@@ -166,10 +172,7 @@ fn settled() -> i64 {
 fn an_idle_kept_alive_connection_holds_no_read_buffer() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let (_origin, proxy) = one_worker_proxy(211, "");
-    let mut warm = HttpConn::connect(proxy.address).unwrap();
-    for _ in 0..WARM_UP {
-        get(&mut warm);
-    }
+    let _warm = warmed_up(&proxy);
     let before = settled();
     let count = IDLE_CONNECTIONS;
     let mut idle = Vec::with_capacity(count);
