@@ -99,9 +99,12 @@ const SPARES: usize = 256;
 const MAX_SPARE_CAPACITY: usize = 256 * 1024;
 /// The largest head (its fields' bytes) a worker keeps for reuse: most are well under it.
 const MAX_SPARE_HEAD: usize = 16 * 1024;
+/// Pipes a worker keeps for reuse (two descriptors each).
+const SPARE_PIPES: usize = 64;
 
-/// Things a worker lends to one request at a time and takes back emptied, so that the next
-/// request reuses their allocations: at most [`SPARES`] of them.
+/// Things a worker lends to one request at a time and takes back, so that the next request
+/// reuses their allocations: at most [`SPARES`] of them. Buffers come back cleared; a head
+/// is overwritten by the next parse into it.
 struct Spares<T>(RefCell<Vec<T>>);
 
 impl<T> Default for Spares<T> {
@@ -116,7 +119,7 @@ impl<T: Default> Spares<T> {
         self.0.borrow_mut().pop().unwrap_or_default()
     }
 
-    /// Keeps `value` for reuse if there is room; the caller has emptied it.
+    /// Keeps `value` for reuse if there is room.
     fn give(&self, value: T) {
         let mut spares = self.0.borrow_mut();
         if spares.len() < SPARES {
@@ -124,8 +127,6 @@ impl<T: Default> Spares<T> {
         }
     }
 }
-/// Pipes a worker keeps for reuse (two descriptors each).
-const SPARE_PIPES: usize = 64;
 
 impl Worker {
     /// Worker `index`'s state, routing with `snapshot`, stopping when `stopping` is set.
