@@ -223,10 +223,14 @@ impl Conn {
         (result, cipher)
     }
 
-    /// Hands `cipher` to rustls and processes it. An error means the session is dead (an
-    /// alert may be queued for the peer).
+    /// Hands `cipher` to rustls and processes it; empty is the peer's end of file, which
+    /// rustls tells as a clean close (after `close_notify`) or a cut one. An error means the
+    /// session is dead (an alert may be queued for the peer).
     fn feed(&self, tls: &TlsSession, mut cipher: &[u8]) -> Result<(), rustls::Error> {
         let mut state = tls.state.borrow_mut();
+        if cipher.is_empty() {
+            let _ = state.read_tls(&mut cipher);
+        }
         while !cipher.is_empty() {
             if state.read_tls(&mut cipher).is_err() {
                 return Err(rustls::Error::General("record buffer full".into()));
@@ -395,13 +399,7 @@ impl Conn {
         let Some(cipher) = self.read_into_ring(ring, timeout).await? else {
             return Ok(());
         };
-        let fed = if cipher.is_empty() {
-            // End of file: rustls tells a clean close from a cut one.
-            let _ = tls.state.borrow_mut().read_tls(&mut &[][..]);
-            Ok(())
-        } else {
-            self.feed(tls, &cipher)
-        };
+        let fed = self.feed(tls, &cipher);
         drop(cipher);
         // Something to answer (an alert, a key update), or nothing: sent either way.
         let flushed = self.flush_tls(tls, timeout).await;
@@ -444,11 +442,8 @@ impl Conn {
             }
             let (read, cipher) = self.read_ciphertext(tls, left).await;
             let fed = match read {
-                Ok(0) => {
-                    // End of file: rustls tells a clean close from a cut one (above).
-                    let _ = tls.state.borrow_mut().read_tls(&mut &[][..]);
-                    Ok(())
-                }
+                // 0 bytes, the end of file, too: rustls tells a clean close from a cut one
+                // (above).
                 Ok(n) => self.feed(tls, &cipher[..n]),
                 Err(err) => {
                     tls.incoming.replace(cipher);
