@@ -429,6 +429,9 @@ pub struct ListenerStatus {
     pub address: SocketAddr,
     pub workers: usize,
     pub connections: u64,
+    /// `connections`, worker by worker: how evenly the kernel spreads them.
+    #[serde(default)]
+    pub connections_by_worker: Vec<u64>,
     /// Client connections open now.
     #[serde(default)]
     pub open_connections: u64,

@@ -283,6 +283,15 @@ pub enum XdpMode {
 pub struct L7Config {
     /// Worker threads, each with its own io_uring; 0 means one per CPU.
     pub workers: usize,
+    /// With one worker per CPU (`workers = 0`, or as many as the daemon may run on): pin
+    /// worker `i` to the `i`-th CPU, and have each worker's listening sockets take the
+    /// connections whose handshake arrived on its CPU (`SO_INCOMING_CPU`), so a connection
+    /// is served where the kernel received it. Off by default: it pays only where the NIC
+    /// spreads flows over every CPU (RSS); where one CPU receives everything (a single-queue
+    /// NIC, or clients on the same host), every connection goes to one worker. With any
+    /// other worker count the scheduler places the workers and the kernel spreads
+    /// connections by hash. Decision 0026.
+    pub pin_workers: bool,
     /// Client connections one worker holds at most; beyond it new connections wait in the
     /// listen backlog.
     pub max_connections_per_worker: usize,
@@ -348,6 +357,7 @@ impl L7Config {
         }
         compare!(
             workers,
+            pin_workers,
             max_connections_per_worker,
             max_request_line,
             max_header_bytes,
@@ -379,6 +389,7 @@ impl Default for L7Config {
     fn default() -> Self {
         L7Config {
             workers: 0,
+            pin_workers: false,
             max_connections_per_worker: 10_000,
             max_request_line: 8 * 1024,
             max_header_bytes: 32 * 1024,

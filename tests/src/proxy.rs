@@ -69,7 +69,8 @@ impl Proxy {
         let config = Config::parse(std::path::Path::new("test.toml"), &text).expect("test config");
         let vhosts = Vhosts::plan(&config, None).unwrap();
         let snapshot = L7Snapshot::of(&vhosts, &config, tls_of(&config), None);
-        let workers = L7Workers::start(snapshot, config.l7.workers).expect("workers start");
+        let workers = L7Workers::start(snapshot, config.l7.workers, config.l7.pin_workers)
+            .expect("workers start");
         Proxy {
             workers,
             vhosts,

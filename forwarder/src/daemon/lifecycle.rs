@@ -145,6 +145,7 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     let l7 = L7Workers::start_with(
         L7Snapshot::of(&vhosts, &config, Arc::clone(&tls), None),
         config.l7.workers,
+        config.l7.pin_workers,
         inherited,
     )
     .with_context(|| format!("cannot start L7 listeners on {listen:?}"))?;

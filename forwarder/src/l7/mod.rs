@@ -12,11 +12,13 @@
 //! connections), [`proxy`] (one client connection, request after request, and the retry
 //! policy), [`error`] (why an exchange ended early: side, answer, retry), [`worker`] (what a
 //! worker thread keeps and lends: buffers, pipes, idle clients), [`io`] (the seam to the
-//! runtime).
+//! runtime), [`cpus`] (each worker on a CPU of its own, taking the connections received
+//! there).
 
 pub mod access_log;
 pub mod balance;
 pub mod chunked;
+pub mod cpus;
 pub mod error;
 pub mod http;
 pub mod io;
@@ -141,9 +143,9 @@ pub struct L7Workers {
 impl L7Workers {
     /// Binds every listener address of `snapshot` once per worker (so bind errors surface
     /// here, before the daemon reports ready), then starts the worker threads.
-    /// `workers == 0` means one per CPU.
-    pub fn start(snapshot: L7Snapshot, workers: usize) -> std::io::Result<L7Workers> {
-        L7Workers::start_with(snapshot, workers, Vec::new())
+    /// `workers == 0` means one per CPU; `pin` pins each to a CPU of its own ([`cpus`]).
+    pub fn start(snapshot: L7Snapshot, workers: usize, pin: bool) -> std::io::Result<L7Workers> {
+        L7Workers::start_with(snapshot, workers, pin, Vec::new())
     }
 
     /// Like [`L7Workers::start`], adopting `inherited` listening sockets (a previous daemon's,
@@ -155,9 +157,11 @@ impl L7Workers {
     pub fn start_with(
         snapshot: L7Snapshot,
         workers: usize,
+        pin: bool,
         inherited: Vec<TcpListener>,
     ) -> std::io::Result<L7Workers> {
         let workers = worker_count(workers);
+        let worker_cpus = cpus::worker_cpus(workers, pin);
         let addresses: Vec<SocketAddr> = snapshot.listeners.iter().map(|l| l.address).collect();
         let listeners: Arc<[Listener]> = addresses
             .iter()
@@ -188,8 +192,11 @@ impl L7Workers {
         for socket in inherited {
             tracing::warn!(address = ?socket.local_addr().ok(), "an inherited listening socket is no longer configured: closed");
         }
-        for (_, socket) in sockets.iter().flatten() {
-            tune_listener(socket)?;
+        for (worker_sockets, &cpu) in sockets.iter().zip(&worker_cpus) {
+            for (_, socket) in worker_sockets {
+                tune_listener(socket)?;
+                cpus::prefer_incoming_cpu(socket, cpu)?;
+            }
         }
         let listening = sockets
             .iter()
@@ -202,7 +209,7 @@ impl L7Workers {
         let grace_ms = Arc::new(AtomicU64::new(0));
         let mut threads = Vec::new();
         let mut stop_handles = Vec::new();
-        for (index, worker_sockets) in sockets.into_iter().enumerate() {
+        for (index, (worker_sockets, cpu)) in sockets.into_iter().zip(worker_cpus).enumerate() {
             let stop = Event::new();
             stop_handles.push(stop.handle());
             let shared = Shared {
@@ -215,7 +222,7 @@ impl L7Workers {
             threads.push(
                 thread::Builder::new()
                     .name(format!("weir-l7-{index}"))
-                    .spawn(move || run_worker(index, worker_sockets, stop, shared))?,
+                    .spawn(move || run_worker(index, cpu, worker_sockets, stop, shared))?,
             );
         }
         Ok(L7Workers {
@@ -315,6 +322,11 @@ impl L7Workers {
                     address: listener.address,
                     workers: self.workers,
                     connections: total(|c| &c.connections),
+                    connections_by_worker: listener
+                        .counters
+                        .iter()
+                        .map(|c| c.connections.load(Ordering::Relaxed))
+                        .collect(),
                     open_connections: total(|c| &c.open),
                     requests: total(|c| &c.requests),
                     refusals,
@@ -429,10 +441,16 @@ fn tune_listener(socket: &TcpListener) -> std::io::Result<()> {
 /// stopped accepting.
 fn run_worker(
     index: usize,
+    cpu: Option<usize>,
     sockets: Vec<(usize, TcpListener)>,
     stop: Event,
     shared: Shared,
 ) -> usize {
+    if let Some(cpu) = cpu
+        && let Err(err) = cpus::pin_current_thread(cpu)
+    {
+        tracing::warn!(worker = index, cpu, %err, "cannot pin the worker to its CPU");
+    }
     // Cooperative task running: completions are processed when the worker next enters the
     // kernel instead of interrupting it with an IPI (measured: without it, reschedule IPIs
     // and socket-lock contention took about a fifth of a worker's CPU under keep-alive load).
