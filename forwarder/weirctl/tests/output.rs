@@ -27,10 +27,10 @@ const STATUS: &str = r#"{
     { "event": "embryonic_created", "count": 310 },
     { "event": "embryonic_promoted", "count": 298 },
     { "event": "flood_deferred", "count": 0 } ] },
-  "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 77, "requests": 901,
+  "listeners": [ { "address": "198.18.100.11:80", "workers": 2, "connections": 77, "connections_by_worker": [40, 37], "requests": 901,
                   "refusals": [ { "status": 400, "reason": "missing Host header", "count": 3 },
                                 { "status": 408, "reason": "request head not received in time", "count": 1 } ] },
-                 { "address": "198.18.100.11:443", "workers": 2, "connections": 12, "requests": 40,
+                 { "address": "198.18.100.11:443", "workers": 2, "connections": 12, "connections_by_worker": [5, 7], "requests": 40,
                   "tls": { "full": 9, "resumed": 3, "failures": [ ["timeout", 1], ["unknown_name", 2] ] } } ],
   "certificates": [ { "vhost": "shop", "path": "/etc/weir/shop.pem", "not_after_unix": 4000000000 },
                     { "vhost": "old", "path": "/etc/weir/old.pem", "not_after_unix": 1600000000 } ]
