@@ -29,10 +29,53 @@ use std::{
 use compio::{
     BufResult,
     buf::{IntoInner, IoBuf},
+    driver::BufferRef,
     io::{AsyncRead, AsyncReadManaged, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
-    runtime::{BorrowedBuffer, BufferPool},
 };
+
+/// Tick after tick of woken tasks the worker runs before it reaps completions anyway, so that
+/// tasks that keep waking each other cannot hold back the I/O of the others.
+const TICKS_BEFORE_REAPING: usize = 16;
+
+/// Runs `future` on `runtime` until it completes, as `Runtime::block_on` does, except that the
+/// tasks woken while tasks ran are run before the worker asks the kernel for completions.
+///
+/// compio's executor runs each woken task once per tick, and a task woken by the last one
+/// run in a tick (the connection task the accept loop spawned, a handshake its read woke)
+/// waits for the next. `block_on` then reaps completions with a zero timeout, which
+/// compio-driver 0.12 makes a blocking `io_uring_enter` with a zero timespec: the kernel arms
+/// a timer and puts the thread to sleep until it fires. That was half a sleep per TLS
+/// connection and a tenth of its CPU (decision 0027). Here the driver is entered to wait only
+/// when no task is left to run.
+pub fn run_to_completion<F: std::future::Future>(
+    runtime: &compio::runtime::Runtime,
+    future: F,
+) -> F::Output {
+    use std::task::{Context, Poll};
+    runtime.enter(|| {
+        let waker = runtime.waker();
+        let mut context = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+                runtime.run();
+                return output;
+            }
+            let mut ticks = 1;
+            let mut woken = runtime.run();
+            while woken && ticks < TICKS_BEFORE_REAPING {
+                woken = runtime.run();
+                ticks += 1;
+            }
+            if woken {
+                runtime.poll_with(Some(Duration::ZERO));
+            } else {
+                runtime.poll();
+            }
+        }
+    })
+}
 
 /// A TCP connection (to a client or to a server), with TLS on a client's if its listener
 /// terminates TLS.
@@ -338,38 +381,30 @@ impl Conn {
     }
 
     /// Waits for what the peer sends next while holding no buffer: the kernel takes one from
-    /// `ring` (a provided-buffer ring) only when bytes arrive, so a connection idle between
-    /// requests costs no read buffer (decision 0023). The bytes stay in the ring until the
-    /// returned buffer drops; empty means the peer closed its side.
+    /// the runtime's provided-buffer ring only when bytes arrive, so a connection idle
+    /// between requests costs no read buffer (decision 0023). The bytes stay in the ring
+    /// until the returned buffer drops.
     ///
     /// `Ok(None)` when the caller is to read with [`Conn::read_more`], which then does not
     /// wait long: on a TLS connection, whose ciphertext came through the ring and went to
-    /// rustls, what rustls has decrypted or its end; or when the read failed, and
-    /// [`Conn::read_more`] reports the socket's own error if it has one. A read fails here
-    /// when the ring had no free buffer (more connections became readable at once than it
-    /// holds), and compio reports every failure that returned no buffer alike ("flags are
-    /// invalid"), so they are told apart by reading again.
-    pub async fn read_idle<'a>(
-        &self,
-        ring: &'a BufferPool,
-        timeout: Duration,
-    ) -> io::Result<Option<BorrowedBuffer<'a>>> {
+    /// rustls, what rustls has decrypted or its end; when the peer closed its side (which
+    /// that read reports); or when the read failed, and [`Conn::read_more`] reports the
+    /// socket's own error if it has one. A read fails here when the ring had no free buffer:
+    /// more connections became readable at once than it holds.
+    pub async fn read_idle(&self, timeout: Duration) -> io::Result<Option<BufferRef>> {
         if let Some(tls) = self.tls.as_deref() {
-            return self.read_idle_tls(tls, ring, timeout).await.map(|()| None);
+            return self.read_idle_tls(tls, timeout).await.map(|()| None);
         }
-        self.read_into_ring(ring, timeout).await
+        self.read_into_ring(timeout).await
     }
 
-    /// One read into a buffer of `ring`; `Ok(None)` when it failed (see [`Conn::read_idle`]).
-    async fn read_into_ring<'a>(
-        &self,
-        ring: &'a BufferPool,
-        timeout: Duration,
-    ) -> io::Result<Option<BorrowedBuffer<'a>>> {
+    /// One read into a buffer of the ring; `Ok(None)` when it read nothing (see
+    /// [`Conn::read_idle`]).
+    async fn read_into_ring(&self, timeout: Duration) -> io::Result<Option<BufferRef>> {
         let mut stream = &self.stream;
         // Length 0: as much as one of the ring's buffers holds.
-        match compio::time::timeout(timeout, stream.read_managed(ring, 0)).await {
-            Ok(Ok(bytes)) => Ok(Some(bytes)),
+        match compio::time::timeout(timeout, stream.read_managed(0)).await {
+            Ok(Ok(bytes)) => Ok(bytes.filter(|bytes| !bytes.is_empty())),
             Ok(Err(_)) => Ok(None),
             Err(_) => Err(timed_out()),
         }
@@ -379,12 +414,7 @@ impl Conn {
     /// stream's end), the session's own ciphertext buffers are let go — the incoming one
     /// entirely, the outgoing one when a large response grew it — and the next ciphertext
     /// is read through the ring and fed to rustls.
-    async fn read_idle_tls(
-        &self,
-        tls: &TlsSession,
-        ring: &BufferPool,
-        timeout: Duration,
-    ) -> io::Result<()> {
+    async fn read_idle_tls(&self, tls: &TlsSession, timeout: Duration) -> io::Result<()> {
         {
             let mut state = tls.state.borrow_mut();
             match state.reader().fill_buf() {
@@ -396,7 +426,7 @@ impl Conn {
         if tls.outgoing.borrow().capacity() > IDLE_OUTGOING_KEPT {
             tls.outgoing.take();
         }
-        let Some(cipher) = self.read_into_ring(ring, timeout).await? else {
+        let Some(cipher) = self.read_into_ring(timeout).await? else {
             return Ok(());
         };
         let fed = self.feed(tls, &cipher);

@@ -42,11 +42,8 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use compio::runtime::{
-    BufferPool,
-    event::{Event, EventHandle},
-};
 use socket2::{Domain, Socket, Type};
+use std::num::NonZero;
 use weir_config::control::{ListenerStatus, RefusalCount, TlsHandshakes};
 
 pub use snapshot::L7Snapshot;
@@ -69,7 +66,7 @@ const IDLE_LINGER: Duration = Duration::from_secs(1);
 /// worker), which client connections waiting for their next request read into (decision
 /// 0023). It bounds how many such reads can complete at once, between two turns of the
 /// worker's loop; past it a read finds no buffer and is made again with one of its own.
-const READ_RING_BUFFERS: u16 = 128;
+const READ_RING_BUFFERS: NonZero<u16> = NonZero::new(128).unwrap();
 /// How long a worker at its connection limit waits before looking again.
 const FULL_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -132,7 +129,8 @@ pub struct L7Workers {
     /// How long stopping workers wait for their connections, in milliseconds.
     grace_ms: Arc<AtomicU64>,
     /// One per worker: wakes it to stop accepting.
-    stop_handles: Vec<EventHandle>,
+    /// One per worker: a message (or the sender's drop) stops it.
+    stop_handles: Vec<flume::Sender<()>>,
     /// A second descriptor of every listening socket, for handing them to the next daemon
     /// ([`L7Workers::listening_sockets`]).
     listening: Vec<OwnedFd>,
@@ -210,8 +208,8 @@ impl L7Workers {
         let mut threads = Vec::new();
         let mut stop_handles = Vec::new();
         for (index, (worker_sockets, cpu)) in sockets.into_iter().zip(worker_cpus).enumerate() {
-            let stop = Event::new();
-            stop_handles.push(stop.handle());
+            let (stop_handle, stop) = flume::bounded(1);
+            stop_handles.push(stop_handle);
             let shared = Shared {
                 listeners: Arc::clone(&listeners),
                 snapshot: Arc::clone(&snapshot),
@@ -359,7 +357,7 @@ impl L7Workers {
         // connection: the sockets and the connections in their backlogs are left as they are,
         // for a daemon that took them over.
         for handle in self.stop_handles.drain(..) {
-            handle.notify();
+            let _ = handle.send(());
         }
         // With the workers' descriptors, these were the last of this daemon's: a socket no
         // other daemon took over closes, and new connections are refused, not queued.
@@ -443,7 +441,7 @@ fn run_worker(
     index: usize,
     cpu: Option<usize>,
     sockets: Vec<(usize, TcpListener)>,
-    stop: Event,
+    stop: flume::Receiver<()>,
     shared: Shared,
 ) -> usize {
     if let Some(cpu) = cpu
@@ -456,6 +454,10 @@ fn run_worker(
     // and socket-lock contention took about a fifth of a worker's CPU under keep-alive load).
     let mut proactor = compio::driver::ProactorBuilder::new();
     proactor.coop_taskrun(true).taskrun_flag(true);
+    // The provided-buffer ring idle client connections read into (decision 0023).
+    proactor
+        .buffer_pool_size(READ_RING_BUFFERS)
+        .buffer_pool_buffer_len(proxy::READ_CHUNK);
     let runtime = match compio::runtime::Runtime::builder()
         .with_proactor(proactor)
         .build()
@@ -474,8 +476,8 @@ fn run_worker(
         grace_ms,
     } = shared;
     let mut worker = Worker::new(index, snapshot, stopping).with_access_log(access_log);
-    match runtime.enter(|| BufferPool::new(READ_RING_BUFFERS, proxy::READ_CHUNK)) {
-        Ok(ring) => worker = worker.with_read_ring(ring),
+    match runtime.enter(|| compio::runtime::Runtime::with_current(|rt| rt.buffer_pool())) {
+        Ok(_) => worker = worker.with_read_ring(),
         Err(err) => tracing::warn!(
             worker = index,
             %err,
@@ -483,7 +485,7 @@ fn run_worker(
         ),
     }
     let worker = Rc::new(worker);
-    runtime.block_on(async move {
+    io::run_to_completion(&runtime, async move {
         let sweeper = {
             let worker = Rc::clone(&worker);
             compio::runtime::spawn(async move {
@@ -507,7 +509,8 @@ fn run_worker(
                 }
             }));
         }
-        stop.wait().await;
+        // A stop message, or the handle dropped with the workers.
+        let _ = stop.recv_async().await;
         // Dropping the loops cancels their readiness waits; nothing was accepted by them.
         drop(accept_loops);
         let open = worker.connections.get();
@@ -596,7 +599,7 @@ async fn accept_loop(
     socket: TcpListener,
     listeners: Arc<[Listener]>,
 ) -> std::io::Result<()> {
-    let socket = compio::net::PollFd::new(socket)?;
+    let socket = compio::runtime::fd::PollFd::new(socket)?;
     let limit = || worker.snapshot.load().settings.max_connections_per_worker;
     let ceiling = || limit() + (limit() / 4).max(1);
     loop {

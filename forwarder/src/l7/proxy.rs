@@ -443,11 +443,11 @@ async fn read_idle(
     buf: Vec<u8>,
     wait: Duration,
 ) -> BufResult<usize, Vec<u8>> {
-    let Some(ring) = worker.read_ring.as_ref() else {
+    if !worker.ring_reads {
         return client.read_more(buf, READ_CHUNK, wait).await;
-    };
+    }
     worker.recycle(buf);
-    match client.read_idle(ring, wait).await {
+    match client.read_idle(wait).await {
         Ok(Some(bytes)) => {
             let mut buf = worker.buffer();
             buf.extend_from_slice(&bytes);

@@ -47,9 +47,10 @@ pub struct Worker {
     /// Spare request and response heads, parsed into again with their allocations.
     request_heads: Spares<RequestHead>,
     response_heads: Spares<ResponseHead>,
-    /// The provided-buffer ring a client connection waiting for its next request reads into
-    /// ([`Conn::read_idle`]); `None` where the kernel has none (before Linux 5.19).
-    pub read_ring: Option<compio::runtime::BufferPool>,
+    /// Client connections waiting for their next request read into the runtime's
+    /// provided-buffer ring ([`Conn::read_idle`]); false where the kernel has none (before
+    /// Linux 5.19).
+    pub ring_reads: bool,
     /// Spare (empty) pipes for spliced bodies.
     pub pipes: RefCell<Vec<Pipe>>,
     /// Pipes lent to bodies being spliced.
@@ -146,7 +147,7 @@ impl Worker {
             buffers: Default::default(),
             request_heads: Default::default(),
             response_heads: Default::default(),
-            read_ring: None,
+            ring_reads: false,
             pipes: Default::default(),
             pipes_lent: Default::default(),
             stopping,
@@ -175,10 +176,10 @@ impl Worker {
         Worker { access_log, ..self }
     }
 
-    /// The worker, its idle client connections reading into `ring`.
-    pub fn with_read_ring(self, ring: compio::runtime::BufferPool) -> Worker {
+    /// The worker, its idle client connections reading into its runtime's ring.
+    pub fn with_read_ring(self) -> Worker {
         Worker {
-            read_ring: Some(ring),
+            ring_reads: true,
             ..self
         }
     }
