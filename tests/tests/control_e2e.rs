@@ -604,6 +604,13 @@ fn bad_requests_and_bad_configs_change_nothing() {
             config.replace(", \"s1\"]", "]\nserver_interfaces = [\"s1\"]"),
             "datapath.server_interfaces needs a restart",
         ),
+        (
+            config.replace(
+                "[l7]\nworkers = 2\n",
+                "[l7]\nworkers = 2\npin_workers = true\n",
+            ),
+            "l7.pin_workers needs a restart",
+        ),
     ] {
         assert_ne!(broken, config);
         fs::write(lab.config(), &broken).unwrap();

@@ -673,9 +673,12 @@ fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str> {
     );
     check(
         running.l7.workers != next.l7.workers
-            || running.l7.pin_workers != next.l7.pin_workers
             || running.l7_listen_addresses() != next.l7_listen_addresses(),
-        "l7 workers, pin_workers or vhost listen addresses",
+        "l7 workers or vhost listen addresses",
+    );
+    check(
+        running.l7.pin_workers != next.l7.pin_workers,
+        "l7.pin_workers",
     );
     changed
 }
