@@ -31,6 +31,7 @@ pub mod worker;
 
 use std::{
     net::{SocketAddr, TcpListener},
+    num::NonZero,
     os::fd::OwnedFd,
     rc::Rc,
     sync::{
@@ -43,7 +44,6 @@ use std::{
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
-use std::num::NonZero;
 use weir_config::control::{ListenerStatus, RefusalCount, TlsHandshakes};
 
 pub use snapshot::L7Snapshot;
@@ -128,8 +128,7 @@ pub struct L7Workers {
     stopping: Arc<AtomicBool>,
     /// How long stopping workers wait for their connections, in milliseconds.
     grace_ms: Arc<AtomicU64>,
-    /// One per worker: wakes it to stop accepting.
-    /// One per worker: a message (or the sender's drop) stops it.
+    /// One per worker: a message (or the sender's drop) wakes it to stop accepting.
     stop_handles: Vec<flume::Sender<()>>,
     /// A second descriptor of every listening socket, for handing them to the next daemon
     /// ([`L7Workers::listening_sockets`]).
