@@ -208,7 +208,12 @@ pub struct ClockCache {
     pub ns: u64,
 }
 
-/// Settings the program reads on every packet (a one-slot array).
+/// Settings the program reads for new flows and for flows idle longer than
+/// [`FLOW_TOUCH_INTERVAL_NS`](crate::flow::FLOW_TOUCH_INTERVAL_NS) (a one-slot array).
+///
+/// Each timeout is 0 ("never") or at least the touch interval — the config gives whole
+/// seconds — which the program relies on: a flow touched within the interval has not expired,
+/// so an established hit does not read this slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatapathSettings {
