@@ -37,12 +37,25 @@ pub fn sum_words(words: &[u32]) -> u16 {
     fold(sum)
 }
 
-/// One's-complement sum of an address's words and a port: what a NAT rewrite of both
-/// removes from and adds to a TCP/UDP checksum, in one [`update`]. An IPv4 address passes its
-/// one word: the others are zero, and the program cannot know that unless told.
+/// The checksum after the 32-bit words `old` and the 16-bit word `old_extra` changed to `new`
+/// and `new_extra` (`old` and `new` of one length): an address and a port, which a NAT rewrite
+/// replaces together in the TCP/UDP checksum, or an IPv4 address and the TTL word in the
+/// header checksum. An IPv4 address passes its one word.
+///
+/// RFC 1624 eqn. 3 with every changed word in one accumulator: each side summed and folded on
+/// its own, then [`update`], is three dependent folds where this is one (at most 19 16-bit
+/// terms, so the 32-bit sum cannot overflow).
 #[inline(always)]
-pub fn sum_with_port(addr: &[u32], port: u16) -> u16 {
-    fold(sum_words(addr) as u32 + port as u32)
+pub fn rewrite(check: u16, old: &[u32], old_extra: u16, new: &[u32], new_extra: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old_extra) as u32 + new_extra as u32;
+    let mut i = 0;
+    // An index loop, as in `sum_words`.
+    while i < old.len() && i < new.len() {
+        let removed = !old[i];
+        sum += (removed & 0xffff) + (removed >> 16) + (new[i] & 0xffff) + (new[i] >> 16);
+        i += 1;
+    }
+    !fold(sum)
 }
 
 /// The checksum after a 16-bit word changed from `old` to `new`.
@@ -111,7 +124,32 @@ mod tests {
     }
 
     #[test]
-    fn one_update_of_address_and_port_equals_two() {
+    fn rewrite_of_an_ipv4_address_and_ttl_matches_full_recompute() {
+        let mut header = [
+            0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 198, 18, 0, 1,
+            198, 18, 100, 10,
+        ];
+        let check = full(&header);
+        header[10..12].copy_from_slice(&check.to_be_bytes());
+        let old_address = word(&header, 16);
+        let old_ttl = u16::from_ne_bytes([header[8], header[9]]);
+        header[8] -= 1;
+        header[16..20].copy_from_slice(&[198, 18, 1, 10]);
+        let new_ttl = u16::from_ne_bytes([header[8], header[9]]);
+        let stored = u16::from_ne_bytes([header[10], header[11]]);
+        let updated = rewrite(
+            stored,
+            &[old_address],
+            old_ttl,
+            &[word(&header, 16)],
+            new_ttl,
+        );
+        header[10..12].copy_from_slice(&updated.to_ne_bytes());
+        assert_eq!(full(&header), 0, "header no longer sums to zero");
+    }
+
+    #[test]
+    fn one_rewrite_of_address_and_port_equals_two_replacements() {
         let addresses = [
             [0, 0, 0, 0],
             [0x0a64_12c6, 0, 0, 0],
@@ -120,11 +158,7 @@ mod tests {
         for (old, new) in addresses.iter().zip(addresses.iter().rev()) {
             for (check, old_port, new_port) in [(0x1234u16, 80u16, 8080u16), (0xffff, 0, 0xffff)] {
                 let two = replace16(replace128(check, old, new), old_port, new_port);
-                let one = update(
-                    check,
-                    sum_with_port(old, old_port),
-                    sum_with_port(new, new_port),
-                );
+                let one = rewrite(check, old, old_port, new, new_port);
                 // 0x0000 and 0xffff are the same one's-complement value.
                 assert_eq!(
                     fold(one as u32 + 1),

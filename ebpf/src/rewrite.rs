@@ -67,9 +67,13 @@ fn rewrite_destination<const N: usize>(
         // The pseudo-header sum over four words is right for IPv4 too: its unused words are
         // zero in both the old and the new address.
         let words = if v4 { 1 } else { 4 };
-        let removed = csum::sum_with_port(&packet.dst[..words], packet.dst_port);
-        let added = csum::sum_with_port(&addr[..words], port);
-        let mut check = csum::update(check, removed, added);
+        let mut check = csum::rewrite(
+            check,
+            &packet.dst[..words],
+            packet.dst_port,
+            &addr[..words],
+            port,
+        );
         if !packet.is_tcp() {
             check = csum::udp_nonzero(check);
         }
@@ -81,11 +85,10 @@ fn rewrite_destination<const N: usize>(
         headers.set32(ETH_HLEN + 16, addr[0]);
         let old_ttl = ttl_word(packet, packet.ttl);
         headers.set(ETH_HLEN + 8, ttl);
-        // The TTL word stands in for the port: one more 16-bit word in each sum.
-        let removed = csum::sum_with_port(&packet.dst[..1], old_ttl);
-        let added = csum::sum_with_port(&addr[..1], ttl);
+        // The TTL word stands in for the port.
         let ip_check = headers.get(ETH_HLEN + 10);
-        headers.set(ETH_HLEN + 10, csum::update(ip_check, removed, added));
+        let ip_check = csum::rewrite(ip_check, &packet.dst[..1], old_ttl, &addr[..1], ttl);
+        headers.set(ETH_HLEN + 10, ip_check);
     } else {
         for (i, word) in addr.iter().enumerate() {
             headers.set32(ETH_HLEN + 24 + 4 * i, *word);
