@@ -127,11 +127,12 @@ fn ratio_cell(a: &Sample, b: Option<&Sample>) -> String {
 }
 
 /// ns/packet per case, with the ratio to the case's floor and, for established hits, to the
-/// "parse + one flow lookup" reference: the median of the rounds' ratios (the cases run in
-/// interleaved rounds), with their spread.
+/// "parse + one flow lookup" reference — and for a two-armed hit also to that reference ending
+/// in a redirect: the median of the rounds' ratios (the cases run in interleaved rounds), with
+/// their spread.
 pub fn xdp_table(results: &[XdpResult]) -> String {
     let mut md = String::from(
-        "\n### XDP program, ns/packet (BPF_PROG_TEST_RUN)\n\n| case | runs | ns/packet, median (min–max) | × floor | × parse + lookup, median of rounds (min–max) |\n|---|---|---:|---:|---:|\n",
+        "\n### XDP program, ns/packet (BPF_PROG_TEST_RUN)\n\n| case | runs | ns/packet, median (min–max) | × floor | × parse + lookup, median of rounds (min–max) | × parse + lookup + redirect |\n|---|---|---:|---:|---:|---:|\n",
     );
     let find =
         |name: Option<&String>| name.and_then(|name| results.iter().find(|r| &r.case == name));
@@ -151,7 +152,7 @@ pub fn xdp_table(results: &[XdpResult]) -> String {
     for result in results {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             result.case,
             match result.mode {
                 crate::xdp::Mode::Repeated => "repeated",
@@ -160,6 +161,7 @@ pub fn xdp_table(results: &[XdpResult]) -> String {
             result.ns_per_packet.display(1),
             ratio_to(result, Some(&result.floor)),
             paired_to(result, result.reference.as_ref()),
+            paired_to(result, result.redirect_reference.as_ref()),
         );
     }
     md
@@ -406,23 +408,36 @@ mod tests {
             mode: Mode::Repeated,
             floor: floor.into(),
             reference: None,
+            redirect_reference: None,
             ns_per_packet: Sample::new(values),
         };
         let table = xdp_table(&[
             result("floor", "floor", vec![10.0, 12.0, 11.0]),
             // Measured in the same rounds as the hit: the ratio is taken round by round.
             result("lookup", "floor", vec![15.0, 13.0, 14.0]),
+            result("lookup + redirect", "floor", vec![20.0, 20.0, 20.0]),
             XdpResult {
                 reference: Some("lookup".into()),
                 ..result("hit", "floor", vec![22.0, 20.0, 21.0])
             },
+            XdpResult {
+                reference: Some("lookup".into()),
+                redirect_reference: Some("lookup + redirect".into()),
+                ..result("redirected hit", "floor", vec![22.0, 20.0, 21.0])
+            },
         ]);
         assert!(
-            table.contains("| floor | repeated | 11.0 (10.0–12.0) | 1.00× | – |"),
+            table.contains("| floor | repeated | 11.0 (10.0–12.0) | 1.00× | – | – |"),
             "{table}"
         );
         assert!(
-            table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× | 1.50× (1.47–1.54) |"),
+            table.contains("| hit | repeated | 21.0 (20.0–22.0) | 1.91× | 1.50× (1.47–1.54) | – |"),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| redirected hit | repeated | 21.0 (20.0–22.0) | 1.91× | 1.50× (1.47–1.54) | 1.05× (1.00–1.10) |"
+            ),
             "{table}"
         );
     }

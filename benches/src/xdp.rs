@@ -98,6 +98,10 @@ pub struct XdpResult {
     /// same way (established hits: the target is ≤ 1.3× of it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// For a hit that leaves through the device map (two-armed): the same reference ending in
+    /// that redirect, the like-for-like comparison next to the one above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_reference: Option<String>,
     /// ns/packet, one value per repetition.
     pub ns_per_packet: Sample,
 }
@@ -119,8 +123,9 @@ pub struct XdpBench {
     pub repetitions: usize,
 }
 
-/// `xdp_action::XDP_TX` (uapi `linux/bpf.h`).
+/// `xdp_action::XDP_TX` and `XDP_REDIRECT` (uapi `linux/bpf.h`).
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 /// Which program a case runs.
 enum Program {
@@ -129,6 +134,8 @@ enum Program {
     FloorTx,
     /// Parse and one flow-table lookup (`weir_floor_flow_lookup`).
     FlowLookup,
+    /// The same ending in a device-map redirect (`weir_floor_flow_lookup_redirect`).
+    FlowLookupRedirect,
 }
 
 /// Where a case's packets arrive. The bed is two-armed (clients on the uplink, servers on the
@@ -163,6 +170,7 @@ struct Case {
     stat: Option<Stat>,
     floor: &'static str,
     reference: Option<&'static str>,
+    redirect_reference: Option<&'static str>,
 }
 
 impl XdpBench {
@@ -209,7 +217,7 @@ impl XdpBench {
         let new = |dst| Packets::NewFlows { dst };
         let handshakes = |dst| Packets::Handshakes { dst };
         use Mode::{PerCall, Repeated};
-        use Program::{Balancer as Weir, FloorPass, FloorTx, FlowLookup};
+        use Program::{Balancer as Weir, FloorPass, FloorTx, FlowLookup, FlowLookupRedirect};
         let pass = "floor: XDP_PASS, repeated";
         let pass_per_call = "floor: XDP_PASS, per call";
         let tx = "floor: XDP_TX, per call";
@@ -217,6 +225,8 @@ impl XdpBench {
         let lookup6 = Some("reference: parse + one flow lookup, IPv6");
         let lookup4_per_call = Some("reference: parse + one flow lookup, IPv4, per call");
         let lookup6_per_call = Some("reference: parse + one flow lookup, IPv6, per call");
+        let redirect4 = Some("reference: parse + one flow lookup + redirect, IPv4, per call");
+        let redirect6 = Some("reference: parse + one flow lookup + redirect, IPv6, per call");
         let case = |name, program, mode, packets, stat, floor| Case {
             name,
             program,
@@ -226,16 +236,25 @@ impl XdpBench {
             stat,
             floor,
             reference: None,
+            redirect_reference: None,
         };
-        let hit = |name, mode, packets, stat, floor, reference| Case {
+        // Two-armed: compared with both references, the plain one and the one that redirects.
+        let two_armed = |name, packets, stat, reference, redirect_reference| Case {
             name,
             program: Weir,
-            mode,
+            mode: PerCall,
             packets,
             ingress: Ingress::Uplink,
             stat,
-            floor,
+            floor: tx,
             reference,
+            redirect_reference,
+        };
+        let hit = |name, mode, packets, stat, floor, reference| Case {
+            mode,
+            floor,
+            redirect_reference: None,
+            ..two_armed(name, packets, stat, reference, None)
         };
         let one_armed = |name, mode, packets, stat, floor, reference| Case {
             ingress: Ingress::Downlink,
@@ -333,37 +352,49 @@ impl XdpBench {
                 None,
                 tx,
             ),
-            hit(
-                "DSR established flow, IPv4, per call",
+            case(
+                "reference: parse + one flow lookup + redirect, IPv4, per call",
+                FlowLookupRedirect,
                 PerCall,
                 same(client(2), vip4(20)),
-                Some(Stat::ForwardDsr),
+                None,
                 tx,
-                lookup4_per_call,
             ),
-            hit(
-                "DSR established flow, IPv6, per call",
+            case(
+                "reference: parse + one flow lookup + redirect, IPv6, per call",
+                FlowLookupRedirect,
                 PerCall,
                 same(client6(2), vip6("fd00:100::20")),
-                Some(Stat::ForwardDsr),
+                None,
                 tx,
-                lookup6_per_call,
             ),
-            hit(
+            two_armed(
+                "DSR established flow, IPv4, per call",
+                same(client(2), vip4(20)),
+                Some(Stat::ForwardDsr),
+                lookup4_per_call,
+                redirect4,
+            ),
+            two_armed(
+                "DSR established flow, IPv6, per call",
+                same(client6(2), vip6("fd00:100::20")),
+                Some(Stat::ForwardDsr),
+                lookup6_per_call,
+                redirect6,
+            ),
+            two_armed(
                 "NAT established flow, IPv4",
-                PerCall,
                 same(client(3), vip4(10)),
                 Some(Stat::ForwardNat),
-                tx,
                 lookup4_per_call,
+                redirect4,
             ),
-            hit(
+            two_armed(
                 "NAT established flow, IPv6",
-                PerCall,
                 same(client6(3), vip6("fd00:100::10")),
                 Some(Stat::ForwardNat),
-                tx,
                 lookup6_per_call,
+                redirect6,
             ),
             // The same flows on a one-armed balancer: out of the interface they came in on.
             one_armed(
@@ -486,6 +517,7 @@ impl XdpBench {
                 mode: case.mode,
                 floor: case.floor.to_string(),
                 reference: case.reference.map(str::to_string),
+                redirect_reference: case.redirect_reference.map(str::to_string),
                 ns_per_packet: Sample::new(values),
             })
             .collect())
@@ -625,6 +657,11 @@ impl Balancer {
                     .floor_program(names::FLOOR_FLOW_LOOKUP_PROGRAM)?,
                 true,
             ),
+            Program::FlowLookupRedirect => (
+                self.datapath
+                    .floor_program(names::FLOOR_FLOW_LOOKUP_REDIRECT_PROGRAM)?,
+                true,
+            ),
         };
         let result = program
             .test_run(TestRunOptions {
@@ -634,9 +671,14 @@ impl Balancer {
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        // The lookup reference answers XDP_TX on a hit: a run that missed measured nothing.
+        // The lookup references answer XDP_TX or XDP_REDIRECT on a hit: a run that missed (or
+        // found no device to redirect to) measured nothing.
+        let hit = match program_kind {
+            Program::FlowLookupRedirect => XDP_REDIRECT,
+            _ => XDP_TX,
+        };
         ensure!(
-            !must_hit || result.return_value == XDP_TX,
+            !must_hit || result.return_value == hit,
             "the flow lookup reference missed its flow"
         );
         // Anything weir forwards from the downlink goes back out of it.

@@ -36,6 +36,9 @@ pub mod names {
     pub const FLOOR_TX_PROGRAM: &str = "weir_floor_tx";
     /// Reference program: parse, one flow-table lookup, nothing else (benchmarks only).
     pub const FLOOR_FLOW_LOOKUP_PROGRAM: &str = "weir_floor_flow_lookup";
+    /// The same, ending in a redirect through the device map: the reference for a two-armed
+    /// balancer's hit (benchmarks only).
+    pub const FLOOR_FLOW_LOOKUP_REDIRECT_PROGRAM: &str = "weir_floor_flow_lookup_redirect";
     /// Per-CPU array of [`crate::Counter`], indexed by [`crate::Stat`].
     pub const STATS_MAP: &str = "WEIR_STATS";
     /// Hash of [`crate::l4::VipKey`] → [`crate::l4::VipInfo`].

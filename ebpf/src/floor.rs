@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 use crate::{
-    maps::WEIR_FLOWS,
+    maps::{WEIR_FLOWS, WEIR_TX_PORTS},
     parse::{self, Parsed},
 };
 
@@ -31,6 +31,23 @@ pub fn weir_floor_flow_lookup(ctx: XdpContext) -> u32 {
         // SAFETY: only whether the entry exists is read.
         Parsed::Transport(packet) if unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some() => {
             xdp_action::XDP_TX
+        }
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The same, with a hit redirected through the device map as a two-armed balancer forwards
+/// (to the interface it came in on: the map holds every attached interface, and the redirect's
+/// work does not depend on which): what XDP_REDIRECT adds to the least a balancer does.
+#[xdp]
+pub fn weir_floor_flow_lookup_redirect(ctx: XdpContext) -> u32 {
+    match parse::parse(&ctx) {
+        // SAFETY: only whether the entry exists is read.
+        Parsed::Transport(packet) if unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some() => {
+            let ingress = ctx.ingress_ifindex() as u32;
+            WEIR_TX_PORTS
+                .redirect(ingress, xdp_action::XDP_DROP as u64)
+                .unwrap_or(xdp_action::XDP_DROP)
         }
         _ => xdp_action::XDP_PASS,
     }
