@@ -105,15 +105,21 @@ mod tests {
         u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap())
     }
 
-    #[test]
-    fn incremental_address_change_matches_full_recompute() {
-        // An IPv4 header with a valid checksum, then its destination rewritten.
+    /// An IPv4 header (TTL 64, 198.18.0.1 → 198.18.100.10) with a valid checksum.
+    fn ipv4_header() -> [u8; 20] {
         let mut header = [
             0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 198, 18, 0, 1,
             198, 18, 100, 10,
         ];
         let check = full(&header);
         header[10..12].copy_from_slice(&check.to_be_bytes());
+        header
+    }
+
+    #[test]
+    fn incremental_address_change_matches_full_recompute() {
+        // Its destination rewritten.
+        let mut header = ipv4_header();
         let old = word(&header, 16);
         header[16..20].copy_from_slice(&[198, 18, 1, 10]);
         let new = word(&header, 16);
@@ -125,12 +131,7 @@ mod tests {
 
     #[test]
     fn rewrite_of_an_ipv4_address_and_ttl_matches_full_recompute() {
-        let mut header = [
-            0x45, 0x00, 0x00, 0x3c, 0x1c, 0x46, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 198, 18, 0, 1,
-            198, 18, 100, 10,
-        ];
-        let check = full(&header);
-        header[10..12].copy_from_slice(&check.to_be_bytes());
+        let mut header = ipv4_header();
         let old_address = word(&header, 16);
         let old_ttl = u16::from_ne_bytes([header[8], header[9]]);
         header[8] -= 1;
