@@ -238,23 +238,22 @@ impl XdpBench {
             reference: None,
             redirect_reference: None,
         };
-        // Two-armed: compared with both references, the plain one and the one that redirects.
-        let two_armed = |name, packets, stat, reference, redirect_reference| Case {
+        let hit = |name, mode, packets, stat, floor, reference| Case {
             name,
             program: Weir,
-            mode: PerCall,
+            mode,
             packets,
             ingress: Ingress::Uplink,
             stat,
-            floor: tx,
-            reference,
-            redirect_reference,
-        };
-        let hit = |name, mode, packets, stat, floor, reference| Case {
-            mode,
             floor,
+            reference,
             redirect_reference: None,
-            ..two_armed(name, packets, stat, reference, None)
+        };
+        // Two-armed, per call: compared with both references, the plain one and the one that
+        // redirects.
+        let two_armed = |name, packets, stat, reference, redirect_reference| Case {
+            redirect_reference,
+            ..hit(name, PerCall, packets, stat, tx, reference)
         };
         let one_armed = |name, mode, packets, stat, floor, reference| Case {
             ingress: Ingress::Downlink,

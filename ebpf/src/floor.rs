@@ -27,12 +27,10 @@ pub fn weir_floor_tx(_ctx: XdpContext) -> u32 {
 /// passes the rest, so a benchmark can check it measured hits.
 #[xdp]
 pub fn weir_floor_flow_lookup(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
-        // SAFETY: only whether the entry exists is read.
-        Parsed::Transport(packet) if unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some() => {
-            xdp_action::XDP_TX
-        }
-        _ => xdp_action::XDP_PASS,
+    if flow_found(&ctx) {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 
@@ -41,14 +39,21 @@ pub fn weir_floor_flow_lookup(ctx: XdpContext) -> u32 {
 /// work does not depend on which): what XDP_REDIRECT adds to the least a balancer does.
 #[xdp]
 pub fn weir_floor_flow_lookup_redirect(ctx: XdpContext) -> u32 {
-    match parse::parse(&ctx) {
+    if !flow_found(&ctx) {
+        return xdp_action::XDP_PASS;
+    }
+    WEIR_TX_PORTS
+        .redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_DROP as u64)
+        .unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// Whether the packet is TCP/UDP in the plain shape and its flow is in the flow table: the
+/// references' whole work.
+#[inline(always)]
+fn flow_found(ctx: &XdpContext) -> bool {
+    match parse::parse(ctx) {
         // SAFETY: only whether the entry exists is read.
-        Parsed::Transport(packet) if unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some() => {
-            let ingress = ctx.ingress_ifindex() as u32;
-            WEIR_TX_PORTS
-                .redirect(ingress, xdp_action::XDP_DROP as u64)
-                .unwrap_or(xdp_action::XDP_DROP)
-        }
-        _ => xdp_action::XDP_PASS,
+        Parsed::Transport(packet) => unsafe { WEIR_FLOWS.get(packet.flow_key()) }.is_some(),
+        _ => false,
     }
 }
