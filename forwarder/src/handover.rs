@@ -6,12 +6,14 @@
 //! next one will use, and the next one accepts from the very socket clients were already
 //! connecting to: no moment without a listener, no connection refused or reset.
 //!
-//! Under systemd (`SIGTERM`, then start — `systemctl restart`, also for a new binary): the
-//! stopping daemon hands its sockets to the service manager's file descriptor store
-//! (`FDSTORE=1`, which the unit allows with `FileDescriptorStoreMax=`), and the service manager
-//! passes them to the next start as `LISTEN_FDS`, the socket-activation protocol. Between the
-//! two, connections wait in the backlogs (1024 each). The same protocol works under any
-//! supervisor that implements it; the e2e tests run one of their own.
+//! Under systemd: the daemon puts its sockets in the service manager's file descriptor store
+//! (`FDSTORE=1`, which the unit allows with `FileDescriptorStoreMax=`) as soon as they are
+//! bound, and the service manager passes them to the next start as `LISTEN_FDS`, the
+//! socket-activation protocol. Stored at start rather than at stop, they outlive a daemon that
+//! dies without stopping (`kill -9`, a crash): under `Restart=on-failure` the next daemon
+//! accepts what arrived meanwhile, as after `systemctl restart`. Between the two daemons,
+//! connections wait in the backlogs (1024 each). The same protocol works under any supervisor
+//! that implements it; the e2e tests run one of their own.
 //!
 //! The L4 datapath needs none of this: it is pinned and keeps forwarding while no daemon runs.
 
@@ -58,27 +60,40 @@ pub fn from_service_manager() -> Vec<TcpListener> {
         .collect()
 }
 
-/// Hands `sockets` to the service manager's store, for the next start, when one is listening
-/// (`NOTIFY_SOCKET`); says whether it did.
-pub fn to_service_manager(sockets: &[OwnedFd]) -> bool {
+/// Makes `sockets` — every listening socket this daemon serves — the service manager's store
+/// of L7 sockets, when one is listening (`NOTIFY_SOCKET`); says whether it did.
+///
+/// What the store held is dropped first (`FDSTOREREMOVE=1`): the previous daemon's sockets
+/// came back to this one as `LISTEN_FDS`, and one for an address this config no longer has
+/// was closed here, but the store's copy would keep it listening — its backlog completing
+/// handshakes nobody answers — and pass it to every later start. Only a crash between the two
+/// messages leaves the store empty, and then the next start binds anew.
+pub fn store_with_service_manager(sockets: &[OwnedFd]) -> bool {
     if std::env::var_os("NOTIFY_SOCKET").is_none() || sockets.is_empty() {
         return false;
     }
+    let remove = [
+        sd_notify::NotifyState::FdStoreRemove,
+        sd_notify::NotifyState::FdName(FD_NAME),
+    ];
+    if let Err(err) = sd_notify::notify(&remove) {
+        tracing::warn!(%err, "cannot clear the service manager's store of L7 sockets");
+    }
     let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(AsFd::as_fd).collect();
-    let state = [
+    let store = [
         sd_notify::NotifyState::FdStore,
         sd_notify::NotifyState::FdName(FD_NAME),
     ];
-    match sd_notify::notify_with_fds(&state, &fds) {
+    match sd_notify::notify_with_fds(&store, &fds) {
         Ok(()) => {
             tracing::info!(
                 sockets = fds.len(),
-                "L7 listening sockets handed to the service manager"
+                "L7 listening sockets kept in the service manager's store"
             );
             true
         }
         Err(err) => {
-            tracing::warn!(%err, "cannot hand the L7 listening sockets to the service manager: the next start binds anew");
+            tracing::warn!(%err, "cannot keep the L7 listening sockets in the service manager's store: the next start binds anew");
             false
         }
     }

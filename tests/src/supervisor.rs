@@ -1,7 +1,8 @@
 //! A service manager of our own, with as much of systemd as a restart needs: `Type=notify`
-//! (`NOTIFY_SOCKET`), the file descriptor store (`FDSTORE=1`) and socket activation
-//! (`LISTEN_FDS`, `LISTEN_PID`). The e2e tests restart `weir` under it exactly as
-//! `systemctl restart` would: SIGTERM, wait for the exit, start with the stored descriptors.
+//! (`NOTIFY_SOCKET`), the file descriptor store (`FDSTORE=1`, `FDSTOREREMOVE=1`, `FDNAME=`)
+//! and socket activation (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`). The e2e tests restart
+//! `weir` under it exactly as `systemctl restart` would — SIGTERM, wait for the exit, start
+//! with the stored descriptors — or as `Restart=on-failure` does after a crash.
 
 use std::{
     collections::HashSet,
@@ -22,8 +23,9 @@ use crate::netns::Netns;
 pub struct Supervisor {
     socket: UnixDatagram,
     path: PathBuf,
-    /// The descriptor store: one descriptor per distinct file, as systemd keeps it.
-    store: Vec<OwnedFd>,
+    /// The descriptor store, with each descriptor's name: one descriptor per distinct file,
+    /// as systemd keeps it.
+    store: Vec<(String, OwnedFd)>,
     /// Every message received, in order.
     pub messages: Vec<String>,
 }
@@ -41,10 +43,10 @@ impl Supervisor {
         })
     }
 
-    /// Reads every notification waiting, storing the descriptors `FDSTORE=1` messages carry
-    /// (a file already stored is not stored twice).
+    /// Reads every notification waiting, as systemd handles them: `FDSTOREREMOVE=1` closes
+    /// the stored descriptors named `FDNAME=`, then `FDSTORE=1` stores the descriptors the
+    /// message carries under that name (a file already stored is not stored twice).
     pub fn collect(&mut self) -> Result<()> {
-        let mut stored: HashSet<(u64, u64)> = self.store.iter().map(identity).collect();
         loop {
             let mut buf = [0u8; 4096];
             let mut iov = [IoSliceMut::new(&mut buf)];
@@ -71,10 +73,20 @@ impl Supervisor {
                 }
             }
             let text = String::from_utf8_lossy(message.iovs().next().unwrap_or(&[])).into_owned();
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_string();
+            if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                self.store.retain(|(stored, _)| *stored != name);
+            }
             if text.lines().any(|l| l == "FDSTORE=1") {
+                let mut stored: HashSet<(u64, u64)> =
+                    self.store.iter().map(|(_, fd)| identity(fd)).collect();
                 for fd in fds {
                     if stored.insert(identity(&fd)) {
-                        self.store.push(fd);
+                        self.store.push((name.clone(), fd));
                     }
                 }
             }
@@ -91,17 +103,19 @@ impl Supervisor {
     /// store passed from descriptor 3 on with `LISTEN_FDS`, and `LISTEN_PID` the service's
     /// pid (the shell's, which `exec` keeps through `ip netns exec` and into `program`).
     pub fn command(&self, ns: &Netns, program: &Path, args: &[&str]) -> Command {
+        let names: Vec<&str> = self.store.iter().map(|(name, _)| name.as_str()).collect();
         let mut command = ns.command("sh");
         command
             .arg("-c")
             .arg(format!(
-                "LISTEN_PID=$$ LISTEN_FDS={} exec \"$0\" \"$@\"",
-                self.store.len()
+                "LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec \"$0\" \"$@\"",
+                self.store.len(),
+                names.join(":")
             ))
             .arg(program)
             .args(args)
             .env("NOTIFY_SOCKET", &self.path);
-        let fds: Vec<RawFd> = self.store.iter().map(AsRawFd::as_raw_fd).collect();
+        let fds: Vec<RawFd> = self.store.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
         // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2, close).
         unsafe {
             command.pre_exec(move || {

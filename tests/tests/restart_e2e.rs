@@ -5,10 +5,13 @@
 //! listening sockets the stopping daemon left in the descriptor store. Meanwhile HTTP clients
 //! (kept-alive and one connection per request) go through the L7 vhost and long-lived
 //! connections exchange verified data through an L4 VIP; every client-side error is counted.
+//! A daemon killed outright is started again as `Restart=on-failure` would, and the
+//! connections made while none ran are served by the next one.
 
 use std::{
     fs,
-    net::SocketAddr,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{
@@ -243,4 +246,158 @@ fn upgrades_by_hand_under_load_refuse_nothing() {
         "each previous daemon handed over:\n{log}"
     );
     eprintln!("{served} requests and {rounds} long-lived rounds over 3 upgrades by hand");
+}
+
+/// How long the supervisor waits before starting a daemon that died (the unit's `RestartSec=`).
+const RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Connections opened while no daemon runs, each with its request sent.
+const WHILE_DOWN: usize = 8;
+
+/// A lab whose daemon is to run under the tests' service manager: the lab's own first
+/// daemon is stopped, and [`start_supervised`] starts the next.
+fn supervised_lab(tag: &str) -> (Lab, Supervisor) {
+    let dir = std::env::temp_dir().join(tag);
+    let mut lab = Lab::start(&format!("{tag}-"), 2, &dir, "native").expect("lab starts");
+    let supervisor = Supervisor::new(&dir.join("notify.sock")).expect("supervisor");
+    lab.terminate_weir().expect("the first daemon stops");
+    (lab, supervisor)
+}
+
+/// Starts `weir` as the supervisor's service, with the descriptors in its store.
+fn start_supervised(lab: &mut Lab, supervisor: &mut Supervisor, what: &str) {
+    supervisor.collect().expect("notifications");
+    let config = lab.config();
+    let command = supervisor.command(
+        &lab.topology.balancer,
+        &workspace_bin("weir"),
+        &["--config", config.to_str().unwrap()],
+    );
+    lab.start_weir_from(command)
+        .unwrap_or_else(|err| panic!("{what}: weir starts: {err}\n{}", lab.log()));
+    supervisor.collect().expect("notifications");
+}
+
+/// Opens a connection to `address` from the lab's client and sends a request on it that
+/// asks the server to close; the connection is returned unread.
+fn request_unanswered(lab: &Lab, address: SocketAddr) -> io::Result<TcpStream> {
+    lab.topology
+        .client
+        .run(|| {
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+            stream.write_all(
+                b"GET / HTTP/1.1\r\nHost: demo.weir.test\r\nConnection: close\r\n\r\n",
+            )?;
+            Ok(stream)
+        })
+        .expect("the client's namespace")
+}
+
+/// The status line of the response waiting on `stream`.
+fn status_line(mut stream: TcpStream) -> io::Result<String> {
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response.lines().next().unwrap_or("").to_string())
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_crash_under_a_service_manager_refuses_nothing() {
+    let tag = format!("weirt-{}-crash", std::process::id());
+    let (mut lab, mut supervisor) = supervised_lab(&tag);
+    start_supervised(&mut lab, &mut supervisor, "the first start");
+    assert_eq!(
+        supervisor.stored(),
+        2,
+        "the L7 sockets (2 workers × 1 address) are in the store while the daemon runs"
+    );
+    let l7 = SocketAddr::new(L7_VIP.into(), 80);
+    let load = HttpLoad::start(l7, "demo.weir.test", 2, Some(lab.topology.client.name()));
+    served_more(&load, 100, "before the crash");
+    // Requests under way when the daemon dies die with it; these are not counted.
+    let (served_before, _) = load.finish();
+
+    lab.kill_weir();
+    // No daemon runs: the store's sockets take these connections into their backlogs.
+    let waiting: Vec<TcpStream> = (0..WHILE_DOWN)
+        .map(|i| {
+            request_unanswered(&lab, l7).unwrap_or_else(|err| {
+                panic!("connection {i} while no daemon runs: {err}\n{}", lab.log())
+            })
+        })
+        .collect();
+    std::thread::sleep(RESTART_DELAY);
+    start_supervised(&mut lab, &mut supervisor, "the start after the crash");
+    for (i, stream) in waiting.into_iter().enumerate() {
+        let status = status_line(stream)
+            .unwrap_or_else(|err| panic!("connection {i} made while down: {err}\n{}", lab.log()));
+        assert_eq!(
+            status, "HTTP/1.1 200 OK",
+            "connection {i} made while no daemon ran"
+        );
+    }
+    let load = HttpLoad::start(l7, "demo.weir.test", 2, Some(lab.topology.client.name()));
+    served_more(&load, 100, "after the crash");
+    let (served_after, errors) = load.finish();
+    nothing_failed(served_after, &errors, &[]);
+    let log = lab.log();
+    assert_eq!(
+        log.matches("L7 listening sockets taken over").count(),
+        1,
+        "the start after the crash took the sockets over:\n{log}"
+    );
+    eprintln!(
+        "{served_before} requests before the crash, {WHILE_DOWN} made while down and served, \
+         {served_after} after"
+    );
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn a_listener_dropped_from_the_config_leaves_the_store() {
+    let tag = format!("weirt-{}-dropped", std::process::id());
+    let (mut lab, mut supervisor) = supervised_lab(&tag);
+    let config = fs::read_to_string(lab.config()).expect("the lab's config");
+    let vhost = "[[vhost]]\nname = \"demo-l7\"\n";
+    assert!(config.contains(vhost), "the lab's config has its vhost");
+    let second = format!(
+        "[[vhost]]\nname = \"second\"\nlisten = \"{L7_VIP}:8080\"\nhosts = [\"second.weir.test\"]\n\
+         servers = [{{ address = \"{}\" }}]\n\n{vhost}",
+        weir_tests::topology::server_socket(1)
+    );
+    fs::write(lab.config(), config.replace(vhost, &second)).expect("config with two listeners");
+    start_supervised(&mut lab, &mut supervisor, "with two listeners");
+    assert_eq!(
+        supervisor.stored(),
+        4,
+        "2 workers × 2 addresses in the store"
+    );
+    let second = SocketAddr::new(L7_VIP.into(), 8080);
+    request_unanswered(&lab, second).expect("the second listener answers");
+
+    fs::write(lab.config(), &config).expect("config without the second listener");
+    let status = lab.terminate_weir().expect("SIGTERM");
+    assert!(status.success(), "weir exited {status}");
+    start_supervised(&mut lab, &mut supervisor, "with one listener");
+    assert_eq!(
+        supervisor.stored(),
+        2,
+        "only the configured address's sockets stay in the store"
+    );
+    let refused = request_unanswered(&lab, second);
+    assert_eq!(
+        refused.as_ref().map_err(io::Error::kind).err(),
+        Some(io::ErrorKind::ConnectionRefused),
+        "a connection to the dropped listener is refused, not left waiting: {refused:?}"
+    );
+    let served = request_unanswered(&lab, SocketAddr::new(L7_VIP.into(), 80))
+        .and_then(status_line)
+        .expect("the remaining listener answers");
+    assert_eq!(served, "HTTP/1.1 200 OK");
+    let log = lab.log();
+    assert!(
+        log.contains("an inherited listening socket is no longer configured: closed"),
+        "{log}"
+    );
 }

@@ -152,6 +152,8 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
     for listener in l7.status() {
         tracing::info!(address = %listener.address, workers = listener.workers, "L7 listener up");
     }
+    // From now on, not only at stop: the next start gets these sockets however this daemon ends.
+    handover::store_with_service_manager(l7.listening_sockets());
     l7.set_access_log(
         super::open_access_log(&config.access_log).map_err(|err| anyhow::anyhow!(err.message))?,
     );
@@ -271,10 +273,9 @@ pub fn run_with(config_path: &Path, start: Start) -> Result<()> {
                 },
             }
         }
-        // The next daemon's sockets, before this one stops accepting: the service manager
-        // holds them (and their backlogs) until it starts the next.
+        // The service manager (if any) holds the listening sockets since the start, and with
+        // them the connections that arrive until the next daemon accepts them.
         if let Ok(mut inner) = state.inner.lock() {
-            handover::to_service_manager(inner.l7.listening_sockets());
             // A stopping node withdraws its VIPs, so routers send their flows to the other
             // nodes (the pinned datapath still forwards what arrives meanwhile). Handed over
             // to `weir upgrade`, the next daemon serves at once: the routes stay.
