@@ -478,6 +478,19 @@ fn print_response(response: &Response, json: bool) {
     }
 }
 
+/// A Unix time in milliseconds as `2026-11-27 17:45:12 UTC`.
+fn utc_seconds(unix_ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp((unix_ms / 1000) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("Unix ms {unix_ms}"))
+}
+
 fn print_event(event: &Event) {
     let at = UNIX_EPOCH + Duration::from_millis(event.unix_ms);
     let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -550,11 +563,16 @@ fn print_status(report: &StatusReport) {
     );
     let r = &d.reloads;
     if let (Some(at), Some(ok)) = (r.last_unix_ms, r.last_succeeded) {
+        let applied = match r.last_success_unix_ms {
+            Some(success) if !ok => format!(" (the last applied at {})", utc_seconds(success)),
+            _ => String::new(),
+        };
         println!(
-            "reloads: {} applied, {} refused; the last {} (Unix ms {at})",
+            "reloads: {} applied, {} refused; the last {} at {}{applied}",
             r.succeeded,
             r.failed,
-            if ok { "applied" } else { "refused" }
+            if ok { "applied" } else { "refused" },
+            utc_seconds(at),
         );
     }
     let node = &d.node;
