@@ -17,7 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_config::control::TlsHandshakes;
+use weir_config::{AccessLogFormat, control::TlsHandshakes};
+use weir_forwarder::l7::access_log::LogFile;
 use weir_tests::{
     http_origin::HttpOrigin,
     netns::wait_until,
@@ -577,14 +578,22 @@ fn passthrough_routes_by_sni_to_servers_that_terminate_tls_themselves() {
     let q_addr: SocketAddr = format!("127.0.{net}.12:{}", weir_tests::proxy::free_port(net))
         .parse()
         .unwrap();
+    // Nothing listens here.
+    let dead_addr: SocketAddr = format!("127.0.{net}.13:{}", weir_tests::proxy::free_port(net))
+        .parse()
+        .unwrap();
     let _p_origin = TlsOrigin::start(p_addr, &p);
     let _q_origin = TlsOrigin::start(q_addr, &q);
     // Placeholders: the proxy helper fills SERVERn from HTTP origins, so the TLS ones are
     // written in directly.
     let config = format!(
-        "[[vhost]]\nname = \"p\"\nlisten = \"LISTEN\"\nhosts = [\"p.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{p_addr}\" }}]\n\n[[vhost]]\nname = \"q\"\nlisten = \"LISTEN\"\nhosts = [\"*.q.test\", \"q.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{q_addr}\" }}]\n"
+        "[[vhost]]\nname = \"p\"\nlisten = \"LISTEN\"\nhosts = [\"p.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{p_addr}\" }}]\n\n[[vhost]]\nname = \"q\"\nlisten = \"LISTEN\"\nhosts = [\"*.q.test\", \"q.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{q_addr}\" }}]\n\n[[vhost]]\nname = \"dead\"\nlisten = \"LISTEN\"\nhosts = [\"dead.test\"]\ntls_passthrough = true\nservers = [{{ address = \"{dead_addr}\" }}]\n"
     );
     let proxy = Proxy::start("tls_handshake_timeout_ms = 500\n", &config, &[]);
+    let log_path = scratch.0.join("access.log");
+    proxy.workers.set_access_log(Some(
+        LogFile::open(&log_path, AccessLogFormat::Json).unwrap(),
+    ));
     let port = proxy.address.port();
     let curl = |host: &str| {
         Command::new("curl")
@@ -606,6 +615,9 @@ fn passthrough_routes_by_sni_to_servers_that_terminate_tls_themselves() {
     // The certificate is the origin's: weir has none.
     let client = TlsClient::connect(proxy.address, "q.test", ca.client_config()).unwrap();
     assert_eq!(client.peer_certificate(), q.der);
+    drop(client);
+    // A vhost whose server cannot be reached: the connection is closed.
+    assert!(!curl("dead.test").status.success());
     // A name no vhost serves: an alert, counted; plain HTTP: told to use HTTPS.
     assert!(!curl("r.test").status.success());
     let (answer, _) = raw(
@@ -616,10 +628,10 @@ fn passthrough_routes_by_sni_to_servers_that_terminate_tls_themselves() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"));
     let handshakes = || proxy.workers.status()[0].tls.clone().unwrap();
     let _ = wait_until("counts", Duration::from_secs(5), || {
-        handshakes().passed_through >= 3 && handshakes().failures.len() >= 2
+        handshakes().passed_through >= 4 && handshakes().failures.len() >= 2
     });
     let counted = handshakes();
-    assert_eq!(counted.passed_through, 3, "{counted:?}");
+    assert_eq!(counted.passed_through, 4, "{counted:?}");
     assert_eq!(counted.full, 0, "{counted:?}");
     assert!(
         counted.failures.contains(&("unknown_name".to_string(), 1))
@@ -627,5 +639,54 @@ fn passthrough_routes_by_sni_to_servers_that_terminate_tls_themselves() {
                 .failures
                 .contains(&("plaintext_http".to_string(), 1)),
         "{counted:?}"
+    );
+    // One access-log line per routed connection, when it ends; none for the failed
+    // handshakes.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let _ = wait_until("access log lines", Duration::from_secs(5), || {
+        lines = std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        lines.len() >= 4
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(text.lines().count(), 4, "{text}");
+    let mut seen: Vec<(String, String, serde_json::Value)> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["protocol"], "TLS", "{l}");
+            assert_eq!(l["method"], "-", "{l}");
+            assert_eq!(l["status"], 0, "{l}");
+            assert_eq!(l["listener"], proxy.address.to_string(), "{l}");
+            assert!(l["micros"].as_u64().is_some(), "{l}");
+            let routed = (
+                l["host"].as_str().unwrap().to_string(),
+                l["vhost"].as_str().unwrap().to_string(),
+                l["server"].clone(),
+            );
+            if l["server"].is_null() {
+                assert_eq!(l["reason"], "no server reachable", "{l}");
+                assert_eq!(l["bytes"], 0, "{l}");
+            } else {
+                assert!(l.get("reason").is_none(), "{l}");
+                // At least the server's certificate went to the client.
+                assert!(l["bytes"].as_u64().unwrap() > 500, "{l}");
+            }
+            routed
+        })
+        .collect();
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let server = |a: SocketAddr| serde_json::Value::String(a.to_string());
+    assert_eq!(
+        seen,
+        vec![
+            ("dead.test".into(), "dead".into(), serde_json::Value::Null),
+            ("p.test".into(), "p".into(), server(p_addr)),
+            ("q.test".into(), "q".into(), server(q_addr)),
+            ("q.test".into(), "q".into(), server(q_addr)),
+        ]
     );
 }

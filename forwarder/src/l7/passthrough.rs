@@ -8,14 +8,22 @@
 //! sides have closed, as an upgraded connection is. weir sees no HTTP here: the servers'
 //! counters show connections (as requests) and bytes, and failures before a server was
 //! reached count as handshake failures of the listener (`closed`, `timeout`, `plaintext_http`,
-//! `unknown_name`, `protocol`).
+//! `unknown_name`, `protocol`). A routed connection gets one access-log line when it ends
+//! (protocol `TLS`, the SNI as host, no HTTP status): what an operator greps for when a
+//! site's clients complain, as HAProxy's TCP log line is. Handshake failures are counted but
+//! not logged, as a terminating listener's are, so a scanner cannot fill the log.
 
-use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use compio::{BufResult, net::TcpStream};
 
 use super::{
     WorkerCounters,
+    access_log::Entry,
     io::{Conn, HandshakeFailure, PLAINTEXT_ANSWER},
     proxy::{InFlight, tunnel},
     tls::sni_vhost,
@@ -61,6 +69,13 @@ pub async fn serve(
     };
     counters.tls_passed.fetch_add(1, Ordering::Relaxed);
     let pool = &snapshot.vhosts[vhost];
+    let routed = Routed {
+        client: peer,
+        listener: snapshot.listeners[listener].address,
+        vhost: &pool.name,
+        name: name.as_deref(),
+        at: Instant::now(),
+    };
     pool.requests.fetch_add(1, Ordering::Relaxed);
     let mut tried = Vec::new();
     let connect_timeout = Duration::from_millis(settings.upstream_connect_timeout_ms);
@@ -94,10 +109,50 @@ pub async fn serve(
             .request_bytes
             .fetch_add(to_server.max(sent), Ordering::Relaxed);
         stats.response_bytes.fetch_add(to_client, Ordering::Relaxed);
-        return;
+        return routed.log(worker, Some(server.address), to_client, None);
     }
     // No server could be reached: the client sees the connection close.
     client.reset_on_close();
+    routed.log(worker, None, 0, Some("no server reachable"));
+}
+
+/// A connection whose ClientHello was routed to a vhost, as its access-log line names it.
+struct Routed<'a> {
+    client: SocketAddr,
+    listener: SocketAddr,
+    vhost: &'a str,
+    /// The SNI, if the client sent one (the listener's default vhost took it otherwise).
+    name: Option<&'a str>,
+    at: Instant,
+}
+
+impl Routed<'_> {
+    /// Writes the connection's line, when a log is set: relayed to `server` (`None`: no server
+    /// could be reached, `reason` says so), `bytes` sent to the client.
+    fn log(&self, worker: &Worker, server: Option<SocketAddr>, bytes: u64, reason: Option<&str>) {
+        if !worker.access_log.is_set() {
+            return;
+        }
+        worker.log.record(
+            &worker.access_log,
+            Entry {
+                unix_ms: 0,
+                client: self.client,
+                listener: self.listener,
+                vhost: self.vhost,
+                method: "-",
+                target: "-",
+                protocol: "TLS",
+                host: self.name.unwrap_or("-"),
+                status: 0,
+                server,
+                bytes,
+                micros: self.at.elapsed().as_micros() as u64,
+                reason,
+                unlogged: None,
+            },
+        );
+    }
 }
 
 /// Reads the client's first flight up to a whole ClientHello; the bytes read (to be replayed
