@@ -647,7 +647,9 @@ impl DatapathMaps {
             && self.vip(&holder.key)?.is_some_and(|info| info.id == id))
     }
 
-    fn vip_index_entry(&self, slot: u32) -> Result<u16, DatapathError> {
+    /// What the VIP index holds at `slot`: `VIP_INDEX_EMPTY`, `VIP_INDEX_SHARED`, or a VIP's
+    /// id + 1.
+    pub fn vip_index_entry(&self, slot: u32) -> Result<u16, DatapathError> {
         get_at(&self.vip_index, slot, names::VIP_INDEX_MAP)
     }
 
@@ -669,8 +671,9 @@ impl DatapathMaps {
     }
 
     /// Removes a VIP entry; removing one that is not there is not an error. A service key
-    /// leaves the index first and its slot last (the reverse of [`DatapathMaps::set_vip`]); a
-    /// slot it shared stays marked shared, which costs its keys a hash lookup, no more.
+    /// leaves the index first and its slot last (the reverse of [`DatapathMaps::set_vip`]). A
+    /// slot it shared goes back to the one VIP left there (or to empty), so that VIP's packets
+    /// skip the hash lookup again.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DatapathError> {
         let indexed = match self.vip(key)? {
             Some(info) if !key.is_address_level() => Some(info.id),
@@ -695,8 +698,32 @@ impl DatapathMaps {
             if slot.key == *key {
                 self.set_vip_slot(id, VipSlot::default())?;
             }
+            if self.vip_index_entry(key.index_slot())? == VIP_INDEX_SHARED {
+                self.unshare_index_slot(key.index_slot())?;
+            }
         }
         Ok(())
+    }
+
+    /// Points shared index slot `slot` at the one VIP left there, or empties it when none is;
+    /// with two or more left it stays shared. The VIP's own slot (`WEIR_VIP_SLOTS`) was
+    /// written when it was set, so the program may follow the index to it at once.
+    fn unshare_index_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
+        let mut left = Vec::new();
+        for entry in self.vips.iter() {
+            let (key, info) = entry.map_err(|e| DatapathError::Map(names::VIPS_MAP, e))?;
+            if !key.is_address_level() && key.index_slot() == slot {
+                left.push((key, info.id));
+            }
+        }
+        let entry = match left.as_slice() {
+            [] => VIP_INDEX_EMPTY,
+            [(key, id)] if get_at(&self.vip_slots, *id, names::VIP_SLOTS_MAP)?.key == *key => {
+                index_entry(*id)
+            }
+            _ => return Ok(()),
+        };
+        set_at(&mut self.vip_index, slot, entry, names::VIP_INDEX_MAP)
     }
 
     /// What slot `id` of the server array holds.

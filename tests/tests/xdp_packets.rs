@@ -22,7 +22,7 @@ use weir_common::{
     Counter, Stat, TrafficCounter,
     edge::{EdgeSettings, Event},
     flow::flow_hash,
-    l4::{HashFields, PROTO_TCP, VipKey},
+    l4::{HashFields, PROTO_TCP, VIP_INDEX_EMPTY, VIP_INDEX_SHARED, VipKey},
 };
 use weir_config::{Config, control::AdminState};
 use weir_forwarder::{
@@ -2202,11 +2202,23 @@ fn vips_sharing_an_index_slot_are_all_found_and_other_keys_there_are_not() {
         forwarded(&lb, a, 50000);
         forwarded(&lb, b, 50001);
         passed(&lb, host, 50002);
-        // One of them removed: the other is still found, the removed one no longer.
+        let slot = VipKey::new(a, PROTO_TCP).index_slot();
+        let index = |lb: &Balancer| lb.datapath.maps().vip_index_entry(slot).unwrap();
+        assert_eq!(index(&lb), VIP_INDEX_SHARED);
+        // One of them removed: the other is still found, the removed one no longer, and the
+        // slot names the one left again (no hash lookup for it).
         reload(&mut lb, format!("{CONFIG}{}", vip("b", b)), false);
         forwarded(&lb, b, 50003);
         passed(&lb, a, 50004);
         passed(&lb, host, 50005);
+        let b_id = lb
+            .datapath
+            .maps()
+            .vip(&VipKey::new(b, PROTO_TCP))
+            .unwrap()
+            .unwrap()
+            .id;
+        assert_eq!(u32::from(index(&lb)), b_id + 1, "the slot is b's alone");
         // A restarted daemon rebuilds the index from the VIP map: the same answers.
         reload(&mut lb, format!("{CONFIG}{}", vip("b", b)), true);
         forwarded(&lb, b, 50006);
@@ -2217,5 +2229,18 @@ fn vips_sharing_an_index_slot_are_all_found_and_other_keys_there_are_not() {
         passed(&lb, b, 50009);
         reload(&mut lb, CONFIG.to_string(), false);
         passed(&lb, a, 50010);
+        assert_eq!(index(&lb), VIP_INDEX_EMPTY);
+        // Three in the slot, one removed: still shared by the two left.
+        let three = format!("{CONFIG}{}{}{}", vip("a", a), vip("b", b), vip("c", host));
+        reload(&mut lb, three, false);
+        reload(
+            &mut lb,
+            format!("{CONFIG}{}{}", vip("a", a), vip("c", host)),
+            false,
+        );
+        assert_eq!(index(&lb), VIP_INDEX_SHARED);
+        forwarded(&lb, a, 50011);
+        forwarded(&lb, host, 50012);
+        passed(&lb, b, 50013);
     });
 }
