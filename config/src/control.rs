@@ -17,6 +17,20 @@ pub const VERSION: u32 = 1;
 /// Longest request line the daemon reads; a longer one is refused without being parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// A Unix time in seconds as both sides show it: `2027-03-01 12:00:00 UTC` (the reports carry
+/// Unix times; `weirctl` and the daemon's messages print them this way).
+pub fn utc_date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("{unix} (Unix time)"))
+}
+
 /// A request with its protocol version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestEnvelope {

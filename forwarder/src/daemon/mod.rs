@@ -606,7 +606,7 @@ fn renewed_certificates(running: &TlsListeners, next: &TlsListeners) -> Vec<Stri
             format!(
                 "vhost {vhost}: certificate {} loaded (valid until {})",
                 certificate.certificate.display(),
-                report::unix_date(certificate.not_after_unix)
+                weir_config::control::utc_date(certificate.not_after_unix)
             )
         })
         .collect()

@@ -100,19 +100,6 @@ impl State {
     }
 }
 
-/// `unix` seconds as a UTC date and time (`2027-03-01 12:00:00 UTC`).
-pub(super) fn unix_date(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| format!("{unix} (Unix time)"))
-}
-
 impl Inner {
     /// The node's service state and what its BGP speaker says.
     fn node_status(&self) -> NodeStatus {

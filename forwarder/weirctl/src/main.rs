@@ -22,7 +22,7 @@ use weir_config::{
     Config, DEFAULT_CONTROL_SOCKET, MAX_WEIGHT,
     control::{
         AdminState, ControlError, ControlErrorKind, Event, Request, Response, ServerReport,
-        StatsReport, StatusReport, VipReport,
+        StatsReport, StatusReport, VipReport, utc_date,
     },
 };
 use weir_control::{Client, ClientError};
@@ -478,19 +478,6 @@ fn print_response(response: &Response, json: bool) {
     }
 }
 
-/// A Unix time in milliseconds as `2026-11-27 17:45:12 UTC`.
-fn utc_seconds(unix_ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp((unix_ms / 1000) as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| format!("Unix ms {unix_ms}"))
-}
-
 fn print_event(event: &Event) {
     let at = UNIX_EPOCH + Duration::from_millis(event.unix_ms);
     let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -564,7 +551,10 @@ fn print_status(report: &StatusReport) {
     let r = &d.reloads;
     if let (Some(at), Some(ok)) = (r.last_unix_ms, r.last_succeeded) {
         let applied = match r.last_success_unix_ms {
-            Some(success) if !ok => format!(" (the last applied at {})", utc_seconds(success)),
+            Some(success) if !ok => format!(
+                " (the last applied at {})",
+                utc_date((success / 1000) as i64)
+            ),
             _ => String::new(),
         };
         println!(
@@ -572,7 +562,7 @@ fn print_status(report: &StatusReport) {
             r.succeeded,
             r.failed,
             if ok { "applied" } else { "refused" },
-            utc_seconds(at),
+            utc_date((at / 1000) as i64),
         );
     }
     let node = &d.node;
@@ -697,15 +687,7 @@ fn print_tls(report: &StatusReport) {
         println!("\nCERTIFICATES");
         println!("  {:<16} {:<32} PATH", "VHOST", "VALID UNTIL");
         for c in &report.certificates {
-            let until = time::OffsetDateTime::from_unix_timestamp(c.not_after_unix)
-                .ok()
-                .and_then(|t| {
-                    t.format(time::macros::format_description!(
-                        "[year]-[month]-[day] [hour]:[minute] UTC"
-                    ))
-                    .ok()
-                })
-                .unwrap_or_else(|| c.not_after_unix.to_string());
+            let until = utc_date(c.not_after_unix);
             let expired = if c.not_after_unix <= now {
                 " EXPIRED"
             } else {
