@@ -876,11 +876,23 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_serves() {
         .unwrap();
     lab.restart_weir_with_env(&[("NOTIFY_SOCKET", &path)])
         .expect("weir restarts");
-    let mut message = [0u8; 256];
-    let n = systemd.recv(&mut message).expect("a notification");
-    let message = String::from_utf8_lossy(&message[..n]);
-    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
-    // READY came after the socket: weirctl is served at once.
+    // Every notification up to READY=1 (bounded: each waits at most the read timeout).
+    let mut messages = Vec::new();
+    for _ in 0..8 {
+        let mut message = [0u8; 256];
+        let n = systemd.recv(&mut message).expect("a notification");
+        messages.push(String::from_utf8_lossy(&message[..n]).into_owned());
+        if messages.last().unwrap().lines().any(|l| l == "READY=1") {
+            break;
+        }
+    }
+    let has = |m: &String, line: &str| m.lines().any(|l| l == line);
+    let ready = messages.iter().position(|m| has(m, "READY=1"));
+    assert!(ready.is_some(), "no READY=1: {messages:?}");
+    // The L7 sockets were in the store before: a crash right after READY refuses nothing.
+    let stored = messages.iter().position(|m| has(m, "FDSTORE=1"));
+    assert!(stored < ready && stored.is_some(), "{messages:?}");
+    // READY came after the control socket: weirctl is served at once.
     lab.weirctl_ok(&["status"]);
 }
 
