@@ -61,16 +61,17 @@ pub fn from_service_manager() -> Vec<TcpListener> {
 }
 
 /// Makes `sockets` — every listening socket this daemon serves — the service manager's store
-/// of L7 sockets, when one is listening (`NOTIFY_SOCKET`); says whether it did.
+/// of L7 sockets, when one is listening (`NOTIFY_SOCKET`). A store that cannot be written is
+/// logged: the next start then binds anew.
 ///
 /// What the store held is dropped first (`FDSTOREREMOVE=1`): the previous daemon's sockets
 /// came back to this one as `LISTEN_FDS`, and one for an address this config no longer has
 /// was closed here, but the store's copy would keep it listening — its backlog completing
 /// handshakes nobody answers — and pass it to every later start. Only a crash between the two
 /// messages leaves the store empty, and then the next start binds anew.
-pub fn store_with_service_manager(sockets: &[OwnedFd]) -> bool {
+pub fn store_with_service_manager(sockets: &[OwnedFd]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() || sockets.is_empty() {
-        return false;
+        return;
     }
     let remove = [
         sd_notify::NotifyState::FdStoreRemove,
@@ -85,16 +86,12 @@ pub fn store_with_service_manager(sockets: &[OwnedFd]) -> bool {
         sd_notify::NotifyState::FdName(FD_NAME),
     ];
     match sd_notify::notify_with_fds(&store, &fds) {
-        Ok(()) => {
-            tracing::info!(
-                sockets = fds.len(),
-                "L7 listening sockets kept in the service manager's store"
-            );
-            true
-        }
+        Ok(()) => tracing::info!(
+            sockets = fds.len(),
+            "L7 listening sockets kept in the service manager's store"
+        ),
         Err(err) => {
-            tracing::warn!(%err, "cannot keep the L7 listening sockets in the service manager's store: the next start binds anew");
-            false
+            tracing::warn!(%err, "cannot keep the L7 listening sockets in the service manager's store: the next start binds anew")
         }
     }
 }

@@ -2,13 +2,14 @@
 //! demo backends through the L7 VIP while `weirctl` changes the vhost's pool, exactly as an
 //! operator would; the pool survives a daemon restart.
 
-use std::{collections::BTreeMap, fs, net::SocketAddr};
+use std::{collections::BTreeMap, fs, io::Read, net::SocketAddr, thread, time::Duration};
 
 use serde_json::Value;
 use weir_tests::{
     http_client::{Body, HttpConn},
     lab::Lab,
     load::HttpLoad,
+    netns::{Process, wait_until},
     topology::{L7_VIP, SERVER_PORT, server_addr},
 };
 
@@ -210,5 +211,111 @@ fn idle_connections_that_all_send_at_once_are_all_served() {
         "{} of {connections} requests failed, e.g. {:?}",
         failed.len(),
         &failed[..failed.len().min(5)]
+    );
+}
+
+/// The segments the proxy sent to the lab's client while `exchanges` ran, captured in the
+/// client's namespace: for each client port `exchanges` returns, in its order, the TCP flags
+/// (as tcpdump prints them) and payload length of each segment.
+fn segments_to_client(
+    lab: &Lab,
+    dir: &std::path::Path,
+    exchanges: impl FnOnce() -> Vec<u16> + Send,
+) -> Vec<Vec<(String, u64)>> {
+    let (out, err) = (dir.join("tcpdump.out"), dir.join("tcpdump.err"));
+    let mut tcpdump = lab.topology.client.command("tcpdump");
+    tcpdump
+        .args(["-i", "any", "-nn", "-l"])
+        .arg(format!("tcp and src host {L7_VIP} and src port 80"))
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap());
+    let mut tcpdump = Process::spawn("tcpdump", &mut tcpdump).unwrap();
+    wait_until("tcpdump listens", Duration::from_secs(10), || {
+        fs::read_to_string(&err).is_ok_and(|e| e.contains("listening on"))
+    })
+    .expect("tcpdump starts");
+    let ports = lab
+        .topology
+        .client
+        .run(exchanges)
+        .expect("the client's namespace");
+    // What was sent last is in the capture, and tcpdump prints it before it stops.
+    thread::sleep(Duration::from_millis(300));
+    tcpdump.terminate().expect("tcpdump stops");
+    let text = fs::read_to_string(&out).unwrap();
+    let mut segments = vec![Vec::new(); ports.len()];
+    for line in text.lines() {
+        // `... IP 198.18.100.11.80 > 198.18.0.2.40512: Flags [FP.], seq 1:123, ..., length 122`
+        let port = line
+            .split_once(" > ")
+            .and_then(|(_, to)| to.split(':').next())
+            .and_then(|to| to.rsplit('.').next()?.parse::<u16>().ok());
+        let flags = line
+            .split_once("Flags [")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(flags, _)| flags.to_string());
+        let length = line
+            .rsplit_once("length ")
+            .and_then(|(_, l)| l.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+        if let (Some(port), Some(flags), Some(length)) = (port, flags, length)
+            && let Some(at) = ports.iter().position(|&p| p == port)
+        {
+            segments[at].push((flags, length));
+        }
+    }
+    segments
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn the_last_response_of_a_connection_leaves_with_its_fin() {
+    let dir = std::env::temp_dir().join(format!("weirt-{}-fin", std::process::id()));
+    let lab = Lab::start(&prefix("fin"), 1, &dir, "native").expect("lab starts");
+    let l7 = SocketAddr::new(L7_VIP.into(), 80);
+    let segments = segments_to_client(&lab, &dir, || {
+        // The client asks to close: the response is the connection's last.
+        let mut closing = HttpConn::connect(l7).unwrap();
+        let response = closing
+            .request("GET", "/", HOST, "Connection: close\r\n", Body::None)
+            .unwrap();
+        assert_eq!(response.status, 200);
+        let mut rest = Vec::new();
+        closing.stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the response but the close");
+        // Kept alive: each response goes out at once, the connection stays open.
+        let mut kept = HttpConn::connect(l7).unwrap();
+        for _ in 0..2 {
+            let response = kept.request("GET", "/", HOST, "", Body::None).unwrap();
+            assert_eq!(response.status, 200);
+        }
+        [&closing.stream, &kept.stream]
+            .map(|s| s.local_addr().unwrap().port())
+            .to_vec()
+    });
+    let data = |segments: &[(String, u64)]| -> Vec<String> {
+        segments
+            .iter()
+            .filter(|(_, length)| *length > 0)
+            .map(|(flags, _)| flags.clone())
+            .collect()
+    };
+    let (closing, kept) = (&segments[0], &segments[1]);
+    let closing_data = data(closing);
+    assert!(
+        closing_data.last().is_some_and(|flags| flags.contains('F')),
+        "the FIN rides on the response's last segment: {closing:?}"
+    );
+    assert!(
+        !closing
+            .iter()
+            .any(|(flags, length)| flags.contains('F') && *length == 0),
+        "no segment of its own for the FIN: {closing:?}"
+    );
+    let kept_data = data(kept);
+    // (A response's head and body may travel apart, as the server sent them.)
+    assert!(kept_data.len() >= 2, "both responses: {kept:?}");
+    assert!(
+        kept_data.iter().all(|flags| !flags.contains('F')),
+        "a kept-alive connection's responses are not held for a FIN: {kept:?}"
     );
 }

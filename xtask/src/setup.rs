@@ -47,6 +47,8 @@ const APT_PACKAGES: &[&str] = &[
     // The TLS tests drive weir with `openssl s_client` and `s_time`, serve passthrough origins
     // with `openssl s_server`, and make RSA keys with `openssl genpkey`.
     "openssl",
+    // The L7 test of how a connection's last response leaves captures its segments.
+    "tcpdump",
 ];
 
 /// What setup found, for commands that run tools afterwards.

@@ -853,8 +853,14 @@ async fn relay_response(
         in_flight.added_headers,
         &mut out,
     );
+    // The client asked to close and sent nothing past its request: the response is the last
+    // thing on the connection, and its tail may wait in the kernel for the FIN. (Bytes the
+    // client sent after all — it must not — would make the close a reset, and a held tail
+    // would be lost with it: then it goes out at once, as any other response.)
+    let last = !request.keep_alive && client_buf.is_empty();
     let (relayed, relayed_bytes) = {
-        let relay = Relay::new(&upstream, client, worker, settings, &stats.response_bytes);
+        let relay =
+            Relay::new(&upstream, client, worker, settings, &stats.response_bytes).closing(last);
         let relayed = relay_body(&relay, response.body, &mut rbuf, out, dechunk).await;
         (relayed, relay.moved.get())
     };
@@ -897,6 +903,9 @@ struct Relay<'a> {
     moved: Cell<u64>,
     /// The pace a request body must keep, if any.
     pace: Option<BodyPace>,
+    /// `to` is closed once the body is through, and nothing comes from it meanwhile: the
+    /// last write goes out with the FIN ([`Conn::write_last`]).
+    closes: bool,
 }
 
 /// The pace a request body must keep: whole within `initial`, plus one second per
@@ -924,7 +933,13 @@ impl<'a> Relay<'a> {
             written,
             moved: Cell::new(0),
             pace: None,
+            closes: false,
         }
+    }
+
+    /// Says whether `to` is closed once the body is through (see `closes`).
+    fn closing(self, closes: bool) -> Self {
+        Relay { closes, ..self }
     }
 
     /// Holds a request body to `request_body_timeout_ms` and `request_body_min_rate`.
@@ -1016,10 +1031,15 @@ async fn relay_body(
             }
         };
         if !out.is_empty() {
-            let BufResult(written, back) = to.write_all(out, idle).await;
+            let len = out.len();
+            let BufResult(written, back) = if done && relay.closes {
+                to.write_last(out, idle).await
+            } else {
+                to.write_all(out, idle).await
+            };
             out = back;
             written.map_err(|_| RelayError::To)?;
-            relay.count(out.len());
+            relay.count(len);
             out.clear();
         }
         if done {
