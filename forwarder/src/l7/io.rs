@@ -506,38 +506,37 @@ impl Conn {
         }
     }
 
-    /// [`Conn::write_all`] for the connection's last bytes, its close to follow at once with
-    /// nothing to read before it. A plain connection sends them with `MSG_MORE`: the kernel
-    /// holds a tail shorter than a segment until the close, and sends it with the FIN in one
-    /// segment, where the tail and the FIN took a segment each. One packet fewer per
-    /// connection, and fewer for the kernel to process on both sides: 15% less CPU per
-    /// request with a new connection per request (decision 0030). The send is the socket's
-    /// plain non-blocking one, from the worker's thread; what the socket does not take at
-    /// once (a full send buffer) goes the usual way, pushed. TLS connections end with
-    /// `close_notify` ([`Conn::finish`]) and are written as usual.
+    /// Sends what it can of the connection's last bytes at once, its close to follow with
+    /// nothing to read before it; drains what was sent from `buf`, and what is left (all of
+    /// it on TLS, or when the send buffer is full) goes through [`Conn::write_all`] as usual.
+    ///
+    /// A plain connection sends them with `MSG_MORE`: the kernel holds a tail shorter than a
+    /// segment until the close, and sends it with the FIN in one segment, where the tail and
+    /// the FIN took a segment each. One packet fewer per connection, and fewer for the kernel
+    /// to process on both sides: 15% less CPU per request with a new connection per request
+    /// (decision 0030). The send is the socket's plain non-blocking one, from the worker's
+    /// thread, so the caller's future holds no second write. TLS connections end with
+    /// `close_notify` ([`Conn::finish`]) and send nothing here.
     ///
     /// The held tail leaves with the close, so the caller must close the connection next —
     /// and must not call this when the peer may still send: a close with unread bytes is a
     /// reset, which discards what was held.
-    pub async fn write_last(&self, mut buf: Vec<u8>, timeout: Duration) -> BufResult<(), Vec<u8>> {
-        if self.tls.is_none() {
-            // SAFETY: a valid fd owned by `self.stream`, and a buffer that outlives the call.
-            let sent = unsafe {
-                libc::send(
-                    self.stream.as_raw_fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if sent == buf.len() as isize {
-                return BufResult(Ok(()), buf);
-            }
-            if sent > 0 {
-                buf.drain(..sent as usize);
-            }
+    pub fn send_last(&self, buf: &mut Vec<u8>) {
+        if self.tls.is_some() || Vec::is_empty(buf) {
+            return;
         }
-        self.write_all(buf, timeout).await
+        // SAFETY: a valid fd owned by `self.stream`, and a buffer that outlives the call.
+        let sent = unsafe {
+            libc::send(
+                self.stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent > 0 {
+            buf.drain(..sent as usize);
+        }
     }
 
     /// [`Conn::write_all`] on a TLS connection: encrypted a buffer's worth at a time, each

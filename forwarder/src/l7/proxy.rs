@@ -904,7 +904,7 @@ struct Relay<'a> {
     /// The pace a request body must keep, if any.
     pace: Option<BodyPace>,
     /// `to` is closed once the body is through, and nothing comes from it meanwhile: the
-    /// last write goes out with the FIN ([`Conn::write_last`]).
+    /// last write goes out with the FIN ([`Conn::send_last`]).
     closes: bool,
 }
 
@@ -1032,13 +1032,14 @@ async fn relay_body(
         };
         if !out.is_empty() {
             let len = out.len();
-            let BufResult(written, back) = if done && relay.closes {
-                to.write_last(out, idle).await
-            } else {
-                to.write_all(out, idle).await
-            };
-            out = back;
-            written.map_err(|_| RelayError::To)?;
+            if done && relay.closes {
+                to.send_last(&mut out);
+            }
+            if !out.is_empty() {
+                let BufResult(written, back) = to.write_all(out, idle).await;
+                out = back;
+                written.map_err(|_| RelayError::To)?;
+            }
             relay.count(len);
             out.clear();
         }
