@@ -127,17 +127,11 @@ fn nothing_failed(served: u64, errors: &[String], broken: &[String]) {
 #[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
 fn restarts_and_an_upgrade_under_load_refuse_nothing() {
     let tag = format!("weirt-{}-restart", std::process::id());
-    let dir = std::env::temp_dir().join(&tag);
-    let mut lab = Lab::start(&format!("{tag}-"), 2, &dir, "native").expect("lab starts");
-    let config = lab.config();
-    let config = config.to_str().unwrap();
-    let mut supervisor = Supervisor::new(&dir.join("notify.sock")).expect("supervisor");
     // From now on the daemon is the supervisor's service.
-    lab.terminate_weir().expect("the first daemon stops");
+    let (mut lab, mut supervisor) = supervised_lab(&tag);
+    let dir = lab.dir.clone();
     let weir = workspace_bin("weir");
-    let start = supervisor.command(&lab.topology.balancer, &weir, &["--config", config]);
-    lab.start_weir_from(start)
-        .expect("weir starts under the supervisor");
+    start_supervised(&mut lab, &mut supervisor, &weir, "the first start");
 
     let client = lab.topology.client.name().to_string();
     let l7 = SocketAddr::new(L7_VIP.into(), 80);
@@ -164,9 +158,7 @@ fn restarts_and_an_upgrade_under_load_refuse_nothing() {
             2,
             "round {round}: the L7 sockets (2 workers × 1 address) are in the store"
         );
-        let start = supervisor.command(&lab.topology.balancer, binary, &["--config", config]);
-        lab.start_weir_from(start)
-            .unwrap_or_else(|err| panic!("round {round}: weir starts: {err}"));
+        start_supervised(&mut lab, &mut supervisor, binary, &format!("round {round}"));
         served_more(&load, 100, &format!("after restart {round}"));
     }
     let status = lab.status().expect("status");
@@ -264,13 +256,13 @@ fn supervised_lab(tag: &str) -> (Lab, Supervisor) {
     (lab, supervisor)
 }
 
-/// Starts `weir` as the supervisor's service, with the descriptors in its store.
-fn start_supervised(lab: &mut Lab, supervisor: &mut Supervisor, what: &str) {
+/// Starts `binary` (a `weir`) as the supervisor's service, with the descriptors in its store.
+fn start_supervised(lab: &mut Lab, supervisor: &mut Supervisor, binary: &Path, what: &str) {
     supervisor.collect().expect("notifications");
     let config = lab.config();
     let command = supervisor.command(
         &lab.topology.balancer,
-        &workspace_bin("weir"),
+        binary,
         &["--config", config.to_str().unwrap()],
     );
     lab.start_weir_from(command)
@@ -306,7 +298,12 @@ fn status_line(mut stream: TcpStream) -> io::Result<String> {
 fn a_crash_under_a_service_manager_refuses_nothing() {
     let tag = format!("weirt-{}-crash", std::process::id());
     let (mut lab, mut supervisor) = supervised_lab(&tag);
-    start_supervised(&mut lab, &mut supervisor, "the first start");
+    start_supervised(
+        &mut lab,
+        &mut supervisor,
+        &workspace_bin("weir"),
+        "the first start",
+    );
     assert_eq!(
         supervisor.stored(),
         2,
@@ -328,7 +325,12 @@ fn a_crash_under_a_service_manager_refuses_nothing() {
         })
         .collect();
     std::thread::sleep(RESTART_DELAY);
-    start_supervised(&mut lab, &mut supervisor, "the start after the crash");
+    start_supervised(
+        &mut lab,
+        &mut supervisor,
+        &workspace_bin("weir"),
+        "the start after the crash",
+    );
     for (i, stream) in waiting.into_iter().enumerate() {
         let status = status_line(stream)
             .unwrap_or_else(|err| panic!("connection {i} made while down: {err}\n{}", lab.log()));
@@ -367,7 +369,12 @@ fn a_listener_dropped_from_the_config_leaves_the_store() {
         weir_tests::topology::server_socket(1)
     );
     fs::write(lab.config(), config.replace(vhost, &second)).expect("config with two listeners");
-    start_supervised(&mut lab, &mut supervisor, "with two listeners");
+    start_supervised(
+        &mut lab,
+        &mut supervisor,
+        &workspace_bin("weir"),
+        "with two listeners",
+    );
     assert_eq!(
         supervisor.stored(),
         4,
@@ -379,7 +386,12 @@ fn a_listener_dropped_from_the_config_leaves_the_store() {
     fs::write(lab.config(), &config).expect("config without the second listener");
     let status = lab.terminate_weir().expect("SIGTERM");
     assert!(status.success(), "weir exited {status}");
-    start_supervised(&mut lab, &mut supervisor, "with one listener");
+    start_supervised(
+        &mut lab,
+        &mut supervisor,
+        &workspace_bin("weir"),
+        "with one listener",
+    );
     assert_eq!(
         supervisor.stored(),
         2,

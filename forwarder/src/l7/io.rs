@@ -522,7 +522,7 @@ impl Conn {
     /// and must not call this when the peer may still send: a close with unread bytes is a
     /// reset, which discards what was held.
     pub fn send_last(&self, buf: &mut Vec<u8>) {
-        if self.tls.is_some() || Vec::is_empty(buf) {
+        if self.tls.is_some() || buf.as_slice().is_empty() {
             return;
         }
         // SAFETY: a valid fd owned by `self.stream`, and a buffer that outlives the call.
