@@ -169,9 +169,30 @@ impl TlsClient {
 
     /// `GET path` with `Host: host`; the response.
     pub fn get(&mut self, host: &str, path: &str) -> io::Result<TlsResponse> {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        self.get_with(host, path, "")
+    }
+
+    /// [`TlsClient::get`] with `headers` (whole lines, each ending in CRLF) added.
+    pub fn get_with(&mut self, host: &str, path: &str, headers: &str) -> io::Result<TlsResponse> {
+        self.send_get(host, path, headers)?;
+        self.read_response()
+    }
+
+    /// Sends `GET path` with `Host: host` and `headers`, reading nothing.
+    pub fn send_get(&mut self, host: &str, path: &str, headers: &str) -> io::Result<()> {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n");
         self.stream.write_all(request.as_bytes())?;
-        self.stream.flush()?;
+        self.stream.flush()
+    }
+
+    /// Ends the client's side of the session: sends `close_notify` (it can still read).
+    pub fn send_close_notify(&mut self) -> io::Result<()> {
+        self.stream.conn.send_close_notify();
+        self.stream.flush()
+    }
+
+    /// Reads one response (its body by `Content-Length`).
+    pub fn read_response(&mut self) -> io::Result<TlsResponse> {
         let mut raw = Vec::new();
         let mut byte = [0u8; 1];
         while !raw.ends_with(b"\r\n\r\n") {
@@ -197,5 +218,18 @@ impl TlsClient {
         self.stream.read_exact(&mut body)?;
         response.body = String::from_utf8_lossy(&body).into_owned();
         Ok(response)
+    }
+
+    /// Reads what the server sends until it ends the connection: an error unless it ended it
+    /// with `close_notify` (a cut is `UnexpectedEof`).
+    pub fn read_to_end(&mut self) -> io::Result<Vec<u8>> {
+        let mut rest = Vec::new();
+        self.stream.read_to_end(&mut rest)?;
+        Ok(rest)
+    }
+
+    /// The local port of the connection.
+    pub fn local_port(&self) -> u16 {
+        self.stream.sock.local_addr().map_or(0, |a| a.port())
     }
 }

@@ -10,7 +10,8 @@ use weir_tests::{
     lab::Lab,
     load::HttpLoad,
     netns::{Process, wait_until},
-    topology::{L7_VIP, SERVER_PORT, server_addr},
+    tls::{KeyKind, TestCa, TlsClient},
+    topology::{L7_VIP, SERVER_PORT, Topology, server_addr},
 };
 
 const VHOST: &str = "demo-l7";
@@ -214,19 +215,30 @@ fn idle_connections_that_all_send_at_once_are_all_served() {
     );
 }
 
-/// The segments the proxy sent to the lab's client while `exchanges` ran, captured in the
-/// client's namespace: for each client port `exchanges` returns, in its order, the TCP flags
-/// (as tcpdump prints them) and payload length of each segment.
+/// The flags of the segments in `segments` that carry data.
+fn data_flags(segments: &[(String, u64)]) -> Vec<String> {
+    segments
+        .iter()
+        .filter(|(_, length)| *length > 0)
+        .map(|(flags, _)| flags.clone())
+        .collect()
+}
+
+/// The segments the proxy sent from the L7 VIP's `port` to the lab's client while
+/// `exchanges` ran, captured in the client's namespace: for each client port `exchanges`
+/// returns, in its order, the TCP flags (as tcpdump prints them) and payload length of each
+/// segment.
 fn segments_to_client(
     lab: &Lab,
     dir: &std::path::Path,
+    port: u16,
     exchanges: impl FnOnce() -> Vec<u16> + Send,
 ) -> Vec<Vec<(String, u64)>> {
     let (out, err) = (dir.join("tcpdump.out"), dir.join("tcpdump.err"));
     let mut tcpdump = lab.topology.client.command("tcpdump");
     tcpdump
         .args(["-i", "any", "-nn", "-l"])
-        .arg(format!("tcp and src host {L7_VIP} and src port 80"))
+        .arg(format!("tcp and src host {L7_VIP} and src port {port}"))
         .stdout(fs::File::create(&out).unwrap())
         .stderr(fs::File::create(&err).unwrap());
     let mut tcpdump = Process::spawn("tcpdump", &mut tcpdump).unwrap();
@@ -272,7 +284,7 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
     let dir = std::env::temp_dir().join(format!("weirt-{}-fin", std::process::id()));
     let lab = Lab::start(&prefix("fin"), 1, &dir, "native").expect("lab starts");
     let l7 = SocketAddr::new(L7_VIP.into(), 80);
-    let segments = segments_to_client(&lab, &dir, || {
+    let segments = segments_to_client(&lab, &dir, 80, || {
         // The client asks to close: the response is the connection's last.
         let mut closing = HttpConn::connect(l7).unwrap();
         let response = closing
@@ -292,15 +304,8 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
             .map(|s| s.local_addr().unwrap().port())
             .to_vec()
     });
-    let data = |segments: &[(String, u64)]| -> Vec<String> {
-        segments
-            .iter()
-            .filter(|(_, length)| *length > 0)
-            .map(|(flags, _)| flags.clone())
-            .collect()
-    };
     let (closing, kept) = (&segments[0], &segments[1]);
-    let closing_data = data(closing);
+    let closing_data = data_flags(closing);
     assert!(
         closing_data.last().is_some_and(|flags| flags.contains('F')),
         "the FIN rides on the response's last segment: {closing:?}"
@@ -311,8 +316,76 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
             .any(|(flags, length)| flags.contains('F') && *length == 0),
         "no segment of its own for the FIN: {closing:?}"
     );
-    let kept_data = data(kept);
+    let kept_data = data_flags(kept);
     // (A response's head and body may travel apart, as the server sent them.)
+    assert!(kept_data.len() >= 2, "both responses: {kept:?}");
+    assert!(
+        kept_data.iter().all(|flags| !flags.contains('F')),
+        "a kept-alive connection's responses are not held for a FIN: {kept:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
+fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
+    const SECURE: &str = "secure.weir.test";
+    let tag = prefix("tlsfin");
+    let dir = std::env::temp_dir().join(tag.trim_end_matches('-'));
+    let certs = dir.join("certs");
+    let ca = TestCa::new(&certs);
+    let site = ca.issue(&certs, "secure", &[SECURE], KeyKind::EcdsaP256);
+    let tls_vhost = format!(
+        "\n[[vhost]]\nname = \"secure\"\nlisten = \"{L7_VIP}:443\"\nhosts = [\"{SECURE}\"]\ntls = {{ certificate = \"{}\", key = \"{}\" }}\nservers = [{{ address = \"{}\" }}]\n",
+        site.certificate.display(),
+        site.key.display(),
+        server(1)
+    );
+    let topology = Topology::new(&tag, 1).expect("topology");
+    let lab =
+        Lab::start_in(topology, &dir, "native", |config| config + &tls_vhost).expect("lab starts");
+    let vip = SocketAddr::new(L7_VIP.into(), 443);
+    let segments = segments_to_client(&lab, &dir, 443, || {
+        // The client asks to close: the response is the connection's last, and the server
+        // ends the session with `close_notify` before the connection.
+        let mut closing = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
+        let response = closing
+            .get_with(SECURE, "/", "Connection: close\r\n")
+            .unwrap();
+        assert_eq!(response.status, 200, "{response:?}");
+        let rest = closing
+            .read_to_end()
+            .expect("the session ends with close_notify, not cut");
+        assert!(rest.is_empty(), "nothing after the response but the close");
+        // Kept alive: each response goes out at once, the connection stays open.
+        let mut kept = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
+        for _ in 0..2 {
+            assert_eq!(kept.get(SECURE, "/").unwrap().status, 200);
+        }
+        vec![closing.local_port(), kept.local_port()]
+    });
+    let (closing, kept) = (&segments[0], &segments[1]);
+    let last = closing
+        .iter()
+        .rev()
+        .find(|(_, length)| *length > 0)
+        .unwrap_or_else(|| panic!("the server sent data: {closing:?}"));
+    assert!(
+        last.0.contains('F'),
+        "the FIN rides on the last records: {closing:?}"
+    );
+    // A close_notify record alone is 24 bytes under TLS 1.3 (31 under TLS 1.2): the last
+    // segment carries the response's records too, not the alert on its own.
+    assert!(
+        last.1 > 31,
+        "the response and close_notify leave in one segment: {closing:?}"
+    );
+    assert!(
+        !closing
+            .iter()
+            .any(|(flags, length)| flags.contains('F') && *length == 0),
+        "no segment of its own for the FIN: {closing:?}"
+    );
+    let kept_data = data_flags(kept);
     assert!(kept_data.len() >= 2, "both responses: {kept:?}");
     assert!(
         kept_data.iter().all(|flags| !flags.contains('F')),

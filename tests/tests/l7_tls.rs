@@ -318,6 +318,24 @@ fn a_finished_connection_ends_with_close_notify_so_sessions_stay_resumable() {
 }
 
 #[test]
+fn a_client_that_ends_its_session_before_the_response_still_gets_all_of_it() {
+    // The client asks to close and sends `close_notify` while the server is still answering
+    // (the TLS form of a half-close). Its alert is unread when weir closes, so the close is a
+    // reset: a response held back to leave with the FIN (`Conn::send_last`) would go with it.
+    let (_scratch, ca, _origins, proxy) = default_site("half-close");
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    client
+        .send_get("d.test", "/slow/300", "Connection: close\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    client.send_close_notify().unwrap();
+    let response = client
+        .read_response()
+        .expect("the whole response reaches a client that ended its side");
+    assert_eq!(response.status, 200, "{response:?}");
+}
+
+#[test]
 fn unknown_names_fail_cleanly_and_the_default_vhost_takes_them_when_there_is_one() {
     let sites = two_sites("unknown", "", KeyKind::EcdsaP256);
     let out = sites.curl("c.test", "/", &[]);
