@@ -346,7 +346,8 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
     let vip = SocketAddr::new(L7_VIP.into(), 443);
     let segments = segments_to_client(&lab, &dir, 443, || {
         // The client asks to close: the response is the connection's last, and the server
-        // ends the session with `close_notify` before the connection.
+        // ends the session with `close_notify` before the connection. (The rustls client
+        // speaks TLS 1.3, whose session tickets follow the handshake.)
         let mut closing = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
         let response = closing
             .get_with(SECURE, "/", "Connection: close\r\n")
@@ -384,6 +385,13 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
             .iter()
             .any(|(flags, length)| flags.contains('F') && *length == 0),
         "no segment of its own for the FIN: {closing:?}"
+    );
+    // The handshake's flight, then everything else at once: the session tickets wait for the
+    // response (TLS 1.3), which the alert and the FIN follow in the same segment.
+    assert_eq!(
+        data_flags(closing).len(),
+        2,
+        "the handshake, then tickets, response, close_notify and FIN together: {closing:?}"
     );
     let kept_data = data_flags(kept);
     assert!(kept_data.len() >= 2, "both responses: {kept:?}");

@@ -207,6 +207,9 @@ impl Conn {
         let tls = self.tls.as_deref().expect("a TLS connection");
         let mut first = true;
         loop {
+            if handshake_done_but_tickets(&tls.state.borrow()) {
+                return Ok(());
+            }
             self.flush_tls(tls, Duration::MAX)
                 .await
                 .map_err(|_| HandshakeFailure::Closed)?;
@@ -431,10 +434,16 @@ impl Conn {
         };
         let fed = self.feed(tls, &cipher);
         drop(cipher);
-        // Something to answer (an alert, a key update), or nothing: sent either way.
-        let flushed = self.flush_tls(tls, timeout).await;
-        fed.map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
-        flushed
+        if let Err(err) = fed {
+            // The alert rustls queued goes out before the connection closes.
+            let _ = self.flush_tls(tls, timeout).await;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, err));
+        }
+        // What rustls has queued to send meanwhile (a handshake's session tickets, a key
+        // update the client asked for) goes with the response, in the same send: the client
+        // needs neither before its answer (RFC 8446 §4.6.3 asks the key update before the
+        // next application data, which is where it goes).
+        Ok(())
     }
 
     /// [`Conn::read_more`] on a TLS connection: what rustls has decrypted, else ciphertext
@@ -717,6 +726,16 @@ impl Pipe {
             capacity: capacity as usize,
         })
     }
+}
+
+/// Whether a TLS 1.3 handshake is complete, so that what rustls has queued since is only its
+/// session tickets. Those wait for the connection's first response, which takes them along
+/// in the same send: one send and one segment fewer per connection, and the client, which
+/// sends its request without waiting for tickets, has them with its answer. (Under TLS 1.2
+/// the server's last flight may follow the client's, and the client waits for it: that is
+/// flushed at once.)
+fn handshake_done_but_tickets(state: &rustls::ServerConnection) -> bool {
+    !state.is_handshaking() && state.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
 }
 
 /// One non-blocking `sendmsg` of `bytes` with `MSG_MORE`, for a connection's last bytes
