@@ -215,6 +215,39 @@ fn idle_connections_that_all_send_at_once_are_all_served() {
     );
 }
 
+/// Checks that the FIN of a closing connection (its segments as [`segments_to_client`] gives
+/// them) rode on its last data segment, and returns that segment.
+fn fin_on_the_last_data(closing: &[(String, u64)]) -> &(String, u64) {
+    let last = closing
+        .iter()
+        .rev()
+        .find(|(_, length)| *length > 0)
+        .unwrap_or_else(|| panic!("the server sent data: {closing:?}"));
+    assert!(
+        last.0.contains('F'),
+        "the FIN rides on the last data segment: {closing:?}"
+    );
+    assert!(
+        !closing
+            .iter()
+            .any(|(flags, length)| flags.contains('F') && *length == 0),
+        "no segment of its own for the FIN: {closing:?}"
+    );
+    last
+}
+
+/// Checks that a kept-alive connection's responses (two or more) went out at once, none held
+/// for a FIN.
+fn sent_at_once(kept: &[(String, u64)]) {
+    let data = data_flags(kept);
+    // (A response's head and body may travel apart, as the server sent them.)
+    assert!(data.len() >= 2, "both responses: {kept:?}");
+    assert!(
+        data.iter().all(|flags| !flags.contains('F')),
+        "a kept-alive connection's responses are not held for a FIN: {kept:?}"
+    );
+}
+
 /// The flags of the segments in `segments` that carry data.
 fn data_flags(segments: &[(String, u64)]) -> Vec<String> {
     segments
@@ -304,25 +337,8 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
             .map(|s| s.local_addr().unwrap().port())
             .to_vec()
     });
-    let (closing, kept) = (&segments[0], &segments[1]);
-    let closing_data = data_flags(closing);
-    assert!(
-        closing_data.last().is_some_and(|flags| flags.contains('F')),
-        "the FIN rides on the response's last segment: {closing:?}"
-    );
-    assert!(
-        !closing
-            .iter()
-            .any(|(flags, length)| flags.contains('F') && *length == 0),
-        "no segment of its own for the FIN: {closing:?}"
-    );
-    let kept_data = data_flags(kept);
-    // (A response's head and body may travel apart, as the server sent them.)
-    assert!(kept_data.len() >= 2, "both responses: {kept:?}");
-    assert!(
-        kept_data.iter().all(|flags| !flags.contains('F')),
-        "a kept-alive connection's responses are not held for a FIN: {kept:?}"
-    );
+    fin_on_the_last_data(&segments[0]);
+    sent_at_once(&segments[1]);
 }
 
 #[test]
@@ -364,27 +380,12 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
         }
         vec![closing.local_port(), kept.local_port()]
     });
-    let (closing, kept) = (&segments[0], &segments[1]);
-    let last = closing
-        .iter()
-        .rev()
-        .find(|(_, length)| *length > 0)
-        .unwrap_or_else(|| panic!("the server sent data: {closing:?}"));
-    assert!(
-        last.0.contains('F'),
-        "the FIN rides on the last records: {closing:?}"
-    );
+    let closing = &segments[0];
     // A close_notify record alone is 24 bytes under TLS 1.3 (31 under TLS 1.2): the last
     // segment carries the response's records too, not the alert on its own.
     assert!(
-        last.1 > 31,
+        fin_on_the_last_data(closing).1 > 31,
         "the response and close_notify leave in one segment: {closing:?}"
-    );
-    assert!(
-        !closing
-            .iter()
-            .any(|(flags, length)| flags.contains('F') && *length == 0),
-        "no segment of its own for the FIN: {closing:?}"
     );
     // The handshake's flight, then everything else at once: the session tickets wait for the
     // response (TLS 1.3), which the alert and the FIN follow in the same segment.
@@ -393,10 +394,5 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
         2,
         "the handshake, then tickets, response, close_notify and FIN together: {closing:?}"
     );
-    let kept_data = data_flags(kept);
-    assert!(kept_data.len() >= 2, "both responses: {kept:?}");
-    assert!(
-        kept_data.iter().all(|flags| !flags.contains('F')),
-        "a kept-alive connection's responses are not held for a FIN: {kept:?}"
-    );
+    sent_at_once(&segments[1]);
 }
