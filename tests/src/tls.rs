@@ -230,6 +230,10 @@ impl TlsClient {
 
     /// The local port of the connection.
     pub fn local_port(&self) -> u16 {
-        self.stream.sock.local_addr().map_or(0, |a| a.port())
+        self.stream
+            .sock
+            .local_addr()
+            .expect("a connected socket has a local address")
+            .port()
     }
 }
