@@ -24,6 +24,7 @@ pub mod http;
 pub mod io;
 pub mod passthrough;
 pub mod proxy;
+pub mod relay;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
