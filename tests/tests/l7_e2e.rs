@@ -314,8 +314,15 @@ fn segments_to_client(
 #[test]
 #[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
 fn the_last_response_of_a_connection_leaves_with_its_fin() {
+    const MOVED: &str = "moved.weir.test";
     let dir = std::env::temp_dir().join(format!("weirt-{}-fin", std::process::id()));
-    let lab = Lab::start(&prefix("fin"), 1, &dir, "native").expect("lab starts");
+    let topology = Topology::new(&prefix("fin"), 1).expect("topology");
+    let redirecting = format!(
+        "\n[[vhost]]\nname = \"moved\"\nlisten = \"{L7_VIP}:80\"\nhosts = [\"{MOVED}\"]\nredirect_to_https = true\nservers = [{{ address = \"{}\" }}]\n",
+        server(1)
+    );
+    let lab = Lab::start_in(topology, &dir, "native", |config| config + &redirecting)
+        .expect("lab starts");
     let l7 = SocketAddr::new(L7_VIP.into(), 80);
     let segments = segments_to_client(&lab, &dir, 80, || {
         // The client asks to close: the response is the connection's last.
@@ -333,12 +340,27 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
             let response = kept.request("GET", "/", HOST, "", Body::None).unwrap();
             assert_eq!(response.status, 200);
         }
-        [&closing.stream, &kept.stream]
+        // A redirect to HTTPS the client asked to close after: weir's own answer, held for
+        // the FIN like a relayed one.
+        let mut redirected = HttpConn::connect(l7).unwrap();
+        let response = redirected
+            .request("GET", "/there", MOVED, "Connection: close\r\n", Body::None)
+            .unwrap();
+        assert_eq!(response.status, 308);
+        assert_eq!(
+            response.header("location"),
+            Some(format!("https://{MOVED}/there").as_str())
+        );
+        let mut rest = Vec::new();
+        redirected.stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the redirect but the close");
+        [&closing.stream, &kept.stream, &redirected.stream]
             .map(|s| s.local_addr().unwrap().port())
             .to_vec()
     });
     fin_on_the_last_data(&segments[0]);
     sent_at_once(&segments[1]);
+    fin_on_the_last_data(&segments[2]);
 }
 
 #[test]

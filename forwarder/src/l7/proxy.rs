@@ -110,7 +110,7 @@ pub async fn serve_client(
                 "this connection's certificate does not serve this Host",
             )),
             Some(vhost) if snapshot.vhosts[vhost].redirect_to_https => {
-                redirect_to_https(&worker, &request, &client).await
+                redirect_to_https(&worker, &request, &client, buf.is_empty()).await
             }
             Some(vhost) => {
                 exchange(&worker, &snapshot, vhost, &request, &client, &mut buf, peer).await
@@ -155,10 +155,14 @@ fn misdirected(snapshot: &L7Snapshot, presented: Option<Option<usize>>, vhost: u
 
 /// Answers `request` with `308 Permanent Redirect` to the same URL over HTTPS. Its body, if
 /// any, is not read: the connection closes after the answer.
+/// Answers a request to a plain vhost that redirects to HTTPS. `nothing_unread`: no bytes past
+/// the request were read, so when the client asked to close, the redirect is the last thing
+/// on the connection and leaves with its FIN, as a relayed response does.
 async fn redirect_to_https(
     worker: &Worker,
     request: &RequestHead,
     client: &Conn,
+    nothing_unread: bool,
 ) -> Result<Exchanged, ProxyError> {
     let authority = request.authority.as_deref().unwrap_or_default();
     let keep_alive = request.keep_alive && request.body == BodyLength::Empty && !worker.stopping();
@@ -175,8 +179,17 @@ async fn redirect_to_https(
         if keep_alive { "keep-alive" } else { "close" },
     );
     let bytes = out.len() as u64;
-    let timeout = ms(worker.snapshot.load().settings.body_idle_timeout_ms);
-    let BufResult(written, out) = client.write_all(out, timeout).await;
+    if !request.keep_alive && request.body == BodyLength::Empty && nothing_unread {
+        client.send_last(&mut out);
+    }
+    let written = if out.is_empty() {
+        Ok(())
+    } else {
+        let timeout = ms(worker.snapshot.load().settings.body_idle_timeout_ms);
+        let BufResult(written, back) = client.write_all(out, timeout).await;
+        out = back;
+        written
+    };
     worker.recycle(out);
     written.map_err(|_| ProxyError::client_gone())?;
     Ok(Exchanged {
