@@ -363,6 +363,9 @@ fn the_last_response_of_a_connection_leaves_with_its_fin() {
     fin_on_the_last_data(&segments[2]);
 }
 
+/// Closing connections the HTTPS test makes, of which one must show the merged close.
+const CLOSING_TRIES: usize = 4;
+
 #[test]
 #[ignore = "needs root: creates network namespaces, attaches XDP and runs the daemon"]
 fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
@@ -386,35 +389,44 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
         // The client asks to close: the response is the connection's last, and the server
         // ends the session with `close_notify` before the connection. (The rustls client
         // speaks TLS 1.3, whose session tickets follow the handshake.)
-        let mut closing = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
-        let response = closing
-            .get_with(SECURE, "/", "Connection: close\r\n")
-            .unwrap();
-        assert_eq!(response.status, 200, "{response:?}");
-        let rest = closing
-            .read_to_end()
-            .expect("the session ends with close_notify, not cut");
-        assert!(rest.is_empty(), "nothing after the response but the close");
+        let mut ports = Vec::new();
+        for _ in 0..CLOSING_TRIES {
+            let mut closing = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
+            let response = closing
+                .get_with(SECURE, "/", "Connection: close\r\n")
+                .unwrap();
+            assert_eq!(response.status, 200, "{response:?}");
+            let rest = closing
+                .read_to_end()
+                .expect("the session ends with close_notify, not cut");
+            assert!(rest.is_empty(), "nothing after the response but the close");
+            ports.push(closing.local_port());
+        }
         // Kept alive: each response goes out at once, the connection stays open.
         let mut kept = TlsClient::connect(vip, SECURE, ca.client_config()).unwrap();
         for _ in 0..2 {
             assert_eq!(kept.get(SECURE, "/").unwrap().status, 200);
         }
-        vec![closing.local_port(), kept.local_port()]
+        ports.push(kept.local_port());
+        ports
     });
-    let closing = &segments[0];
-    // A close_notify record alone is 24 bytes under TLS 1.3 (31 under TLS 1.2): the last
-    // segment carries the response's records too, not the alert on its own.
-    assert!(
-        fin_on_the_last_data(closing).1 > 31,
-        "the response and close_notify leave in one segment: {closing:?}"
-    );
     // The handshake's flight, then everything else at once: the session tickets wait for the
-    // response (TLS 1.3), which the alert and the FIN follow in the same segment.
-    assert_eq!(
-        data_flags(closing).len(),
-        2,
+    // response (TLS 1.3), which `close_notify` and the FIN follow in the same segment. A
+    // close_notify record alone is 24 bytes under TLS 1.3 (31 under TLS 1.2), so that last
+    // segment is longer.
+    //
+    // Holding the records for the FIN is the kernel's best effort: an ACK from the client
+    // that lands between weir's send and its close pushes what is held (seen about once in
+    // a dozen runs on a loaded two-CPU box). So of several closing connections one must show
+    // it; with the change undone none does.
+    let (closing, kept) = segments.split_at(CLOSING_TRIES);
+    let two_segments = |segments: &[(String, u64)]| {
+        let data: Vec<_> = segments.iter().filter(|(_, length)| *length > 0).collect();
+        data.len() == 2 && data[1].0.contains('F') && data[1].1 > 31
+    };
+    assert!(
+        closing.iter().any(|segments| two_segments(segments)),
         "the handshake, then tickets, response, close_notify and FIN together: {closing:?}"
     );
-    sent_at_once(&segments[1]);
+    sent_at_once(&kept[0]);
 }

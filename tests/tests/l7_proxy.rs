@@ -1091,6 +1091,34 @@ fn wait_until_requests(origin: &HttpOrigin, count: usize) {
 }
 
 #[test]
+fn a_client_that_sends_after_asking_to_close_still_gets_its_response() {
+    // The client asks to close, then sends more while the server is still answering (it must
+    // not, RFC 9112 §9.6). Those bytes are unread when weir closes, which makes the close a
+    // reset: a response held back to leave with the FIN (`Conn::send_last`) would go with it.
+    let o = origins(1);
+    let proxy = Proxy::start("", &vhost("late", 1, ""), &refs(&o));
+    let mut client = proxy.conn();
+    client
+        .send(
+            "GET",
+            "/slow/300",
+            "late.test",
+            "Connection: close\r\n",
+            Body::None,
+        )
+        .unwrap();
+    thread::sleep(Duration::from_millis(100));
+    client
+        .send_raw(b"GET / HTTP/1.1\r\nHost: late.test\r\n\r\n")
+        .unwrap();
+    let response = client
+        .read_response(false)
+        .expect("the whole response reaches a client that sent more");
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.header("connection"), Some("close"));
+}
+
+#[test]
 fn a_server_dying_mid_body_closes_the_client_connection_and_the_proxy_serves_on() {
     let o = origins(1);
     // One worker, lending a single pipe (a quarter of its connection limit): the cut relay's

@@ -183,11 +183,15 @@ impl Conn {
     /// caller's future holds no second write. On TLS the last records and `close_notify` go
     /// out together this way (see [`Conn::send_last_tls`]), three segments made one.
     ///
-    /// The held tail leaves with the close, so the caller must close the connection next —
+    /// The held tail leaves with the close, so the caller must close the connection next,
     /// and must not call this when the peer may still send: a close with unread bytes is a
-    /// reset, which discards what was held.
+    /// reset, which discards what was held. A client that sent something all the same (it
+    /// must not after asking to close, RFC 9112 §9.6; a TLS client may end its session with
+    /// `close_notify` as soon as its request is out) is caught by one `recv(MSG_PEEK)` first,
+    /// and then the bytes go the usual way; only bytes that land in the microseconds between
+    /// that check and the close can still reset it.
     pub fn send_last(&self, buf: &mut Vec<u8>) {
-        if buf.as_slice().is_empty() {
+        if buf.as_slice().is_empty() || !self.is_idle_and_open() {
             return;
         }
         if let Some(tls) = self.tls.as_deref() {
@@ -220,9 +224,9 @@ impl Conn {
 
     /// Whether the peer has neither closed the connection nor sent anything that is unread:
     /// whether an idle pooled connection can carry another request (it catches the common
-    /// race of reusing a connection the server already closed), and whether a closing TLS
-    /// connection's last records may wait for its close ([`Conn::send_last_tls`]). One
-    /// non-blocking `recv(MSG_PEEK)`.
+    /// race of reusing a connection the server already closed), and whether a closing
+    /// connection's last bytes may wait for its close ([`Conn::send_last`]). One non-blocking
+    /// `recv(MSG_PEEK)`.
     pub fn is_idle_and_open(&self) -> bool {
         let mut byte = 0u8;
         // SAFETY: a valid fd owned by `self.stream`, a one-byte buffer that outlives the call.

@@ -337,18 +337,12 @@ impl Conn {
     /// [`Conn::send_last`] on TLS: `buf` encrypted, `close_notify` queued after it, and what
     /// rustls then holds sent with `MSG_MORE`; [`Conn::finish`] sends what the socket did not
     /// take (its own `close_notify` is then a no-op). Left to the usual path when a write is
-    /// in flight (the records must stay in order), when rustls cannot take all of `buf` at
-    /// once, and when the client has sent anything unread: a TLS client may end its side with
-    /// `close_notify` as soon as its request is out, and those bytes would turn the close into
-    /// a reset. The check costs one `recv(MSG_PEEK)`, little beside a TLS connection's
-    /// handshake.
+    /// in flight (the records must stay in order) and when rustls cannot take all of `buf` at
+    /// once. ([`Conn::send_last`] has already checked that the client left nothing unread.)
     pub(super) fn send_last_tls(&self, tls: &TlsSession, buf: &mut Vec<u8>) {
         let Some(_sending) = tls.sending.try_lock() else {
             return;
         };
-        if !self.is_idle_and_open() {
-            return;
-        }
         let mut state = tls.state.borrow_mut();
         let Ok(taken) = state.writer().write(buf) else {
             return;
