@@ -2,9 +2,10 @@
 //! read a head → route by Host → pick a server → send head and body → relay the response →
 //! keep the server connection for reuse → next request (or close).
 //!
-//! Bodies are streamed in both directions and never held whole (`relay`). Errors before any response
-//! byte reached the client become a small local response (400/404/408/414/431/501 for the
-//! client's fault, 502/503/504 for the server's); after that, the connection is closed.
+//! Bodies are streamed in both directions and never held whole (`relay`). Errors before any
+//! response byte reached the client become a small local response (400/404/408/414/431/501
+//! for the client's fault, 502/503/504 for the server's); after that, the connection is
+//! closed.
 //! A request that was refused closes its connection after the answer, so bytes the client
 //! sent after it are never read as a request ("close after error" defeats smuggling).
 //!
