@@ -855,7 +855,8 @@ async fn relay_response(
     // The client asked to close and sent nothing past its request: the response is the last
     // thing on the connection, and its tail may wait in the kernel for the FIN. (Bytes the
     // client sent after all — it must not — would make the close a reset, and a held tail
-    // would be lost with it: then it goes out at once, as any other response.)
+    // would be lost with it: then it goes out at once, as any other response. Those read
+    // with the request are in `client_buf`; `Conn::send_last` peeks for any that came since.)
     let last = !request.keep_alive && client_buf.is_empty();
     let (relayed, relayed_bytes) = {
         let relay =
