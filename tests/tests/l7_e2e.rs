@@ -218,10 +218,8 @@ fn idle_connections_that_all_send_at_once_are_all_served() {
 /// Checks that the FIN of a closing connection (its segments as [`segments_to_client`] gives
 /// them) rode on its last data segment, and returns that segment.
 fn fin_on_the_last_data(closing: &[(String, u64)]) -> &(String, u64) {
-    let last = closing
-        .iter()
-        .rev()
-        .find(|(_, length)| *length > 0)
+    let last = *data_segments(closing)
+        .last()
         .unwrap_or_else(|| panic!("the server sent data: {closing:?}"));
     assert!(
         last.0.contains('F'),
@@ -239,22 +237,18 @@ fn fin_on_the_last_data(closing: &[(String, u64)]) -> &(String, u64) {
 /// Checks that a kept-alive connection's responses (two or more) went out at once, none held
 /// for a FIN.
 fn sent_at_once(kept: &[(String, u64)]) {
-    let data = data_flags(kept);
+    let data = data_segments(kept);
     // (A response's head and body may travel apart, as the server sent them.)
     assert!(data.len() >= 2, "both responses: {kept:?}");
     assert!(
-        data.iter().all(|flags| !flags.contains('F')),
+        data.iter().all(|(flags, _)| !flags.contains('F')),
         "a kept-alive connection's responses are not held for a FIN: {kept:?}"
     );
 }
 
-/// The flags of the segments in `segments` that carry data.
-fn data_flags(segments: &[(String, u64)]) -> Vec<String> {
-    segments
-        .iter()
-        .filter(|(_, length)| *length > 0)
-        .map(|(flags, _)| flags.clone())
-        .collect()
+/// The segments in `segments` that carry data.
+fn data_segments(segments: &[(String, u64)]) -> Vec<&(String, u64)> {
+    segments.iter().filter(|(_, length)| *length > 0).collect()
 }
 
 /// The segments the proxy sent from the L7 VIP's `port` to the lab's client while
@@ -421,7 +415,7 @@ fn the_last_https_response_leaves_with_close_notify_and_the_fin() {
     // it; with the change undone none does.
     let (closing, kept) = segments.split_at(CLOSING_TRIES);
     let two_segments = |segments: &[(String, u64)]| {
-        let data: Vec<_> = segments.iter().filter(|(_, length)| *length > 0).collect();
+        let data = data_segments(segments);
         data.len() == 2 && data[1].0.contains('F') && data[1].1 > 31
     };
     assert!(
