@@ -98,13 +98,16 @@ impl Lab {
         self.weir.kill();
     }
 
-    /// Starts `weir` again with the same config; returns once it answers.
+    /// Starts `weir` again with the same config; returns once it answers. A daemon still
+    /// running is killed first (SIGKILL, as a crash would), and gone before the next starts:
+    /// the next would otherwise find it holding the state file's lock and refuse to run.
     pub fn restart_weir(&mut self) -> Result<()> {
         self.restart_weir_with_env(&[])
     }
 
     /// Like [`Lab::restart_weir`], with extra environment variables for the daemon.
     pub fn restart_weir_with_env(&mut self, env: &[(&str, &Path)]) -> Result<()> {
+        self.weir.kill();
         self.weir = spawn_weir(&self.topology.balancer, &self.dir, env, None)?;
         self.wait_for_weir()
     }
@@ -112,6 +115,7 @@ impl Lab {
     /// Starts weir again with its open-descriptor limit (soft, hard) set to `limit`, as a
     /// service manager would.
     pub fn restart_weir_with_descriptor_limit(&mut self, limit: (u64, u64)) -> Result<()> {
+        self.weir.kill();
         self.weir = spawn_weir(&self.topology.balancer, &self.dir, &[], Some(limit))?;
         self.wait_for_weir()
     }
@@ -124,13 +128,15 @@ impl Lab {
 
     /// Starts `weir` from `command` (the whole command line: see
     /// [`crate::supervisor::Supervisor::command`]), its output appended to the lab's log;
-    /// returns once it answers.
+    /// returns once it answers. A daemon still running is killed first, as in
+    /// [`Lab::restart_weir`].
     pub fn start_weir_from(&mut self, mut command: Command) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("weir.log"))?;
         command.stdout(log.try_clone()?).stderr(log);
+        self.weir.kill();
         self.weir = Process::spawn("weir", &mut command)?;
         self.wait_for_weir()
     }
