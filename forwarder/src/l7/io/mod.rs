@@ -40,8 +40,7 @@ pub use tls_session::{HandshakeFailure, PLAINTEXT_ANSWER};
 /// terminates TLS.
 pub struct Conn {
     stream: TcpStream,
-    /// The socket is non-blocking and carries no TLS, so it may be spliced (see the module
-    /// docs).
+    /// The socket is non-blocking and carries no TLS, so it may be spliced (see [`splice`]).
     spliceable: bool,
     tls: Option<Box<TlsSession>>,
 }
@@ -55,7 +54,7 @@ impl Conn {
     pub fn new(stream: TcpStream) -> Conn {
         // Heads and small bodies go out as soon as they are written.
         let _ = stream.set_nodelay(true);
-        // For splices (see the module docs); a socket left blocking is never spliced.
+        // For splices (see `splice`); a socket left blocking is never spliced.
         let spliceable = socket2::SockRef::from(&stream)
             .set_nonblocking(true)
             .is_ok();
