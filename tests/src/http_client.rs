@@ -210,7 +210,7 @@ impl BodySink {
         let mut buf = vec![0u8; 64 * 1024];
         let mut read = 0u64;
         loop {
-            let n = from.read(&mut buf)?;
+            let n = crate::read_some(from, &mut buf)?;
             if n == 0 {
                 break;
             }
@@ -240,7 +240,7 @@ pub fn raw_exchange(
     let mut answer = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     let closed = loop {
-        match stream.read(&mut buf) {
+        match crate::read_some(&mut stream, &mut buf) {
             Ok(0) => break true,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break true,

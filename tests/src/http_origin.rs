@@ -268,7 +268,7 @@ fn serve(
             let mut buf = vec![0u8; 64 * 1024];
             let mut read = 0;
             loop {
-                let n = body.read(&mut buf)?;
+                let n = crate::read_some(&mut body, &mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -302,7 +302,7 @@ fn serve(
             reader.consume(buffered.len());
             let mut buf = [0u8; 16 * 1024];
             loop {
-                let n = reader.get_mut().read(&mut buf)?;
+                let n = crate::read_some(reader.get_mut(), &mut buf)?;
                 if n == 0 {
                     return Ok(());
                 }
@@ -416,7 +416,7 @@ fn read_chunked(reader: &mut impl BufRead, hasher: &mut Xxh3) -> io::Result<u64>
         }
         let mut left = size;
         while left > 0 {
-            let n = reader.read(&mut buf[..left.min(64 * 1024) as usize])?;
+            let n = crate::read_some(reader, &mut buf[..left.min(64 * 1024) as usize])?;
             if n == 0 {
                 return Err(bad("end of file in chunk"));
             }

@@ -17,12 +17,29 @@ pub mod load;
 pub mod netns;
 pub mod origin;
 pub mod packet_bed;
+#[cfg(feature = "in-process-proxy")]
 pub mod proxy;
 pub mod supervisor;
 pub mod tls;
 pub mod topology;
 
-use std::path::PathBuf;
+use std::{
+    io::{self, Read},
+    path::PathBuf,
+};
+
+/// One `read`, tried again while it is interrupted (EINTR), as `read_exact` and `io::copy` do
+/// and a bare `read` does not. A socket with a receive timeout fails with EINTR when the process
+/// is stopped and resumed (a stop signal, a cgroup freeze), even with no signal handler
+/// installed (signal(7)); a test client or origin must not count that as the peer's failure.
+pub fn read_some(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match from.read(buf) {
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
 
 /// A binary built by this workspace (`weir`, `weirctl`, `weir-demo-backend`), next to the test
 /// executable's profile directory. `cargo xtask test` builds them before running tests.

@@ -8,7 +8,7 @@
 //! - UDP: answers each datagram with `<name> <datagram>`.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, Write},
     net::{TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
@@ -40,7 +40,7 @@ fn answer(mut stream: TcpStream, name: &str) -> io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf)?;
+        let n = crate::read_some(&mut stream, &mut buf)?;
         if n == 0 || head.len() > 64 * 1024 {
             return Err(io::ErrorKind::InvalidData.into());
         }
@@ -63,7 +63,7 @@ pub fn serve_echo(listener: TcpListener, name: String) {
                 stream.write_all(greeting.as_bytes())?;
                 let mut buf = [0u8; 16 * 1024];
                 loop {
-                    let n = stream.read(&mut buf)?;
+                    let n = crate::read_some(&mut stream, &mut buf)?;
                     if n == 0 {
                         return Ok(());
                     }

@@ -1271,7 +1271,7 @@ fn recording_server(
     address: SocketAddr,
     reply: &'static [u8],
 ) -> std::sync::mpsc::Receiver<(&'static str, Vec<u8>)> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = TcpListener::bind(address).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || {
@@ -1283,7 +1283,7 @@ fn recording_server(
                 let mut buf = [0u8; 4096];
                 let mut replied = false;
                 let end = loop {
-                    match stream.read(&mut buf) {
+                    match weir_tests::read_some(&mut stream, &mut buf) {
                         Ok(0) => break "end",
                         Ok(n) => {
                             got.extend_from_slice(&buf[..n]);
