@@ -490,7 +490,7 @@ fn run_worker(
             let worker = Rc::clone(&worker);
             compio::runtime::spawn(async move {
                 loop {
-                    compio::time::sleep(SWEEP_INTERVAL).await;
+                    io::sleep(SWEEP_INTERVAL).await;
                     let snapshot = worker.snapshot.load();
                     let max_idle =
                         Duration::from_millis(snapshot.settings.upstream_idle_timeout_ms);
@@ -537,7 +537,7 @@ async fn drain(worker: &Worker, grace: Duration) {
         if started.elapsed() >= IDLE_LINGER.min(grace) {
             worker.close_idle_clients();
         }
-        compio::time::sleep(DRAIN_POLL).await;
+        io::sleep(DRAIN_POLL).await;
     }
 }
 
@@ -607,11 +607,11 @@ async fn accept_loop(
         // Those answers hold descriptors too, a quarter of the limit at most (one at least):
         // beyond that, new connections wait in the backlog until one closes.
         while worker.connections.get() + worker.refusing.get() >= ceiling() {
-            compio::time::sleep(FULL_BACKOFF).await;
+            io::sleep(FULL_BACKOFF).await;
         }
         if let Err(err) = socket.accept_ready().await {
             tracing::warn!(worker = worker.index, %err, "waiting to accept failed");
-            compio::time::sleep(FULL_BACKOFF).await;
+            io::sleep(FULL_BACKOFF).await;
             continue;
         }
         loop {
@@ -621,7 +621,7 @@ async fn accept_loop(
                 Err(err) => {
                     // Out of descriptors or a connection reset before accept: not fatal.
                     tracing::warn!(worker = worker.index, %err, "accept failed");
-                    compio::time::sleep(FULL_BACKOFF).await;
+                    io::sleep(FULL_BACKOFF).await;
                     break;
                 }
             };

@@ -52,7 +52,7 @@ pub async fn serve(
 ) {
     let client = Conn::accepted(stream);
     let timeout = Duration::from_millis(worker.snapshot.load().settings.tls_handshake_timeout_ms);
-    let hello = match compio::time::timeout(timeout, read_client_hello(&client, timeout)).await {
+    let hello = match super::io::timeout(timeout, read_client_hello(&client, timeout)).await {
         Ok(hello) => hello,
         Err(_) => Err(HandshakeFailure::Timeout),
     };

@@ -10,8 +10,10 @@
 //!   plaintext those calls read and write through rustls;
 //! - [`splice`]: large bodies moved socket → [`Pipe`] → socket, never copied through user
 //!   space;
-//! - [`run_loop`]: how a worker turns the runtime.
+//! - [`run_loop`]: how a worker turns the runtime;
+//! - [`deadline`]: the timeouts of those reads and writes, kept by the worker.
 
+mod deadline;
 mod run_loop;
 mod splice;
 mod tls_session;
@@ -31,6 +33,7 @@ use compio::{
     net::TcpStream,
 };
 
+pub(crate) use deadline::{sleep, timeout};
 pub use run_loop::run_to_completion;
 pub use splice::Pipe;
 use tls_session::TlsSession;
@@ -118,7 +121,7 @@ impl Conn {
         let start = buf.len();
         let end = buf.capacity().min(start + at_most);
         let mut stream = &self.stream;
-        match compio::time::timeout(timeout, stream.read(buf.slice(start..end))).await {
+        match deadline::timeout(timeout, stream.read(buf.slice(start..end))).await {
             Ok(result) => result.map_buffer(IntoInner::into_inner),
             // The cancelled read keeps the buffer; the connection is given up anyway.
             Err(_) => BufResult(Err(timed_out()), Vec::new()),
@@ -148,7 +151,7 @@ impl Conn {
     async fn read_into_ring(&self, timeout: Duration) -> io::Result<Option<BufferRef>> {
         let mut stream = &self.stream;
         // Length 0: as much as one of the ring's buffers holds.
-        match compio::time::timeout(timeout, stream.read_managed(0)).await {
+        match deadline::timeout(timeout, stream.read_managed(0)).await {
             Ok(Ok(bytes)) => Ok(bytes.filter(|bytes| !bytes.is_empty())),
             Ok(Err(_)) => Ok(None),
             Err(_) => Err(timed_out()),
@@ -163,7 +166,7 @@ impl Conn {
             return BufResult(result, buf);
         }
         let mut stream = &self.stream;
-        match compio::time::timeout(timeout, stream.write_all(buf)).await {
+        match deadline::timeout(timeout, stream.write_all(buf)).await {
             Ok(result) => result,
             Err(_) => BufResult(Err(timed_out()), Vec::new()),
         }
@@ -246,7 +249,7 @@ async fn within<T>(
     timeout: Duration,
     operation: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    compio::time::timeout(timeout, operation)
+    deadline::timeout(timeout, operation)
         .await
         .unwrap_or_else(|_| Err(timed_out()))
 }
@@ -310,9 +313,19 @@ mod tests {
         (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
     }
 
+    /// Runs `future` as a task on a worker's run loop, as a connection runs: polled only when
+    /// woken, its deadlines ([`deadline`]) expired by the loop. Under a watchdog of compio's
+    /// own timers: a deadline that never wakes its task fails the test instead of hanging it.
+    pub(super) fn on_a_worker<F: std::future::Future<Output = ()> + 'static>(future: F) {
+        let runtime = compio::runtime::Runtime::new().unwrap();
+        let task = async { compio::runtime::spawn(future).await.expect("the task ran") };
+        let watched = compio::time::timeout(Duration::from_secs(30), task);
+        run_to_completion(&runtime, watched).expect("done within 30 s")
+    }
+
     #[test]
     fn a_read_takes_no_more_than_its_bound() {
-        compio::runtime::Runtime::new().unwrap().block_on(async {
+        on_a_worker(async {
             let (conn, mut peer) = pair();
             peer.write_all(&pattern(64 * 1024)).unwrap();
             // A recycled buffer with room for all of it still reads only the bound.

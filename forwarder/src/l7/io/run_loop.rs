@@ -1,7 +1,10 @@
 //! The worker's run loop: compio's executor and io_uring driver turned by hand, so that woken
-//! tasks run before the worker waits for completions (decision 0027).
+//! tasks run before the worker waits for completions (decision 0027), and the worker's own
+//! deadlines ([`super::deadline`]) kept by the clock it reads once per turn (decision 0031).
 
 use std::time::Duration;
+
+use super::deadline;
 
 /// Tick after tick of woken tasks the worker runs before it reaps completions anyway, so that
 /// tasks that keep waking each other cannot hold back the I/O of the others.
@@ -16,7 +19,7 @@ const TICKS_BEFORE_REAPING: usize = 16;
 /// compio-driver 0.12 makes a blocking `io_uring_enter` with a zero timespec: the kernel arms
 /// a timer and puts the thread to sleep until it fires. That was half a sleep per TLS
 /// connection and a tenth of its CPU (decision 0027). Here the driver is entered to wait only
-/// when no task is left to run.
+/// when no task is left to run, and then no longer than the worker's next deadline.
 pub fn run_to_completion<F: std::future::Future>(
     runtime: &compio::runtime::Runtime,
     future: F,
@@ -26,6 +29,7 @@ pub fn run_to_completion<F: std::future::Future>(
         let waker = runtime.waker();
         let mut context = Context::from_waker(&waker);
         let mut future = std::pin::pin!(future);
+        deadline::expire();
         loop {
             if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
                 runtime.run();
@@ -37,11 +41,16 @@ pub fn run_to_completion<F: std::future::Future>(
                 woken = runtime.run();
                 ticks += 1;
             }
-            if woken {
-                runtime.poll_with(Some(Duration::ZERO));
+            let wait = if woken {
+                Some(Duration::ZERO)
             } else {
-                runtime.poll();
-            }
+                match (runtime.current_timeout(), deadline::wait_limit()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            };
+            runtime.poll_with(wait);
+            deadline::expire();
         }
     })
 }

@@ -123,13 +123,13 @@ mod tests {
     };
 
     use super::*;
-    use crate::l7::io::tests::{pair, pattern};
+    use crate::l7::io::tests::{on_a_worker, pair, pattern};
 
     #[test]
     fn splices_carry_a_body_intact_to_a_receiver_that_is_slow_to_read() {
         // More than the socket buffers of both connections hold, so sending has to wait.
         const LEN: usize = 32 << 20;
-        compio::runtime::Runtime::new().unwrap().block_on(async {
+        on_a_worker(async {
             let (from, mut sender) = pair();
             let (to, mut receiver) = pair();
             assert!(from.spliceable() && to.spliceable());
@@ -164,7 +164,7 @@ mod tests {
 
     #[test]
     fn a_splice_from_a_silent_peer_times_out() {
-        compio::runtime::Runtime::new().unwrap().block_on(async {
+        on_a_worker(async {
             let (from, _silent) = pair();
             let pipe = Pipe::new().unwrap();
             let err = from
@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_splice_from_a_closed_peer_moves_nothing() {
-        compio::runtime::Runtime::new().unwrap().block_on(async {
+        on_a_worker(async {
             let (from, closed) = pair();
             drop(closed);
             let pipe = Pipe::new().unwrap();

@@ -104,7 +104,7 @@ impl Conn {
             incoming: RefCell::new(Vec::with_capacity(TLS_READ_CHUNK)),
             outgoing: RefCell::new(Vec::new()),
         }));
-        match compio::time::timeout(timeout, conn.handshake()).await {
+        match super::deadline::timeout(timeout, conn.handshake()).await {
             Ok(Ok(())) => Ok(conn),
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(HandshakeFailure::Timeout),
@@ -169,7 +169,7 @@ impl Conn {
         let BufResult(result, cipher) = if timeout == Duration::MAX {
             read.await
         } else {
-            match compio::time::timeout(timeout, read).await {
+            match super::deadline::timeout(timeout, read).await {
                 Ok(done) => done,
                 Err(_) => BufResult(Err(timed_out()), Vec::with_capacity(TLS_READ_CHUNK)),
             }
@@ -214,7 +214,7 @@ impl Conn {
             let BufResult(written, out) = if timeout == Duration::MAX {
                 stream.write_all(out).await
             } else {
-                match compio::time::timeout(timeout, stream.write_all(out)).await {
+                match super::deadline::timeout(timeout, stream.write_all(out)).await {
                     Ok(done) => done,
                     Err(_) => BufResult(Err(timed_out()), Vec::new()),
                 }
