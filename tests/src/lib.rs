@@ -33,8 +33,14 @@ use std::{
 /// is stopped and resumed (a stop signal, a cgroup freeze), even with no signal handler
 /// installed (signal(7)); a test client or origin must not count that as the peer's failure.
 pub fn read_some(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    retry_interrupted(|| from.read(buf))
+}
+
+/// `operation` (one receive, on any kind of socket), tried again while it fails with EINTR:
+/// see [`read_some`].
+pub fn retry_interrupted<T>(mut operation: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
-        match from.read(buf) {
+        match operation() {
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             result => return result,
         }

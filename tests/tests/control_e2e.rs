@@ -880,7 +880,8 @@ fn the_daemon_tells_systemd_it_is_ready_once_it_serves() {
     let mut messages = Vec::new();
     for _ in 0..8 {
         let mut message = [0u8; 256];
-        let n = systemd.recv(&mut message).expect("a notification");
+        let n =
+            weir_tests::retry_interrupted(|| systemd.recv(&mut message)).expect("a notification");
         messages.push(String::from_utf8_lossy(&message[..n]).into_owned());
         if messages.last().unwrap().lines().any(|l| l == "READY=1") {
             break;

@@ -245,7 +245,7 @@ fn udp_query(vip: SocketAddr) -> std::io::Result<String> {
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.send(b"q")?;
     let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf)?;
+    let n = weir_tests::retry_interrupted(|| socket.recv(&mut buf))?;
     let reply = String::from_utf8_lossy(&buf[..n]).to_string();
     reply
         .strip_suffix(" q")
