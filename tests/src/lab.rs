@@ -99,24 +99,28 @@ impl Lab {
     }
 
     /// Starts `weir` again with the same config; returns once it answers. A daemon still
-    /// running is killed first (SIGKILL, as a crash would), and gone before the next starts:
-    /// the next would otherwise find it holding the state file's lock and refuse to run.
+    /// running is killed first (see [`Lab::replace_weir`]).
     pub fn restart_weir(&mut self) -> Result<()> {
         self.restart_weir_with_env(&[])
     }
 
     /// Like [`Lab::restart_weir`], with extra environment variables for the daemon.
     pub fn restart_weir_with_env(&mut self, env: &[(&str, &Path)]) -> Result<()> {
-        self.weir.kill();
-        self.weir = spawn_weir(&self.topology.balancer, &self.dir, env, None)?;
-        self.wait_for_weir()
+        self.replace_weir(|lab| spawn_weir(&lab.topology.balancer, &lab.dir, env, None))
     }
 
     /// Starts weir again with its open-descriptor limit (soft, hard) set to `limit`, as a
     /// service manager would.
     pub fn restart_weir_with_descriptor_limit(&mut self, limit: (u64, u64)) -> Result<()> {
+        self.replace_weir(|lab| spawn_weir(&lab.topology.balancer, &lab.dir, &[], Some(limit)))
+    }
+
+    /// Kills the running daemon (SIGKILL, as a crash would) and waits until it is gone, then
+    /// starts the next with `spawn` and returns once it answers. The old one must be gone
+    /// first: the next would otherwise find it holding the state file's lock and refuse to run.
+    fn replace_weir(&mut self, spawn: impl FnOnce(&Lab) -> Result<Process>) -> Result<()> {
         self.weir.kill();
-        self.weir = spawn_weir(&self.topology.balancer, &self.dir, &[], Some(limit))?;
+        self.weir = spawn(self)?;
         self.wait_for_weir()
     }
 
@@ -128,17 +132,15 @@ impl Lab {
 
     /// Starts `weir` from `command` (the whole command line: see
     /// [`crate::supervisor::Supervisor::command`]), its output appended to the lab's log;
-    /// returns once it answers. A daemon still running is killed first, as in
-    /// [`Lab::restart_weir`].
+    /// returns once it answers. A daemon still running is killed first (see
+    /// [`Lab::replace_weir`]).
     pub fn start_weir_from(&mut self, mut command: Command) -> Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("weir.log"))?;
         command.stdout(log.try_clone()?).stderr(log);
-        self.weir.kill();
-        self.weir = Process::spawn("weir", &mut command)?;
-        self.wait_for_weir()
+        self.replace_weir(|_| Process::spawn("weir", &mut command))
     }
 
     /// Starts `command` — a `weir upgrade` — and waits for the daemon it takes over from to
