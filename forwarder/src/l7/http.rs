@@ -14,7 +14,7 @@
 //! - `Transfer-Encoding` other than exactly `chunked` → 501, and in HTTP/1.0 → 400;
 //! - a bare LF anywhere in the head → 400.
 
-use std::{borrow::Cow, io::Write as _, net::SocketAddr};
+use std::{borrow::Cow, io::Write as _, mem::MaybeUninit, net::SocketAddr};
 
 use weir_config::ForwardedHeaders;
 
@@ -233,6 +233,23 @@ const FORWARDING: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "forwarde
 /// Header slots kept on the stack while parsing (the default `max_headers` is 100).
 const STACK_HEADERS: usize = 128;
 
+/// `N` header slots for httparse to fill, left uninitialised: a parse writes only the slots
+/// it returns, where an array of `httparse::EMPTY_HEADER` was 4 KiB of stores per head
+/// (128 slots of 32 bytes), before the parse and whatever the head's size (decision 0033).
+fn header_slots<'b, const N: usize>() -> [MaybeUninit<httparse::Header<'b>>; N] {
+    [MaybeUninit::uninit(); N]
+}
+
+/// Parses the response head in `buf` into `response`, its headers into `slots`
+/// (`httparse::Response::parse` with slots left uninitialised).
+fn parse_response_with_slots<'h, 'b>(
+    response: &mut httparse::Response<'h, 'b>,
+    buf: &'b [u8],
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> httparse::Result<usize> {
+    httparse::ParserConfig::default().parse_response_with_uninit_headers(response, buf, slots)
+}
+
 /// Where the head in `buf` ends (after its blank line), if it is complete.
 fn head_end(buf: &[u8]) -> Option<usize> {
     memchr::memmem::find(buf, b"\r\n\r\n").map(|i| i + 4)
@@ -277,17 +294,18 @@ pub fn parse_request_into(
     if has_bare_lf(text) {
         return Err(refuse(400, "bare LF in request head"));
     }
-    // The usual limit fits on the stack; a larger one configured takes the heap.
-    let mut on_stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    // The usual limit fits on the stack; a larger one configured takes the heap. The slots
+    // are left uninitialised: httparse writes each one it returns (see `header_slots`).
+    let mut on_stack = header_slots::<STACK_HEADERS>();
     let mut on_heap = Vec::new();
-    let headers: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+    let headers = if limits.max_headers <= STACK_HEADERS {
         &mut on_stack[..limits.max_headers]
     } else {
-        on_heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
-        &mut on_heap
+        on_heap.resize(limits.max_headers, MaybeUninit::uninit());
+        &mut on_heap[..]
     };
-    let mut request = httparse::Request::new(headers);
-    match request.parse(text) {
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(text, headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(refuse(400, "malformed request head")),
         Err(httparse::Error::TooManyHeaders) => return Err(refuse(431, "too many header fields")),
@@ -578,8 +596,9 @@ pub fn parse_response_into(
         // What has arrived must already read as the start of a response head: a server
         // answering something else (another protocol, garbage) is refused now, not when the
         // response timeout ends the wait for a blank line that never comes.
-        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        if httparse::Response::new(&mut headers).parse(buf).is_err() {
+        let mut headers = header_slots::<MAX_RESPONSE_HEADERS>();
+        let mut response = httparse::Response::new(&mut []);
+        if parse_response_with_slots(&mut response, buf, &mut headers).is_err() {
             return Err(ResponseError("malformed head"));
         }
         return Ok(false);
@@ -587,9 +606,9 @@ pub fn parse_response_into(
     if end > MAX_RESPONSE_HEAD {
         return Err(ResponseError("head too large"));
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(&buf[..end]) {
+    let mut headers = header_slots::<MAX_RESPONSE_HEADERS>();
+    let mut response = httparse::Response::new(&mut []);
+    match parse_response_with_slots(&mut response, &buf[..end], &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         _ => return Err(ResponseError("malformed head")),
     }

@@ -37,7 +37,7 @@ use super::{
         BodyLength, ClientInfo, HeadLimits, RequestHead, local_response, parse_request_into,
         parse_response_into, write_client_head, write_server_head,
     },
-    io::Conn,
+    io::{Conn, turn_clock},
     relay::{Relay, RelayError, relay_body, tunnel},
     snapshot::{L7Snapshot, PoolServer, VhostPool},
     tls::{same_certificate, sni_vhost},
@@ -379,9 +379,10 @@ async fn read_request(
         max_headers: settings.max_headers,
     };
     // The header deadline runs from the connection's start, or from the first byte of a
-    // later request; the wait before that byte is the keep-alive timeout.
+    // later request; the wait before that byte is the keep-alive timeout. Read off the
+    // worker's turn clock, as the deadlines that enforce it are.
     let mut deadline =
-        (first || !buf.is_empty()).then(|| Instant::now() + ms(settings.header_timeout_ms));
+        (first || !buf.is_empty()).then(|| turn_clock() + ms(settings.header_timeout_ms));
     // Taken from the worker's spares once there is something to parse, so a client that
     // closes while idle takes none.
     let mut request = None;
@@ -398,7 +399,7 @@ async fn read_request(
             }
         }
         let wait = match deadline {
-            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+            Some(deadline) => deadline.saturating_duration_since(turn_clock()),
             None => ms(settings.keepalive_timeout_ms),
         };
         let had = buf.len();
@@ -413,7 +414,7 @@ async fn read_request(
             Ok(0) => return Ok((None, buf)),
             Ok(_) => {
                 if had == 0 && deadline.is_none() {
-                    deadline = Some(Instant::now() + ms(settings.header_timeout_ms));
+                    deadline = Some(turn_clock() + ms(settings.header_timeout_ms));
                 }
             }
             Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {

@@ -8,14 +8,13 @@
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use super::{
-    io::Conn,
+    io::{Conn, turn_clock},
     snapshot::{L7Snapshot, ServerStats},
 };
 
@@ -66,7 +65,10 @@ const TRUST_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub struct UpstreamPool {
-    idle: RefCell<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
+    /// By server address, with when each went idle (on the worker's turn clock). Hashed with
+    /// foldhash, not SipHash: it is looked up twice per request, and its keys are the
+    /// operator's server addresses, which no client chooses.
+    idle: RefCell<foldhash::HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
 }
 
 impl UpstreamPool {
@@ -84,8 +86,9 @@ impl UpstreamPool {
     ) -> Option<UpstreamConn> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&server)?;
+        let now = turn_clock();
         while let Some((conn, since)) = list.pop() {
-            let age = since.elapsed();
+            let age = now.saturating_duration_since(since);
             if age >= max_idle {
                 continue;
             }
@@ -101,7 +104,7 @@ impl UpstreamPool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(server).or_default();
         if list.len() < limit {
-            list.push((conn, Instant::now()));
+            list.push((conn, turn_clock()));
         }
     }
 
@@ -109,11 +112,12 @@ impl UpstreamPool {
     /// new requests in `snapshot`.
     pub fn sweep(&self, snapshot: &L7Snapshot, max_idle: Duration) {
         let mut idle = self.idle.borrow_mut();
+        let now = turn_clock();
         idle.retain(|address, list| {
             if !snapshot.reusable.contains(address) {
                 return false;
             }
-            list.retain(|(_, since)| since.elapsed() < max_idle);
+            list.retain(|(_, since)| now.saturating_duration_since(*since) < max_idle);
             !list.is_empty()
         });
     }

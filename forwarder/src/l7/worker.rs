@@ -5,7 +5,6 @@
 
 use std::{
     cell::RefCell,
-    collections::HashSet,
     os::fd::RawFd,
     rc::Rc,
     sync::{
@@ -57,8 +56,10 @@ pub struct Worker {
     pub pipes_lent: std::cell::Cell<usize>,
     /// Set when the workers stop: connections take no new request.
     pub stopping: Arc<AtomicBool>,
-    /// Client connections waiting for a request to begin (see [`IdleClient`]).
-    pub idle_clients: RefCell<HashSet<RawFd>>,
+    /// Client connections waiting for a request to begin (see [`IdleClient`]). Hashed with
+    /// foldhash, not SipHash: an entry comes and goes with every request, and descriptors
+    /// are numbers the kernel hands out, which no client chooses.
+    pub idle_clients: RefCell<foldhash::HashSet<RawFd>>,
     /// Refusals logged in the current second, and those left unlogged since the last line.
     refusal_log: std::cell::Cell<RefusalLog>,
     /// The access log file (shared by the workers) and this worker's buffered lines.

@@ -44,6 +44,8 @@ struct Slot {
 struct Deadlines {
     /// The clock as read at the last turn of the run loop.
     now: Instant,
+    /// A run loop keeps `now` (it has called [`expire`]).
+    kept_by_loop: bool,
     slots: Slab<Slot>,
     /// No live deadline falls due before this (`None`: there is none).
     earliest: Option<Instant>,
@@ -52,6 +54,7 @@ struct Deadlines {
 thread_local! {
     static DEADLINES: RefCell<Deadlines> = RefCell::new(Deadlines {
         now: Instant::now(),
+        kept_by_loop: false,
         slots: Slab::new(),
         earliest: None,
     });
@@ -74,6 +77,7 @@ impl Deadlines {
     /// once the table is no longer borrowed); sets `earliest` to the next deadline.
     fn expire(&mut self, now: Instant) -> Vec<Waker> {
         self.now = now;
+        self.kept_by_loop = true;
         if self.earliest.is_none_or(|earliest| earliest > now) {
             return Vec::new();
         }
@@ -106,6 +110,15 @@ pub(super) fn expire() {
     for waker in DEADLINES.with_borrow_mut(|deadlines| deadlines.expire(now)) {
         waker.wake();
     }
+}
+
+/// The clock as the run loop read it at the start of this turn, for times that may be a turn
+/// old (a header deadline, the age of an idle connection): one clock read fewer each. On a
+/// thread that runs no worker loop, the clock as read now.
+pub(crate) fn turn_clock() -> Instant {
+    DEADLINES
+        .with_borrow(|deadlines| deadlines.kept_by_loop.then_some(deadlines.now))
+        .unwrap_or_else(Instant::now)
 }
 
 /// How long the run loop may wait for completions before a deadline falls due (`None`:

@@ -33,7 +33,7 @@ use compio::{
     net::TcpStream,
 };
 
-pub(crate) use deadline::{sleep, timeout};
+pub(crate) use deadline::{sleep, timeout, turn_clock};
 pub use run_loop::run_to_completion;
 pub use splice::Pipe;
 use tls_session::TlsSession;
