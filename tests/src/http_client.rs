@@ -8,9 +8,7 @@ use std::{
     time::Duration,
 };
 
-use xxhash_rust::xxh3::Xxh3;
-
-use crate::http_origin::{bad, pattern, read_fields, read_line, write_pattern};
+use crate::http_origin::{BodySink, bad, pattern, read_fields, read_line, write_pattern};
 
 /// How long the client waits for an answer before calling it a failure.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,33 +149,17 @@ impl HttpConn {
         if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
             return Ok(response);
         }
-        let mut sink = BodySink::default();
+        let mut sink = BodySink::new(64 * 1024);
         if response
             .header("transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
         {
-            loop {
-                let line =
-                    read_line(&mut self.reader)?.ok_or_else(|| bad("end of file in chunk size"))?;
-                let size = u64::from_str_radix(line.split(';').next().unwrap_or_default(), 16)
-                    .map_err(|_| bad("bad chunk size"))?;
-                if size == 0 {
-                    while !read_line(&mut self.reader)?
-                        .ok_or_else(|| bad("end of file in trailers"))?
-                        .is_empty()
-                    {}
-                    break;
-                }
-                sink.copy(&mut (&mut self.reader).take(size), size)?;
-                if !read_line(&mut self.reader)?.is_some_and(|l| l.is_empty()) {
-                    return Err(bad("chunk longer than its size"));
-                }
-            }
+            sink.read_chunked(&mut self.reader)?;
         } else if let Some(length) = response.header("content-length") {
             let length: u64 = length.parse().map_err(|_| bad("bad Content-Length"))?;
-            sink.copy(&mut (&mut self.reader).take(length), length)?;
+            sink.read(&mut self.reader, Some(length))?;
         } else {
-            sink.copy(&mut self.reader, u64::MAX)?;
+            sink.read(&mut self.reader, None)?;
         }
         response.body = sink.first;
         response.body_length = sink.length;
@@ -194,36 +176,6 @@ impl HttpConn {
         );
         self.stream.set_read_timeout(Some(HTTP_TIMEOUT)).ok();
         closed
-    }
-}
-
-#[derive(Default)]
-struct BodySink {
-    first: Vec<u8>,
-    length: u64,
-    hasher: Xxh3,
-}
-
-impl BodySink {
-    /// Copies `expected` bytes (or up to end of file for `u64::MAX`) from `from`.
-    fn copy(&mut self, from: &mut impl Read, expected: u64) -> io::Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut read = 0u64;
-        loop {
-            let n = crate::read_some(from, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            self.hasher.update(&buf[..n]);
-            let keep = (64 * 1024usize).saturating_sub(self.first.len()).min(n);
-            self.first.extend_from_slice(&buf[..keep]);
-            read += n as u64;
-        }
-        if expected != u64::MAX && read != expected {
-            return Err(bad("body cut short"));
-        }
-        self.length += read;
-        Ok(())
     }
 }
 

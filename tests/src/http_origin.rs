@@ -192,6 +192,70 @@ pub(crate) fn bad(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_string())
 }
 
+/// What a test-bed peer takes in of a body it reads: its length, its XXH3 hash, and its first
+/// `keep` bytes (what tests look at), never more.
+pub(crate) struct BodySink {
+    pub first: Vec<u8>,
+    pub length: u64,
+    pub hasher: Xxh3,
+    keep: usize,
+    buf: Vec<u8>,
+}
+
+impl BodySink {
+    pub(crate) fn new(keep: usize) -> BodySink {
+        BodySink {
+            first: Vec::new(),
+            length: 0,
+            hasher: Xxh3::new(),
+            keep,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// Reads `length` bytes of body from `from`, or up to end of file for `None`.
+    pub(crate) fn read(&mut self, from: &mut impl Read, length: Option<u64>) -> io::Result<()> {
+        let mut from = from.take(length.unwrap_or(u64::MAX));
+        let mut read = 0u64;
+        loop {
+            let n = crate::read_some(&mut from, &mut self.buf)?;
+            if n == 0 {
+                break;
+            }
+            let bytes = &self.buf[..n];
+            self.hasher.update(bytes);
+            let kept = self.keep.saturating_sub(self.first.len()).min(n);
+            self.first.extend_from_slice(&bytes[..kept]);
+            read += n as u64;
+        }
+        if length.is_some_and(|length| read != length) {
+            return Err(bad("body cut short"));
+        }
+        self.length += read;
+        Ok(())
+    }
+
+    /// Reads a chunked body from `reader`: its chunks, its trailers and the blank line.
+    pub(crate) fn read_chunked(&mut self, reader: &mut impl BufRead) -> io::Result<()> {
+        loop {
+            let line = read_line(reader)?.ok_or_else(|| bad("end of file in chunk size"))?;
+            let size_text = line.split(';').next().unwrap_or_default();
+            let size = u64::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
+            if size == 0 {
+                while !read_line(reader)?
+                    .ok_or_else(|| bad("end of file in trailers"))?
+                    .is_empty()
+                {}
+                return Ok(());
+            }
+            self.read(reader, Some(size))?;
+            if !read_line(reader)?.is_some_and(|l| l.is_empty()) {
+                return Err(bad("chunk data longer than its size"));
+            }
+        }
+    }
+}
+
 /// Reads one CRLF-terminated line (without the CRLF); `None` at end of file.
 pub(crate) fn read_line(reader: &mut impl BufRead) -> io::Result<Option<String>> {
     let mut line = Vec::new();
@@ -259,30 +323,14 @@ fn serve(
         if chunked && content_length.is_some() {
             return Err(bad("both framings"));
         }
-        let mut hasher = Xxh3::new();
-        let length = if chunked {
-            read_chunked(&mut reader, &mut hasher)?
+        let mut body = BodySink::new(0);
+        if chunked {
+            body.read_chunked(&mut reader)?;
         } else if let Some(length) = content_length {
             let length = length.map_err(|_| bad("bad Content-Length"))?;
-            let mut body = (&mut reader).take(length);
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut read = 0;
-            loop {
-                let n = crate::read_some(&mut body, &mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                read += n as u64;
-            }
-            if read != length {
-                return Err(bad("body cut short"));
-            }
-            length
-        } else {
-            0
-        };
-        request.body_length = length;
+            body.read(&mut reader, Some(length))?;
+        }
+        request.body_length = body.length;
         seen.lock().unwrap().push(request.clone());
         let close = request
             .header("connection")
@@ -362,7 +410,7 @@ fn serve(
             write_pattern(&mut writer, n, false)?;
             return Ok(());
         } else if path == "/upload" {
-            let body = format!("{length} {:016x}\n", hasher.digest());
+            let body = format!("{} {:016x}\n", body.length, body.hasher.digest());
             write!(
                 writer,
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
@@ -395,37 +443,6 @@ fn serve(
         writer.flush()?;
         if !keep {
             return Ok(());
-        }
-    }
-}
-
-fn read_chunked(reader: &mut impl BufRead, hasher: &mut Xxh3) -> io::Result<u64> {
-    let mut total = 0;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let line = read_line(reader)?.ok_or_else(|| bad("end of file in chunk size"))?;
-        let size_text = line.split(';').next().unwrap_or_default();
-        let size = u64::from_str_radix(size_text, 16).map_err(|_| bad("bad chunk size"))?;
-        if size == 0 {
-            // Trailers, then the final CRLF.
-            while !read_line(reader)?
-                .ok_or_else(|| bad("end of file in trailers"))?
-                .is_empty()
-            {}
-            return Ok(total);
-        }
-        let mut left = size;
-        while left > 0 {
-            let n = crate::read_some(reader, &mut buf[..left.min(64 * 1024) as usize])?;
-            if n == 0 {
-                return Err(bad("end of file in chunk"));
-            }
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        total += size;
-        if !read_line(reader)?.is_some_and(|l| l.is_empty()) {
-            return Err(bad("chunk data longer than its size"));
         }
     }
 }

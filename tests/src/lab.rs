@@ -135,22 +135,14 @@ impl Lab {
     /// returns once it answers. A daemon still running is killed first (see
     /// [`Lab::replace_weir`]).
     pub fn start_weir_from(&mut self, mut command: Command) -> Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("weir.log"))?;
-        command.stdout(log.try_clone()?).stderr(log);
+        log_output_to(&mut command, &self.dir)?;
         self.replace_weir(|_| Process::spawn("weir", &mut command))
     }
 
     /// Starts `command` — a `weir upgrade` — and waits for the daemon it takes over from to
     /// stop by itself; returns that one's exit status once the new one answers.
     pub fn take_over_weir(&mut self, mut command: Command) -> Result<std::process::ExitStatus> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("weir.log"))?;
-        command.stdout(log.try_clone()?).stderr(log);
+        log_output_to(&mut command, &self.dir)?;
         let next = Process::spawn("weir", &mut command)?;
         let mut previous = std::mem::replace(&mut self.weir, next);
         let status = previous.wait_exit(Duration::from_secs(60))?;
@@ -261,6 +253,16 @@ impl Drop for Lab {
     }
 }
 
+/// Sends `command`'s output (stdout and stderr) to the end of the daemon's log in `dir`.
+fn log_output_to(command: &mut Command, dir: &Path) -> Result<()> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("weir.log"))?;
+    command.stdout(log.try_clone()?).stderr(log);
+    Ok(())
+}
+
 /// Starts `weir` in `netns` with the config in `dir`, appending to its log there.
 pub fn spawn_weir(
     netns: &Netns,
@@ -268,17 +270,12 @@ pub fn spawn_weir(
     env: &[(&str, &Path)],
     descriptor_limit: Option<(u64, u64)>,
 ) -> Result<Process> {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("weir.log"))?;
     let mut command = netns.command(workspace_bin("weir"));
     command
         .arg("--config")
         .arg(dir.join("weir.toml"))
-        .envs(env.iter().copied())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .envs(env.iter().copied());
+    log_output_to(&mut command, dir)?;
     if let Some((soft, hard)) = descriptor_limit {
         // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
         unsafe {
