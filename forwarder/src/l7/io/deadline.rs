@@ -209,6 +209,32 @@ mod tests {
     use crate::l7::io::tests::on_a_worker;
 
     #[test]
+    fn the_turn_clock_holds_within_a_turn_and_moves_with_the_next() {
+        on_a_worker(async {
+            let first = turn_clock();
+            // Busy, not waiting: still the same turn.
+            std::thread::sleep(ms(20));
+            assert_eq!(turn_clock(), first);
+            // Waiting lets the loop turn, and read the clock again.
+            sleep(ms(30)).await;
+            let moved = turn_clock() - first;
+            assert!(moved >= ms(30), "moved {moved:?}");
+        });
+    }
+
+    #[test]
+    fn off_a_worker_the_turn_clock_is_the_clock() {
+        std::thread::spawn(|| {
+            let before = Instant::now();
+            std::thread::sleep(ms(20));
+            let read = turn_clock();
+            assert!(read >= before + ms(20), "read {:?} after", read - before);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn an_operation_that_ends_in_time_keeps_its_result_and_gives_its_slot_back() {
         on_a_worker(async {
             let quick = timeout(Duration::from_secs(5), compio::time::sleep(ms(10)));
