@@ -45,15 +45,18 @@ pub fn args(url: &str, connections: u32, seconds: u32, close: bool) -> Vec<Strin
     args
 }
 
-/// The Lua script printing the 99.9th percentile, written once per run.
+/// The Lua script printing the 99.9th percentile. One file in the temporary directory, the
+/// same for every bench process: each writes it once, to a file of its own renamed over it, so
+/// a concurrent run never reads half a script and no run leaves one behind per process.
 fn percentile_script() -> &'static PathBuf {
     static SCRIPT: OnceLock<PathBuf> = OnceLock::new();
     SCRIPT.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("weirb-{}-p999.lua", std::process::id()));
-        let _ = fs::write(
-            &path,
-            "done = function(summary, latency, requests)\n  io.write(string.format(\"p99.9 %dus\\n\", latency:percentile(99.9)))\nend\n",
-        );
+        let path = std::env::temp_dir().join("weir-bench-p999.lua");
+        let written = path.with_extension(format!("lua.{}", std::process::id()));
+        let script = "done = function(summary, latency, requests)\n  io.write(string.format(\"p99.9 %dus\\n\", latency:percentile(99.9)))\nend\n";
+        if fs::write(&written, script).is_ok() {
+            let _ = fs::rename(&written, &path);
+        }
         path
     })
 }
