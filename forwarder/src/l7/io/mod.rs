@@ -172,6 +172,36 @@ impl Conn {
         }
     }
 
+    /// Writes `parts` one after the other, as one write of several buffers, giving up as
+    /// [`Conn::write_all`] does: a head and the body bytes read with it go out without being
+    /// copied into one buffer first. On TLS each part is written (and flushed) in turn, which
+    /// costs more than one [`Conn::write_all`] of them joined: rustls copies the plaintext
+    /// anyway, so callers join them there.
+    pub async fn write_all_parts<const N: usize>(
+        &self,
+        parts: [Vec<u8>; N],
+        timeout: Duration,
+    ) -> BufResult<(), [Vec<u8>; N]> {
+        if let Some(tls) = self.tls.as_deref() {
+            for part in &parts {
+                if let Err(err) = self.write_plaintext(tls, part, timeout).await {
+                    return BufResult(Err(err), parts);
+                }
+            }
+            return BufResult(Ok(()), parts);
+        }
+        let mut stream = &self.stream;
+        match deadline::timeout(timeout, stream.write_vectored_all(parts)).await {
+            Ok(result) => result,
+            Err(_) => BufResult(Err(timed_out()), std::array::from_fn(|_| Vec::new())),
+        }
+    }
+
+    /// Whether the connection carries TLS (its writes are encrypted by rustls).
+    pub fn carries_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Sends what it can of the connection's last bytes at once, its close to follow with
     /// nothing to read before it; drains what was sent from `buf`, and what is left (all of
     /// it when the send buffer is full, or on TLS when the guard below says no) goes through
@@ -321,6 +351,27 @@ mod tests {
         let task = async { compio::runtime::spawn(future).await.expect("the task ran") };
         let watched = compio::time::timeout(Duration::from_secs(30), task);
         run_to_completion(&runtime, watched).expect("done within 30 s")
+    }
+
+    #[test]
+    fn parts_written_apart_arrive_whole_and_in_order_and_come_back() {
+        on_a_worker(async {
+            let (conn, mut peer) = pair();
+            let whole = pattern(300 * 1024);
+            // Larger than the socket buffers take at once, so the write goes round again.
+            let (head, body) = whole.split_at(100);
+            let parts = [head.to_vec(), body.to_vec()];
+            let reader = std::thread::spawn(move || {
+                let mut received = vec![0; 300 * 1024];
+                std::io::Read::read_exact(&mut peer, &mut received).unwrap();
+                received
+            });
+            let BufResult(written, [head_back, body_back]) =
+                conn.write_all_parts(parts, Duration::from_secs(5)).await;
+            written.unwrap();
+            assert_eq!((head_back.len(), body_back.len()), (100, 300 * 1024 - 100));
+            assert_eq!(reader.join().unwrap(), whole);
+        });
     }
 
     #[test]
