@@ -68,6 +68,14 @@ fn main() -> Result<()> {
         tls: Vec::new(),
         tls_providers: Vec::new(),
     };
+    // Each scenario's scratch directory (configs, certificates, logs), removed once the
+    // report is written; a run that fails keeps them, for their logs.
+    let mut scratch = Vec::new();
+    let mut scratch_dir = |name: &str| {
+        let dir = std::env::temp_dir().join(format!("{tag}{name}"));
+        scratch.push(dir.clone());
+        dir
+    };
     if wanted(Scenario::Xdp) {
         eprintln!("xdp: BPF_PROG_TEST_RUN");
         let bench = XdpBench {
@@ -106,7 +114,7 @@ fn main() -> Result<()> {
             seconds: if args.quick { 2 } else { 4 },
             connections: 32,
         };
-        report.l4 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l4")))?;
+        report.l4 = bench.run(&tag, &scratch_dir("l4"))?;
     }
     if wanted(Scenario::L7) {
         eprintln!("l7: wrk through weir, HAProxy and nginx proxies and direct, interleaved");
@@ -133,10 +141,9 @@ fn main() -> Result<()> {
             weir: std::env::current_exe()?.with_file_name("weir"),
             weirctl: std::env::current_exe()?.with_file_name("weirctl"),
         };
-        report.l7 = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}l7")))?;
+        report.l7 = bench.run(&tag, &scratch_dir("l7"))?;
         eprintln!("l7: change under load, steady and with a pool change every second");
-        report.l7_churn =
-            Some(bench.change_under_load(&tag, &std::env::temp_dir().join(format!("{tag}l7c")))?);
+        report.l7_churn = Some(bench.change_under_load(&tag, &scratch_dir("l7c"))?);
     }
     if wanted(Scenario::L7Runtime) {
         eprintln!("l7-runtime: the same proxy loop on tokio-uring and compio, interleaved");
@@ -146,7 +153,7 @@ fn main() -> Result<()> {
             seconds: if args.quick { 3 } else { 5 },
             connections: 64,
         };
-        report.l7_runtime = bench.run(&proxy, &std::env::temp_dir().join(format!("{tag}l7rt")))?;
+        report.l7_runtime = bench.run(&proxy, &scratch_dir("l7rt"))?;
     }
     if wanted(Scenario::Tls) {
         eprintln!("tls: HTTPS through weir, HAProxy and nginx, interleaved");
@@ -162,12 +169,12 @@ fn main() -> Result<()> {
             connections: 64,
             weir: std::env::current_exe()?.with_file_name("weir"),
         };
-        report.tls = bench.run(&tag, &std::env::temp_dir().join(format!("{tag}tls")))?;
+        report.tls = bench.run(&tag, &scratch_dir("tls"))?;
     }
     if wanted(Scenario::TlsProviders) {
         eprintln!("tls-providers: rustls on ring and on aws-lc-rs, in memory");
         report.tls_providers = weir_benches::tls_providers::run(
-            &std::env::temp_dir().join(format!("{tag}tlsp")),
+            &scratch_dir("tlsp"),
             3,
             if args.quick { 200 } else { 1000 },
             if args.quick { 2000 } else { 10_000 },
@@ -182,7 +189,7 @@ fn main() -> Result<()> {
             seconds: if args.quick { 2 } else { 4 },
             connections: 32,
         };
-        report.scrape = Some(bench.run(&tag, &std::env::temp_dir().join(format!("{tag}scrape")))?);
+        report.scrape = Some(bench.run(&tag, &scratch_dir("scrape"))?);
     }
     fs::create_dir_all(&args.out)?;
     let markdown = report.markdown();
@@ -194,6 +201,9 @@ fn main() -> Result<()> {
     let charts = report.write_charts(&args.out)?;
     println!("{markdown}");
     eprintln!("written: {}/report.md, report.json", args.out.display());
+    for dir in scratch {
+        let _ = fs::remove_dir_all(dir);
+    }
     for chart in charts {
         eprintln!("written: {}", chart.display());
     }
