@@ -86,20 +86,7 @@ impl HttpConn {
         headers: &str,
         body: Body,
     ) -> io::Result<()> {
-        let framing = match body {
-            Body::None => String::new(),
-            Body::Fixed(n) => format!("Content-Length: {n}\r\n"),
-            Body::Chunked(_) => "Transfer-Encoding: chunked\r\n".to_string(),
-        };
-        let head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}{framing}\r\n");
-        let mut writer = io::BufWriter::with_capacity(256 * 1024, &self.stream);
-        writer.write_all(head.as_bytes())?;
-        match body {
-            Body::None => {}
-            Body::Fixed(n) => write_pattern(&mut writer, n, false)?,
-            Body::Chunked(n) => write_pattern(&mut writer, n, true)?,
-        }
-        writer.flush()
+        write_request(&mut &self.stream, method, path, host, headers, body)
     }
 
     /// Writes `bytes` as they are.
@@ -130,41 +117,7 @@ impl HttpConn {
     }
 
     fn read_one(&mut self, head_request: bool) -> io::Result<Response> {
-        let status_line = read_line(&mut self.reader)?
-            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
-        let status = status_line
-            .strip_prefix("HTTP/1.1 ")
-            .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse::<u16>().ok())
-            .ok_or_else(|| bad("bad status line"))?;
-        let headers = read_fields(&mut self.reader)?;
-        let mut response = Response {
-            status,
-            headers,
-            body: Vec::new(),
-            body_length: 0,
-            body_xxh3: 0,
-        };
-        if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
-            return Ok(response);
-        }
-        let mut sink = BodySink::new(64 * 1024);
-        if response
-            .header("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
-            sink.read_chunked(&mut self.reader)?;
-        } else if let Some(length) = response.header("content-length") {
-            let length: u64 = length.parse().map_err(|_| bad("bad Content-Length"))?;
-            sink.read(&mut self.reader, Some(length))?;
-        } else {
-            sink.read(&mut self.reader, None)?;
-        }
-        response.body = sink.first;
-        response.body_length = sink.length;
-        response.body_xxh3 = sink.hasher.digest();
-        Ok(response)
+        read_response_from(&mut self.reader, head_request)
     }
 
     /// Whether the server closed the connection (end of file within `wait`).
@@ -177,6 +130,75 @@ impl HttpConn {
         self.stream.set_read_timeout(Some(HTTP_TIMEOUT)).ok();
         closed
     }
+}
+
+/// Writes a request: `method path` for `host` with `headers` (each `Name: value\r\n`) and
+/// `body`, through a buffer so that a large body goes out in large writes.
+pub(crate) fn write_request(
+    to: &mut impl Write,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &str,
+    body: Body,
+) -> io::Result<()> {
+    let framing = match body {
+        Body::None => String::new(),
+        Body::Fixed(n) => format!("Content-Length: {n}\r\n"),
+        Body::Chunked(_) => "Transfer-Encoding: chunked\r\n".to_string(),
+    };
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}{framing}\r\n");
+    let mut writer = io::BufWriter::with_capacity(256 * 1024, to);
+    writer.write_all(head.as_bytes())?;
+    match body {
+        Body::None => {}
+        Body::Fixed(n) => write_pattern(&mut writer, n, false)?,
+        Body::Chunked(n) => write_pattern(&mut writer, n, true)?,
+    }
+    writer.flush()
+}
+
+/// Reads one response, interim ones included, its body in whatever framing it has (none
+/// after a `HEAD`).
+pub(crate) fn read_response_from(
+    reader: &mut impl BufRead,
+    head_request: bool,
+) -> io::Result<Response> {
+    let status_line =
+        read_line(reader)?.ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers = read_fields(reader)?;
+    let mut response = Response {
+        status,
+        headers,
+        body: Vec::new(),
+        body_length: 0,
+        body_xxh3: 0,
+    };
+    if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(response);
+    }
+    let mut sink = BodySink::new(64 * 1024);
+    if response
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        sink.read_chunked(reader)?;
+    } else if let Some(length) = response.header("content-length") {
+        let length: u64 = length.parse().map_err(|_| bad("bad Content-Length"))?;
+        sink.read(reader, Some(length))?;
+    } else {
+        sink.read(reader, None)?;
+    }
+    response.body = sink.first;
+    response.body_length = sink.length;
+    response.body_xxh3 = sink.hasher.digest();
+    Ok(response)
 }
 
 /// Sends `bytes` on a new connection and reads until the server closes it (or `wait`

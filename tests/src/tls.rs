@@ -3,7 +3,7 @@
 //! against it, keeps its connection open and says which certificate it was shown.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
@@ -16,6 +16,8 @@ use rustls::{
     ClientConfig, ClientConnection, RootCertStore, StreamOwned,
     pki_types::{CertificateDer, ServerName},
 };
+
+use crate::http_client::{Body, Response, read_response_from, write_request};
 
 /// The key type of an issued certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,9 +117,11 @@ impl TestCa {
     }
 }
 
-/// An HTTPS client connection (the response parser knows `Content-Length` bodies only).
+/// An HTTPS client connection: [`TlsClient::get`] and its kin for small text answers,
+/// [`TlsClient::request`] for bodies of any size and framing, both ways.
 pub struct TlsClient {
-    stream: StreamOwned<ClientConnection, TcpStream>,
+    /// The session, buffered for reading; writes go to it underneath.
+    reader: BufReader<StreamOwned<ClientConnection, TcpStream>>,
 }
 
 /// A response as [`TlsClient`] reads it.
@@ -154,17 +158,27 @@ impl TlsClient {
         while stream.conn.is_handshaking() {
             stream.conn.complete_io(&mut stream.sock)?;
         }
-        Ok(TlsClient { stream })
+        Ok(TlsClient {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    fn stream(&mut self) -> &mut StreamOwned<ClientConnection, TcpStream> {
+        self.reader.get_mut()
     }
 
     /// The leaf certificate the server presented.
     pub fn peer_certificate(&self) -> Vec<u8> {
-        self.stream.conn.peer_certificates().unwrap()[0].to_vec()
+        self.reader.get_ref().conn.peer_certificates().unwrap()[0].to_vec()
     }
 
     /// The ALPN protocol agreed on.
     pub fn alpn(&self) -> Option<Vec<u8>> {
-        self.stream.conn.alpn_protocol().map(<[u8]>::to_vec)
+        self.reader
+            .get_ref()
+            .conn
+            .alpn_protocol()
+            .map(<[u8]>::to_vec)
     }
 
     /// `GET path` with `Host: host`; the response.
@@ -181,14 +195,44 @@ impl TlsClient {
     /// Sends `GET path` with `Host: host` and `headers`, reading nothing.
     pub fn send_get(&mut self, host: &str, path: &str, headers: &str) -> io::Result<()> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n");
-        self.stream.write_all(request.as_bytes())?;
-        self.stream.flush()
+        self.stream().write_all(request.as_bytes())?;
+        self.stream().flush()
+    }
+
+    /// Sends `method path` for `host` with `headers` and `body`, as
+    /// [`HttpConn::request`](crate::http_client::HttpConn::request) does, and reads the
+    /// response in whatever framing it comes: its length and digest, and its first 64 KiB.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &str,
+        body: Body,
+    ) -> io::Result<Response> {
+        write_request(self.stream(), method, path, host, headers, body)?;
+        read_response_from(&mut self.reader, method == "HEAD")
+    }
+
+    /// Sends `bytes` as TLS records of `record` bytes of plaintext each (the last shorter),
+    /// the way a client writing small pieces sends them.
+    pub fn send_in_records(&mut self, bytes: &[u8], record: usize) -> io::Result<()> {
+        for piece in bytes.chunks(record) {
+            // Each write is sealed into records of its own.
+            self.stream().write_all(piece)?;
+        }
+        self.stream().flush()
+    }
+
+    /// Reads one response, in whatever framing it comes (see [`TlsClient::request`]).
+    pub fn read_any_response(&mut self) -> io::Result<Response> {
+        read_response_from(&mut self.reader, false)
     }
 
     /// Ends the client's side of the session: sends `close_notify` (it can still read).
     pub fn send_close_notify(&mut self) -> io::Result<()> {
-        self.stream.conn.send_close_notify();
-        self.stream.flush()
+        self.stream().conn.send_close_notify();
+        self.stream().flush()
     }
 
     /// Reads one response (its body by `Content-Length`).
@@ -196,7 +240,7 @@ impl TlsClient {
         let mut raw = Vec::new();
         let mut byte = [0u8; 1];
         while !raw.ends_with(b"\r\n\r\n") {
-            self.stream.read_exact(&mut byte)?;
+            self.reader.read_exact(&mut byte)?;
             raw.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&raw).into_owned();
@@ -215,7 +259,7 @@ impl TlsClient {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body)?;
+        self.reader.read_exact(&mut body)?;
         response.body = String::from_utf8_lossy(&body).into_owned();
         Ok(response)
     }
@@ -224,13 +268,14 @@ impl TlsClient {
     /// with `close_notify` (a cut is `UnexpectedEof`).
     pub fn read_to_end(&mut self) -> io::Result<Vec<u8>> {
         let mut rest = Vec::new();
-        self.stream.read_to_end(&mut rest)?;
+        self.reader.read_to_end(&mut rest)?;
         Ok(rest)
     }
 
     /// The local port of the connection.
     pub fn local_port(&self) -> u16 {
-        self.stream
+        self.reader
+            .get_ref()
             .sock
             .local_addr()
             .expect("a connected socket has a local address")

@@ -5,7 +5,8 @@
 //! Checked: SNI picks each vhost's certificate and pool; ALPN, protocol versions and session
 //! resumption; a name no vhost serves, and the default vhost; 421 for a Host another
 //! certificate serves; HSTS, forwarding headers, redirect to HTTPS; a certificate swapped by
-//! a reload reaches new connections while an open one keeps working; and bad input —
+//! a reload reaches new connections while an open one keeps working; bodies of every size in
+//! both framings, both ways; and bad input —
 //! plain HTTP, a malformed or truncated ClientHello, a client that never finishes — is
 //! closed, counted, and leaves the proxy serving.
 
@@ -20,7 +21,8 @@ use std::{
 use weir_config::{AccessLogFormat, control::TlsHandshakes};
 use weir_forwarder::l7::access_log::LogFile;
 use weir_tests::{
-    http_origin::HttpOrigin,
+    http_client::{Body, is_pattern},
+    http_origin::{HttpOrigin, pattern_digest},
     netns::wait_until,
     proxy::{Proxy, origins},
     tls::{IssuedFiles, KeyKind, TestCa, TlsClient},
@@ -333,6 +335,88 @@ fn a_client_that_ends_its_session_before_the_response_still_gets_all_of_it() {
         .read_response()
         .expect("the whole response reaches a client that ended its side");
     assert_eq!(response.status, 200, "{response:?}");
+}
+
+#[test]
+fn bodies_of_every_size_cross_https_whole_in_both_framings() {
+    // Sizes either side of what a response head carries with it (weir reads 16 KiB at a
+    // time; 4 KiB and more of body read with the head is written beside it, decision 0034),
+    // and bodies many TLS records and many reads long, on one kept-alive connection.
+    let (_scratch, ca, origins, proxy) = default_site("bodies");
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    for size in [
+        0,
+        5,
+        4095,
+        4096,
+        5000,
+        16_000,
+        17_000,
+        65_536,
+        1 << 20,
+        8 << 20,
+    ] {
+        for path in [format!("/bytes/{size}"), format!("/chunked/{size}")] {
+            let response = client
+                .request("GET", &path, "d.test", "", Body::None)
+                .unwrap();
+            assert_eq!(response.status, 200, "{path}");
+            assert_eq!(
+                (response.body_length, response.body_xxh3),
+                pattern_digest(size),
+                "{path}"
+            );
+            assert!(is_pattern(&response.body), "{path}");
+        }
+    }
+    const UPLOAD: u64 = 8 << 20;
+    let (_, digest) = pattern_digest(UPLOAD);
+    for body in [Body::Fixed(UPLOAD), Body::Chunked(UPLOAD)] {
+        let response = client
+            .request("POST", "/upload", "d.test", "", body)
+            .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.text(),
+            format!("{UPLOAD} {digest:016x}\n"),
+            "{body:?}"
+        );
+    }
+    // A body sent in small records: rustls holds at most 16 KiB of decrypted plaintext, and
+    // one read of ciphertext can hold more than that.
+    let body: Vec<u8> = (0..UPLOAD).map(weir_tests::http_origin::pattern).collect();
+    let mut upload =
+        format!("POST /upload HTTP/1.1\r\nHost: d.test\r\nContent-Length: {UPLOAD}\r\n\r\n")
+            .into_bytes();
+    upload.extend_from_slice(&body);
+    for record in [1000, 5000] {
+        client.send_in_records(&upload, record).unwrap();
+        let response = client.read_any_response().unwrap();
+        assert_eq!(
+            response.text(),
+            format!("{UPLOAD} {digest:016x}\n"),
+            "in records of {record} bytes"
+        );
+    }
+    assert_eq!(origins[0].connections(), 1);
+    // The last response of a connection the client closes goes out with `close_notify`.
+    let response = client
+        .request(
+            "GET",
+            "/bytes/70000",
+            "d.test",
+            "Connection: close\r\n",
+            Body::None,
+        )
+        .unwrap();
+    assert_eq!(
+        (response.body_length, response.body_xxh3),
+        pattern_digest(70_000)
+    );
+    assert!(
+        client.read_to_end().unwrap().is_empty(),
+        "the session ends cleanly after the response"
+    );
 }
 
 #[test]

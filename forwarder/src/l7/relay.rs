@@ -171,7 +171,6 @@ pub(super) async fn relay_body(
                     std::mem::swap(&mut out, pending);
                 } else if take == pending.len()
                     && take >= WRITE_APART_MIN
-                    && !to.carries_tls()
                     && !(done && relay.closes)
                 {
                     apart = true;

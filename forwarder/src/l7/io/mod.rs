@@ -162,7 +162,7 @@ impl Conn {
     /// than `timeout`: a peer that stops reading cannot hold a connection.
     pub async fn write_all(&self, buf: Vec<u8>, timeout: Duration) -> BufResult<(), Vec<u8>> {
         if let Some(tls) = self.tls.as_deref() {
-            let result = self.write_plaintext(tls, &buf, timeout).await;
+            let result = self.write_plaintext(tls, [buf.as_slice()], timeout).await;
             return BufResult(result, buf);
         }
         let mut stream = &self.stream;
@@ -174,32 +174,25 @@ impl Conn {
 
     /// Writes `parts` one after the other, as one write of several buffers, giving up as
     /// [`Conn::write_all`] does: a head and the body bytes read with it go out without being
-    /// copied into one buffer first. On TLS each part is written (and flushed) in turn, which
-    /// costs more than one [`Conn::write_all`] of them joined: rustls copies the plaintext
-    /// anyway, so callers join them there.
+    /// copied into one buffer first (decision 0034). On TLS rustls takes the parts as one
+    /// stream of plaintext (a record may span two), and what it encrypted goes out in one
+    /// send, as [`Conn::write_all`]'s would.
     pub async fn write_all_parts<const N: usize>(
         &self,
         parts: [Vec<u8>; N],
         timeout: Duration,
     ) -> BufResult<(), [Vec<u8>; N]> {
         if let Some(tls) = self.tls.as_deref() {
-            for part in &parts {
-                if let Err(err) = self.write_plaintext(tls, part, timeout).await {
-                    return BufResult(Err(err), parts);
-                }
-            }
-            return BufResult(Ok(()), parts);
+            let result = self
+                .write_plaintext(tls, parts.each_ref().map(Vec::as_slice), timeout)
+                .await;
+            return BufResult(result, parts);
         }
         let mut stream = &self.stream;
         match deadline::timeout(timeout, stream.write_vectored_all(parts)).await {
             Ok(result) => result,
             Err(_) => BufResult(Err(timed_out()), std::array::from_fn(|_| Vec::new())),
         }
-    }
-
-    /// Whether the connection carries TLS (its writes are encrypted by rustls).
-    pub fn carries_tls(&self) -> bool {
-        self.tls.is_some()
     }
 
     /// Sends what it can of the connection's last bytes at once, its close to follow with

@@ -42,6 +42,9 @@ pub(super) struct TlsSession {
     /// Reused buffers for ciphertext in and out (taken while the kernel holds them).
     incoming: RefCell<Vec<u8>>,
     outgoing: RefCell<Vec<u8>>,
+    /// Ciphertext read that rustls has not taken yet (see [`feed_session`]); it is fed before
+    /// the socket is read again. Empty but for a client that sends small records fast.
+    unfed: RefCell<Vec<u8>>,
 }
 
 /// Why a TLS handshake did not complete; the label is what counters and logs say. In the
@@ -103,6 +106,7 @@ impl Conn {
             sending: futures_util::lock::Mutex::new(()),
             incoming: RefCell::new(Vec::with_capacity(TLS_READ_CHUNK)),
             outgoing: RefCell::new(Vec::new()),
+            unfed: RefCell::new(Vec::new()),
         }));
         match super::deadline::timeout(timeout, conn.handshake()).await {
             Ok(Ok(())) => Ok(conn),
@@ -177,21 +181,23 @@ impl Conn {
         (result, cipher)
     }
 
-    /// Hands `cipher` to rustls and processes it; empty is the peer's end of file, which
-    /// rustls tells as a clean close (after `close_notify`) or a cut one. An error means the
-    /// session is dead (an alert may be queued for the peer).
-    fn feed(&self, tls: &TlsSession, mut cipher: &[u8]) -> Result<(), rustls::Error> {
-        let mut state = tls.state.borrow_mut();
-        if cipher.is_empty() {
-            let _ = state.read_tls(&mut cipher);
+    /// Hands `cipher` to rustls and processes it ([`feed_session`]).
+    fn feed(&self, tls: &TlsSession, cipher: &[u8]) -> Result<(), rustls::Error> {
+        feed_session(
+            &mut tls.state.borrow_mut(),
+            cipher,
+            &mut tls.unfed.borrow_mut(),
+        )
+    }
+
+    /// Feeds rustls the ciphertext it left for later, if there is any: what must come before
+    /// anything read from the socket next.
+    fn feed_unfed(&self, tls: &TlsSession) -> Option<Result<(), rustls::Error>> {
+        if tls.unfed.borrow().is_empty() {
+            return None;
         }
-        while !cipher.is_empty() {
-            if state.read_tls(&mut cipher).is_err() {
-                return Err(rustls::Error::General("record buffer full".into()));
-            }
-            state.process_new_packets()?;
-        }
-        Ok(())
+        let unfed = tls.unfed.take();
+        Some(self.feed(tls, &unfed))
     }
 
     /// Sends whatever ciphertext rustls has queued, within `timeout` (`Duration::MAX`: none of
@@ -258,15 +264,20 @@ impl Conn {
                 _ => return Ok(()),
             }
         }
-        tls.incoming.take();
-        if tls.outgoing.borrow().capacity() > IDLE_OUTGOING_KEPT {
-            tls.outgoing.take();
-        }
-        let Some(cipher) = self.read_into_ring(timeout).await? else {
-            return Ok(());
+        let fed = match self.feed_unfed(tls) {
+            Some(fed) => fed,
+            None => {
+                tls.incoming.take();
+                if tls.outgoing.borrow().capacity() > IDLE_OUTGOING_KEPT {
+                    tls.outgoing.take();
+                }
+                let Some(cipher) = self.read_into_ring(timeout).await? else {
+                    return Ok(());
+                };
+                // The ring's buffer goes back as soon as rustls has its bytes.
+                self.feed(tls, &cipher)
+            }
         };
-        let fed = self.feed(tls, &cipher);
-        drop(cipher);
         if let Err(err) = fed {
             // The alert rustls queued goes out before the connection closes.
             let _ = self.flush_tls(tls, timeout).await;
@@ -312,17 +323,23 @@ impl Conn {
             if left.is_zero() {
                 return BufResult(Err(timed_out()), buf);
             }
-            let (read, cipher) = self.read_ciphertext(tls, left).await;
-            let fed = match read {
-                // 0 bytes, the end of file, too: rustls tells a clean close from a cut one
-                // (above).
-                Ok(n) => self.feed(tls, &cipher[..n]),
-                Err(err) => {
+            let fed = match self.feed_unfed(tls) {
+                Some(fed) => fed,
+                None => {
+                    let (read, cipher) = self.read_ciphertext(tls, left).await;
+                    let fed = match read {
+                        // 0 bytes, the end of file, too: rustls tells a clean close from a cut
+                        // one (above).
+                        Ok(n) => self.feed(tls, &cipher[..n]),
+                        Err(err) => {
+                            tls.incoming.replace(cipher);
+                            return BufResult(Err(err), buf);
+                        }
+                    };
                     tls.incoming.replace(cipher);
-                    return BufResult(Err(err), buf);
+                    fed
                 }
             };
-            tls.incoming.replace(cipher);
             // Something to answer (an alert, a key update), or nothing: sent either way.
             let flushed = self.flush_tls(tls, left).await;
             if let Err(err) = fed {
@@ -369,26 +386,67 @@ impl Conn {
         let _ = self.flush_tls(tls, Duration::from_secs(1)).await;
     }
 
-    /// [`Conn::write_all`] on a TLS connection: encrypted a buffer's worth at a time, each
-    /// sent before the next is taken.
-    pub(super) async fn write_plaintext(
+    /// [`Conn::write_all`] and [`Conn::write_all_parts`] on a TLS connection: `parts`, one
+    /// after the other, encrypted as much at a time as rustls buffers (its limit on queued
+    /// ciphertext), each batch sent before the next is taken.
+    pub(super) async fn write_plaintext<const N: usize>(
         &self,
         tls: &TlsSession,
-        mut plain: &[u8],
+        parts: [&[u8]; N],
         timeout: Duration,
     ) -> io::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
-        while !plain.is_empty() {
-            let taken = tls.state.borrow_mut().writer().write(plain)?;
-            plain = &plain[taken..];
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
+        let mut slices = parts.map(io::IoSlice::new);
+        let mut left: &mut [io::IoSlice<'_>] = &mut slices;
+        // Drops empty leading parts, so that `left` is empty exactly when all is written.
+        io::IoSlice::advance_slices(&mut left, 0);
+        while !left.is_empty() {
+            let taken = tls.state.borrow_mut().writer().write_vectored(left)?;
+            io::IoSlice::advance_slices(&mut left, taken);
+            let time_left = deadline.saturating_duration_since(std::time::Instant::now());
+            if time_left.is_zero() {
                 return Err(timed_out());
             }
-            self.flush_tls(tls, left).await?;
+            self.flush_tls(tls, time_left).await?;
         }
         Ok(())
     }
+}
+
+/// Hands `cipher` to `session` and processes it; empty is the peer's end of file, which
+/// rustls tells as a clean close (after `close_notify`) or a cut one. An error means the
+/// session is dead (an alert may be queued for the peer).
+///
+/// rustls takes no ciphertext while it holds more than 16 KiB of decrypted plaintext, and
+/// one read can decrypt to more than that: a read of 16 KiB that completes a record begun in
+/// the read before, or a client's small records, each of which decrypts before the next is
+/// taken. What rustls refuses then is appended to `unfed`, to be fed once the plaintext has
+/// been read. Refusing it as an error would cut a client that did nothing wrong (an upload
+/// sent in small pieces was cut that way until 2026-11-28).
+fn feed_session(
+    session: &mut rustls::ServerConnection,
+    mut cipher: &[u8],
+    unfed: &mut Vec<u8>,
+) -> Result<(), rustls::Error> {
+    debug_assert!(
+        unfed.is_empty(),
+        "what was left comes before new ciphertext"
+    );
+    if cipher.is_empty() {
+        let _ = session.read_tls(&mut cipher);
+    }
+    while !cipher.is_empty() {
+        if session.read_tls(&mut cipher).is_err() {
+            if session.process_new_packets()?.plaintext_bytes_to_read() > 0 {
+                unfed.extend_from_slice(cipher);
+                return Ok(());
+            }
+            // Not for want of room for plaintext: a record larger than TLS allows.
+            return Err(rustls::Error::General("record buffer full".into()));
+        }
+        session.process_new_packets()?;
+    }
+    Ok(())
 }
 
 /// Whether a TLS 1.3 handshake is complete, so that what rustls has queued since is only its
@@ -399,4 +457,102 @@ impl Conn {
 /// flushed at once.)
 fn handshake_done_but_tickets(state: &rustls::ServerConnection) -> bool {
     !state.is_handshaking() && state.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::*;
+
+    /// A server session and a client session that trusts it, their handshake done in memory.
+    fn sessions() -> (rustls::ServerConnection, rustls::ClientConnection) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["t.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(client), "t.test".try_into().unwrap()).unwrap();
+        while server.is_handshaking() || client.is_handshaking() {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        (server, client)
+    }
+
+    /// What `session` has decrypted, all of it.
+    fn plaintext(session: &mut rustls::ServerConnection) -> Vec<u8> {
+        let mut plain = Vec::new();
+        let mut buf = [0; 4096];
+        loop {
+            match session.reader().read(&mut buf) {
+                Ok(n) if n > 0 => plain.extend_from_slice(&buf[..n]),
+                _ => return plain,
+            }
+        }
+    }
+
+    #[test]
+    fn ciphertext_rustls_has_no_room_for_waits_and_nothing_is_lost() {
+        let (mut server, mut client) = sessions();
+        // 20 KiB in records of 1000 bytes: one read's worth of ciphertext that decrypts to
+        // more than the 16 KiB rustls holds.
+        let sent: Vec<u8> = (0..20 * 1024u32).map(|i| (i % 251) as u8).collect();
+        for piece in sent.chunks(1000) {
+            client.writer().write_all(piece).unwrap();
+        }
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+
+        let mut unfed = Vec::new();
+        feed_session(&mut server, &wire, &mut unfed)
+            .expect("a client's small records are no error");
+        assert!(!unfed.is_empty(), "rustls took all {} bytes", wire.len());
+        let mut received = plaintext(&mut server);
+        assert!(received.len() > 16 * 1024, "{}", received.len());
+        let rest = std::mem::take(&mut unfed);
+        feed_session(&mut server, &rest, &mut unfed).unwrap();
+        assert!(unfed.is_empty());
+        received.extend(plaintext(&mut server));
+        assert_eq!(received, sent);
+    }
+
+    #[test]
+    fn a_record_longer_than_tls_allows_is_an_error_not_a_wait() {
+        let (mut server, _client) = sessions();
+        // An application-data record header claiming 20 000 bytes (TLS allows 2^14 + 256
+        // in TLS 1.3), and that many bytes.
+        let mut wire = vec![23, 3, 3, (20_000u16 >> 8) as u8, 20_000u16 as u8];
+        wire.resize(5 + 20_000, 0);
+        let mut unfed = Vec::new();
+        assert!(feed_session(&mut server, &wire, &mut unfed).is_err());
+        assert!(unfed.is_empty());
+    }
 }
