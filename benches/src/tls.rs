@@ -1,7 +1,9 @@
 //! HTTPS: weir's TLS termination against HAProxy in http mode and nginx, the same
 //! certificates, one worker each, in front of the L7 comparison's nginx upstream (plain HTTP,
 //! keep-alive). Cases, each with an ECDSA P-256 and an RSA 2048 certificate:
-//! - keep-alive: wrk over HTTPS, 5-byte responses, many requests per TLS connection;
+//! - keep-alive: wrk over HTTPS, 5-byte responses, many requests per TLS connection; and
+//!   the same with 64 KiB responses, where sealing records is most of the work (one
+//!   certificate: after the handshake the key plays no part);
 //! - new connections, full handshakes: `openssl s_time -new`, one connection at a time, each
 //!   fetching the 5-byte page;
 //! - new connections, resumed sessions: `openssl s_time -reuse` (a ticket with TLS 1.3).
@@ -32,6 +34,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TlsLoad {
     KeepAlive,
+    /// Keep-alive, 64 KiB responses.
+    KeepAliveLarge,
     NewFull,
     NewResumed,
 }
@@ -47,6 +51,7 @@ impl TlsCase {
     pub fn name(&self) -> String {
         let load = match self.load {
             TlsLoad::KeepAlive => "keep-alive requests",
+            TlsLoad::KeepAliveLarge => "keep-alive requests, 64 KiB responses",
             TlsLoad::NewFull => "new connections, full handshakes",
             TlsLoad::NewResumed => "new connections, resumed sessions",
         };
@@ -163,9 +168,14 @@ impl TlsBench {
     fn load(&self, ns: &Netns, case: TlsCase, proxy: &Process, ca: &Path) -> Result<Run> {
         let before = cpu_seconds(proxy.pid())?;
         let (done, per_sec, p99, errors) = match case.load {
-            TlsLoad::KeepAlive => {
+            TlsLoad::KeepAlive | TlsLoad::KeepAliveLarge => {
+                let path = if case.load == TlsLoad::KeepAlive {
+                    "small"
+                } else {
+                    "64k"
+                };
                 let args = wrk::args(
-                    &format!("https://{PROXY}/small"),
+                    &format!("https://{PROXY}/{path}"),
                     self.connections,
                     self.seconds,
                     false,

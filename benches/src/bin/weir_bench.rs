@@ -158,10 +158,17 @@ fn main() -> Result<()> {
     if wanted(Scenario::Tls) {
         eprintln!("tls: HTTPS through weir, HAProxy and nginx, interleaved");
         let loads = [TlsLoad::KeepAlive, TlsLoad::NewFull, TlsLoad::NewResumed];
-        let cases = loads
+        let mut cases: Vec<TlsCase> = loads
             .into_iter()
             .flat_map(|load| [false, true].map(|rsa| TlsCase { load, rsa }))
             .collect();
+        cases.insert(
+            2,
+            TlsCase {
+                load: TlsLoad::KeepAliveLarge,
+                rsa: false,
+            },
+        );
         let bench = TlsBench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
