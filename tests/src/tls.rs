@@ -224,6 +224,16 @@ impl TlsClient {
         self.stream().flush()
     }
 
+    /// Sends a TLS 1.3 key update that asks the server to update its keys too: the client's
+    /// records are sealed with new keys from here on.
+    pub fn update_keys(&mut self) -> io::Result<()> {
+        self.stream()
+            .conn
+            .refresh_traffic_keys()
+            .map_err(io::Error::other)?;
+        self.stream().flush()
+    }
+
     /// Reads one response, in whatever framing it comes (see [`TlsClient::request`]).
     pub fn read_any_response(&mut self) -> io::Result<Response> {
         read_response_from(&mut self.reader, false)

@@ -6,7 +6,7 @@
 //! resumption; a name no vhost serves, and the default vhost; 421 for a Host another
 //! certificate serves; HSTS, forwarding headers, redirect to HTTPS; a certificate swapped by
 //! a reload reaches new connections while an open one keeps working; bodies of every size in
-//! both framings, both ways; and bad input —
+//! both framings, both ways; a client's key update; and bad input —
 //! plain HTTP, a malformed or truncated ClientHello, a client that never finishes — is
 //! closed, counted, and leaves the proxy serving.
 
@@ -417,6 +417,24 @@ fn bodies_of_every_size_cross_https_whole_in_both_framings() {
         client.read_to_end().unwrap().is_empty(),
         "the session ends cleanly after the response"
     );
+}
+
+#[test]
+fn a_key_update_from_the_client_is_taken_and_the_session_carries_on() {
+    // TLS 1.3 lets either side roll its keys at any time; a long-lived connection does. The
+    // client's records after the update are sealed with new keys, which weir must follow, and
+    // it asks weir to roll its own, which weir answers with its next response.
+    let (_scratch, ca, _origins, proxy) = default_site("key-update");
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    for round in 0..3 {
+        client.update_keys().unwrap();
+        for path in ["/", "/bytes/100000"] {
+            let response = client
+                .request("GET", path, "d.test", "", Body::None)
+                .unwrap_or_else(|e| panic!("round {round}, {path}: {e}"));
+            assert_eq!(response.status, 200, "round {round}, {path}");
+        }
+    }
 }
 
 #[test]
