@@ -398,6 +398,16 @@ fn bodies_of_every_size_cross_https_whole_in_both_framings() {
             "in records of {record} bytes"
         );
     }
+    // Pipelined: three requests in one record, three responses in order.
+    let three = "GET /bytes/20000 HTTP/1.1\r\nHost: d.test\r\n\r\n".repeat(3);
+    client.send_in_records(three.as_bytes(), 16 * 1024).unwrap();
+    for _ in 0..3 {
+        let response = client.read_any_response().unwrap();
+        assert_eq!(
+            (response.body_length, response.body_xxh3),
+            pattern_digest(20_000)
+        );
+    }
     assert_eq!(origins[0].connections(), 1);
     // The last response of a connection the client closes goes out with `close_notify`.
     let response = client
