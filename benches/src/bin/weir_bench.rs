@@ -25,6 +25,11 @@ struct Args {
     /// Where report.md and report.json go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Runs only the L7 and HTTPS cases whose name contains this text (as the report names
+    /// them: "keep-alive, 64 KiB", "2 workers", "resumed"), and not the L7 change under
+    /// load: one case at a time, to profile it.
+    #[arg(long)]
+    only: Option<String>,
     /// What to run (default: all).
     scenarios: Vec<Scenario>,
 }
@@ -54,6 +59,8 @@ fn main() -> Result<()> {
     }
     let all = args.scenarios.is_empty();
     let wanted = |s| all || args.scenarios.contains(&s);
+    let only = args.only.as_deref();
+    let kept = |name: String| only.is_none_or(|only| name.contains(only));
     let tag = format!("weirb-{}-", std::process::id());
     let mut report = Report {
         machine: machine(),
@@ -132,7 +139,7 @@ fn main() -> Result<()> {
             large: false,
             workers: 2,
         });
-        let cases = one.chain(two).collect();
+        let cases = one.chain(two).filter(|case| kept(case.name())).collect();
         let bench = L7Bench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
@@ -142,8 +149,10 @@ fn main() -> Result<()> {
             weirctl: std::env::current_exe()?.with_file_name("weirctl"),
         };
         report.l7 = bench.run(&tag, &scratch_dir("l7"))?;
-        eprintln!("l7: change under load, steady and with a pool change every second");
-        report.l7_churn = Some(bench.change_under_load(&tag, &scratch_dir("l7c"))?);
+        if only.is_none() {
+            eprintln!("l7: change under load, steady and with a pool change every second");
+            report.l7_churn = Some(bench.change_under_load(&tag, &scratch_dir("l7c"))?);
+        }
     }
     if wanted(Scenario::L7Runtime) {
         eprintln!("l7-runtime: the same proxy loop on tokio-uring and compio, interleaved");
@@ -169,6 +178,7 @@ fn main() -> Result<()> {
                 rsa: false,
             },
         );
+        cases.retain(|case| kept(case.name()));
         let bench = TlsBench {
             cases,
             repetitions: if args.quick { 1 } else { 3 },
