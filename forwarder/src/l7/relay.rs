@@ -28,6 +28,13 @@ use super::{
 /// (decision 0012); below it a pipe costs more system calls than the copy it saves.
 const SPLICE_MIN: u64 = READ_CHUNK as u64;
 
+/// Bytes read at a time for a body whose receiver cannot take spliced bytes (a TLS client):
+/// all of it crosses user space, and rustls seals a 64 KiB write into four records that
+/// leave in one send, where 16 KiB reads took four reads, four seals and four sends. 25%
+/// less CPU per request with 64 KiB HTTPS responses (decision 0035). Plain receivers keep
+/// [`READ_CHUNK`] (decision 0009), their long bodies spliced.
+const UNSPLICED_READ_CHUNK: usize = 64 * 1024;
+
 /// Body bytes read with a head, at least this many, are written beside the head (two iovecs
 /// of one send) rather than copied after it; fewer cost less to copy than the second iovec.
 const WRITE_APART_MIN: usize = 4 * 1024;
@@ -233,9 +240,12 @@ pub(super) async fn relay_body(
             return Ok(out);
         }
         let (wait, paced) = relay.read_wait();
-        let BufResult(read, back) = from
-            .read_more(std::mem::take(pending), READ_CHUNK, wait)
-            .await;
+        let chunk = if to.spliceable() {
+            READ_CHUNK
+        } else {
+            UNSPLICED_READ_CHUNK
+        };
+        let BufResult(read, back) = from.read_more(std::mem::take(pending), chunk, wait).await;
         *pending = back;
         match read {
             Ok(0) if length == BodyLength::UntilClose => closed = true,
