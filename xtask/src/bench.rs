@@ -25,6 +25,10 @@ pub struct BenchArgs {
     /// Fewer and shorter runs (about a minute).
     #[arg(long)]
     quick: bool,
+    /// Only the L7 and HTTPS cases whose name contains this text ("64 KiB", "2 workers"),
+    /// to profile one case.
+    #[arg(long)]
+    only: Option<String>,
     /// Scenarios to run (`xdp`, `l4`, `l7`, `l7-runtime`, `scrape`, `tls`, `tls-providers`); all when none is given.
     scenarios: Vec<String>,
 }
@@ -41,6 +45,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     bench.arg("--out").arg(target.join("bench"));
     if args.quick {
         bench.arg("--quick");
+    }
+    if let Some(only) = &args.only {
+        bench.arg("--only").arg(only);
     }
     bench.args(&args.scenarios);
     // Ctrl-C goes to the harness (same process group) and ends it; this process outlives it
