@@ -239,6 +239,13 @@ impl TlsClient {
         read_response_from(&mut self.reader, false)
     }
 
+    /// Reads exactly `n` bytes of plaintext (after an upgrade).
+    pub fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        let mut bytes = vec![0; n];
+        self.reader.read_exact(&mut bytes)?;
+        Ok(bytes)
+    }
+
     /// Ends the client's side of the session: sends `close_notify` (it can still read).
     pub fn send_close_notify(&mut self) -> io::Result<()> {
         self.stream().conn.send_close_notify();

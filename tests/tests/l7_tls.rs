@@ -6,7 +6,7 @@
 //! resumption; a name no vhost serves, and the default vhost; 421 for a Host another
 //! certificate serves; HSTS, forwarding headers, redirect to HTTPS; a certificate swapped by
 //! a reload reaches new connections while an open one keeps working; bodies of every size in
-//! both framings, both ways; a client's key update; and bad input —
+//! both framings, both ways; a WebSocket tunnel; a client's key update; and bad input —
 //! plain HTTP, a malformed or truncated ClientHello, a client that never finishes — is
 //! closed, counted, and leaves the proxy serving.
 
@@ -427,6 +427,37 @@ fn bodies_of_every_size_cross_https_whole_in_both_framings() {
         client.read_to_end().unwrap().is_empty(),
         "the session ends cleanly after the response"
     );
+}
+
+#[test]
+fn a_websocket_upgrade_over_tls_is_tunnelled_both_ways() {
+    // After the upgrade weir reads the client and writes it at once, through one rustls
+    // session: what the client sends in many small records comes back from the origin's echo
+    // byte for byte, round after round.
+    let (_scratch, ca, origins, proxy) = default_site("websocket");
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    client
+        .send_get(
+            "d.test",
+            "/ws",
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        )
+        .unwrap();
+    let response = client.read_any_response().unwrap();
+    assert_eq!(response.status, 101);
+    assert_eq!(response.header("upgrade"), Some("websocket"));
+    assert_eq!(
+        origins[0].requests()[0].header("upgrade"),
+        Some("websocket")
+    );
+    for (round, record) in [(0u8, 16 * 1024), (1, 1000), (2, 100)] {
+        let message: Vec<u8> = (0..100 * 1024u32)
+            .map(|i| (i as u8).wrapping_add(round))
+            .collect();
+        client.send_in_records(&message, record).unwrap();
+        let echoed = client.read_exact_bytes(message.len()).unwrap();
+        assert!(echoed == message, "round {round}: the echo differs");
+    }
 }
 
 #[test]
