@@ -418,11 +418,12 @@ impl Conn {
 /// session is dead (an alert may be queued for the peer).
 ///
 /// rustls takes no ciphertext while it holds more than 16 KiB of decrypted plaintext, and
-/// one read can decrypt to more than that: a read of 16 KiB that completes a record begun in
-/// the read before, or a client's small records, each of which decrypts before the next is
-/// taken. What rustls refuses then is appended to `unfed`, to be fed once the plaintext has
-/// been read. Refusing it as an error would cut a client that did nothing wrong (an upload
-/// sent in small pieces was cut that way until 2026-11-28).
+/// one read can decrypt to more than that: with the part of a record the read before left,
+/// a read of 16 KiB in a client's small records (rustls decrypts each as it takes it) adds
+/// up past the limit before the read is all taken. What rustls refuses then is appended to
+/// `unfed`, to be fed once the plaintext has been read. Refusing it as an error would cut a
+/// client that did nothing wrong (an upload sent in small pieces was cut that way until
+/// 2026-11-28).
 fn feed_session(
     session: &mut rustls::ServerConnection,
     mut cipher: &[u8],
