@@ -239,6 +239,11 @@ impl TlsClient {
         read_response_from(&mut self.reader, false)
     }
 
+    /// Writes `bytes` to the socket under the session, as they are: a forged record.
+    pub fn send_raw_ciphertext(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream().sock.write_all(bytes)
+    }
+
     /// Reads exactly `n` bytes of plaintext (after an upgrade).
     pub fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
         let mut bytes = vec![0; n];

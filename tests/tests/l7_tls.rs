@@ -8,7 +8,8 @@
 //! a reload reaches new connections while an open one keeps working; bodies of every size in
 //! both framings, both ways; a WebSocket tunnel; a client's key update; and bad input —
 //! plain HTTP, a malformed or truncated ClientHello, a client that never finishes — is
-//! closed, counted, and leaves the proxy serving.
+//! closed, counted, and leaves the proxy serving; a forged record after the handshake ends
+//! its session with an alert.
 
 use std::{
     io::{Read, Write},
@@ -458,6 +459,28 @@ fn a_websocket_upgrade_over_tls_is_tunnelled_both_ways() {
         let echoed = client.read_exact_bytes(message.len()).unwrap();
         assert!(echoed == message, "round {round}: the echo differs");
     }
+}
+
+#[test]
+fn a_forged_record_ends_its_connection_with_an_alert_and_nothing_else() {
+    // After the handshake, a record weir cannot authenticate (an attacker's bytes injected
+    // into the stream, or corruption the TCP checksum missed) is fatal to the session:
+    // `bad_record_mac`, sealed as TLS 1.3 seals alerts, then the close. Nothing reaches the
+    // server, and other connections are served.
+    let (_scratch, ca, origins, proxy) = default_site("forged");
+    let mut client = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    assert_eq!(client.get("d.test", "/").unwrap().status, 200);
+    // An application-data record of 64 bytes that no key sealed.
+    let mut forged = vec![23, 3, 3, 0, 64];
+    forged.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+    client.send_raw_ciphertext(&forged).unwrap();
+    let err = client
+        .read_to_end()
+        .expect_err("the session ends in an alert, not a clean close");
+    assert!(err.to_string().contains("BadRecordMac"), "{err}");
+    assert_eq!(origins[0].requests().len(), 1);
+    let mut other = TlsClient::connect(proxy.address, "d.test", ca.client_config()).unwrap();
+    assert_eq!(other.get("d.test", "/").unwrap().status, 200);
 }
 
 #[test]
