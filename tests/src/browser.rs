@@ -52,6 +52,10 @@ impl Browser {
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
+            // Its singleton socket goes in a directory of the temporary directory, removed
+            // only by a clean exit; killed, it would leave one in /tmp per run. In the
+            // profile it goes with the test's own directory.
+            .env("TMPDIR", profile)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
