@@ -124,21 +124,21 @@ pub struct TlsClient {
     reader: BufReader<StreamOwned<ClientConnection, TcpStream>>,
 }
 
-/// A response as [`TlsClient`] reads it.
+/// A small response as [`TlsClient::get`] reads it: its body as text.
 #[derive(Debug)]
 pub struct TlsResponse {
     pub status: u16,
-    pub head: String,
+    pub headers: Vec<(String, String)>,
     pub body: String,
 }
 
 impl TlsResponse {
     /// The value of header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -257,33 +257,14 @@ impl TlsClient {
         self.stream().flush()
     }
 
-    /// Reads one response (its body by `Content-Length`).
+    /// Reads one response, its body as text (the plain client's reader, [`read_response_from`]).
     pub fn read_response(&mut self) -> io::Result<TlsResponse> {
-        let mut raw = Vec::new();
-        let mut byte = [0u8; 1];
-        while !raw.ends_with(b"\r\n\r\n") {
-            self.reader.read_exact(&mut byte)?;
-            raw.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&raw).into_owned();
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad response head {head:?}")))?;
-        let mut response = TlsResponse {
-            status,
-            head,
-            body: String::new(),
-        };
-        let length: usize = response
-            .header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body)?;
-        response.body = String::from_utf8_lossy(&body).into_owned();
-        Ok(response)
+        let response = read_response_from(&mut self.reader, false)?;
+        Ok(TlsResponse {
+            status: response.status,
+            body: response.text(),
+            headers: response.headers,
+        })
     }
 
     /// Reads what the server sends until it ends the connection: an error unless it ended it
